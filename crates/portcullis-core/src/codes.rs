@@ -1,0 +1,30 @@
+//! The stable `error` codes of every rejection Portcullis renders.
+//!
+//! These strings are part of the public contract: clients and dashboards match on them.
+
+/// 504: the request waited in the admission queue longer than `queue_timeout`.
+pub const QUEUE_TIMEOUT: &str = "queue_timeout";
+/// 503: the admission queue is at `max_queue`.
+pub const QUEUE_FULL: &str = "queue_full";
+/// 503: the health source says nothing can serve this request.
+pub const BACKEND_UNHEALTHY: &str = "backend_unhealthy";
+/// 503: no replica of the pool is healthy.
+pub const NO_HEALTHY_UPSTREAM: &str = "no_healthy_upstream";
+/// 502/503: the circuit breaker routed to the fallback and the fallback failed too.
+pub const FALLBACK_UNAVAILABLE: &str = "fallback_unavailable";
+/// 503: the shared (Redis) storage is unreachable and `storage.on_error` is `reject`.
+pub const STORAGE_UNAVAILABLE: &str = "storage_unavailable";
+/// 502: the upstream could not be reached or broke the connection.
+pub const BAD_GATEWAY: &str = "bad_gateway";
+/// 504: the upstream did not answer within `upstream_timeout`.
+pub const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
+/// 503: the gateway is starting up (startup probing not finished) or shutting down.
+pub const NOT_READY: &str = "not_ready";
+/// 401: the route requires HTTP Basic credentials.
+pub const UNAUTHORIZED: &str = "unauthorized";
+/// 404: no route.
+pub const NOT_FOUND: &str = "not_found";
+/// 400: the request itself is malformed.
+pub const BAD_REQUEST: &str = "bad_request";
+/// 500: an internal error (a panic caught in a handler, a bug).
+pub const INTERNAL: &str = "internal";

@@ -1,0 +1,4 @@
+//! Operator routes: /balancer/stats, /metrics and the /balancer/ui dashboard.
+//!
+//! (Under construction.)
+

@@ -1,0 +1,4 @@
+//! Active health checking, liveness/readiness routes and a standalone HealthServer.
+//!
+//! (Under construction.)
+

@@ -1,0 +1,4 @@
+//! Throughput probing: finds how many concurrent requests an endpoint can take.
+//!
+//! (Under construction.)
+

@@ -1,0 +1,4 @@
+//! Redis-shared in-flight counter, capacity store and readiness check.
+//!
+//! (Under construction.)
+
