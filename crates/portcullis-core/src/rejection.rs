@@ -238,7 +238,7 @@ mod tests {
     #[test]
     fn json_form_has_code_message_and_retry_after() {
         let r = Rejection::no_healthy_upstream();
-        let resp = r.to_response::<RejectionBody<()>>(&HeaderMap::new());
+        let resp = r.to_response::<http_body_util::Empty<Bytes>>(&HeaderMap::new());
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
         let body: serde_json::Value = serde_json::from_slice(&r.json_body()).unwrap();
@@ -251,11 +251,11 @@ mod tests {
     fn grpc_form_is_trailers_only() {
         let mut req = HeaderMap::new();
         req.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        let resp = Rejection::queue_timeout(Duration::from_millis(1500)).to_response::<()>(&req);
+        let resp = Rejection::queue_timeout(Duration::from_millis(1500)).to_response::<http_body_util::Empty<Bytes>>(&req);
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["grpc-status"], "4");
         assert!(resp.body().is_end_stream());
-        let resp = Rejection::bad_gateway().to_response::<()>(&req);
+        let resp = Rejection::bad_gateway().to_response::<http_body_util::Empty<Bytes>>(&req);
         assert_eq!(resp.headers()["grpc-status"], "14");
     }
 

@@ -1,4 +1,12 @@
-//! Active health checking, liveness/readiness routes and a standalone HealthServer.
+//! Health checking for Portcullis.
 //!
-//! (Under construction.)
+//! * [`probe`]: the [`Probe`] trait (one health check of one target) and [`HttpProbe`], the
+//!   real HTTP implementation on one shared pooled client.
+//!
+//! (More modules land with the balance and operator-surface work.)
 
+#![forbid(unsafe_code)]
+
+pub mod probe;
+
+pub use probe::{HttpProbe, Probe, ProbeFuture, ProbeResult};
