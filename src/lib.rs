@@ -7,3 +7,6 @@
 
 pub use portcullis_core as core;
 pub use portcullis_core::{codes, Rejection};
+
+#[cfg(feature = "gateway")]
+pub mod gateway;

@@ -1,0 +1,175 @@
+//! The Portcullis example gateway: an axum reverse proxy with health-gated load balancing,
+//! circuit-breaker fallback and admission control in front of your backends.
+//!
+//! Run it with the built-in demo (two backends inside the process, listens on 127.0.0.1:8080):
+//!
+//! ```text
+//! cargo run --release --example gateway
+//! ```
+//!
+//! or with your own config:
+//!
+//! ```text
+//! cargo run --release --example gateway -- --config gateway.yml
+//! cargo run --release --example gateway -- --config gateway.yml --check   # validate only
+//! ```
+//!
+//! A bad config exits with status 2 and a message naming the file, the field and the line.
+
+mod demo;
+
+use clap::{Parser, Subcommand};
+use portcullis::gateway::config::{embedded_default, GatewayConfig};
+use portcullis::gateway::{serve, ConfigError, Gateway};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "gateway", version, about = "Portcullis example gateway")]
+struct Cli {
+    /// YAML config file (without it: the built-in demo with two in-process backends).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Validate the config and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Probe a live API for each endpoint's capacity and write the config back.
+    Bench {
+        /// Base URL of the live API (e.g. http://127.0.0.1:8000).
+        #[arg(long)]
+        base_url: String,
+        /// Where to write the config with capacities filled in (default: print it).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print machine-readable JSON results instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    if let Some(Command::Bench { .. }) = &cli.command {
+        eprintln!("gateway bench: not implemented yet");
+        return ExitCode::from(2);
+    }
+    let config = match load_config(cli.config.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        println!("config OK");
+        return ExitCode::SUCCESS;
+    }
+    let listen = config.listen_addr();
+    let drain = Duration::from_secs_f64(config.drain_timeout);
+    let upstreams: Vec<String> = config.upstreams.iter().map(|u| u.url.clone()).collect();
+    let watched: Vec<String> = config.endpoints.keys().cloned().collect();
+    let gateway = match Gateway::build(config).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("gateway: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%listen, upstreams = ?upstreams, watched = ?watched, "portcullis gateway listening");
+    if cli.config.is_none() {
+        println!("Portcullis demo gateway on http://{listen} (two demo backends in-process). Try:");
+        println!("  curl -s http://{listen}/hello");
+        println!("  curl -s -X POST http://{listen}/work -d '{{\"input\": 1}}'");
+        println!("  curl -s http://{listen}/balancer/stats");
+        println!("  open http://{listen}/balancer/ui");
+    }
+    match serve(listener, gateway.router(), shutdown_signal(), drain).await {
+        Ok(true) => {
+            tracing::info!("drained; bye");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            tracing::warn!(?drain, "drain timeout passed with requests still in flight");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateway: server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn load_config(path: Option<&Path>) -> Result<GatewayConfig, ConfigError> {
+    match path {
+        Some(p) => GatewayConfig::load(p),
+        None => {
+            let start = |name| async move {
+                demo::start(name).await.map_err(|e| ConfigError {
+                    file: "<embedded>".into(),
+                    field: None,
+                    line: None,
+                    message: format!("cannot start the demo backend: {e}"),
+                })
+            };
+            let ports = [start("demo-1").await?, start("demo-2").await?];
+            GatewayConfig::from_yaml(&embedded_default(ports), Path::new("<embedded>"))
+        }
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}

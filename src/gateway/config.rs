@@ -1,0 +1,521 @@
+//! The gateway's YAML configuration.
+//!
+//! Field names follow the Python fastapi-balancer's `balancer.yml` where they overlap, so its
+//! users can bring their file. Durations are seconds (integer or float). Every field is
+//! documented in the README's config reference.
+//!
+//! Loading never panics: a bad file is reported as a [`ConfigError`] that names the file, the
+//! field and, where the parser knows it, the line. The gateway exits with status 2 on it.
+
+use super::proxy::Upstream;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration error: which file, which field, which line, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the config came from (`<embedded>` for the built-in default).
+    pub file: PathBuf,
+    /// The offending field, as a path (`upstreams[1].url`), when known.
+    pub field: Option<String>,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, " (line {line})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// How the balancer picks a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingStrategy {
+    /// Power of two random choices on in-flight count (the default).
+    #[default]
+    P2c,
+    /// Round robin over the healthy replicas of the best tier.
+    RoundRobin,
+    /// The first healthy primary, else the first healthy non-primary, in config order.
+    FirstHealthy,
+}
+
+/// One upstream replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL, `http://host:port[/prefix]`.
+    pub url: String,
+    /// Primary tier (preferred while any primary is healthy).
+    #[serde(default)]
+    pub primary: bool,
+}
+
+/// Where admission counters live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// In-process counters (one gateway process).
+    Memory,
+    /// A Redis-shared counter (many gateway processes share one limit).
+    Redis(RedisStorageConfig),
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self::Memory
+    }
+}
+
+/// `storage: {type: redis, ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStorageConfig {
+    /// `redis://[:password@]host:port[/db]` or `rediss://...`.
+    pub url: String,
+}
+
+/// One watched endpoint under `endpoints`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Only requests with this method are admitted through the queue (others pass through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Maximum concurrent requests; absent means "probe it" (or the default capacity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<i64>,
+    /// Overrides the global `queue_timeout` for this endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout: Option<f64>,
+    /// Headers sent by the prober.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body sent by the prober.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Seconds allowed for an upstream's response headers (504 after).
+    pub upstream_timeout: f64,
+    /// Seconds allowed to open a connection to an upstream (502 after).
+    pub connect_timeout: f64,
+    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
+    pub drain_timeout: f64,
+    /// Where admission counters live.
+    pub storage: StorageConfig,
+    /// The replicas.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// `p2c` | `round-robin` | `first-healthy`.
+    pub routing_strategy: RoutingStrategy,
+    /// Path probed on every upstream.
+    pub health_endpoint: String,
+    /// Seconds between health-check cycles.
+    pub health_check_interval: f64,
+    /// Seconds a health probe may take.
+    pub health_check_timeout: f64,
+    /// Consecutive failed probes that mark a replica unhealthy.
+    pub failure_threshold: u32,
+    /// Consecutive good probes that mark it healthy again.
+    pub recovery_threshold: u32,
+    /// Seconds of random jitter added to each health-check cycle.
+    pub health_check_jitter: f64,
+    /// Consecutive failed live responses that eject a replica (0 = passive ejection off).
+    pub eject_after: u32,
+    /// Seconds a replica stays ejected the first time.
+    pub eject_for: f64,
+    /// Upper bound, in seconds, of the growing ejection time.
+    pub eject_max: f64,
+    /// Below this percentage of healthy replicas, route to all of them (0 = off).
+    pub panic_threshold: f64,
+    /// Seconds a request may wait in an admission queue (504 after).
+    pub queue_timeout: f64,
+    /// Bound of each admission queue (503 `queue_full` beyond); absent = unbounded.
+    pub max_queue: Option<i64>,
+    /// Capacity of a watched endpoint with no `capacity` while it is not probed.
+    pub default_capacity: i64,
+    /// Watched paths: admission control applies to these.
+    pub endpoints: BTreeMap<String, EndpointConfig>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            upstream_timeout: 30.0,
+            connect_timeout: 5.0,
+            drain_timeout: 30.0,
+            storage: StorageConfig::Memory,
+            upstreams: Vec::new(),
+            routing_strategy: RoutingStrategy::P2c,
+            health_endpoint: "/healthz".into(),
+            health_check_interval: 1.0,
+            health_check_timeout: 1.0,
+            failure_threshold: 3,
+            recovery_threshold: 2,
+            health_check_jitter: 0.0,
+            eject_after: 5,
+            eject_for: 30.0,
+            eject_max: 300.0,
+            panic_threshold: 0.0,
+            queue_timeout: 30.0,
+            max_queue: None,
+            default_capacity: 64,
+            endpoints: BTreeMap::new(),
+        }
+    }
+}
+
+/// The config the gateway runs with no `--config`: two demo backends started in-process.
+/// `{demo1}` and `{demo2}` stand for their ports; see [`embedded_default`].
+pub const EMBEDDED_DEFAULT: &str = r#"# Built-in demo config: two in-process demo backends.
+listen: 127.0.0.1:8080
+upstream_timeout: 30
+storage: {type: memory}
+upstreams:
+  - {url: "http://127.0.0.1:{demo1}", primary: true}
+  - {url: "http://127.0.0.1:{demo2}"}
+routing_strategy: p2c
+health_endpoint: /healthz
+health_check_interval: 1
+health_check_timeout: 1
+failure_threshold: 3
+recovery_threshold: 2
+queue_timeout: 5
+endpoints:
+  /work: {method: POST, capacity: 8, queue_timeout: 5}
+"#;
+
+/// The embedded default config text with the demo backends' ports filled in.
+pub fn embedded_default(demo_ports: [u16; 2]) -> String {
+    EMBEDDED_DEFAULT
+        .replace("{demo1}", &demo_ports[0].to_string())
+        .replace("{demo2}", &demo_ports[1].to_string())
+}
+
+impl GatewayConfig {
+    /// Reads and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            field: None,
+            line: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
+    /// Parses and validates YAML text; `file` is only used in error messages.
+    pub fn from_yaml(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let cfg: GatewayConfig = if text.trim().is_empty() {
+            GatewayConfig::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| yaml_error(e, text, file))?
+        };
+        cfg.validate(text, file)?;
+        Ok(cfg)
+    }
+
+    /// The listen address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        // Validated in `validate`.
+        self.listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// The parsed upstreams.
+    pub fn parsed_upstreams(&self) -> Vec<(Upstream, bool)> {
+        self.upstreams
+            .iter()
+            .filter_map(|u| Upstream::parse(&u.url).ok().map(|p| (p, u.primary)))
+            .collect()
+    }
+
+    /// `upstream_timeout` as a duration.
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.upstream_timeout)
+    }
+
+    fn validate(&self, text: &str, file: &Path) -> Result<(), ConfigError> {
+        let err = |field: &str, key: &str, message: String| ConfigError {
+            file: file.to_path_buf(),
+            field: Some(field.to_string()),
+            line: find_line(text, key),
+            message,
+        };
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return Err(err(
+                "listen",
+                "listen",
+                format!("`{}` is not an address like 127.0.0.1:8080", self.listen),
+            ));
+        }
+        let positive = [
+            ("upstream_timeout", self.upstream_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("drain_timeout", self.drain_timeout),
+            ("health_check_interval", self.health_check_interval),
+            ("health_check_timeout", self.health_check_timeout),
+            ("eject_for", self.eject_for),
+            ("eject_max", self.eject_max),
+            ("queue_timeout", self.queue_timeout),
+        ];
+        for (name, v) in positive {
+            check_seconds(v).map_err(|m| err(name, name, m))?;
+        }
+        if !(self.health_check_jitter.is_finite() && self.health_check_jitter >= 0.0) {
+            return Err(err(
+                "health_check_jitter",
+                "health_check_jitter",
+                "must be zero or a positive number of seconds".into(),
+            ));
+        }
+        if !(0.0..=100.0).contains(&self.panic_threshold) {
+            return Err(err(
+                "panic_threshold",
+                "panic_threshold",
+                "must be a percentage between 0 and 100".into(),
+            ));
+        }
+        for (name, v) in [
+            ("failure_threshold", self.failure_threshold),
+            ("recovery_threshold", self.recovery_threshold),
+        ] {
+            if v == 0 {
+                return Err(err(name, name, "must be at least 1".into()));
+            }
+        }
+        if let Some(q) = self.max_queue {
+            if q < 0 {
+                return Err(err(
+                    "max_queue",
+                    "max_queue",
+                    format!("must be zero or positive, got {q}"),
+                ));
+            }
+        }
+        if self.default_capacity <= 0 {
+            return Err(err(
+                "default_capacity",
+                "default_capacity",
+                format!("must be at least 1, got {}", self.default_capacity),
+            ));
+        }
+        if !self.health_endpoint.starts_with('/') {
+            return Err(err(
+                "health_endpoint",
+                "health_endpoint",
+                "must be a path starting with `/`".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let field = format!("upstreams[{i}].url");
+            let parsed = Upstream::parse(&u.url).map_err(|e| err(&field, &u.url, e.0))?;
+            if !seen.insert(parsed.url().to_string()) {
+                return Err(err(
+                    &field,
+                    &u.url,
+                    format!("duplicate upstream `{}`", parsed.url()),
+                ));
+            }
+        }
+        for (path, ep) in &self.endpoints {
+            let field = format!("endpoints.{path}");
+            if !path.starts_with('/') {
+                return Err(err(
+                    &field,
+                    path,
+                    "an endpoint must be a path starting with `/`".into(),
+                ));
+            }
+            if let Some(c) = ep.capacity {
+                if c <= 0 {
+                    return Err(err(
+                        &format!("{field}.capacity"),
+                        path,
+                        format!("must be at least 1, got {c}"),
+                    ));
+                }
+            }
+            if let Some(t) = ep.queue_timeout {
+                check_seconds(t).map_err(|m| err(&format!("{field}.queue_timeout"), path, m))?;
+            }
+            if let Some(m) = &ep.method {
+                if http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() {
+                    return Err(err(
+                        &format!("{field}.method"),
+                        path,
+                        format!("`{m}` is not an HTTP method"),
+                    ));
+                }
+            }
+        }
+        if let StorageConfig::Redis(r) = &self.storage {
+            if !(r.url.starts_with("redis://")
+                || r.url.starts_with("rediss://")
+                || r.url.starts_with("unix://"))
+            {
+                return Err(err(
+                    "storage.url",
+                    "url",
+                    "must start with redis://, rediss:// or unix://".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_seconds(v: f64) -> Result<(), String> {
+    if !v.is_finite() || v <= 0.0 {
+        Err(format!("must be a positive number of seconds, got {v}"))
+    } else if v > 1.0e9 {
+        Err(format!("{v} seconds is too large"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The first line where `key` appears as a YAML key or value, for error messages.
+fn find_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.starts_with(&format!("{key}:")) || l.contains(key)
+        })
+        .map(|i| i + 1)
+}
+
+fn yaml_error(e: serde_yaml_ng::Error, text: &str, file: &Path) -> ConfigError {
+    let line = e.location().map(|l| l.line());
+    let msg = e.to_string();
+    // serde_yaml_ng prefixes the path of the offending field ("upstreams[0]: ...").
+    let (mut field, rest) = match msg.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') && !path.is_empty() => {
+            (Some(path.to_string()), rest.to_string())
+        }
+        _ => (None, msg.clone()),
+    };
+    // Unknown fields: name the field itself.
+    if let Some(start) = rest.find("unknown field `") {
+        let tail = &rest[start + "unknown field `".len()..];
+        if let Some(end) = tail.find('`') {
+            let name = &tail[..end];
+            field = Some(match field {
+                Some(p) if p != "." => format!("{p}.{name}"),
+                _ => name.to_string(),
+            });
+        }
+    }
+    let line = line.or_else(|| {
+        field
+            .as_deref()
+            .and_then(|f| find_line(text, f.rsplit('.').next().unwrap_or(f)))
+    });
+    // Strip the trailing " at line N column M" the parser adds; we print the line ourselves.
+    let message = match rest.find(" at line ") {
+        Some(i) => rest[..i].to_string(),
+        None => rest,
+    };
+    ConfigError {
+        file: file.to_path_buf(),
+        field,
+        line,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::from_yaml(text, Path::new("test.yml"))
+    }
+
+    #[test]
+    fn embedded_default_loads() {
+        let cfg = load(&embedded_default([9001, 9002])).unwrap();
+        assert_eq!(cfg.upstreams.len(), 2);
+        assert_eq!(cfg.endpoints["/work"].capacity, Some(8));
+    }
+
+    #[test]
+    fn issue_example_loads() {
+        let text = "listen: 127.0.0.1:8080\nupstream_timeout: 30\nstorage: {type: redis, url: redis://127.0.0.1:6379}\nupstreams:\n  - {url: http://127.0.0.1:9001, primary: true}\n  - {url: http://127.0.0.1:9002}\nrouting_strategy: p2c\nhealth_endpoint: /healthz\nhealth_check_interval: 1\nhealth_check_timeout: 1\nfailure_threshold: 3\nrecovery_threshold: 2\nqueue_timeout: 30\nendpoints:\n  /work: {method: POST, capacity: 8, queue_timeout: 5}\n";
+        let cfg = load(text).unwrap();
+        assert!(matches!(cfg.storage, StorageConfig::Redis(_)));
+        assert_eq!(cfg.routing_strategy, RoutingStrategy::P2c);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            ("listen: 127.0.0.1:8080\nbogus: 1\n", "bogus", Some(2)),
+            ("upstream_timeout: fast\n", "upstream_timeout", Some(1)),
+            (
+                "upstreams:\n  - {url: \"not a url\"}\n",
+                "upstreams[0].url",
+                Some(2),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\n  - {url: http://a:1/}\n",
+                "upstreams[1].url",
+                Some(3),
+            ),
+            (
+                "endpoints:\n  /w: {capacity: 0}\n",
+                "endpoints./w.capacity",
+                Some(2),
+            ),
+            (
+                "endpoints:\n  /w: {capacity: -3}\n",
+                "endpoints./w.capacity",
+                Some(2),
+            ),
+            (
+                "health_check_interval: 0\n",
+                "health_check_interval",
+                Some(1),
+            ),
+            ("queue_timeout: -1\n", "queue_timeout", Some(1)),
+            (
+                "upstreams:\n  - {url: http://a:1, weight: 3}\n",
+                "upstreams[0].weight",
+                Some(2),
+            ),
+        ];
+        for (text, field, line) in cases {
+            let e = load(text).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{text:?} -> {e}");
+            assert_eq!(e.line, line, "{text:?} -> {e}");
+            assert!(e.to_string().contains("test.yml"), "{e}");
+        }
+        let e = load("listen: [\n").unwrap_err();
+        assert!(e.line.is_some(), "{e}");
+    }
+}

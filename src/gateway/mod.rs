@@ -1,0 +1,13 @@
+//! The reusable parts of the example gateway: its config, the reverse proxy, and the
+//! assembly of the layers into one axum router.
+//!
+//! The `gateway` example (`examples/gateway/`) is a thin command-line front end over this
+//! module; copy either as the template of your own gateway.
+
+pub mod app;
+pub mod config;
+pub mod proxy;
+
+pub use app::{serve, BuildError, Gateway};
+pub use config::{ConfigError, GatewayConfig};
+pub use proxy::{Proxy, ProxySettings, ProxyTo, Upstream};

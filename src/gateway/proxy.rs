@@ -1,0 +1,430 @@
+//! The reverse-proxy core of the gateway: one shared, pooled `hyper-util` client.
+//!
+//! * One client (and so one keep-alive connection pool) for the whole process; [`Proxy`] is
+//!   cheap to clone and every clone shares it.
+//! * Request and response bodies are streamed through, never buffered whole.
+//! * Hop-by-hop headers (RFC 9110 §7.6.1, plus every header named in `Connection`) are removed
+//!   both ways; `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are added.
+//! * A connect error (or a connection the upstream broke) answers 502 `bad_gateway`; no
+//!   response headers within `upstream_timeout` answers 504 `upstream_timeout`. The JSON body
+//!   never names the upstream: internal addresses stay internal (they are logged instead).
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use portcullis_core::Rejection;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// A parsed upstream base URL (`http://host:port[/prefix]`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix without a trailing slash; empty for none.
+    prefix: Arc<str>,
+    url: Arc<str>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Upstream").field(&self.url).finish()
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+/// Why an upstream URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidUpstream(pub String);
+
+impl fmt::Display for InvalidUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidUpstream {}
+
+impl Upstream {
+    /// Parses `http://host:port[/prefix]`. Only `http` is supported (TLS to upstreams is not
+    /// implemented yet); a query or fragment is refused.
+    pub fn parse(url: &str) -> Result<Self, InvalidUpstream> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| InvalidUpstream(format!("`{url}` is not a valid URL ({e})")))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| {
+            InvalidUpstream(format!("`{url}` has no scheme (expected http://host:port)"))
+        })?;
+        if scheme != Scheme::HTTP {
+            return Err(InvalidUpstream(format!(
+                "`{url}`: only http:// upstreams are supported"
+            )));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| InvalidUpstream(format!("`{url}` has no host")))?;
+        if authority.host().is_empty() {
+            return Err(InvalidUpstream(format!("`{url}` has no host")));
+        }
+        if uri.query().is_some() {
+            return Err(InvalidUpstream(format!("`{url}` must not have a query")));
+        }
+        let prefix = uri.path().trim_end_matches('/');
+        let canonical = format!("{scheme}://{authority}{prefix}");
+        Ok(Self {
+            scheme,
+            authority,
+            prefix: prefix.into(),
+            url: canonical.into(),
+        })
+    }
+
+    /// The canonical base URL (`http://host:port[/prefix]`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Builds the upstream URI for a request path and query.
+    fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(match (self.prefix.is_empty(), pq) {
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
+                PathAndQuery::try_from(format!("{}{}", self.prefix, pq))?
+            }
+        });
+        Ok(Uri::from_parts(parts)?)
+    }
+}
+
+/// Settings of the shared proxy client.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Time allowed for the upstream's response headers (504 `upstream_timeout` after it).
+    pub upstream_timeout: Duration,
+    /// Time allowed to open a TCP connection (502 after it).
+    pub connect_timeout: Duration,
+    /// Idle keep-alive connections are closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// At most this many idle connections are kept per upstream.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            upstream_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 1024,
+        }
+    }
+}
+
+/// The shared reverse-proxy client. Clone it: clones share one connection pool.
+#[derive(Clone)]
+pub struct Proxy {
+    client: Client<HttpConnector, Body>,
+    /// HTTP/2 (prior knowledge) client for gRPC requests, which need HTTP/2 end to end.
+    h2_client: Client<HttpConnector, Body>,
+    settings: Arc<ProxySettings>,
+}
+
+impl fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proxy")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl Proxy {
+    /// A proxy client with the given settings.
+    pub fn new(settings: ProxySettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        let client = builder.build(connector.clone());
+        let h2_client = builder.http2_only(true).build(connector);
+        Self {
+            client,
+            h2_client,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// The settings this proxy was built with.
+    pub fn settings(&self) -> &ProxySettings {
+        &self.settings
+    }
+
+    /// A tower service that forwards every request to `upstream`.
+    pub fn to(&self, upstream: Upstream) -> ProxyTo {
+        ProxyTo {
+            proxy: self.clone(),
+            upstream,
+        }
+    }
+
+    /// Forwards `req` to `upstream`; every failure becomes a [`Rejection`].
+    pub fn forward(
+        &self,
+        upstream: &Upstream,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, Rejection>> + Send + 'static {
+        let grpc = portcullis_core::is_grpc_request(req.headers());
+        let prepared = prepare_request(upstream, req, grpc);
+        let client = if grpc {
+            self.h2_client.clone()
+        } else {
+            self.client.clone()
+        };
+        let timeout = self.settings.upstream_timeout;
+        let upstream_url = upstream.url.clone();
+        async move {
+            let req = prepared?;
+            match tokio::time::timeout(timeout, client.request(req)).await {
+                Ok(Ok(resp)) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, Body::new(body)))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(upstream = %upstream_url, error = %e, connect = e.is_connect(), "upstream request failed");
+                    Err(if e.is_connect() {
+                        Rejection::bad_gateway()
+                    } else {
+                        Rejection::new(
+                            http::StatusCode::BAD_GATEWAY,
+                            portcullis_core::codes::BAD_GATEWAY,
+                            "the upstream closed the connection without a response",
+                        )
+                    })
+                }
+                Err(_) => {
+                    tracing::debug!(upstream = %upstream_url, ?timeout, "upstream timed out");
+                    Err(Rejection::upstream_timeout(timeout))
+                }
+            }
+        }
+    }
+}
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        if let Ok(conn) = conn.to_str() {
+            let named: Vec<HeaderName> = conn
+                .split(',')
+                .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Rewrites a client request for `upstream`: absolute URI, no hop-by-hop headers, the
+/// upstream's own `Host`, and the `X-Forwarded-*` headers.
+fn prepare_request(
+    upstream: &Upstream,
+    req: Request<Body>,
+    grpc: bool,
+) -> Result<Request<Body>, Rejection> {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = upstream.uri_for(parts.uri.path_and_query()).map_err(|_| {
+        Rejection::new(
+            http::StatusCode::BAD_REQUEST,
+            portcullis_core::codes::BAD_REQUEST,
+            "the request path cannot be forwarded",
+        )
+    })?;
+    parts.version = if grpc {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    // Keep gRPC's `te: trailers`, which is end-to-end in practice.
+    if grpc {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // X-Forwarded-Host: the Host the client asked for (or the URI authority for HTTP/2).
+    let host = headers.remove(header::HOST).or_else(|| {
+        parts
+            .extensions
+            .get::<OriginalAuthority>()
+            .and_then(|a| HeaderValue::from_str(a.0.as_str()).ok())
+    });
+    if let Some(host) = host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+        append_forwarded_for(headers, peer.ip());
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+        _ => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// The authority of the client's original request URI (HTTP/2 has no `Host` header). The
+/// gateway router stores it before routing; the proxy uses it for `X-Forwarded-Host`.
+#[derive(Debug, Clone)]
+pub struct OriginalAuthority(pub Authority);
+
+/// A tower service that forwards every request to one upstream (see [`Proxy::to`]).
+///
+/// Failures are answered as responses (502/504 JSON, or gRPC trailers-only for gRPC
+/// requests), so the error type is `Infallible`.
+#[derive(Clone, Debug)]
+pub struct ProxyTo {
+    proxy: Proxy,
+    upstream: Upstream,
+}
+
+impl ProxyTo {
+    /// The upstream this service forwards to.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+}
+
+impl tower::Service<Request<Body>> for ProxyTo {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let grpc = portcullis_core::is_grpc_request(req.headers());
+        let fut = self.proxy.forward(&self.upstream, req);
+        Box::pin(async move {
+            Ok(match fut.await {
+                Ok(resp) => resp,
+                Err(rej) => rejection_response(&rej, grpc),
+            })
+        })
+    }
+}
+
+/// Renders a [`Rejection`] as an axum response (gRPC trailers-only when `grpc`).
+pub fn rejection_response(rej: &Rejection, grpc: bool) -> Response<Body> {
+    if grpc {
+        rej.to_grpc_response::<Body>().map(Body::new)
+    } else {
+        rej.to_json_response::<Body>().map(Body::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_parsing() {
+        let u = Upstream::parse("http://127.0.0.1:9001/").unwrap();
+        assert_eq!(u.url(), "http://127.0.0.1:9001");
+        let pq = PathAndQuery::from_static("/a/b?x=1");
+        assert_eq!(
+            u.uri_for(Some(&pq)).unwrap(),
+            "http://127.0.0.1:9001/a/b?x=1"
+        );
+        let u = Upstream::parse("http://h:1/api/").unwrap();
+        assert_eq!(u.uri_for(Some(&pq)).unwrap(), "http://h:1/api/a/b?x=1");
+        assert!(Upstream::parse("ftp://h:1").is_err());
+        assert!(Upstream::parse("127.0.0.1:9001").is_err());
+        assert!(Upstream::parse("http://h:1/?q=1").is_err());
+        assert!(Upstream::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+}
