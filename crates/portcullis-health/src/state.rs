@@ -372,10 +372,7 @@ impl HealthState {
             });
         }
         if success {
-            // Avoid a shared write on the hot path when there is nothing to reset.
-            if self.response_failures.load(Ordering::Relaxed) != 0 {
-                self.response_failures.store(0, Ordering::Release);
-            }
+            self.record_success();
             return None;
         }
         let eject_after = self.policy.eject_after;
@@ -410,6 +407,16 @@ impl HealthState {
             from: Status::Healthy,
             to: Status::Ejected,
         })
+    }
+
+    /// Records a successful live response that was not a lease: resets the failure streak
+    /// (the same as `record_response(true, false, _)`, without needing the time).
+    #[inline]
+    pub fn record_success(&self) {
+        // Avoid a shared write on the hot path when there is nothing to reset.
+        if self.response_failures.load(Ordering::Relaxed) != 0 {
+            self.response_failures.store(0, Ordering::Release);
+        }
     }
 
     /// A copy of the counters at `now`.

@@ -1,0 +1,561 @@
+//! The replica registry: the replicas of one pool, their tiers, health and in-flight counts.
+//!
+//! Layout (pingora's `ArcSwap` health snapshot, livery's per-endpoint atomics):
+//!
+//! * Each [`Replica`] is an `Arc` holding its key (base URL or any id), [`Tier`], the
+//!   user's payload `T` (a tower service, an upstream address, ...), a
+//!   [`HealthState`](portcullis_health::HealthState) and an in-flight counter. Requests hold
+//!   an `Arc` to the replica itself, never an index, so removing a replica can never make a
+//!   request land on another one (tower's p2c stale-index bug), and releasing the slot of a
+//!   removed replica touches only that replica's counter: a no-op for the pool.
+//! * A *view* is rebuilt (off the common path) whenever membership or a replica's category
+//!   changes: the healthy replicas of each tier in insertion order, the ejected ones
+//!   (recovery candidates), everything (for panic mode). It is published with `ArcSwap`, so
+//!   a request reads it with one atomic load and picks in O(1): no lock, no allocation, no
+//!   round trip through a task.
+//! * A pick re-checks the chosen replica's status and `removed` flag after taking its
+//!   in-flight slot, so a replica removed (or marked down) a moment ago is skipped even
+//!   through a view that is a moment old.
+
+use crate::config::{Config, RoutingStrategy};
+use crate::error::NoHealthyReplica;
+use crate::guard::InflightGuard;
+use crate::selection;
+use crate::snapshot::{ReplicaSnapshot, Snapshot};
+use arc_swap::ArcSwap;
+use portcullis_core::HealthSource;
+use portcullis_health::{
+    CheckerConfig, CheckerHandle, HealthChecker, HealthPolicy, HealthState, HttpProbe, Probe,
+    ProbeTarget, ProbeTargets, Transition,
+};
+use serde::Serialize;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The tier of a replica: primaries are preferred while any of them is healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Preferred.
+    Primary,
+    /// Used when no primary is healthy.
+    Secondary,
+}
+
+impl Tier {
+    /// `Primary` when `primary`, else `Secondary` (the `upstreams[].primary` flag).
+    pub const fn from_primary(primary: bool) -> Self {
+        if primary {
+            Tier::Primary
+        } else {
+            Tier::Secondary
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            Tier::Primary => 0,
+            Tier::Secondary => 1,
+        }
+    }
+}
+
+/// One replica of a pool.
+pub struct Replica<T> {
+    key: Arc<str>,
+    tier: Tier,
+    target: T,
+    health: Arc<HealthState>,
+    inflight: AtomicUsize,
+    removed: AtomicBool,
+    registry: Weak<Inner<T>>,
+}
+
+impl<T> fmt::Debug for Replica<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replica")
+            .field("key", &self.key)
+            .field("tier", &self.tier)
+            .field("status", &self.health.status())
+            .field("inflight", &self.inflight())
+            .finish()
+    }
+}
+
+impl<T> Replica<T> {
+    /// The key (base URL or id).
+    pub fn key(&self) -> &Arc<str> {
+        &self.key
+    }
+
+    /// The tier.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// The payload given to [`ReplicaRegistry::add`].
+    pub fn target(&self) -> &T {
+        &self.target
+    }
+
+    /// The health state machine.
+    pub fn health(&self) -> &Arc<HealthState> {
+        &self.health
+    }
+
+    /// Requests in flight.
+    #[inline]
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// `true` once removed from its registry.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// Takes an in-flight slot unless the replica was removed.
+    #[inline]
+    fn acquire(&self) -> bool {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if self.removed.load(Ordering::SeqCst) {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn release(&self) {
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Applies a live response outcome and, on a category change, refreshes the view.
+    pub(crate) fn record_response(&self, success: bool, lease: bool) {
+        if self.is_removed() {
+            return; // Removed mid-flight: the outcome concerns nobody.
+        }
+        let t = if success && !lease {
+            // The common case: no clock read, usually no write.
+            self.health.record_success();
+            None
+        } else {
+            self.health.record_response(success, lease, Instant::now())
+        };
+        if let Some(t) = t {
+            tracing::info!(replica = %self.key, from = ?t.from, to = ?t.to, "replica health changed (live traffic)");
+            if changes_category(t) {
+                if let Some(inner) = self.registry.upgrade() {
+                    inner.refresh();
+                }
+            }
+        }
+    }
+}
+
+fn changes_category(t: Transition) -> bool {
+    t.from.is_healthy() != t.to.is_healthy() || t.from.is_ejected() != t.to.is_ejected()
+}
+
+/// What a request sees: the precomputed candidate sets.
+struct View<T> {
+    /// Healthy replicas per tier (primary, secondary), insertion order.
+    healthy: [Vec<Arc<Replica<T>>>; 2],
+    /// Ejected (or probing) replicas: recovery-lease candidates.
+    ejected: Vec<Arc<Replica<T>>>,
+    /// Every replica, primaries first, insertion order (panic mode).
+    all: Vec<Arc<Replica<T>>>,
+    /// Fewer than `panic_threshold` % healthy: route to `all`.
+    panic: bool,
+}
+
+impl<T> View<T> {
+    fn empty() -> Self {
+        Self {
+            healthy: [Vec::new(), Vec::new()],
+            ejected: Vec::new(),
+            all: Vec::new(),
+            panic: false,
+        }
+    }
+
+    fn build(members: &[Arc<Replica<T>>], panic_threshold: f64) -> Self {
+        let mut v = Self::empty();
+        for tier in [Tier::Primary, Tier::Secondary] {
+            for r in members.iter().filter(|r| r.tier == tier) {
+                if r.is_removed() {
+                    continue;
+                }
+                let status = r.health.status();
+                if status.is_healthy() {
+                    v.healthy[tier.index()].push(r.clone());
+                } else if status.is_ejected() {
+                    v.ejected.push(r.clone());
+                }
+                v.all.push(r.clone());
+            }
+        }
+        let healthy = v.healthy[0].len() + v.healthy[1].len();
+        v.panic = panic_threshold > 0.0
+            && !v.all.is_empty()
+            && (healthy as f64) * 100.0 < panic_threshold * v.all.len() as f64;
+        v
+    }
+
+    #[inline]
+    fn candidates(&self) -> &[Arc<Replica<T>>] {
+        if self.panic {
+            &self.all
+        } else if !self.healthy[0].is_empty() {
+            &self.healthy[0]
+        } else {
+            &self.healthy[1]
+        }
+    }
+}
+
+pub(crate) struct Inner<T> {
+    members: ArcSwap<Vec<Arc<Replica<T>>>>,
+    view: ArcSwap<View<T>>,
+    /// Serialises add/remove (the admin path only; never taken by a request).
+    admin: Mutex<()>,
+    dirty: AtomicU64,
+    rebuilding: AtomicBool,
+    seeded: AtomicBool,
+    rr: AtomicUsize,
+    strategy: RoutingStrategy,
+    panic_threshold: f64,
+    policy: Arc<HealthPolicy>,
+    retry_after: Duration,
+}
+
+impl<T> Inner<T> {
+    /// Rebuilds the view; concurrent callers combine (one rebuilds until nothing changed).
+    fn refresh(&self) {
+        self.dirty.fetch_add(1, Ordering::SeqCst);
+        while self
+            .rebuilding
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let seen = self.dirty.load(Ordering::SeqCst);
+            let view = View::build(&self.members.load(), self.panic_threshold);
+            self.view.store(Arc::new(view));
+            self.rebuilding.store(false, Ordering::Release);
+            if self.dirty.load(Ordering::SeqCst) == seen {
+                break;
+            }
+        }
+    }
+}
+
+/// The replicas of one pool (see the [module docs](self)). Clones share the pool.
+pub struct ReplicaRegistry<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for ReplicaRegistry<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for ReplicaRegistry<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicaRegistry")
+            .field("strategy", &self.inner.strategy)
+            .field("replicas", &**self.inner.members.load())
+            .finish()
+    }
+}
+
+impl<T> ReplicaRegistry<T> {
+    /// An empty pool with the strategy, thresholds and panic mode of `config` (its
+    /// `upstreams` are not added: the caller adds them with their payload).
+    pub fn new(config: &Config) -> Self {
+        Self::with_policy(
+            config.routing_strategy,
+            config.health_policy(),
+            config.panic_threshold,
+            config.checker_config().interval,
+        )
+    }
+
+    /// An empty pool; `retry_after` is the `Retry-After` hint of "no healthy replica".
+    pub fn with_policy(
+        strategy: RoutingStrategy,
+        policy: HealthPolicy,
+        panic_threshold: f64,
+        retry_after: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                members: ArcSwap::from_pointee(Vec::new()),
+                view: ArcSwap::from_pointee(View::empty()),
+                admin: Mutex::new(()),
+                dirty: AtomicU64::new(0),
+                rebuilding: AtomicBool::new(false),
+                seeded: AtomicBool::new(false),
+                rr: AtomicUsize::new(0),
+                strategy,
+                panic_threshold,
+                policy: Arc::new(policy),
+                retry_after: retry_after.max(Duration::from_secs(1)),
+            }),
+        }
+    }
+
+    /// The routing strategy.
+    pub fn strategy(&self) -> RoutingStrategy {
+        self.inner.strategy
+    }
+
+    /// The `Retry-After` hint for "no healthy replica" (the check interval, at least 1 s).
+    pub fn retry_after(&self) -> Duration {
+        self.inner.retry_after
+    }
+
+    fn admin(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.admin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a replica at runtime (healthy, last of its tier). Returns `false` (and changes
+    /// nothing) when `key` is already present. Marks the pool as seeded (see
+    /// [`ensure`](Self::ensure)).
+    pub fn add(&self, key: impl Into<Arc<str>>, tier: Tier, target: T) -> bool {
+        let key = key.into();
+        let _g = self.admin();
+        self.inner.seeded.store(true, Ordering::SeqCst);
+        let members = self.inner.members.load_full();
+        if members.iter().any(|r| r.key == key) {
+            return false;
+        }
+        let mut next = Vec::with_capacity(members.len() + 1);
+        next.extend(members.iter().cloned());
+        next.push(Arc::new(Replica {
+            key,
+            tier,
+            target,
+            health: Arc::new(HealthState::new(self.inner.policy.clone())),
+            inflight: AtomicUsize::new(0),
+            removed: AtomicBool::new(false),
+            registry: Arc::downgrade(&self.inner),
+        }));
+        self.inner.members.store(Arc::new(next));
+        self.inner.refresh();
+        true
+    }
+
+    /// Removes a replica at runtime. Requests already sent to it complete normally; their
+    /// release and outcome are no-ops. From the moment this returns, no pick chooses it.
+    pub fn remove(&self, key: &str) -> bool {
+        let _g = self.admin();
+        let members = self.inner.members.load_full();
+        let Some(gone) = members.iter().find(|r| &*r.key == key) else {
+            return false;
+        };
+        gone.removed.store(true, Ordering::SeqCst);
+        let next: Vec<_> = members.iter().filter(|r| &*r.key != key).cloned().collect();
+        self.inner.members.store(Arc::new(next));
+        self.inner.refresh();
+        true
+    }
+
+    /// Seeds the pool once: adds `replicas` if the pool was never seeded (by `ensure` or
+    /// [`add`](Self::add)), and is a no-op afterwards, so a lazy call on a later request
+    /// never re-adds a replica that was removed at runtime. Returns `true` when it seeded.
+    pub fn ensure<K, I>(&self, replicas: I) -> bool
+    where
+        K: Into<Arc<str>>,
+        I: IntoIterator<Item = (K, Tier, T)>,
+    {
+        // The cheap check runs without the admin lock.
+        if self.inner.seeded.load(Ordering::Acquire) {
+            return false;
+        }
+        {
+            let _g = self.admin();
+            if self.inner.seeded.swap(true, Ordering::SeqCst) {
+                return false;
+            }
+        }
+        for (k, tier, t) in replicas {
+            self.add(k, tier, t);
+        }
+        true
+    }
+
+    /// Number of replicas.
+    pub fn len(&self) -> usize {
+        self.inner.members.load().len()
+    }
+
+    /// `true` when the pool has no replica.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The replicas, in insertion order.
+    pub fn replicas(&self) -> Vec<Arc<Replica<T>>> {
+        self.inner.members.load().to_vec()
+    }
+
+    /// The replica with this key.
+    pub fn get(&self, key: &str) -> Option<Arc<Replica<T>>> {
+        self.inner
+            .members
+            .load()
+            .iter()
+            .find(|r| &*r.key == key)
+            .cloned()
+    }
+
+    /// Picks a replica for one request and takes its in-flight slot.
+    ///
+    /// An ejected replica whose cooldown expired is leased first, to exactly one caller
+    /// (compare-and-swap); otherwise the routing strategy chooses among the healthy replicas
+    /// of the best tier with a healthy member (all replicas in panic mode). The slot is
+    /// released when the guard drops; report the outcome with
+    /// [`InflightGuard::record`] to feed passive ejection.
+    pub fn pick(&self) -> Result<InflightGuard<T>, NoHealthyReplica> {
+        let inner = &*self.inner;
+        for _ in 0..4 {
+            let view = inner.view.load();
+            if !view.ejected.is_empty() {
+                let now = Instant::now();
+                for r in view.ejected.iter() {
+                    if r.health.try_lease(now) {
+                        if r.acquire() {
+                            return Ok(InflightGuard::new(r.clone(), true));
+                        }
+                        r.health.abandon_lease();
+                    }
+                }
+            }
+            let candidates = view.candidates();
+            if candidates.is_empty() {
+                return Err(NoHealthyReplica);
+            }
+            let r = selection::select(inner.strategy, candidates, &inner.rr);
+            if !view.panic && !r.health.is_healthy() {
+                // The view is a moment old: rebuild it and try again.
+                inner.refresh();
+                continue;
+            }
+            if !r.acquire() {
+                inner.refresh();
+                continue;
+            }
+            return Ok(InflightGuard::new(r.clone(), false));
+        }
+        Err(NoHealthyReplica)
+    }
+
+    /// A point-in-time copy of every replica's state (no I/O, no lock on the request path).
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let view = self.inner.view.load();
+        let replicas: Vec<ReplicaSnapshot> = self
+            .inner
+            .members
+            .load()
+            .iter()
+            .map(|r| {
+                let counters = r.health.counters(now);
+                ReplicaSnapshot {
+                    url: r.key.to_string(),
+                    tier: r.tier,
+                    primary: r.tier == Tier::Primary,
+                    healthy: counters.status.is_healthy(),
+                    ejected: counters.status.is_ejected(),
+                    inflight: r.inflight(),
+                    counters,
+                }
+            })
+            .collect();
+        Snapshot {
+            strategy: self.inner.strategy,
+            panic: view.panic,
+            healthy: replicas.iter().filter(|r| r.healthy).count(),
+            total: replicas.len(),
+            replicas,
+        }
+    }
+
+    /// `true` when a request arriving now could be routed (some replica is healthy, panic
+    /// mode routes anyway, or an ejected replica may be probed).
+    pub fn can_serve(&self) -> bool {
+        let view = self.inner.view.load();
+        if !view.candidates().is_empty() {
+            return true;
+        }
+        let now = Instant::now();
+        view.ejected.iter().any(|r| r.health.lease_available(now))
+    }
+}
+
+impl<T: Send + Sync + 'static> ReplicaRegistry<T> {
+    /// The [`ProbeTargets`] of this pool (every replica, keyed by its URL), for a
+    /// [`HealthChecker`]; status changes refresh the pool's view.
+    pub fn probe_targets(&self) -> RegistryTargets<T> {
+        RegistryTargets {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Starts the active health checker over this pool with `probe`. Dropping the handle
+    /// stops it.
+    pub fn spawn_checker<P: Probe>(&self, probe: P, config: CheckerConfig) -> CheckerHandle {
+        HealthChecker::spawn(self.probe_targets(), probe, config)
+    }
+
+    /// Starts the active HTTP health checker of `config`: `GET <url><health_endpoint>`
+    /// every `health_check_interval` on one shared pooled client.
+    pub fn spawn_http_checker(&self, config: &Config) -> CheckerHandle {
+        let checker = config.checker_config();
+        let probe = HttpProbe::new(config.health_endpoint.clone(), checker.timeout);
+        self.spawn_checker(probe, checker)
+    }
+}
+
+/// The [`ProbeTargets`] view of a [`ReplicaRegistry`] (see
+/// [`ReplicaRegistry::probe_targets`]).
+pub struct RegistryTargets<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> fmt::Debug for RegistryTargets<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryTargets").finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + Sync + 'static> ProbeTargets for RegistryTargets<T> {
+    fn probe_targets(&self) -> Vec<ProbeTarget> {
+        self.inner
+            .members
+            .load()
+            .iter()
+            .map(|r| ProbeTarget {
+                key: r.key.clone(),
+                state: r.health.clone(),
+            })
+            .collect()
+    }
+
+    fn health_changed(&self, _key: &str, t: Transition) {
+        if changes_category(t) {
+            self.inner.refresh();
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> HealthSource for ReplicaRegistry<T> {
+    fn can_serve(&self) -> bool {
+        ReplicaRegistry::can_serve(self)
+    }
+}

@@ -1,0 +1,28 @@
+//! The selection policies, one file per algorithm (as pingora's `selection/`).
+//!
+//! Each policy chooses among a non-empty slice of candidates — the healthy replicas of the
+//! best tier with a healthy member, precomputed in the registry's snapshot — in O(1), with no
+//! lock and no allocation.
+
+pub(crate) mod first_healthy;
+pub(crate) mod p2c;
+pub(crate) mod round_robin;
+
+use crate::config::RoutingStrategy;
+use crate::registry::Replica;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+/// Chooses one of `candidates` (non-empty) with `strategy`.
+#[inline]
+pub(crate) fn select<'a, T>(
+    strategy: RoutingStrategy,
+    candidates: &'a [Arc<Replica<T>>],
+    rr: &AtomicUsize,
+) -> &'a Arc<Replica<T>> {
+    match strategy {
+        RoutingStrategy::FirstHealthy => first_healthy::select(candidates),
+        RoutingStrategy::RoundRobin => round_robin::select(candidates, rr),
+        RoutingStrategy::P2c => p2c::select(candidates),
+    }
+}
