@@ -1,0 +1,159 @@
+//! The probing configuration (`probe_on_startup`, thresholds, limits).
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How an endpoint is probed. Field names are the public YAML contract.
+///
+/// The endpoint itself (method, headers, JSON body, manual `capacity`) lives in the
+/// admission crate's endpoint config; pass those to [`ProbeTarget`](crate::ProbeTarget).
+///
+/// ```
+/// use portcullis_probe::ProbeConfig;
+///
+/// let cfg: ProbeConfig = serde_json::from_str(r#"{"latency_threshold_ms": 500}"#).unwrap();
+/// assert_eq!(cfg.latency_threshold_ms, 500.0);
+/// assert_eq!(cfg.error_threshold, 0.05);
+/// assert_eq!(cfg.max_probe_concurrency, 1024);
+/// cfg.validate().unwrap();
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Probe watched endpoints without a manual `capacity` before admitting traffic
+    /// (default `false`).
+    pub probe_on_startup: bool,
+    /// Probe again even when a stored capacity exists (default `false`).
+    pub force_reprobe: bool,
+    /// A level fails when more than this fraction of its requests fail (non-2xx or transport
+    /// error). Default `0.05`.
+    pub error_threshold: f64,
+    /// A level fails when its p99 latency exceeds this many milliseconds. Default `2000`.
+    pub latency_threshold_ms: f64,
+    /// Upper bound of the probed concurrency; never exceeded. Default `1024`.
+    pub max_probe_concurrency: usize,
+    /// Minimum requests per level (a level also sends at least two rounds of itself).
+    /// Default `32`.
+    pub probe_min_requests: usize,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            probe_on_startup: false,
+            force_reprobe: false,
+            error_threshold: 0.05,
+            latency_threshold_ms: 2000.0,
+            max_probe_concurrency: 1024,
+            probe_min_requests: 32,
+        }
+    }
+}
+
+impl ProbeConfig {
+    /// `latency_threshold_ms` as a duration.
+    pub fn latency_threshold(&self) -> Duration {
+        Duration::from_secs_f64(self.latency_threshold_ms.max(0.0) / 1000.0)
+    }
+
+    /// Checks the ranges of every field; the error names the offending field.
+    pub fn validate(&self) -> Result<(), InvalidProbeConfig> {
+        if !(self.error_threshold.is_finite() && (0.0..1.0).contains(&self.error_threshold)) {
+            return Err(InvalidProbeConfig::new(
+                "error_threshold",
+                format!("must be a fraction in [0, 1), got {}", self.error_threshold),
+            ));
+        }
+        if !(self.latency_threshold_ms.is_finite() && self.latency_threshold_ms > 0.0) {
+            return Err(InvalidProbeConfig::new(
+                "latency_threshold_ms",
+                format!(
+                    "must be a positive number of milliseconds, got {}",
+                    self.latency_threshold_ms
+                ),
+            ));
+        }
+        if self.max_probe_concurrency == 0 {
+            return Err(InvalidProbeConfig::new(
+                "max_probe_concurrency",
+                "must be at least 1, got 0".to_string(),
+            ));
+        }
+        if self.probe_min_requests == 0 {
+            return Err(InvalidProbeConfig::new(
+                "probe_min_requests",
+                "must be at least 1, got 0".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A [`ProbeConfig`] field out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{field}`: {message}")]
+pub struct InvalidProbeConfig {
+    /// The YAML field name.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl InvalidProbeConfig {
+    fn new(field: &'static str, message: String) -> Self {
+        Self { field, message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_unknown_fields() {
+        let cfg: ProbeConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(cfg, ProbeConfig::default());
+        assert!(!cfg.probe_on_startup);
+        assert_eq!(cfg.latency_threshold(), Duration::from_secs(2));
+        let err = serde_json::from_str::<ProbeConfig>(r#"{"max_concurrency": 3}"#).unwrap_err();
+        assert!(err.to_string().contains("max_concurrency"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let bad = [
+            (
+                ProbeConfig {
+                    error_threshold: 1.5,
+                    ..Default::default()
+                },
+                "error_threshold",
+            ),
+            (
+                ProbeConfig {
+                    latency_threshold_ms: 0.0,
+                    ..Default::default()
+                },
+                "latency_threshold_ms",
+            ),
+            (
+                ProbeConfig {
+                    max_probe_concurrency: 0,
+                    ..Default::default()
+                },
+                "max_probe_concurrency",
+            ),
+            (
+                ProbeConfig {
+                    probe_min_requests: 0,
+                    ..Default::default()
+                },
+                "probe_min_requests",
+            ),
+        ];
+        for (cfg, field) in bad {
+            assert_eq!(cfg.validate().unwrap_err().field, field);
+        }
+        ProbeConfig::default().validate().unwrap();
+    }
+}

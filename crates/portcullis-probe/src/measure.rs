@@ -1,0 +1,287 @@
+//! Measuring one concurrency level.
+//!
+//! A level `L` is *planned* at `max(probe_min_requests, 2 * L)` requests. `L` requests are
+//! kept in flight continuously (a new one starts as soon as one finishes) until the plan is
+//! sent, then the level waits for the last responses. Error rate counts non-2xx responses,
+//! timeouts and transport errors; p50/p99 are nearest-rank percentiles over every request;
+//! requests/s is completed requests over the level's wall time.
+//!
+//! With `early_verdict`, a level stops *issuing* as soon as its failure is certain whatever
+//! the remaining planned requests do: more than `error_threshold * planned` errors, or at
+//! least `floor(planned / 100) + 1` requests slower than the latency threshold (counting
+//! in-flight requests already older than it), which forces the p99 of the planned sample over
+//! the threshold. The in-flight requests are then drained, not abandoned, so the next level
+//! starts on a quiet backend. The verdict is always recomputed from the requests actually
+//! sent, and equals the one the full plan would have given.
+
+use crate::target::{ProbeTransport, RequestOutcome};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Which part of the search a level belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Stepping up 1, 2, 4, 8, ...
+    Doubling,
+    /// Refining between the last passing and the first failing level.
+    Bisecting,
+}
+
+/// The measurement of one concurrency level.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LevelMeasurement {
+    /// Requests kept in flight.
+    pub level: usize,
+    /// Part of the search this level belongs to.
+    pub phase: Phase,
+    /// Requests planned: `max(probe_min_requests, 2 * level)`.
+    pub planned: usize,
+    /// Requests sent (all of them completed or timed out).
+    pub requests: usize,
+    /// Requests that failed (non-2xx, timeout, transport error).
+    pub errors: usize,
+    /// `errors / requests`.
+    pub error_rate: f64,
+    /// Median latency in milliseconds.
+    pub p50_ms: f64,
+    /// 99th-percentile latency in milliseconds.
+    pub p99_ms: f64,
+    /// Completed requests per second of the level's wall time.
+    pub rps: f64,
+    /// Wall time of the level in seconds.
+    pub elapsed_secs: f64,
+    /// `error_rate` was above `error_threshold`.
+    pub errors_exceeded: bool,
+    /// `p99_ms` was above `latency_threshold_ms`.
+    pub latency_exceeded: bool,
+    /// Neither threshold was exceeded.
+    pub passed: bool,
+    /// The level stopped issuing before its plan because its failure was already certain.
+    pub stopped_early: bool,
+    /// How many requests ended each way (`"200"`, `"503"`, `"timeout"`, `"connect error"`...).
+    pub outcomes: BTreeMap<String, usize>,
+    /// Of the first `level` requests (the first wave), how many succeeded at near-baseline
+    /// latency: an estimate of the concurrency the endpoint serves without slowing down.
+    /// `None` when no baseline was known (level 1).
+    pub first_wave_fast: Option<usize>,
+}
+
+impl LevelMeasurement {
+    /// A one-line description of why the level failed (empty when it passed).
+    pub fn failure_description(&self, error_threshold: f64, latency_threshold_ms: f64) -> String {
+        let mut parts = Vec::new();
+        if self.errors_exceeded {
+            parts.push(format!(
+                "error rate {:.1}% > {:.1}%",
+                self.error_rate * 100.0,
+                error_threshold * 100.0
+            ));
+        }
+        if self.latency_exceeded {
+            parts.push(format!(
+                "p99 {:.1} ms > {} ms",
+                self.p99_ms, latency_threshold_ms
+            ));
+        }
+        parts.join(", ")
+    }
+
+    /// The outcome histogram as `"503 x32, connect error x2"`, most frequent first.
+    pub fn outcomes_summary(&self) -> String {
+        let mut v: Vec<_> = self.outcomes.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        v.iter()
+            .map(|(k, n)| format!("{k} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Everything a level run needs besides the transport.
+#[derive(Debug, Clone)]
+pub(crate) struct LevelPlan {
+    pub(crate) level: usize,
+    pub(crate) phase: Phase,
+    pub(crate) planned: usize,
+    pub(crate) request_timeout: Duration,
+    pub(crate) error_threshold: f64,
+    pub(crate) latency_threshold: Duration,
+    pub(crate) early_verdict: bool,
+    /// Latency up to which a first-wave success counts as "fast".
+    pub(crate) fast_cutoff: Option<Duration>,
+}
+
+/// Requests of `n` that must exceed the threshold for the nearest-rank p99 to exceed it.
+pub(crate) fn slow_needed(n: usize) -> usize {
+    n / 100 + 1
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+type Timed = Pin<Box<dyn Future<Output = (u64, Duration, RequestOutcome)> + Send>>;
+
+/// Runs one level against `transport`. Cancel-safe: dropping the future drops every in-flight
+/// request future.
+pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
+    transport: &T,
+    plan: &LevelPlan,
+) -> LevelMeasurement {
+    let level = plan.level.max(1);
+    let planned = plan.planned.max(1);
+    let thr = plan.latency_threshold;
+    let started = Instant::now();
+
+    let mut inflight: FuturesUnordered<Timed> = FuturesUnordered::new();
+    // id -> issue time of in-flight requests; ids increase with issue time.
+    let mut issued_at: BTreeMap<u64, Instant> = BTreeMap::new();
+    let mut latencies: Vec<Duration> = Vec::with_capacity(planned);
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    let mut sent = 0usize;
+    let mut errors = 0usize;
+    let mut slow_done = 0usize;
+    let mut first_wave_fast = 0usize;
+    let mut stop_issuing = false;
+
+    loop {
+        while !stop_issuing && inflight.len() < level && sent < planned {
+            let id = sent as u64;
+            let now = Instant::now();
+            issued_at.insert(id, now);
+            let fut = transport.send();
+            let timeout = plan.request_timeout;
+            inflight.push(Box::pin(async move {
+                let outcome = match tokio::time::timeout(timeout, fut).await {
+                    Ok(o) => o,
+                    Err(_) => RequestOutcome::Timeout,
+                };
+                (id, now.elapsed(), outcome)
+            }));
+            sent += 1;
+        }
+        if inflight.is_empty() {
+            break;
+        }
+
+        // While a failure is still undecided, wake up when the oldest in-flight request
+        // that is not yet slow becomes slow.
+        let wake = if plan.early_verdict && !stop_issuing {
+            issued_at
+                .values()
+                .map(|t| *t + thr + Duration::from_millis(1))
+                .find(|deadline| *deadline > Instant::now())
+        } else {
+            None
+        };
+
+        tokio::select! {
+            biased;
+            done = inflight.next() => {
+                if let Some((id, latency, outcome)) = done {
+                    issued_at.remove(&id);
+                    let ok = outcome.is_success();
+                    if !ok {
+                        errors += 1;
+                    }
+                    if latency > thr {
+                        slow_done += 1;
+                    }
+                    if let Some(cut) = plan.fast_cutoff {
+                        if ok && (id as usize) < level && latency <= cut {
+                            first_wave_fast += 1;
+                        }
+                    }
+                    *outcomes.entry(outcome.label()).or_default() += 1;
+                    latencies.push(latency);
+                }
+            }
+            _ = sleep_until_opt(wake), if wake.is_some() => {}
+        }
+
+        if plan.early_verdict && !stop_issuing && sent < planned {
+            let now = Instant::now();
+            let slow_inflight = issued_at
+                .values()
+                .take_while(|t| now.saturating_duration_since(**t) > thr)
+                .count();
+            let errors_certain = errors as f64 > plan.error_threshold * planned as f64;
+            let latency_certain = slow_done + slow_inflight >= slow_needed(planned);
+            if errors_certain || latency_certain {
+                stop_issuing = true;
+            }
+        }
+    }
+
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    let n = latencies.len().max(1);
+    let error_rate = errors as f64 / n as f64;
+    let p50 = percentile(&latencies, 0.50);
+    let p99 = percentile(&latencies, 0.99);
+    let errors_exceeded = error_rate > plan.error_threshold;
+    let latency_exceeded = p99 > thr;
+    let secs = elapsed.as_secs_f64();
+    LevelMeasurement {
+        level,
+        phase: plan.phase,
+        planned,
+        requests: latencies.len(),
+        errors,
+        error_rate,
+        p50_ms: p50.as_secs_f64() * 1000.0,
+        p99_ms: p99.as_secs_f64() * 1000.0,
+        rps: if secs > 0.0 {
+            latencies.len() as f64 / secs
+        } else {
+            0.0
+        },
+        elapsed_secs: secs,
+        errors_exceeded,
+        latency_exceeded,
+        passed: !errors_exceeded && !latency_exceeded,
+        stopped_early: stop_issuing,
+        outcomes: outcomes.into_iter().collect(),
+        first_wave_fast: plan.fast_cutoff.map(|_| first_wave_fast),
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p99_slow_count_matches_nearest_rank() {
+        let ms = Duration::from_millis;
+        for n in [1usize, 2, 31, 32, 99, 100, 101, 199, 200, 256, 1000] {
+            let need = slow_needed(n);
+            // exactly `need` slow values push p99 over, one fewer does not
+            let mut v = vec![ms(1); n - need];
+            v.extend(std::iter::repeat_n(ms(100), need));
+            assert_eq!(percentile(&v, 0.99), ms(100), "n={n}");
+            if need > 0 {
+                let mut w = vec![ms(1); n - need + 1];
+                w.extend(std::iter::repeat_n(ms(100), need - 1));
+                assert_eq!(percentile(&w, 0.99), ms(1), "n={n}");
+            }
+        }
+    }
+}

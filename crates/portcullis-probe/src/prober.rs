@@ -1,0 +1,471 @@
+//! The search for an endpoint's capacity.
+//!
+//! Both schedules first step the concurrency up 1, 2, 4, 8, ... (capped at
+//! `max_probe_concurrency`) until a level fails, then search between the last passing level
+//! `lo` and the first failing level `hi`. The result is the highest passing level found.
+//!
+//! * [`Schedule::Plain`] is the seed's schedule: every level sends its whole plan, and the
+//!   search halves `[lo, hi]` until `hi - lo == 1`.
+//! * [`Schedule::Adaptive`] (the default) finds the same knee to within a relative
+//!   `tolerance` (10%) with fewer requests:
+//!   1. a failing level stops issuing as soon as its failure is certain (see the `measure`
+//!      module: the verdict is the one the whole plan would give) and drains its in-flight
+//!      requests;
+//!   2. *knee estimate*: level 1's median latency is the baseline; at a failing level, the
+//!      first wave's successes that came back within `max(2 x baseline, baseline + 5 ms)`
+//!      count how many requests the endpoint served without slowing down. That count is
+//!      probed next (a *guess*), followed by one *confirmation* `tolerance` above it (when it
+//!      passed) or below it (when it failed). A good estimate closes the interval in two
+//!      levels; a bad one falls back to
+//!   3. geometric bisection (`sqrt(lo * hi)`), which halves the *ratio* `hi / lo`;
+//!   4. the search stops once `hi <= lo * (1 + tolerance)`, so the result is within
+//!      `tolerance` below the true knee.
+//!
+//! Every step keeps `lo` passing and `hi` failing, so estimates only change which levels are
+//! measured, never the correctness of the interval.
+
+use crate::config::ProbeConfig;
+use crate::error::ProbeError;
+use crate::measure::{run_level, LevelMeasurement, LevelPlan, Phase};
+use crate::target::{HttpTransport, ProbeClient, ProbeTarget, ProbeTransport};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Which levels the prober measures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// Doubling, then plain bisection to an exact answer; every level sends its whole plan.
+    Plain,
+    /// Doubling with early failure verdicts, knee-estimate guesses and geometric bisection,
+    /// stopping once the interval is within `tolerance` (a fraction, e.g. `0.1`).
+    Adaptive {
+        /// Relative width at which the search stops.
+        tolerance: f64,
+    },
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::Adaptive { tolerance: 0.1 }
+    }
+}
+
+impl Schedule {
+    /// `"plain"` or `"adaptive"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Schedule::Plain => "plain",
+            Schedule::Adaptive { .. } => "adaptive",
+        }
+    }
+}
+
+/// What limited the capacity found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeBound {
+    /// The next level up exceeded `error_threshold`.
+    Errors,
+    /// The next level up exceeded only `latency_threshold_ms` (worth a warning: the
+    /// endpoint still answered, just slowly).
+    Latency,
+    /// Every level passed up to `max_probe_concurrency`.
+    MaxConcurrency,
+}
+
+/// Progress of a running probe, for a CLI progress bar or logs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeEvent {
+    /// A level starts.
+    LevelStarted {
+        /// Requests kept in flight.
+        level: usize,
+        /// Doubling or bisecting.
+        phase: Phase,
+        /// Requests planned for it.
+        planned: usize,
+    },
+    /// A level finished; its req/s, p99 and error rate are in the measurement.
+    LevelFinished(LevelMeasurement),
+}
+
+/// The result of probing one endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    /// The endpoint (`METHOD url`).
+    pub target: String,
+    /// `"adaptive"` or `"plain"`.
+    pub schedule: String,
+    /// The highest passing concurrency: use it as the endpoint's `capacity`.
+    pub max_concurrency: usize,
+    /// The passing level with the highest requests/s.
+    pub best_rps_level: usize,
+    /// Requests/s at `best_rps_level`.
+    pub best_rps: f64,
+    /// What bound `max_concurrency`.
+    pub bound: ProbeBound,
+    /// Every level measured, in order.
+    pub levels: Vec<LevelMeasurement>,
+    /// Requests sent over the whole probe.
+    pub total_requests: usize,
+    /// Wall time of the whole probe in seconds.
+    pub elapsed_secs: f64,
+}
+
+impl ProbeReport {
+    /// `true` when latency, not errors, bound the result: the endpoint kept answering
+    /// correctly but too slowly past `max_concurrency`.
+    pub fn latency_bound(&self) -> bool {
+        self.bound == ProbeBound::Latency
+    }
+
+    /// Wall time of the whole probe.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_secs_f64(self.elapsed_secs)
+    }
+
+    /// A plain-text table of the levels plus a summary line, for a CLI.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "{}", self.target);
+        let _ = writeln!(
+            s,
+            "{:>6}  {:<9}  {:>6}  {:>9}  {:>9}  {:>10}  {:>7}  result",
+            "level", "phase", "reqs", "req/s", "p50 ms", "p99 ms", "errors"
+        );
+        for m in &self.levels {
+            let phase = match m.phase {
+                Phase::Doubling => "doubling",
+                Phase::Bisecting => "bisecting",
+            };
+            let result = match (m.passed, m.errors_exceeded, m.latency_exceeded) {
+                (true, _, _) => "pass",
+                (false, true, true) => "FAIL errors+latency",
+                (false, true, false) => "FAIL errors",
+                _ => "FAIL latency",
+            };
+            let _ = writeln!(
+                s,
+                "{:>6}  {:<9}  {:>6}  {:>9.1}  {:>9.1}  {:>10.1}  {:>6.1}%  {}",
+                m.level,
+                phase,
+                m.requests,
+                m.rps,
+                m.p50_ms,
+                m.p99_ms,
+                m.error_rate * 100.0,
+                result
+            );
+        }
+        let bound = match self.bound {
+            ProbeBound::Errors => "errors",
+            ProbeBound::Latency => "latency (warning: the endpoint answered, but too slowly)",
+            ProbeBound::MaxConcurrency => "max_probe_concurrency",
+        };
+        let _ = writeln!(
+            s,
+            "max_concurrency {} (bound by {}); best req/s {:.1} at {}; {} requests in {:.2} s",
+            self.max_concurrency,
+            bound,
+            self.best_rps,
+            self.best_rps_level,
+            self.total_requests,
+            self.elapsed_secs
+        );
+        s
+    }
+}
+
+/// Finds how many concurrent requests an endpoint can take.
+///
+/// Holds one pooled `hyper-util` client shared by every probe (clones share it). The probe
+/// futures are cancel-safe: dropping one drops every in-flight probe request.
+#[derive(Debug, Clone)]
+pub struct Prober {
+    config: ProbeConfig,
+    request_timeout: Duration,
+    schedule: Schedule,
+    client: ProbeClient,
+}
+
+impl Prober {
+    /// A prober with `config`, a 30 s request timeout and the adaptive schedule.
+    pub fn new(config: ProbeConfig) -> Self {
+        let request_timeout = Duration::from_secs(30);
+        Self {
+            client: build_client(&config, request_timeout),
+            config,
+            request_timeout,
+            schedule: Schedule::default(),
+        }
+    }
+
+    /// Sets the per-request timeout (the gateway's `upstream_timeout`); a request that takes
+    /// longer counts as an error (`"timeout"`).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self.client = build_client(&self.config, timeout);
+        self
+    }
+
+    /// Sets the schedule ([`Schedule::Adaptive`] by default).
+    pub fn with_schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = schedule;
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ProbeConfig {
+        &self.config
+    }
+
+    /// The per-request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    /// The HTTP transport for `target` on this prober's pooled client.
+    pub fn transport(&self, target: &ProbeTarget) -> Result<HttpTransport, ProbeError> {
+        HttpTransport::new(self.client.clone(), target)
+    }
+
+    /// Probes `target`.
+    pub async fn probe(&self, target: &ProbeTarget) -> Result<ProbeReport, ProbeError> {
+        self.probe_with_progress(target, |_| {}).await
+    }
+
+    /// Probes `target`, calling `on_event` as each level starts and finishes.
+    pub async fn probe_with_progress<F>(
+        &self,
+        target: &ProbeTarget,
+        on_event: F,
+    ) -> Result<ProbeReport, ProbeError>
+    where
+        F: FnMut(&ProbeEvent) + Send,
+    {
+        let transport = self.transport(target)?;
+        self.probe_transport(&transport, on_event).await
+    }
+
+    /// Probes through any [`ProbeTransport`] (e.g. the gateway's balanced upstreams).
+    pub async fn probe_transport<T, F>(
+        &self,
+        transport: &T,
+        mut on_event: F,
+    ) -> Result<ProbeReport, ProbeError>
+    where
+        T: ProbeTransport + ?Sized,
+        F: FnMut(&ProbeEvent) + Send,
+    {
+        let started = Instant::now();
+        let cfg = &self.config;
+        let max = cfg.max_probe_concurrency.max(1);
+        let (adaptive, tolerance) = match self.schedule {
+            Schedule::Plain => (false, 0.0),
+            Schedule::Adaptive { tolerance } => (true, tolerance.max(0.0)),
+        };
+        let mut levels: Vec<LevelMeasurement> = Vec::new();
+        let measure = |level: usize, phase: Phase, fast_cutoff: Option<Duration>| LevelPlan {
+            level,
+            phase,
+            planned: cfg.probe_min_requests.max(2 * level).max(1),
+            request_timeout: self.request_timeout,
+            error_threshold: cfg.error_threshold,
+            latency_threshold: cfg.latency_threshold(),
+            // Level 1 always stops once its failure is certain: a down endpoint (possibly
+            // timing out every request) is reported after a few requests, not 32 timeouts.
+            early_verdict: adaptive || level == 1,
+            fast_cutoff,
+        };
+
+        // Level 1: the baseline; failing here aborts.
+        let first = run_reported(transport, measure(1, Phase::Doubling, None), &mut on_event).await;
+        if !first.passed {
+            return Err(ProbeError::FirstLevelFailed {
+                target: transport.describe(),
+                reason: first.failure_description(cfg.error_threshold, cfg.latency_threshold_ms),
+                seen: first.outcomes_summary(),
+                measurement: Box::new(first),
+            });
+        }
+        let baseline = Duration::from_secs_f64(first.p50_ms / 1000.0);
+        let fast_cutoff = (baseline * 2)
+            .max(baseline + Duration::from_millis(5))
+            .min(cfg.latency_threshold());
+        levels.push(first);
+
+        // Doubling.
+        let mut lo = 1usize;
+        let mut hi: Option<(usize, LevelMeasurement)> = None;
+        let mut level = 1usize;
+        while level < max {
+            level = level.saturating_mul(2).min(max);
+            let m = run_reported(
+                transport,
+                measure(level, Phase::Doubling, Some(fast_cutoff)),
+                &mut on_event,
+            )
+            .await;
+            levels.push(m.clone());
+            if m.passed {
+                lo = level;
+            } else {
+                hi = Some((level, m));
+                break;
+            }
+        }
+
+        // Refining.
+        let mut last_step = Step::Bisect;
+        let mut last_passed = true;
+        let mut guessed_from: Option<usize> = None;
+        while let Some((h, hi_m)) = &hi {
+            let h = *h;
+            if h - lo <= 1 || (adaptive && h as f64 <= lo as f64 * (1.0 + tolerance)) {
+                break;
+            }
+            let (p, step) = if !adaptive {
+                (lo + (h - lo) / 2, Step::Bisect)
+            } else {
+                next_adaptive(
+                    lo,
+                    h,
+                    hi_m,
+                    tolerance,
+                    last_step,
+                    last_passed,
+                    &mut guessed_from,
+                )
+            };
+            let p = p.clamp(lo + 1, h - 1);
+            let m = run_reported(
+                transport,
+                measure(p, Phase::Bisecting, Some(fast_cutoff)),
+                &mut on_event,
+            )
+            .await;
+            levels.push(m.clone());
+            last_step = step;
+            last_passed = m.passed;
+            if m.passed {
+                lo = p;
+            } else {
+                hi = Some((p, m));
+            }
+        }
+
+        let bound = match &hi {
+            None => ProbeBound::MaxConcurrency,
+            Some((_, m)) if m.errors_exceeded => ProbeBound::Errors,
+            Some(_) => ProbeBound::Latency,
+        };
+        let best = levels
+            .iter()
+            .filter(|m| m.passed)
+            .fold(None::<&LevelMeasurement>, |best, m| match best {
+                Some(b) if b.rps >= m.rps => Some(b),
+                _ => Some(m),
+            });
+        let (best_rps_level, best_rps) = best.map(|m| (m.level, m.rps)).unwrap_or((lo, 0.0));
+        Ok(ProbeReport {
+            target: transport.describe(),
+            schedule: self.schedule.name().to_string(),
+            max_concurrency: lo,
+            best_rps_level,
+            best_rps,
+            bound,
+            total_requests: levels.iter().map(|m| m.requests).sum(),
+            levels,
+            elapsed_secs: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// How the adaptive search chose a level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Guess,
+    Confirm,
+    Bisect,
+}
+
+/// The next adaptive level strictly inside `(lo, hi)` (the caller clamps).
+fn next_adaptive(
+    lo: usize,
+    hi: usize,
+    hi_m: &LevelMeasurement,
+    tolerance: f64,
+    last_step: Step,
+    last_passed: bool,
+    guessed_from: &mut Option<usize>,
+) -> (usize, Step) {
+    let up = |lo: usize| ((lo as f64 * (1.0 + tolerance)).floor() as usize).max(lo + 1);
+    let down = |hi: usize| ((hi as f64 / (1.0 + tolerance)).ceil() as usize).min(hi - 1);
+    if last_step == Step::Guess {
+        // Confirm the guess: one step of `tolerance` on the open side.
+        return if last_passed {
+            (up(lo), Step::Confirm)
+        } else {
+            (down(hi), Step::Confirm)
+        };
+    }
+    if *guessed_from != Some(hi) {
+        if let Some(est) = hi_m.first_wave_fast {
+            if est == lo {
+                // The knee is at `lo` itself: confirm just above it.
+                *guessed_from = Some(hi);
+                return (up(lo), Step::Confirm);
+            }
+            if est > lo && est < hi {
+                *guessed_from = Some(hi);
+                return (est, Step::Guess);
+            }
+        }
+    }
+    let mid = ((lo as f64) * (hi as f64)).sqrt().round() as usize;
+    (mid, Step::Bisect)
+}
+
+/// Runs one level, reporting its start and end.
+async fn run_reported<T, F>(transport: &T, plan: LevelPlan, on_event: &mut F) -> LevelMeasurement
+where
+    T: ProbeTransport + ?Sized,
+    F: FnMut(&ProbeEvent) + Send,
+{
+    on_event(&ProbeEvent::LevelStarted {
+        level: plan.level,
+        phase: plan.phase,
+        planned: plan.planned,
+    });
+    let m = run_level(transport, &plan).await;
+    tracing::debug!(
+        level = m.level,
+        requests = m.requests,
+        rps = m.rps,
+        p99_ms = m.p99_ms,
+        error_rate = m.error_rate,
+        passed = m.passed,
+        "probe level measured"
+    );
+    on_event(&ProbeEvent::LevelFinished(m.clone()));
+    m
+}
+
+fn build_client(config: &ProbeConfig, timeout: Duration) -> ProbeClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(config.max_probe_concurrency.max(1))
+        .build(connector)
+}

@@ -1,0 +1,268 @@
+//! What is probed: one endpoint ([`ProbeTarget`]) and how one request is sent
+//! ([`ProbeTransport`], [`HttpTransport`]).
+
+use crate::error::ProbeError;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+/// One endpoint to probe: base URL, path, method, headers and an optional JSON body.
+///
+/// These come from the endpoint's entry in the gateway config (`endpoints[path].{method,
+/// headers, body}`). Without a `method`, the request is `POST` when there is a body and
+/// `GET` otherwise. A body is sent with `content-type: application/json` unless the headers
+/// set a content type.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProbeTarget {
+    /// Where the API lives, e.g. `http://127.0.0.1:8000` (a path prefix is kept).
+    pub base_url: String,
+    /// The endpoint path, e.g. `/predict`.
+    pub path: String,
+    /// HTTP method; `None` means `POST` with a body, `GET` without.
+    pub method: Option<String>,
+    /// Extra request headers.
+    pub headers: BTreeMap<String, String>,
+    /// JSON request body.
+    pub body: Option<serde_json::Value>,
+}
+
+impl ProbeTarget {
+    /// A target for `path` on `base_url`, no headers, no body.
+    pub fn new(base_url: impl Into<String>, path: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            path: path.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the HTTP method.
+    pub fn with_method(mut self, method: impl Into<String>) -> Self {
+        self.method = Some(method.into());
+        self
+    }
+
+    /// Adds a request header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the JSON body.
+    pub fn with_json_body(mut self, body: serde_json::Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    /// The full URL probed: `base_url` (trailing `/` trimmed) followed by `path`.
+    pub fn url(&self) -> String {
+        let path = self.path.trim_start_matches('/');
+        format!("{}/{}", self.base_url.trim_end_matches('/'), path)
+    }
+
+    /// The method used: the configured one, else `POST` with a body and `GET` without.
+    pub fn resolved_method(&self) -> String {
+        match &self.method {
+            Some(m) => m.to_ascii_uppercase(),
+            None if self.body.is_some() => "POST".into(),
+            None => "GET".into(),
+        }
+    }
+}
+
+impl fmt::Display for ProbeTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.resolved_method(), self.url())
+    }
+}
+
+/// How one probe request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A response arrived (and its body was read to the end).
+    Status(StatusCode),
+    /// No complete response within the request timeout.
+    Timeout,
+    /// The connection could not be opened.
+    ConnectError,
+    /// Any other transport failure (reset, protocol error, body error).
+    TransportError,
+}
+
+impl RequestOutcome {
+    /// `true` for a 2xx response; everything else counts as an error.
+    pub fn is_success(&self) -> bool {
+        matches!(self, RequestOutcome::Status(s) if s.is_success())
+    }
+
+    /// A short stable label used in outcome histograms: `"200"`, `"503"`, `"timeout"`,
+    /// `"connect error"`, `"transport error"`.
+    pub fn label(&self) -> String {
+        match self {
+            RequestOutcome::Status(s) => s.as_u16().to_string(),
+            RequestOutcome::Timeout => "timeout".into(),
+            RequestOutcome::ConnectError => "connect error".into(),
+            RequestOutcome::TransportError => "transport error".into(),
+        }
+    }
+}
+
+/// The future a [`ProbeTransport`] returns.
+pub type SendFuture = Pin<Box<dyn Future<Output = RequestOutcome> + Send + 'static>>;
+
+/// Sends one probe request to the endpoint under test.
+///
+/// The [`Prober`](crate::Prober) measures latency and applies the request timeout around
+/// [`send`](ProbeTransport::send), and drops the future to cancel. [`HttpTransport`] is the
+/// real implementation; the gateway may implement this over its own balanced upstream
+/// service to probe "through its upstreams".
+pub trait ProbeTransport: Send + Sync {
+    /// Sends one request and reports how it ended. Dropping the future cancels it.
+    fn send(&self) -> SendFuture;
+
+    /// A human description of the endpoint, used in reports and errors.
+    fn describe(&self) -> String;
+}
+
+impl<T: ProbeTransport + ?Sized> ProbeTransport for &T {
+    fn send(&self) -> SendFuture {
+        (**self).send()
+    }
+
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+impl<T: ProbeTransport + ?Sized> ProbeTransport for std::sync::Arc<T> {
+    fn send(&self) -> SendFuture {
+        (**self).send()
+    }
+
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+/// The shared, pooled HTTP client type the prober uses.
+pub(crate) type ProbeClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A [`ProbeTransport`] sending one fixed HTTP request on the prober's pooled client.
+///
+/// Built by [`Prober::transport`](crate::Prober::transport); clones share the pool.
+#[derive(Debug, Clone)]
+pub struct HttpTransport {
+    client: ProbeClient,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    description: String,
+}
+
+impl HttpTransport {
+    pub(crate) fn new(client: ProbeClient, target: &ProbeTarget) -> Result<Self, ProbeError> {
+        let url = target.url();
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| ProbeError::InvalidTarget(format!("`{url}` is not a valid URL: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(ProbeError::InvalidTarget(format!(
+                "`{url}`: only http:// URLs can be probed"
+            )));
+        }
+        let method_name = target.resolved_method();
+        let method = Method::from_bytes(method_name.as_bytes()).map_err(|_| {
+            ProbeError::InvalidTarget(format!("`{method_name}` is not an HTTP method"))
+        })?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &target.headers {
+            let n = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                ProbeError::InvalidTarget(format!("`{name}` is not a valid header name"))
+            })?;
+            let v = HeaderValue::from_str(value).map_err(|_| {
+                ProbeError::InvalidTarget(format!("the value of header `{name}` is not valid"))
+            })?;
+            headers.append(n, v);
+        }
+        let body = match &target.body {
+            Some(json) => {
+                if !headers.contains_key(CONTENT_TYPE) {
+                    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                }
+                Bytes::from(serde_json::to_vec(json).map_err(|e| {
+                    ProbeError::InvalidTarget(format!("the body cannot be encoded: {e}"))
+                })?)
+            }
+            None => Bytes::new(),
+        };
+        Ok(Self {
+            client,
+            method,
+            uri,
+            headers,
+            body,
+            description: target.to_string(),
+        })
+    }
+}
+
+impl ProbeTransport for HttpTransport {
+    fn send(&self) -> SendFuture {
+        let mut req = Request::new(Full::new(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        let fut = self.client.request(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    // Read the body to the end: latency covers the whole response and the
+                    // connection goes back to the pool.
+                    match resp.into_body().collect().await {
+                        Ok(_) => RequestOutcome::Status(status),
+                        Err(_) => RequestOutcome::TransportError,
+                    }
+                }
+                Err(e) if e.is_connect() => RequestOutcome::ConnectError,
+                Err(_) => RequestOutcome::TransportError,
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_and_method_resolution() {
+        let t = ProbeTarget::new("http://h:1/", "work");
+        assert_eq!(t.url(), "http://h:1/work");
+        assert_eq!(t.resolved_method(), "GET");
+        let t = t.with_json_body(serde_json::json!({"a": 1}));
+        assert_eq!(t.resolved_method(), "POST");
+        let t = t.with_method("put");
+        assert_eq!(t.to_string(), "PUT http://h:1/work");
+    }
+
+    #[test]
+    fn outcome_labels() {
+        assert_eq!(RequestOutcome::Status(StatusCode::OK).label(), "200");
+        assert!(RequestOutcome::Status(StatusCode::NO_CONTENT).is_success());
+        assert!(!RequestOutcome::Status(StatusCode::SERVICE_UNAVAILABLE).is_success());
+        assert!(!RequestOutcome::Timeout.is_success());
+        assert_eq!(RequestOutcome::ConnectError.label(), "connect error");
+    }
+}
