@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench -p portcullis-balance --bench balance -- --warm-up-time 1 --measurement-time 3`
 
+#![allow(missing_docs)] // criterion_group! generates an undocumented fn
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use portcullis_balance::{Balance, Config, ReplicaRegistry, RoutingStrategy, Tier};
 use std::convert::Infallible;
