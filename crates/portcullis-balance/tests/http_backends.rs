@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tower::{Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 struct Backend {
     id: String,
@@ -369,4 +369,66 @@ async fn removing_replicas_while_64_clients_send_loses_nothing_and_never_misrout
             .sum::<usize>(),
         0
     );
+}
+
+/// The gateway's wiring: an `Infallible` shared proxy over `(payload, Request<Body>)`, the
+/// balancer as the router's fallback service, bodies mapped to `axum::body::Body`.
+#[tokio::test]
+async fn wires_into_an_axum_router_as_the_gateway_will() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let cfg = Config::default();
+    let registry: ReplicaRegistry<Arc<str>> = ReplicaRegistry::new(&cfg);
+    for be in [&a, &b] {
+        registry.add(be.url.as_str(), Tier::Primary, be.url.as_str().into());
+    }
+    let inner = proxy();
+    let dispatch = tower::service_fn(move |(u, req): (Arc<str>, Request<Body>)| {
+        let fut = inner.clone().oneshot((u, req));
+        async move {
+            Ok::<_, std::convert::Infallible>(match fut.await {
+                Ok(resp) => resp.map(Body::new),
+                Err(_) => portcullis_core::Rejection::bad_gateway()
+                    .to_json_response::<Body>()
+                    .map(Body::new),
+            })
+        }
+    });
+    let balance = portcullis_balance::HttpBalanceLayer::new(registry.clone())
+        .layer(dispatch)
+        .map_response(|r| r.map(Body::new));
+    let app = Router::new().fallback_service(balance);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new()).build_http();
+    let mut seen = HashSet::new();
+    for _ in 0..20 {
+        let resp = client
+            .request(
+                Request::get(format!("http://{addr}/x"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        seen.insert(
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
+                .into_owned(),
+        );
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    registry.remove(&a.url);
+    registry.remove(&b.url);
+    let resp = client
+        .request(
+            Request::get(format!("http://{addr}/x"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
