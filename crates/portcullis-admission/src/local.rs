@@ -91,8 +91,7 @@ impl LocalCapacity {
         }
     }
 
-    /// Takes a slot if one is free right now, without queueing.
-    pub fn try_acquire(&self) -> Option<LocalPermit> {
+    fn try_take(&self) -> Option<LocalPermit> {
         match self.shared.sem.try_acquire() {
             Ok(p) => {
                 p.forget();
@@ -173,7 +172,7 @@ impl CapacitySource for LocalCapacity {
 
     fn acquire(&self, max_queue: Option<usize>) -> LocalAcquire {
         // Fast path: one CAS.
-        if let Some(p) = self.try_acquire() {
+        if let Some(p) = self.try_take() {
             return LocalAcquire::ready(Ok(p));
         }
         // Slow path: count, bound, enqueue now.
@@ -182,7 +181,7 @@ impl CapacitySource for LocalCapacity {
             if prev >= max {
                 self.shared.queued.fetch_sub(1, Ordering::AcqRel);
                 // A slot may have been freed since the fast path looked.
-                return LocalAcquire::ready(self.try_acquire().ok_or(AcquireError::QueueFull));
+                return LocalAcquire::ready(self.try_take().ok_or(AcquireError::QueueFull));
             }
         }
         let shared = Arc::clone(&self.shared);
@@ -210,6 +209,10 @@ impl CapacitySource for LocalCapacity {
                 state: State::Waiting(fut),
             },
         }
+    }
+
+    fn try_acquire(&self) -> Option<LocalPermit> {
+        self.try_take()
     }
 
     fn set_capacity(&self, capacity: usize) {

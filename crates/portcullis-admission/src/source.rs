@@ -119,6 +119,16 @@ pub trait CapacitySource: Send + Sync + 'static {
     /// [`AcquireError::QueueFull`]. `None` means unbounded.
     fn acquire(&self, max_queue: Option<usize>) -> Self::Acquire;
 
+    /// Takes a slot synchronously if one is free right now and nobody is queued, without
+    /// queueing; `None` otherwise.
+    ///
+    /// This is the layer's fast path (it skips building the acquire future and its timer).
+    /// It must never overtake a queued waiter. Sources that cannot answer without I/O keep
+    /// the default, which always returns `None`.
+    fn try_acquire(&self) -> Option<Self::Permit> {
+        None
+    }
+
     /// Changes the capacity (the maximum number of permits granted at once) at runtime.
     ///
     /// Never drops queued waiters nor revokes permits; see the
@@ -147,6 +157,9 @@ impl<C: CapacitySource + ?Sized> CapacitySource for Arc<C> {
 
     fn acquire(&self, max_queue: Option<usize>) -> Self::Acquire {
         (**self).acquire(max_queue)
+    }
+    fn try_acquire(&self) -> Option<Self::Permit> {
+        (**self).try_acquire()
     }
     fn set_capacity(&self, capacity: usize) {
         (**self).set_capacity(capacity)

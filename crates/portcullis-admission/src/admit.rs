@@ -1,0 +1,303 @@
+//! The admission state machine shared by the generic and the HTTP services.
+//!
+//! `call` decides synchronously what it can (health gate, fast-path slot); everything else
+//! happens in the response future:
+//!
+//! ```text
+//! call ──unhealthy──────────────────────────────────────────────▶ Refused(Unhealthy)
+//!   │──slot free (try_acquire)─▶ Called{inner future, permit}
+//!   └──otherwise──▶ Waiting{acquire future, deadline timer, ready service, request}
+//!                      │── slot granted ─▶ Called{..}
+//!                      │── source refused ─▶ Refused(QueueFull | Storage)
+//!                      └── deadline ─▶ Refused(QueueTimeout)   (the acquire future is dropped
+//!                                                                at once: it leaves the queue)
+//! ```
+//!
+//! The timer is created only when the first poll finds no slot, so admissions that do not
+//! wait never touch the timer wheel.
+
+use crate::limiter::Limiter;
+use crate::source::{AcquireError, CapacitySource};
+use crate::{QueueFull, QueueTimeout, StorageUnavailable, Unhealthy};
+use pin_project_lite::pin_project;
+use portcullis_core::{BoxError, HealthSource, Rejection};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+/// Why a request was not admitted.
+pub(crate) enum Refusal {
+    Unhealthy,
+    QueueFull,
+    QueueTimeout(Duration),
+    Storage(BoxError),
+}
+
+impl Refusal {
+    pub(crate) fn into_error(self) -> BoxError {
+        match self {
+            Refusal::Unhealthy => Box::new(Unhealthy::new()),
+            Refusal::QueueFull => Box::new(QueueFull::new()),
+            Refusal::QueueTimeout(w) => Box::new(QueueTimeout::new(w)),
+            Refusal::Storage(e) => Box::new(StorageUnavailable::new(e)),
+        }
+    }
+
+    pub(crate) fn to_rejection(&self) -> Rejection {
+        match self {
+            Refusal::Unhealthy => Rejection::backend_unhealthy(),
+            Refusal::QueueFull => Rejection::queue_full(),
+            Refusal::QueueTimeout(w) => Rejection::queue_timeout(*w),
+            Refusal::Storage(_) => Rejection::storage_unavailable(),
+        }
+    }
+}
+
+impl From<AcquireError> for Refusal {
+    fn from(e: AcquireError) -> Self {
+        match e {
+            AcquireError::QueueFull => Refusal::QueueFull,
+            AcquireError::StorageUnavailable(e) => Refusal::Storage(e),
+        }
+    }
+}
+
+pin_project! {
+    /// Waits for a slot of one limiter, up to its `queue_timeout`; counts the outcome.
+    pub(crate) struct WaitForSlot<C: CapacitySource> {
+        #[pin]
+        acquire: C::Acquire,
+        #[pin]
+        sleep: Option<Sleep>,
+        limiter: Arc<Limiter<C>>,
+        started: Instant,
+        timeout: Duration,
+        done: bool,
+    }
+
+    impl<C: CapacitySource> PinnedDrop for WaitForSlot<C> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.done {
+                this.limiter.metrics.cancelled();
+            }
+        }
+    }
+}
+
+impl<C: CapacitySource> WaitForSlot<C> {
+    fn new(limiter: Arc<Limiter<C>>) -> Self {
+        let acquire = limiter.source().acquire(limiter.max_queue());
+        let timeout = limiter.queue_timeout();
+        Self {
+            acquire,
+            sleep: None,
+            limiter,
+            started: Instant::now(),
+            timeout,
+            done: false,
+        }
+    }
+}
+
+impl<C: CapacitySource> Future for WaitForSlot<C> {
+    type Output = Result<C::Permit, Refusal>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        // A grant wins over a deadline that passed at the same time.
+        if let Poll::Ready(res) = this.acquire.poll(cx) {
+            *this.done = true;
+            let m = &this.limiter.metrics;
+            return Poll::Ready(match res {
+                Ok(permit) => {
+                    m.admitted_after(this.started.elapsed());
+                    Ok(permit)
+                }
+                Err(e) => {
+                    m.rejected();
+                    Err(e.into())
+                }
+            });
+        }
+        if this.sleep.is_none() {
+            let deadline = *this.started + *this.timeout;
+            this.sleep.set(Some(tokio::time::sleep_until(deadline)));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            ready!(sleep.poll(cx));
+        }
+        *this.done = true;
+        this.limiter.metrics.timed_out();
+        Poll::Ready(Err(Refusal::QueueTimeout(this.started.elapsed())))
+    }
+}
+
+/// What an admitted request's future ends with when it does not produce a response.
+pub(crate) enum AdmitError<E, Req> {
+    /// Refused before reaching the inner service; the request is handed back.
+    Refused(Refusal, Req),
+    /// The inner service failed.
+    Inner(E),
+}
+
+pin_project! {
+    /// Health gate + slot + inner call; yields the inner response and its permit.
+    pub(crate) struct Admit<S: Service<Req>, Req, C: CapacitySource> {
+        #[pin]
+        state: State<S, Req, C>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S: Service<Req>, Req, C: CapacitySource> {
+        Refused {
+            refusal: Option<Refusal>,
+            req: Option<Req>,
+        },
+        Waiting {
+            #[pin]
+            wait: WaitForSlot<C>,
+            svc: Option<S>,
+            req: Option<Req>,
+        },
+        Called {
+            #[pin]
+            fut: S::Future,
+            permit: Option<C::Permit>,
+        },
+        Done,
+    }
+}
+
+impl<S, Req, C> Admit<S, Req, C>
+where
+    S: Service<Req> + Clone,
+    C: CapacitySource,
+{
+    /// Starts admitting `req` to `inner`, which must be ready (its `poll_ready` returned
+    /// `Ready(Ok)`). On the fast path `inner` is called now; otherwise the ready service is
+    /// moved into the future (a fresh clone is left in its place) and called once admitted.
+    pub(crate) fn start(
+        limiter: &Arc<Limiter<C>>,
+        health: Option<&dyn HealthSource>,
+        inner: &mut S,
+        req: Req,
+    ) -> Self {
+        if let Some(h) = health {
+            if !h.can_serve() {
+                limiter.metrics.rejected();
+                return Self::refused(Refusal::Unhealthy, req);
+            }
+        }
+        if let Some(permit) = limiter.source().try_acquire() {
+            limiter.metrics.admitted_now();
+            return Self::called(inner.call(req), Some(permit));
+        }
+        let clone = inner.clone();
+        let svc = std::mem::replace(inner, clone);
+        Self {
+            state: State::Waiting {
+                wait: WaitForSlot::new(Arc::clone(limiter)),
+                svc: Some(svc),
+                req: Some(req),
+            },
+        }
+    }
+}
+
+impl<S: Service<Req>, Req, C: CapacitySource> Admit<S, Req, C> {
+    /// A request that is not subject to admission (an unwatched path): no slot.
+    pub(crate) fn called(fut: S::Future, permit: Option<C::Permit>) -> Self {
+        Self {
+            state: State::Called { fut, permit },
+        }
+    }
+
+    fn refused(refusal: Refusal, req: Req) -> Self {
+        Self {
+            state: State::Refused {
+                refusal: Some(refusal),
+                req: Some(req),
+            },
+        }
+    }
+}
+
+type AdmitOutput<S, Req, C> = Result<
+    (
+        <S as Service<Req>>::Response,
+        Option<<C as CapacitySource>::Permit>,
+    ),
+    AdmitError<<S as Service<Req>>::Error, Req>,
+>;
+
+impl<S: Service<Req>, Req, C: CapacitySource> Future for Admit<S, Req, C> {
+    type Output = AdmitOutput<S, Req, C>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Refused { refusal, req } => {
+                    let out = match (refusal.take(), req.take()) {
+                        (Some(r), Some(q)) => AdmitError::Refused(r, q),
+                        _ => panic!("admission future polled after completion"),
+                    };
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(out));
+                }
+                StateProj::Waiting { wait, svc, req } => {
+                    let granted = ready!(wait.poll(cx));
+                    let (mut svc, req) = match (svc.take(), req.take()) {
+                        (Some(s), Some(q)) => (s, q),
+                        _ => panic!("admission future polled after completion"),
+                    };
+                    match granted {
+                        Ok(permit) => {
+                            // If `call` panics, unwinding drops `permit`: the slot is released.
+                            let fut = svc.call(req);
+                            this.state.set(State::Called {
+                                fut,
+                                permit: Some(permit),
+                            });
+                        }
+                        Err(refusal) => {
+                            // Leave the queue now, not when the caller drops this future.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(AdmitError::Refused(refusal, req)));
+                        }
+                    }
+                }
+                StateProj::Called { fut, permit } => {
+                    let res = ready!(fut.poll(cx));
+                    let permit = permit.take();
+                    this.state.set(State::Done);
+                    return Poll::Ready(match res {
+                        Ok(resp) => Ok((resp, permit)),
+                        Err(e) => Err(AdmitError::Inner(e)),
+                    });
+                }
+                StateProj::Done => panic!("admission future polled after completion"),
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req, C: CapacitySource> fmt::Debug for Admit<S, Req, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Refused { .. } => "refused",
+            State::Waiting { .. } => "waiting",
+            State::Called { .. } => "called",
+            State::Done => "done",
+        };
+        f.debug_struct("Admit").field("state", &state).finish()
+    }
+}

@@ -1,0 +1,198 @@
+//! Serde configuration of the admission layer (YAML durations are f64 seconds).
+//!
+//! ```yaml
+//! queue_timeout: 30        # seconds a request may wait for a slot (default 30)
+//! max_queue: 1000          # optional; default unbounded
+//! endpoints:
+//!   /predict:
+//!     method: POST         # optional; only this method is admission-controlled
+//!     capacity: 8          # optional; absent = probed (a default applies until then)
+//!     queue_timeout: 120   # optional; overrides the global one
+//!     headers: {Authorization: Bearer t}   # optional; used by the probe, kept as is
+//!     body: {input: sample}                 # optional; used by the probe, kept as is
+//! ```
+//!
+//! # `max_queue` and memory
+//!
+//! The seed never refuses a request for being queued: its queue is unbounded and requests
+//! only fail after `queue_timeout`. That is the default here too. Each queued request costs
+//! its connection, its request head (the body is not read while queued), the response
+//! future and a waiter node: a few KiB per waiter. A burst of N requests therefore holds
+//! about N × (a few KiB) for up to `queue_timeout`. Under a sustained overload that arrival
+//! rate × `queue_timeout` product can be large; set `max_queue` to answer 503 `queue_full`
+//! at once instead of holding the memory (and the client) for a wait that is unlikely to
+//! end well.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The admission configuration: global settings and the watched endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// How long a request may wait for a slot before a 504 `queue_timeout` (default 30 s).
+    #[serde(with = "secs")]
+    pub queue_timeout: Duration,
+    /// Bound on queued requests per endpoint; beyond it, 503 `queue_full` at once. Default
+    /// `None`: unbounded (see the [module docs](self) for the memory trade-off).
+    pub max_queue: Option<usize>,
+    /// Watched endpoints by exact path. Other paths pass through uncounted.
+    pub endpoints: BTreeMap<String, EndpointConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            queue_timeout: crate::DEFAULT_QUEUE_TIMEOUT,
+            max_queue: None,
+            endpoints: BTreeMap::new(),
+        }
+    }
+}
+
+/// One watched endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointConfig {
+    /// Only requests with this method are admission-controlled (`None`: every method).
+    /// Case-insensitive (`post` = `POST`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Maximum concurrent requests. `None`: to be probed; until the probe sets it, the
+    /// gateway applies its default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<usize>,
+    /// Overrides the global `queue_timeout` for this endpoint.
+    #[serde(with = "opt_secs", skip_serializing_if = "Option::is_none")]
+    pub queue_timeout: Option<Duration>,
+    /// Request headers the probe sends (not used by admission; kept as given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Request body the probe sends (not used by admission; kept as given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+}
+
+impl EndpointConfig {
+    /// The parsed method filter.
+    pub fn parsed_method(&self) -> Result<Option<http::Method>, String> {
+        match &self.method {
+            None => Ok(None),
+            Some(m) => http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                .map(Some)
+                .map_err(|_| format!("invalid method `{m}`")),
+        }
+    }
+}
+
+impl Config {
+    /// The `queue_timeout` that applies to `endpoint`.
+    pub fn queue_timeout_for(&self, endpoint: &EndpointConfig) -> Duration {
+        endpoint.queue_timeout.unwrap_or(self.queue_timeout)
+    }
+
+    /// Checks what serde cannot: paths start with `/`, methods parse. The error names the
+    /// offending field (`endpoints./x.method: ...`).
+    pub fn validate(&self) -> Result<(), String> {
+        for (path, ep) in &self.endpoints {
+            if !path.starts_with('/') {
+                return Err(format!("endpoints.{path}: a path must start with `/`"));
+            }
+            ep.parsed_method()
+                .map_err(|e| format!("endpoints.{path}.method: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn duration_from_secs<E: serde::de::Error>(s: f64) -> Result<Duration, E> {
+    Duration::try_from_secs_f64(s).map_err(|_| {
+        E::custom(format!(
+            "expected a non-negative number of seconds, got {s}"
+        ))
+    })
+}
+
+mod secs {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        duration_from_secs(f64::deserialize(d)?)
+    }
+}
+
+mod opt_secs {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<f64>::deserialize(d)?
+            .map(duration_from_secs)
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_full_endpoint() {
+        let c: Config = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.queue_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_queue, None);
+
+        let c: Config = serde_json::from_value(serde_json::json!({
+            "queue_timeout": 2.5,
+            "max_queue": 10,
+            "endpoints": {
+                "/predict": {"method": "post", "capacity": 8, "queue_timeout": 0.25,
+                              "headers": {"Authorization": "Bearer x"}, "body": {"input": [1, 2]}},
+                "/embed": {}
+            }
+        }))
+        .unwrap();
+        c.validate().unwrap();
+        let p = &c.endpoints["/predict"];
+        assert_eq!(p.parsed_method().unwrap(), Some(http::Method::POST));
+        assert_eq!(c.queue_timeout_for(p), Duration::from_millis(250));
+        assert_eq!(
+            c.queue_timeout_for(&c.endpoints["/embed"]),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(c.endpoints["/embed"].capacity, None);
+        assert_eq!(p.body.as_ref().unwrap()["input"][1], 2);
+        // Round trip (the probe's bench command writes this config back).
+        let back: Config = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_bad_durations_and_paths() {
+        let e = serde_json::from_str::<Config>(r#"{"queue_timout": 1}"#).unwrap_err();
+        assert!(e.to_string().contains("queue_timout"), "{e}");
+        let e =
+            serde_json::from_str::<Config>(r#"{"endpoints": {"/a": {"capacty": 1}}}"#).unwrap_err();
+        assert!(e.to_string().contains("capacty"), "{e}");
+        assert!(serde_json::from_str::<Config>(r#"{"queue_timeout": -1}"#).is_err());
+        let c: Config = serde_json::from_str(r#"{"endpoints": {"a": {}}}"#).unwrap();
+        assert!(c.validate().unwrap_err().contains("endpoints.a"));
+        let c: Config =
+            serde_json::from_str(r#"{"endpoints": {"/a": {"method": "GE T"}}}"#).unwrap();
+        assert!(c.validate().unwrap_err().contains("endpoints./a.method"));
+    }
+}

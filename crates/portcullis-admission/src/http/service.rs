@@ -1,0 +1,83 @@
+use super::{Endpoints, ResponseFuture};
+use crate::admit::Admit;
+use crate::local::LocalCapacity;
+use crate::source::CapacitySource;
+use http::{Request, Response};
+use portcullis_core::{HealthSource, RejectionBody};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower_service::Service;
+
+use super::AdmissionBody;
+
+/// Per-endpoint admission control for HTTP; see the [module docs](super).
+///
+/// `poll_ready` forwards the inner service's readiness and never takes a slot: hyper calls
+/// `poll_ready` on a connection's service before a request exists, so a slot taken there
+/// would be held by every idle keep-alive connection.
+pub struct HttpAdmission<S, C = LocalCapacity> {
+    inner: S,
+    endpoints: Endpoints<C>,
+    health: Option<Arc<dyn HealthSource>>,
+}
+
+impl<S, C> HttpAdmission<S, C> {
+    pub(crate) fn from_parts(
+        inner: S,
+        endpoints: Endpoints<C>,
+        health: Option<Arc<dyn HealthSource>>,
+    ) -> Self {
+        Self {
+            inner,
+            endpoints,
+            health,
+        }
+    }
+
+    /// The watched endpoints.
+    pub fn endpoints(&self) -> &Endpoints<C> {
+        &self.endpoints
+    }
+}
+
+impl<S: Clone, C> Clone for HttpAdmission<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            endpoints: self.endpoints.clone(),
+            health: self.health.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C: CapacitySource + fmt::Debug> fmt::Debug for HttpAdmission<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpAdmission")
+            .field("inner", &self.inner)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl<S, C, ReqBody, ResBody> Service<Request<ReqBody>> for HttpAdmission<S, C>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    C: CapacitySource,
+{
+    type Response = Response<RejectionBody<AdmissionBody<ResBody, C::Permit>>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let admit = match self.endpoints.lookup(req.uri().path(), req.method()) {
+            Some(limiter) => Admit::start(limiter, self.health.as_deref(), &mut self.inner, req),
+            None => Admit::called(self.inner.call(req), None),
+        };
+        ResponseFuture::new(admit)
+    }
+}
