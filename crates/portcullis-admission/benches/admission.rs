@@ -1,0 +1,183 @@
+//! Admission overhead vs `tower::limit::ConcurrencyLimit` on the same inner service, and
+//! queue hand-off latency (release -> next waiter runs).
+//!
+//! Run: `cargo bench -p portcullis-admission --bench admission -- --warm-up-time 1 --measurement-time 3`
+
+#![allow(missing_docs)]
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use portcullis_admission::{AdmissionLayer, CapacitySource, LocalCapacity};
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+use tower::limit::ConcurrencyLimitLayer;
+use tower::{service_fn, Layer, Service, ServiceExt};
+
+fn inner(
+) -> impl Service<u64, Response = u64, Error = Infallible, Future = Ready<Result<u64, Infallible>>> + Clone
+{
+    service_fn(|x: u64| ready(Ok::<_, Infallible>(x.wrapping_add(1))))
+}
+
+fn current_thread() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn two_threads() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn one<S>(svc: &mut S, x: u64) -> u64
+where
+    S: Service<u64, Response = u64>,
+    S::Error: std::fmt::Debug,
+{
+    svc.ready().await.unwrap().call(x).await.unwrap()
+}
+
+/// One task issuing `iters` requests back to back (ready + call + await).
+fn run_one<S>(rt: &Runtime, mut svc: S, iters: u64) -> Duration
+where
+    S: Service<u64, Response = u64>,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async move {
+        let start = Instant::now();
+        for i in 0..iters {
+            black_box(one(&mut svc, black_box(i)).await);
+        }
+        start.elapsed()
+    })
+}
+
+fn uncontended(c: &mut Criterion) {
+    let rt = current_thread();
+    let mut g = c.benchmark_group("uncontended");
+    g.bench_function("inner_only", |b| {
+        b.iter_custom(|iters| run_one(&rt, inner(), iters))
+    });
+    g.bench_function("tower_concurrency_limit", |b| {
+        b.iter_custom(|iters| run_one(&rt, ConcurrencyLimitLayer::new(1024).layer(inner()), iters))
+    });
+    g.bench_function("admission", |b| {
+        b.iter_custom(|iters| run_one(&rt, AdmissionLayer::new(1024).layer(inner()), iters))
+    });
+    g.finish();
+}
+
+/// Two tasks on two worker threads, each issuing `iters / 2` requests back to back.
+fn run_two<S>(rt: &Runtime, svc: S, iters: u64) -> Duration
+where
+    S: Service<u64, Response = u64> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async move {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..2)
+            .map(|_| {
+                let mut svc = svc.clone();
+                tokio::spawn(async move {
+                    for i in 0..iters.div_ceil(2) {
+                        black_box(one(&mut svc, i).await);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
+    })
+}
+
+fn two_threads_at_capacity(c: &mut Criterion) {
+    let rt = two_threads();
+    for cap in [2usize, 1] {
+        let mut g = c.benchmark_group(format!("two_threads_capacity_{cap}"));
+        g.bench_function("tower_concurrency_limit", |b| {
+            b.iter_custom(|iters| {
+                run_two(&rt, ConcurrencyLimitLayer::new(cap).layer(inner()), iters)
+            })
+        });
+        g.bench_function("admission", |b| {
+            b.iter_custom(|iters| run_two(&rt, AdmissionLayer::new(cap).layer(inner()), iters))
+        });
+        g.finish();
+    }
+}
+
+/// Time from dropping the held permit to the queued waiter's task running with its slot.
+fn handoff(c: &mut Criterion) {
+    let mut g = c.benchmark_group("handoff");
+    for (name, rt) in [
+        ("multi_thread", two_threads()),
+        ("current_thread", current_thread()),
+    ] {
+        g.bench_function(format!("local_capacity/{name}"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let src = LocalCapacity::new(1);
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let held = src.acquire(None).await.unwrap();
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let waiter = src.acquire(None); // queued now (FIFO position taken)
+                        tokio::spawn(async move {
+                            let p = waiter.await.unwrap();
+                            let t = Instant::now();
+                            drop(p);
+                            let _ = tx.send(t);
+                        });
+                        tokio::task::yield_now().await;
+                        let t0 = Instant::now();
+                        drop(held);
+                        total += rx.await.unwrap() - t0;
+                    }
+                    total
+                })
+            })
+        });
+        g.bench_function(format!("tokio_semaphore/{name}"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let sem = Arc::new(tokio::sync::Semaphore::new(1));
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let held = Arc::clone(&sem).acquire_owned().await.unwrap();
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let s2 = Arc::clone(&sem);
+                        tokio::spawn(async move {
+                            let p = s2.acquire_owned().await.unwrap();
+                            let t = Instant::now();
+                            drop(p);
+                            let _ = tx.send(t);
+                        });
+                        while sem.available_permits() != 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        tokio::task::yield_now().await;
+                        let t0 = Instant::now();
+                        drop(held);
+                        total += rx.await.unwrap() - t0;
+                    }
+                    total
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, uncontended, two_threads_at_capacity, handoff);
+criterion_main!(benches);
