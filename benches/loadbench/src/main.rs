@@ -82,6 +82,9 @@ struct Cli {
     /// Do not run cargo; use the already built target/release/examples/gateway.
     #[arg(long)]
     no_build: bool,
+    /// A note to add under the table (repeatable), e.g. which layers are wired at this commit.
+    #[arg(long)]
+    note: Vec<String>,
     /// Stop measuring (and fail) after this many minutes in total.
     #[arg(long, default_value_t = 15.0)]
     max_minutes: f64,
@@ -202,7 +205,8 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
     // Tools.
     let wrk =
         ensure_tool("wrk", "wrk").ok_or("wrk is not installed and apt-get could not install it")?;
-    let mut notes: Vec<String> = Vec::new();
+    let mut notes: Vec<String> = cli.note.clone();
+    let mut redis_used = true;
     let mut failed: Vec<String> = Vec::new();
     let mut tools: BTreeMap<Mode, PathBuf> = BTreeMap::new();
     for (mode, bin, pkg) in [
@@ -385,6 +389,7 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
         if targets.iter().any(|t| t.mode == Mode::GatewayRedis) {
             match redis_commands(*rp) {
                 Some(n) if n < 100 => {
+                    redis_used = false;
                     let msg = format!(
                         "gateway-redis: redis-server processed only {n} commands during the run — the gateway accepts `storage: {{type: redis}}` but does not use Redis yet, so this row measures memory-mode admission"
                     );
@@ -407,7 +412,7 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
     drop(redis);
 
     let rows = report::aggregate(&runs, &peak);
-    let checks = report::check_targets(&rows);
+    let checks = report::check_targets(&rows, redis_used);
     let table = report::table(&rows);
     let targets_md = report::targets_markdown(&checks);
     println!("\n{table}\nTargets at -c64:\n{targets_md}");
@@ -884,9 +889,23 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
         .map(|o| {
             let mut t = String::from_utf8_lossy(&o.stdout).into_owned();
             t.push_str(&String::from_utf8_lossy(&o.stderr));
-            t.lines().next().unwrap_or("?").trim().to_string()
+            tidy_version(t.lines().next().unwrap_or("?"))
         })
         .unwrap_or_else(|| "?".into())
+}
+
+/// `nginx version: nginx/1.22.1` → `nginx/1.22.1`; drops HAProxy's date and URL and wrk's
+/// copyright.
+fn tidy_version(line: &str) -> String {
+    let line = line.trim();
+    let line = line.strip_prefix("nginx version: ").unwrap_or(line);
+    let line = line.split(" Copyright").next().unwrap_or(line);
+    let line = line.split(" - ").next().unwrap_or(line);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["HAProxy", "version", v, ..] => format!("HAProxy {v}"),
+        _ => line.trim().to_string(),
+    }
 }
 
 fn machine() -> String {
@@ -987,4 +1006,43 @@ fn section_markdown(
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_lines_are_tidied() {
+        assert_eq!(tidy_version("nginx version: nginx/1.22.1"), "nginx/1.22.1");
+        assert_eq!(
+            tidy_version("HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"),
+            "HAProxy 2.6.12-1+deb12u4"
+        );
+        assert_eq!(
+            tidy_version("wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer"),
+            "wrk debian/4.1.0-3+b2 [epoll]"
+        );
+    }
+
+    #[test]
+    fn smoke_plan_is_short() {
+        let cli = Cli::parse_from(["portcullis-loadbench", "--smoke"]);
+        let p = plan(&cli);
+        assert_eq!(
+            (p.duration, p.rounds, p.connections.clone()),
+            (2, 1, vec![64])
+        );
+        assert_eq!(p.modes.len(), Mode::ALL.len());
+        let cli = Cli::parse_from([
+            "portcullis-loadbench",
+            "--modes",
+            "nginx,gateway,nginx",
+            "--connections",
+            "64,256",
+        ]);
+        let p = plan(&cli);
+        assert_eq!(p.modes, vec![Mode::Gateway, Mode::Nginx]);
+        assert_eq!((p.duration, p.rounds, p.connections), (8, 3, vec![64, 256]));
+    }
 }
