@@ -7,6 +7,11 @@
 //!   (`eject_after`, `eject_for`, single-probe recovery lease).
 //! * [`checker`]: [`HealthChecker`], the owned background task probing every target
 //!   concurrently each `health_check_interval`.
+//! * [`readiness`]: [`HealthRegistry`] of named components with cached flags, and the
+//!   `GET /healthz` / `GET /readyz` routes over it (no I/O per request).
+//! * [`checks`]: the pluggable [`Check`] trait ([`check_fn`] for closures) and [`CheckSet`],
+//!   owned background loops with a consecutive-failure threshold.
+//! * [`server`]: [`HealthServer`], the standalone probe server (`health_server:` config).
 //!
 //! ```
 //! use portcullis_health::{HealthPolicy, HealthState, Status};
@@ -23,9 +28,15 @@
 #![forbid(unsafe_code)]
 
 pub mod checker;
+pub mod checks;
 pub mod probe;
+pub mod readiness;
+pub mod server;
 pub mod state;
 
+pub use checks::{check_fn, Check, CheckFuture, CheckPolicy, CheckSet, ChecksHandle, FnCheck};
+pub use readiness::{routes, Component, HealthRegistry, ProbeStatus, HEALTHZ_PATH, READYZ_PATH};
+pub use server::{HealthServer, HealthServerConfig, DEFAULT_HEALTH_PORT};
 pub use checker::{CheckerConfig, CheckerHandle, HealthChecker, ProbeTarget, ProbeTargets};
 pub use probe::{HttpProbe, Probe, ProbeFuture, ProbeResult};
 pub use state::{HealthCounters, HealthPolicy, HealthState, Status, Transition};
