@@ -1,0 +1,2 @@
+//! Placeholder (bench written next).
+fn main() {}
