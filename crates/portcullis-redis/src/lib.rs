@@ -1,4 +1,67 @@
 //! Redis-shared in-flight counter, capacity store and readiness check.
 //!
-//! (Under construction.)
+//! Several gateway processes, on one host or many, share **one** admission limit per
+//! endpoint through Redis (reference: fastapi-balancer's multi-worker deployment, where the
+//! first worker probes and the others reuse the stored capacity; its readiness is a cached
+//! Redis PING loop as in the Stargazer `HealthServer`). Unlike the reference, slots are
+//! *leases* of a process instance: a worker killed mid-request does not leak its slots, they
+//! are reclaimed within `lease_ttl`.
+//!
+//! # Pieces
+//!
+//! * [`RedisStorage`]: one per process; the connection (reconnecting by itself; a Redis
+//!   Cluster is detected), the instance id, the heartbeat / PING / pub/sub tasks, and the
+//!   capacity store ([`get_or_probe`](RedisStorage::get_or_probe),
+//!   [`store_capacity`](RedisStorage::store_capacity)).
+//! * [`RedisCapacity`]: the [`CapacitySource`](portcullis_admission::CapacitySource) of one
+//!   endpoint for `portcullis-admission`'s layers (see [`capacity`] for the algorithm).
+//! * [`Readiness`]: the cached PING result, for `/readyz` (a
+//!   [`HealthSource`](portcullis_core::HealthSource)).
+//! * [`StorageConfig`]: the serde `storage:` section.
+//! * [`scripts`]: the key layout and the Lua scripts.
+//! * `testing` (feature `testing`): private `redis-server` and Redis Cluster processes for
+//!   tests.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use portcullis_admission::{CapacitySource, Config, HttpAdmissionLayer, Endpoints};
+//! use portcullis_redis::{RedisStorage, StorageConfig};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let storage = RedisStorage::connect(&StorageConfig::redis("redis://127.0.0.1:6379")).await?;
+//! // The first process probes (here: a fixed 8), the others reuse the stored value.
+//! let capacity = storage.get_or_probe("/work", false, || async { Ok::<_, std::io::Error>(8) }).await?;
+//! let config: Config = serde_json::from_str(r#"{"endpoints": {"/work": {}}}"#)?;
+//! let endpoints = Endpoints::from_config_with(&config, |path, _| {
+//!     storage.capacity_source(path, capacity)
+//! })?;
+//! let layer = HttpAdmissionLayer::new(endpoints);
+//! let ready = storage.readiness(); // `/readyz`: ready.is_ready()
+//! # let _ = (layer, ready); Ok(()) }
+//! ```
+//!
+//! A runnable end-to-end use (needs a local `redis-server`) is in `tests/shared.rs`.
 
+#![forbid(unsafe_code)]
+
+pub mod capacity;
+mod config;
+mod error;
+mod readiness;
+pub mod scripts;
+mod storage;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use capacity::{RedisAcquire, RedisCapacity, RedisPermit};
+pub use config::{
+    redact_url, OnError, StorageConfig, StorageType, DEFAULT_FAILURE_THRESHOLD, DEFAULT_KEY_PREFIX,
+    DEFAULT_LEASE_TTL, DEFAULT_PING_INTERVAL, DEFAULT_TIMEOUT,
+};
+pub use error::StorageError;
+pub use readiness::Readiness;
+pub use storage::RedisStorage;
+
+/// How often a process with queued waiters re-tries Redis without a notification.
+pub const POLL_INTERVAL: std::time::Duration = storage::POLL_INTERVAL;

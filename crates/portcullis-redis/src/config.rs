@@ -1,0 +1,288 @@
+//! Serde configuration of the shared storage (YAML durations are f64 seconds).
+//!
+//! ```yaml
+//! storage:
+//!   type: redis                 # memory (default; no url needed) | redis
+//!   url: redis://:secret@127.0.0.1:6379   # rediss:// for TLS; comma-separated seeds for a Cluster
+//!   key_prefix: portcullis      # every key is `{<key_prefix>:<endpoint>}:...`
+//!   lease_ttl: 10               # seconds a dead process's slots survive it
+//!   expected_workers: 1         # per-process limit during an outage: ceil(capacity / this)
+//!   on_error: local             # local | reject | allow
+//!   timeout: 0.5                # seconds, every Redis call
+//!   ping_interval: 5            # seconds between readiness PINGs
+//!   failure_threshold: 3        # consecutive failed PINGs before "not ready"
+//! ```
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::time::Duration;
+
+/// Where admission slots are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageType {
+    /// In-process counting (`portcullis_admission::LocalCapacity`); one limit per process.
+    #[default]
+    Memory,
+    /// One global limit per endpoint shared through Redis by every process.
+    Redis,
+}
+
+/// What a process does while Redis is unreachable (`storage.on_error`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Keep serving with a per-process limit of `ceil(capacity / expected_workers)` (at least
+    /// 1), warning once per outage.
+    #[default]
+    Local,
+    /// Refuse requests with 503 `storage_unavailable`.
+    Reject,
+    /// Admit every request (no limit) until Redis is back.
+    Allow,
+}
+
+/// The `storage` section of the gateway configuration.
+///
+/// `Debug` and [`redacted_url`](StorageConfig::redacted_url) never show the password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `memory` (default) or `redis`.
+    #[serde(rename = "type")]
+    pub kind: StorageType,
+    /// The Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for TLS). Several
+    /// comma-separated URLs are the seed nodes of a Redis Cluster; a single URL pointing at a
+    /// cluster-enabled node is detected as a Cluster too. Required for `type: redis`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Prefix of every key (default `portcullis`).
+    pub key_prefix: String,
+    /// How long the slots of a process survive it when it stops heart-beating (default 10 s).
+    #[serde(with = "secs")]
+    pub lease_ttl: Duration,
+    /// How many processes are expected to share the limit; sizes the per-process limit of
+    /// `on_error: local` (default 1).
+    pub expected_workers: usize,
+    /// Behaviour while Redis is unreachable (default `local`).
+    pub on_error: OnError,
+    /// Timeout of every Redis call (default 0.5 s).
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// Interval of the readiness PING loop (default 5 s).
+    #[serde(with = "secs")]
+    pub ping_interval: Duration,
+    /// Consecutive failed PINGs before readiness turns false (default 3).
+    pub failure_threshold: u32,
+}
+
+/// Default `key_prefix`.
+pub const DEFAULT_KEY_PREFIX: &str = "portcullis";
+/// Default `lease_ttl`: 10 s.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Default `timeout`: 0.5 s.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default `ping_interval`: 5 s.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
+/// Default `failure_threshold`: 3.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            kind: StorageType::Memory,
+            url: None,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            expected_workers: 1,
+            on_error: OnError::Local,
+            timeout: DEFAULT_TIMEOUT,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// A `type: redis` configuration for `url` with every other field at its default.
+    pub fn redis(url: impl Into<String>) -> Self {
+        Self {
+            kind: StorageType::Redis,
+            url: Some(url.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Checks what serde cannot; the error names the field (`storage.url: ...`).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.kind == StorageType::Redis {
+            let url = self.url.as_deref().unwrap_or("").trim();
+            if url.is_empty() {
+                return Err("storage.url: required when storage.type is redis".into());
+            }
+            for u in url.split(',') {
+                let u = u.trim();
+                if !(u.starts_with("redis://")
+                    || u.starts_with("rediss://")
+                    || u.starts_with("redis+unix://")
+                    || u.starts_with("unix://"))
+                {
+                    return Err(format!(
+                        "storage.url: `{}` is not a redis:// or rediss:// URL",
+                        redact_url(u)
+                    ));
+                }
+            }
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
+            return Err("storage.key_prefix: must be non-empty and contain no `{` or `}`".into());
+        }
+        if self.lease_ttl < Duration::from_millis(100) {
+            return Err("storage.lease_ttl: must be at least 0.1 s".into());
+        }
+        if self.expected_workers == 0 {
+            return Err("storage.expected_workers: must be at least 1".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("storage.timeout: must be positive".into());
+        }
+        if self.ping_interval.is_zero() {
+            return Err("storage.ping_interval: must be positive".into());
+        }
+        if self.failure_threshold == 0 {
+            return Err("storage.failure_threshold: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The URL(s) with any password replaced by `***`, safe to log.
+    pub fn redacted_url(&self) -> Option<String> {
+        self.url
+            .as_deref()
+            .map(|u| u.split(',').map(redact_url).collect::<Vec<_>>().join(","))
+    }
+
+    /// The per-process limit used by `on_error: local`: `ceil(capacity / expected_workers)`,
+    /// at least 1.
+    pub fn local_limit(&self, capacity: usize) -> usize {
+        capacity.div_ceil(self.expected_workers.max(1)).max(1)
+    }
+}
+
+impl fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("kind", &self.kind)
+            .field("url", &self.redacted_url())
+            .field("key_prefix", &self.key_prefix)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("expected_workers", &self.expected_workers)
+            .field("on_error", &self.on_error)
+            .field("timeout", &self.timeout)
+            .field("ping_interval", &self.ping_interval)
+            .field("failure_threshold", &self.failure_threshold)
+            .finish()
+    }
+}
+
+/// `url` with the password (and a username's password part) replaced by `***`.
+///
+/// ```
+/// use portcullis_redis::redact_url;
+/// assert_eq!(redact_url("redis://:hunter2@h:6379/0"), "redis://:***@h:6379/0");
+/// assert_eq!(redact_url("rediss://user:hunter2@h"), "rediss://user:***@h");
+/// assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let redacted = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => "***".to_owned(),
+    };
+    format!(
+        "{}{}{}{}",
+        &url[..scheme_end],
+        redacted,
+        &authority[at..],
+        &rest[authority_end..]
+    )
+}
+
+fn duration_from_secs<E: serde::de::Error>(s: f64) -> Result<Duration, E> {
+    Duration::try_from_secs_f64(s).map_err(|_| {
+        E::custom(format!(
+            "expected a non-negative number of seconds, got {s}"
+        ))
+    })
+}
+
+mod secs {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        duration_from_secs(f64::deserialize(d)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_memory_needs_no_url() {
+        let c: StorageConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, StorageConfig::default());
+        assert_eq!(c.kind, StorageType::Memory);
+        c.validate().unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(10));
+        assert_eq!(c.timeout, Duration::from_millis(500));
+        assert_eq!(c.on_error, OnError::Local);
+        assert_eq!(c.key_prefix, "portcullis");
+        let c: StorageConfig = serde_json::from_str(r#"{"type": "memory"}"#).unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn full_redis_config_and_errors() {
+        let c: StorageConfig = serde_json::from_value(serde_json::json!({
+            "type": "redis", "url": "redis://:pw@127.0.0.1:6379", "key_prefix": "gw",
+            "lease_ttl": 2.5, "expected_workers": 3, "on_error": "reject", "timeout": 0.25,
+            "ping_interval": 1, "failure_threshold": 2
+        }))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_millis(2500));
+        assert_eq!(c.on_error, OnError::Reject);
+        assert_eq!(c.local_limit(8), 3);
+        assert_eq!(c.local_limit(1), 1);
+        assert_eq!(c.local_limit(0), 1);
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("pw@"), "{dbg}");
+        assert!(dbg.contains(":***@"), "{dbg}");
+        let back: StorageConfig =
+            serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+
+        let e = serde_json::from_str::<StorageConfig>(r#"{"typ": "redis"}"#).unwrap_err();
+        assert!(e.to_string().contains("typ"), "{e}");
+        let c: StorageConfig = serde_json::from_str(r#"{"type": "redis"}"#).unwrap();
+        assert!(c.validate().unwrap_err().starts_with("storage.url"));
+        let c = StorageConfig::redis("http://:secret@x");
+        let e = c.validate().unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
+        assert!(serde_json::from_str::<StorageConfig>(r#"{"on_error": "explode"}"#).is_err());
+    }
+}

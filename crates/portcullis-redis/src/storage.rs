@@ -1,0 +1,619 @@
+//! [`RedisStorage`]: one process's connection to the shared storage, with its background
+//! tasks (lease heartbeat and outage recovery, readiness PING loop, pub/sub listener).
+
+use crate::capacity::{EndpointShared, RedisCapacity};
+use crate::config::{OnError, StorageConfig, StorageType};
+use crate::error::{scrub, StorageError};
+use crate::readiness::{Readiness, ReadyState};
+use crate::scripts::{self, Keys};
+use arc_swap::ArcSwap;
+use futures_util::future::join_all;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, ScriptInvocation, Value};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+
+/// How often a process with queued waiters re-tries Redis when no release notification
+/// arrives (the safety net under pub/sub): at most 20 attempts per second per endpoint.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Lifetime of the `waiting` flag a failed acquire sets (refreshed by every poll).
+pub(crate) const WAITING_TTL: Duration = Duration::from_secs(1);
+/// The probe lock's TTL; the owner extends it every third of it while probing.
+pub(crate) const PROBE_LOCK_TTL: Duration = Duration::from_secs(5);
+
+/// A connection to a single Redis node (reconnecting by itself) or to a Redis Cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The process-wide state shared by the storage handle, its sources and its tasks.
+pub(crate) struct Inner {
+    pub(crate) config: StorageConfig,
+    conn: Conn,
+    pubsub_client: redis::Client,
+    pub(crate) instance: String,
+    secret: Option<String>,
+    cluster: bool,
+    degraded: AtomicBool,
+    /// `true` while in an outage; waiters watch it to switch to the fallback and back.
+    pub(crate) mode: watch::Sender<bool>,
+    recover_kick: Notify,
+    /// Live endpoint sources by pub/sub channel name.
+    endpoints: ArcSwap<HashMap<String, Weak<EndpointShared>>>,
+    subscribe: mpsc::UnboundedSender<String>,
+    ready: Arc<ReadyState>,
+}
+
+/// The result of the acquire, release and heartbeat scripts: `{n, count, capacity}`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScriptReply {
+    pub(crate) n: usize,
+    pub(crate) count: usize,
+    pub(crate) capacity: usize,
+}
+
+impl Inner {
+    pub(crate) fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    fn redacted(&self, e: impl fmt::Display) -> String {
+        scrub(e.to_string(), self.secret.as_deref())
+    }
+
+    /// Runs one Redis call bounded by `storage.timeout`.
+    pub(crate) async fn call<T>(
+        &self,
+        f: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StorageError> {
+        match tokio::time::timeout(self.config.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StorageError::Redis(self.redacted(e))),
+            Err(_) => Err(StorageError::Timeout(self.config.timeout)),
+        }
+    }
+
+    /// Invokes a script (EVALSHA, re-loaded on NOSCRIPT by the redis crate) with a timeout.
+    pub(crate) async fn invoke<T: FromRedisValue>(
+        &self,
+        inv: &ScriptInvocation<'_>,
+    ) -> Result<T, StorageError> {
+        let mut conn = self.conn.clone();
+        self.call(inv.invoke_async(&mut conn)).await
+    }
+
+    /// Runs a plain command with a timeout.
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StorageError> {
+        let mut conn = self.conn.clone();
+        self.call(cmd.query_async(&mut conn)).await
+    }
+
+    pub(crate) async fn run_script(
+        &self,
+        inv: &ScriptInvocation<'_>,
+    ) -> Result<ScriptReply, StorageError> {
+        let (n, count, capacity): (i64, i64, i64) = self.invoke(inv).await?;
+        Ok(ScriptReply {
+            n: n.max(0) as usize,
+            count: count.max(0) as usize,
+            capacity: capacity.max(0) as usize,
+        })
+    }
+
+    /// Enters an outage (once; warns once per outage) and wakes the recovery loop.
+    pub(crate) fn enter_outage(&self, err: &StorageError) {
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            match self.config.on_error {
+                OnError::Local => tracing::warn!(
+                    error = %err,
+                    expected_workers = self.config.expected_workers,
+                    "redis storage unavailable; serving with a per-process limit (on_error: local) until it is back"
+                ),
+                OnError::Reject => tracing::warn!(
+                    error = %err,
+                    "redis storage unavailable; refusing admission-controlled requests with 503 storage_unavailable (on_error: reject)"
+                ),
+                OnError::Allow => tracing::warn!(
+                    error = %err,
+                    "redis storage unavailable; admitting every request without a limit (on_error: allow)"
+                ),
+            }
+            self.mode.send_replace(true);
+            self.recover_kick.notify_one();
+        }
+    }
+
+    fn leave_outage(&self) {
+        if self.degraded.swap(false, Ordering::AcqRel) {
+            tracing::info!("redis storage available again; live leases re-registered");
+            self.mode.send_replace(false);
+        }
+    }
+
+    fn endpoint_by_channel(&self, channel: &str) -> Option<Arc<EndpointShared>> {
+        self.endpoints.load().get(channel).and_then(Weak::upgrade)
+    }
+
+    fn live_endpoints(&self) -> Vec<Arc<EndpointShared>> {
+        self.endpoints
+            .load()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// One heartbeat of every live endpoint of this process (`set`: absolute re-register).
+    async fn heartbeat_all(&self, set: bool) -> Result<(), StorageError> {
+        let eps = self.live_endpoints();
+        let results = join_all(eps.iter().map(|ep| ep.heartbeat(set))).await;
+        results.into_iter().collect()
+    }
+}
+
+/// Owns background tasks; aborts them when dropped.
+pub(crate) struct TaskSet(Vec<JoinHandle<()>>);
+
+impl TaskSet {
+    pub(crate) fn new(tasks: Vec<JoinHandle<()>>) -> Self {
+        Self(tasks)
+    }
+}
+
+impl Drop for TaskSet {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// One process's handle on the shared Redis storage.
+///
+/// It owns the connection (a reconnecting `ConnectionManager`, or a Cluster connection),
+/// the process instance id that owns its slot leases, and three background tasks that stop
+/// when the last clone of the storage *and* of every [`RedisCapacity`] built from it is
+/// dropped:
+///
+/// * the **heartbeat**, every `lease_ttl / 3`: one script call per endpoint renews all of
+///   this process's leases of that endpoint (not one call per request); during an outage it
+///   retries every 100 ms–1 s and, once Redis answers, re-registers the live slots with
+///   their absolute count so the global count is true again, then leaves the outage;
+/// * the **readiness loop**: PING every `ping_interval`, cached in [`Readiness`];
+/// * the **pub/sub listener**: release and capacity-change notifications of every endpoint,
+///   reconnecting by itself.
+///
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStorage {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) tasks: Arc<TaskSet>,
+}
+
+impl fmt::Debug for RedisStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStorage")
+            .field("config", &self.inner.config)
+            .field("instance", &self.inner.instance)
+            .field("cluster", &self.inner.cluster)
+            .field("degraded", &self.inner.is_degraded())
+            .field("ready", &self.inner.ready.is_ready())
+            .finish()
+    }
+}
+
+impl RedisStorage {
+    /// Connects to the Redis of `config` (`type: redis`) and starts the background tasks.
+    ///
+    /// A single node is connected lazily: if it is down at start, the storage starts in an
+    /// outage (`on_error` applies) and recovers by itself. A Cluster (several URLs, or one
+    /// URL of a cluster-enabled node) must answer within `storage.timeout`. Fails only on a
+    /// bad configuration or an unreachable Cluster.
+    pub async fn connect(config: &StorageConfig) -> Result<Self, StorageError> {
+        if config.kind != StorageType::Redis {
+            return Err(StorageError::Config(
+                "storage.type: must be redis for a RedisStorage".into(),
+            ));
+        }
+        config.validate().map_err(StorageError::Config)?;
+        let urls: Vec<String> = config
+            .url
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(|u| u.trim().to_owned())
+            .collect();
+        let redact = |e: redis::RedisError| StorageError::Config(crate::redact_url(&e.to_string()));
+        let first = redis::Client::open(urls[0].as_str()).map_err(redact)?;
+        let secret = first
+            .get_connection_info()
+            .redis_settings()
+            .password()
+            .map(str::to_owned);
+        let t = config.timeout;
+
+        let mut cluster = urls.len() > 1;
+        if !cluster {
+            // Detect a cluster-enabled node; an unreachable node is treated as a single node.
+            let probe = async {
+                let mut c = first.get_multiplexed_async_connection().await?;
+                redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async::<String>(&mut c)
+                    .await
+            };
+            if let Ok(Ok(info)) = tokio::time::timeout(t, probe).await {
+                cluster = info.contains("cluster_enabled:1");
+            }
+        }
+        let conn = if cluster {
+            let client = redis::cluster::ClusterClient::builder(urls.clone())
+                .connection_timeout(t)
+                .response_timeout(t)
+                .retries(1)
+                .build()
+                .map_err(redact)?;
+            let c = tokio::time::timeout(t * 4, client.get_async_connection())
+                .await
+                .map_err(|_| StorageError::Timeout(t * 4))?
+                .map_err(|e| StorageError::Redis(scrub(e.to_string(), secret.as_deref())))?;
+            Conn::Cluster(c)
+        } else {
+            let cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(t))
+                .set_response_timeout(Some(t))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(20))
+                .set_max_delay(Duration::from_millis(500));
+            Conn::Single(
+                ConnectionManager::new_lazy_with_config(first.clone(), cfg).map_err(redact)?,
+            )
+        };
+
+        let (subscribe, sub_rx) = mpsc::unbounded_channel();
+        let ready = Arc::new(ReadyState::new(config.failure_threshold));
+        let inner = Arc::new(Inner {
+            config: config.clone(),
+            conn,
+            pubsub_client: first,
+            instance: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
+            secret,
+            cluster,
+            degraded: AtomicBool::new(false),
+            mode: watch::channel(false).0,
+            recover_kick: Notify::new(),
+            endpoints: ArcSwap::from_pointee(HashMap::new()),
+            subscribe,
+            ready,
+        });
+        let tasks = TaskSet::new(vec![
+            tokio::spawn(heartbeat_loop(Arc::clone(&inner))),
+            tokio::spawn(ping_loop(Arc::clone(&inner))),
+            tokio::spawn(pubsub_loop(Arc::clone(&inner), sub_rx)),
+        ]);
+        tracing::info!(
+            url = %config.redacted_url().unwrap_or_default(),
+            cluster,
+            instance = %inner.instance,
+            "redis storage configured"
+        );
+        Ok(Self {
+            inner,
+            tasks: Arc::new(tasks),
+        })
+    }
+
+    /// The shared capacity source of `endpoint` (a path such as `/work`). `capacity` is
+    /// used until the stored global capacity is read (within one round trip) and as the
+    /// stored value if Redis has none. Registers the endpoint with the heartbeat and the
+    /// pub/sub listener.
+    pub fn capacity_source(&self, endpoint: &str, capacity: usize) -> RedisCapacity {
+        let keys = Keys::new(&self.inner.config.key_prefix, endpoint);
+        let (cap, shared) = RedisCapacity::build(self.clone(), endpoint, keys, capacity);
+        let channel = shared.keys.channel.clone();
+        self.inner.endpoints.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.retain(|_, w| w.strong_count() > 0);
+            m.insert(channel.clone(), Arc::downgrade(&shared));
+            m
+        });
+        let _ = self.inner.subscribe.send(channel);
+        cap
+    }
+
+    /// The cached readiness (no I/O): false only after `failure_threshold` consecutive
+    /// failed PINGs, true again on the first success.
+    pub fn readiness(&self) -> Readiness {
+        Readiness::new(Arc::clone(&self.inner.ready), self.tasks.clone())
+    }
+
+    /// `true` while the storage is in an outage (`on_error` applies).
+    pub fn is_degraded(&self) -> bool {
+        self.inner.is_degraded()
+    }
+
+    /// This process's instance id (the owner of its slot leases).
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance
+    }
+
+    /// The configuration (its `Debug` redacts the password).
+    pub fn config(&self) -> &StorageConfig {
+        &self.inner.config
+    }
+
+    /// `true` when connected to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.inner.cluster
+    }
+
+    /// The capacity stored in Redis for `endpoint`, if any.
+    pub async fn stored_capacity(&self, endpoint: &str) -> Result<Option<usize>, StorageError> {
+        let keys = Keys::new(&self.inner.config.key_prefix, endpoint);
+        self.inner
+            .query::<Option<usize>>(redis::cmd("GET").arg(&keys.capacity))
+            .await
+    }
+
+    /// Stores `capacity` for `endpoint` and tells every process (their sources apply it).
+    pub async fn store_capacity(
+        &self,
+        endpoint: &str,
+        capacity: usize,
+    ) -> Result<(), StorageError> {
+        let keys = Keys::new(&self.inner.config.key_prefix, endpoint);
+        self.inner
+            .invoke::<i64>(
+                scripts::SET_CAPACITY_SCRIPT
+                    .key(&keys.capacity)
+                    .arg(capacity)
+                    .arg(&keys.channel),
+            )
+            .await
+            .map(drop)
+    }
+
+    /// The capacity of `endpoint`, probed at most once across all processes.
+    ///
+    /// * A stored capacity is reused as is (unless `force_reprobe`).
+    /// * Otherwise the first process takes a short lock (`SET NX PX`, extended while it
+    ///   probes), runs `probe`, stores the result and tells every process; the others wait
+    ///   for the lock to go and reuse the stored result. If the prober dies, its lock expires
+    ///   and a waiter takes over.
+    /// * `force_reprobe: true` probes again even when a capacity is stored, unless another
+    ///   process is probing right now (then its fresh result is reused).
+    pub async fn get_or_probe<F, Fut, E>(
+        &self,
+        endpoint: &str,
+        force_reprobe: bool,
+        probe: F,
+    ) -> Result<usize, StorageError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<usize, E>>,
+        E: Into<portcullis_core::BoxError>,
+    {
+        let inner = &self.inner;
+        let keys = Keys::new(&inner.config.key_prefix, endpoint);
+        let lock_ms = PROBE_LOCK_TTL.as_millis() as u64;
+        let mut force = force_reprobe;
+        let mut probe = Some(probe);
+        loop {
+            if !force {
+                if let Some(c) = self.stored_capacity(endpoint).await? {
+                    return Ok(c);
+                }
+            }
+            let won: Option<String> = inner
+                .query(
+                    redis::cmd("SET")
+                        .arg(&keys.probe_lock)
+                        .arg(&inner.instance)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lock_ms),
+                )
+                .await?;
+            if won.is_some() {
+                let probe = probe.take().expect("the probe runs at most once");
+                let result = {
+                    let run = probe();
+                    tokio::pin!(run);
+                    let mut tick = tokio::time::interval(PROBE_LOCK_TTL / 3);
+                    tick.tick().await;
+                    loop {
+                        tokio::select! {
+                            r = &mut run => break r,
+                            _ = tick.tick() => {
+                                let _ = inner.invoke::<i64>(
+                                    scripts::EXTEND_SCRIPT.key(&keys.probe_lock).arg(&inner.instance).arg(lock_ms),
+                                ).await;
+                            }
+                        }
+                    }
+                };
+                let stored = match result {
+                    Ok(c) => self.store_capacity(endpoint, c).await.map(|()| c),
+                    Err(e) => Err(StorageError::Probe(e.into())),
+                };
+                let _ = inner
+                    .invoke::<i64>(
+                        scripts::UNLOCK_SCRIPT
+                            .key(&keys.probe_lock)
+                            .arg(&inner.instance),
+                    )
+                    .await;
+                return stored;
+            }
+            // Someone else is probing: wait for the lock to go, then reuse the result.
+            force = false;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let held: bool = inner
+                    .query(redis::cmd("EXISTS").arg(&keys.probe_lock))
+                    .await?;
+                if !held {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Heartbeat and outage recovery.
+async fn heartbeat_loop(inner: Arc<Inner>) {
+    let interval = inner.config.lease_ttl / 3;
+    let max_backoff = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if inner.is_degraded() {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(max_backoff);
+            match inner.heartbeat_all(true).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    inner.leave_outage();
+                    for ep in inner.live_endpoints() {
+                        ep.after_recovery();
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "redis storage still unavailable"),
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = inner.recover_kick.notified() => continue,
+            }
+            if let Err(e) = inner.heartbeat_all(false).await {
+                inner.enter_outage(&e);
+            }
+        }
+    }
+}
+
+/// Readiness: PING every `ping_interval`, cached.
+async fn ping_loop(inner: Arc<Inner>) {
+    loop {
+        let ok = inner
+            .query::<String>(&redis::cmd("PING"))
+            .await
+            .is_ok_and(|pong| pong == "PONG");
+        inner.ready.record(ok);
+        if ok && inner.is_degraded() {
+            inner.recover_kick.notify_one();
+        }
+        tokio::time::sleep(inner.config.ping_interval).await;
+    }
+}
+
+/// Pub/sub listener: release and capacity notifications, reconnecting by itself.
+async fn pubsub_loop(inner: Arc<Inner>, mut sub_rx: mpsc::UnboundedReceiver<String>) {
+    let mut channels: Vec<String> = Vec::new();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        while let Ok(ch) = sub_rx.try_recv() {
+            channels.push(ch);
+        }
+        let connected = inner
+            .call(async {
+                let (mut sink, stream) = inner.pubsub_client.get_async_pubsub().await?.split();
+                if !channels.is_empty() {
+                    sink.subscribe(&channels).await?;
+                }
+                Ok((sink, stream))
+            })
+            .await;
+        let (mut sink, mut stream) = match connected {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "redis pub/sub unavailable; polling until it is back");
+                let sleep = tokio::time::sleep(backoff);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        ch = sub_rx.recv() => match ch {
+                            Some(ch) => channels.push(ch),
+                            None => return,
+                        },
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        // Notifications may have been missed while disconnected.
+        for ep in inner.live_endpoints() {
+            ep.wake.notify_one();
+        }
+        loop {
+            tokio::select! {
+                ch = sub_rx.recv() => match ch {
+                    Some(ch) => {
+                        let r = inner.call(sink.subscribe(&ch)).await;
+                        channels.push(ch);
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    None => return,
+                },
+                msg = stream.next() => match msg {
+                    Some(msg) => on_message(&inner, &msg),
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+fn on_message(inner: &Inner, msg: &redis::Msg) {
+    let Some(ep) = inner.endpoint_by_channel(msg.get_channel_name()) else {
+        return;
+    };
+    let payload = msg.get_payload_bytes();
+    if let Some(cap) = payload.strip_prefix(b"c:") {
+        if let Some(c) = std::str::from_utf8(cap).ok().and_then(|s| s.parse().ok()) {
+            ep.apply_capacity(c);
+        }
+    }
+    ep.wake.notify_one();
+}
