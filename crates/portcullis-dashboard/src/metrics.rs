@@ -1,0 +1,341 @@
+//! `GET /metrics`: the [`Stats`] document as Prometheus / OpenMetrics text.
+//!
+//! Rendered with `prometheus-client` from the same snapshot as `/balancer/stats`, on each
+//! scrape (a small [`Collector`] encodes the families directly, so histograms keep the
+//! exact bucket counts of the snapshot). Names are stable and prefixed `portcullis_`:
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `portcullis_build_info` | gauge (1) | `version` |
+//! | `portcullis_uptime_seconds` | gauge | |
+//! | `portcullis_live`, `portcullis_ready` | gauge (0/1) | |
+//! | `portcullis_endpoint_capacity` | gauge | `endpoint` |
+//! | `portcullis_endpoint_active_requests` | gauge | `endpoint` |
+//! | `portcullis_endpoint_available_slots` | gauge | `endpoint` |
+//! | `portcullis_endpoint_queue_depth` | gauge | `endpoint` |
+//! | `portcullis_endpoint_queue_timeout_seconds` | gauge | `endpoint` |
+//! | `portcullis_endpoint_admitted_total` | counter | `endpoint` |
+//! | `portcullis_endpoint_rejected_503_total` | counter | `endpoint` |
+//! | `portcullis_endpoint_timed_out_504_total` | counter | `endpoint` |
+//! | `portcullis_endpoint_cancelled_total` | counter | `endpoint` |
+//! | `portcullis_endpoint_queue_wait_seconds` | histogram | `endpoint` |
+//! | `portcullis_upstream_healthy`, `portcullis_upstream_ejected` | gauge (0/1) | `upstream`, `tier` |
+//! | `portcullis_upstream_inflight` | gauge | `upstream`, `tier` |
+//! | `portcullis_upstream_probe_latency_seconds` | gauge | `upstream`, `tier` |
+//! | `portcullis_upstream_requests_total`, `portcullis_upstream_failures_total` | counter | `upstream`, `tier` |
+//! | `portcullis_upstream_request_duration_seconds` | histogram | `upstream`, `tier` |
+//! | `portcullis_fallback_engaged` | gauge (0/1) | `fallback` |
+//! | `portcullis_fallback_engaged_seconds` | gauge | `fallback` |
+//! | `portcullis_fallback_trips_total`, `portcullis_fallback_requests_total` | counter | `fallback` |
+//! | `portcullis_storage_healthy` | gauge (0/1) | `kind` |
+
+use crate::stats::{Histogram, Stats, Tier};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::fmt;
+
+/// The content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Renders `stats` as OpenMetrics text (what `GET /metrics` answers).
+pub fn render(stats: &Stats) -> String {
+    let mut registry = Registry::with_prefix("portcullis");
+    registry.register_collector(Box::new(StatsCollector(stats.clone())));
+    let mut out = String::with_capacity(4096);
+    // Writing into a `String` cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+#[derive(Debug)]
+struct StatsCollector(Stats);
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+fn tier(t: Tier) -> &'static str {
+    match t {
+        Tier::Primary => "primary",
+        Tier::Secondary => "secondary",
+    }
+}
+
+fn bool_gauge(b: bool) -> i64 {
+    i64::from(b)
+}
+
+/// One family: a descriptor and one sample per label set.
+fn family<'v, T>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels<'v>, T)>,
+    mut write: impl FnMut(&mut MetricEncoder<'_>, T) -> fmt::Result,
+) -> fmt::Result {
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        if labels.is_empty() {
+            write(&mut m, v)?;
+        } else {
+            let mut sample = m.encode_family(&labels)?;
+            write(&mut sample, v)?;
+        }
+    }
+    Ok(())
+}
+
+fn gauge_f64<'v>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels<'v>, f64)>,
+) -> fmt::Result {
+    family(enc, name, help, MetricType::Gauge, rows, |m, v| {
+        m.encode_gauge(&v)
+    })
+}
+
+fn gauge_i64<'v>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels<'v>, i64)>,
+) -> fmt::Result {
+    family(enc, name, help, MetricType::Gauge, rows, |m, v| {
+        m.encode_gauge(&v)
+    })
+}
+
+fn counter<'v>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels<'v>, u64)>,
+) -> fmt::Result {
+    family(enc, name, help, MetricType::Counter, rows, |m, v| {
+        m.encode_counter::<Labels<'_>, _, f64>(&v, None)
+    })
+}
+
+fn histogram<'v>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels<'v>, &'v Histogram)>,
+) -> fmt::Result {
+    family(enc, name, help, MetricType::Histogram, rows, |m, h| {
+        let mut buckets: Vec<(f64, u64)> = h
+            .buckets
+            .iter()
+            .map(|b| (b.le.unwrap_or(f64::MAX), b.count))
+            .collect();
+        // The exposition needs a `+Inf` bucket equal to `_count`.
+        let in_buckets: u64 = buckets.iter().map(|b| b.1).sum();
+        if buckets.last().map(|b| b.0) != Some(f64::MAX) {
+            buckets.push((f64::MAX, h.count.saturating_sub(in_buckets)));
+        }
+        let count = h.count.max(in_buckets);
+        m.encode_histogram::<Labels<'_>>(h.sum_seconds, count, &buckets, None)
+    })
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = &self.0;
+        let e = &mut enc;
+        family(
+            e,
+            "build_info",
+            "Portcullis build information.",
+            MetricType::Gauge,
+            [(vec![("version", s.version.as_str())], 1i64)],
+            |m, v| m.encode_gauge(&v),
+        )?;
+        gauge_f64(
+            e,
+            "uptime_seconds",
+            "Seconds since the gateway started.",
+            [(vec![], s.uptime_seconds)],
+        )?;
+        if let Some(h) = &s.health {
+            gauge_i64(
+                e,
+                "live",
+                "1 while /healthz answers 200.",
+                [(vec![], bool_gauge(h.live))],
+            )?;
+            gauge_i64(
+                e,
+                "ready",
+                "1 while /readyz answers 200.",
+                [(vec![], bool_gauge(h.ready))],
+            )?;
+        }
+
+        let ep = |f: fn(&crate::EndpointStats) -> f64| {
+            s.endpoints
+                .iter()
+                .map(move |(path, st)| (vec![("endpoint", path.as_str())], f(st)))
+        };
+        gauge_f64(
+            e,
+            "endpoint_capacity",
+            "Maximum concurrent requests of the endpoint.",
+            ep(|x| x.capacity as f64),
+        )?;
+        gauge_f64(
+            e,
+            "endpoint_active_requests",
+            "Requests holding a slot.",
+            ep(|x| x.active_requests as f64),
+        )?;
+        gauge_f64(
+            e,
+            "endpoint_available_slots",
+            "Free slots.",
+            ep(|x| x.available_slots as f64),
+        )?;
+        gauge_f64(
+            e,
+            "endpoint_queue_depth",
+            "Requests waiting for a slot.",
+            ep(|x| x.queue_depth as f64),
+        )?;
+        gauge_f64(
+            e,
+            "endpoint_queue_timeout_seconds",
+            "How long a request may wait before a 504.",
+            ep(|x| x.queue_timeout),
+        )?;
+        let epc = |f: fn(&crate::EndpointStats) -> u64| {
+            s.endpoints
+                .iter()
+                .map(move |(path, st)| (vec![("endpoint", path.as_str())], f(st)))
+        };
+        counter(
+            e,
+            "endpoint_admitted",
+            "Requests admitted.",
+            epc(|x| x.admitted),
+        )?;
+        counter(
+            e,
+            "endpoint_rejected_503",
+            "Requests refused with 503.",
+            epc(|x| x.rejected_503),
+        )?;
+        counter(
+            e,
+            "endpoint_timed_out_504",
+            "Requests that waited queue_timeout and got 504.",
+            epc(|x| x.timed_out_504),
+        )?;
+        counter(
+            e,
+            "endpoint_cancelled",
+            "Requests whose client left while queued.",
+            epc(|x| x.cancelled),
+        )?;
+        histogram(
+            e,
+            "endpoint_queue_wait_seconds",
+            "Time admitted requests waited for a slot.",
+            s.endpoints
+                .iter()
+                .map(|(path, st)| (vec![("endpoint", path.as_str())], &st.queue_wait)),
+        )?;
+
+        fn up(u: &crate::UpstreamStats) -> Labels<'_> {
+            vec![("upstream", u.url.as_str()), ("tier", tier(u.tier))]
+        }
+        let ups = &s.upstreams;
+        gauge_i64(
+            e,
+            "upstream_healthy",
+            "1 while the replica is healthy.",
+            ups.iter().map(|u| (up(u), bool_gauge(u.healthy))),
+        )?;
+        gauge_i64(
+            e,
+            "upstream_ejected",
+            "1 while the replica is ejected.",
+            ups.iter().map(|u| (up(u), bool_gauge(u.ejected))),
+        )?;
+        gauge_f64(
+            e,
+            "upstream_inflight",
+            "Requests in flight to the replica.",
+            ups.iter().map(|u| (up(u), u.inflight as f64)),
+        )?;
+        gauge_f64(
+            e,
+            "upstream_probe_latency_seconds",
+            "Latency of the last active health probe.",
+            ups.iter()
+                .filter_map(|u| u.last_probe_latency_ms.map(|ms| (up(u), ms / 1000.0))),
+        )?;
+        counter(
+            e,
+            "upstream_requests",
+            "Requests sent to the replica.",
+            ups.iter().map(|u| (up(u), u.requests)),
+        )?;
+        counter(
+            e,
+            "upstream_failures",
+            "Failed requests to the replica.",
+            ups.iter().map(|u| (up(u), u.failures)),
+        )?;
+        histogram(
+            e,
+            "upstream_request_duration_seconds",
+            "Latency of requests proxied to the replica.",
+            ups.iter()
+                .filter_map(|u| u.latency.as_ref().map(|h| (up(u), h))),
+        )?;
+
+        if let Some(f) = &s.fallback {
+            let l = || vec![("fallback", f.url.as_str())];
+            gauge_i64(
+                e,
+                "fallback_engaged",
+                "1 while traffic goes to the fallback.",
+                [(l(), bool_gauge(f.engaged))],
+            )?;
+            gauge_f64(
+                e,
+                "fallback_engaged_seconds",
+                "How long the fallback has been engaged.",
+                [(l(), f.engaged_for_seconds)],
+            )?;
+            counter(
+                e,
+                "fallback_trips",
+                "Times the breaker tripped to the fallback.",
+                [(l(), f.trips)],
+            )?;
+            counter(
+                e,
+                "fallback_requests",
+                "Requests served by the fallback.",
+                [(l(), f.fallback_requests)],
+            )?;
+        }
+        gauge_i64(
+            e,
+            "storage_healthy",
+            "1 while the admission storage answers.",
+            [(
+                vec![("kind", s.storage.kind.as_str())],
+                bool_gauge(s.storage.healthy),
+            )],
+        )?;
+        Ok(())
+    }
+}

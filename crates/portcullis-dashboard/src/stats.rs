@@ -1,0 +1,300 @@
+//! The `GET /balancer/stats` document and the [`StatsSource`] that fills it.
+//!
+//! The shape is the seed's (`{"endpoints": {"/predict": {"capacity": 50, "active_requests":
+//! 12, "available_slots": 38}}}`), extended with the queue, counters and a queue-wait
+//! histogram per endpoint, the upstream pool, the circuit-breaker fallback, the storage,
+//! and the gateway's readiness, uptime and version. `docs/stats.schema.json` at the
+//! repository root is its JSON schema (draft 2020-12); a test validates live output
+//! against it.
+//!
+//! The dashboard does not depend on the layers that own these numbers: the gateway
+//! implements [`StatsSource`] (or passes a closure) and maps the admission, balance and
+//! breaker snapshots into these types. Field names of the endpoint entries match
+//! `portcullis-admission`'s `EndpointStats`, so that mapping is one-to-one.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The whole `/balancer/stats` document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// The gateway version (`CARGO_PKG_VERSION` of the binary).
+    pub version: String,
+    /// Seconds since the gateway started.
+    pub uptime_seconds: f64,
+    /// Readiness and liveness, filled by the router from the
+    /// [`HealthRegistry`](portcullis_health::HealthRegistry) (a source may leave it `None`).
+    #[serde(default)]
+    pub health: Option<HealthSummary>,
+    /// Per watched endpoint path.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, EndpointStats>,
+    /// The upstream replicas, in configuration order.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamStats>,
+    /// The circuit-breaker fallback; `null` when no fallback is configured.
+    #[serde(default)]
+    pub fallback: Option<FallbackStats>,
+    /// The storage of the admission counters (local memory or Redis).
+    #[serde(default)]
+    pub storage: StorageStats,
+}
+
+impl Stats {
+    /// An empty document for `version`, `uptime` after start.
+    pub fn new(version: impl Into<String>, uptime: Duration) -> Self {
+        Self {
+            version: version.into(),
+            uptime_seconds: uptime.as_secs_f64(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Liveness and readiness as `/healthz` and `/readyz` report them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSummary {
+    /// `/healthz` answers 200.
+    pub live: bool,
+    /// `/readyz` answers 200.
+    pub ready: bool,
+    /// The components failing readiness (or liveness).
+    #[serde(default)]
+    pub failing: Vec<String>,
+}
+
+/// One watched endpoint (one admission limiter).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStats {
+    /// Maximum concurrent requests (the probed or configured capacity).
+    pub capacity: u64,
+    /// Requests holding a slot now.
+    pub active_requests: u64,
+    /// `capacity - active_requests`, at least 0.
+    pub available_slots: u64,
+    /// Requests waiting in the FIFO queue now.
+    pub queue_depth: u64,
+    /// How long a request may wait for a slot before a 504, in seconds.
+    pub queue_timeout: f64,
+    /// The queue bound (`null`: unbounded).
+    #[serde(default)]
+    pub max_queue: Option<u64>,
+    /// The HTTP method filter (`null`: every method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Requests admitted since start.
+    #[serde(default)]
+    pub admitted: u64,
+    /// Requests refused with 503 (unhealthy, queue full, storage unavailable).
+    #[serde(default)]
+    pub rejected_503: u64,
+    /// Requests that waited `queue_timeout` and got 504.
+    #[serde(default)]
+    pub timed_out_504: u64,
+    /// Requests whose client went away while queued.
+    #[serde(default)]
+    pub cancelled: u64,
+    /// How long admitted requests waited for their slot.
+    #[serde(default)]
+    pub queue_wait: Histogram,
+}
+
+impl EndpointStats {
+    /// Utilization in percent (`active / capacity × 100`, 100 when the capacity is 0 and
+    /// something is active).
+    pub fn utilization_percent(&self) -> f64 {
+        if self.capacity == 0 {
+            if self.active_requests > 0 {
+                100.0
+            } else {
+                0.0
+            }
+        } else {
+            self.active_requests as f64 * 100.0 / self.capacity as f64
+        }
+    }
+}
+
+/// A fixed-bucket histogram with **non-cumulative** bucket counts (each count is the
+/// observations that fell into this bucket and not a lower one), in seconds. `/metrics`
+/// renders it as a Prometheus histogram (cumulative `_bucket{le}`, `_sum`, `_count`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// The buckets in increasing `le` order; the last may be the overflow bucket
+    /// (`le: null`, i.e. `+Inf`).
+    pub buckets: Vec<Bucket>,
+    /// Total number of observations.
+    pub count: u64,
+    /// Sum of all observations, in seconds.
+    pub sum_seconds: f64,
+}
+
+/// One bucket of a [`Histogram`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Upper bound in seconds (inclusive); `null` for the overflow (`+Inf`) bucket.
+    pub le: Option<f64>,
+    /// Observations in this bucket only.
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Builds a histogram from upper bounds and non-cumulative counts
+    /// (`counts.len()` is `bounds.len()` or `bounds.len() + 1` with the overflow last).
+    pub fn from_counts(bounds: &[f64], counts: &[u64], sum_seconds: f64) -> Self {
+        let buckets: Vec<Bucket> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &count)| Bucket {
+                le: bounds.get(i).copied(),
+                count,
+            })
+            .collect();
+        Self {
+            count: buckets.iter().map(|b| b.count).sum(),
+            buckets,
+            sum_seconds,
+        }
+    }
+}
+
+/// The tier of an upstream replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Preferred.
+    #[default]
+    Primary,
+    /// Used when no primary is healthy.
+    Secondary,
+}
+
+/// One upstream replica.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamStats {
+    /// Its base URL.
+    pub url: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// `"healthy"`, `"unhealthy"`, `"ejected"` or `"probing"`.
+    pub status: String,
+    /// Serving traffic.
+    pub healthy: bool,
+    /// Ejected by passive outlier detection (or probing its way back).
+    pub ejected: bool,
+    /// Requests in flight to it now.
+    pub inflight: u64,
+    /// Latency of the last active health probe, in milliseconds (`null`: none yet).
+    #[serde(default)]
+    pub last_probe_latency_ms: Option<f64>,
+    /// Consecutive failed active probes.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Consecutive ejections (the cooldown multiplier).
+    #[serde(default)]
+    pub ejections: u32,
+    /// Seconds before an ejected replica may be probed again (0 when not ejected).
+    #[serde(default)]
+    pub ejected_for_seconds: f64,
+    /// Requests sent to it since start.
+    #[serde(default)]
+    pub requests: u64,
+    /// Requests that failed (5xx, connect error, timeout) since start.
+    #[serde(default)]
+    pub failures: u64,
+    /// Latency of the requests proxied to it (`null`: not measured).
+    #[serde(default)]
+    pub latency: Option<Histogram>,
+}
+
+/// The circuit breaker's fallback.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FallbackStats {
+    /// The fallback's base URL.
+    pub url: String,
+    /// `true` while traffic goes to the fallback.
+    pub engaged: bool,
+    /// The breaker state: `"closed"` (primary), `"open"` (fallback engaged) or
+    /// `"half_open"` (probing the primary).
+    pub state: String,
+    /// Consecutive primary failures counted towards the trip.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Failures that trip the breaker.
+    #[serde(default)]
+    pub failure_threshold: u32,
+    /// Seconds the fallback has been engaged (0 when not engaged).
+    #[serde(default)]
+    pub engaged_for_seconds: f64,
+    /// The minimum time the fallback stays engaged before recovery is tried, in seconds.
+    #[serde(default)]
+    pub hold_seconds: f64,
+    /// Consecutive good recovery probes of the primary so far.
+    #[serde(default)]
+    pub recovery_successes: u32,
+    /// Good recovery probes needed to switch back to the primary.
+    #[serde(default)]
+    pub recovery_threshold: u32,
+    /// Times the breaker tripped since start.
+    #[serde(default)]
+    pub trips: u64,
+    /// Requests served by the fallback since start.
+    #[serde(default)]
+    pub fallback_requests: u64,
+}
+
+/// The storage of the admission counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StorageStats {
+    /// `"local"` (in-process) or `"redis"`.
+    pub kind: String,
+    /// The storage answers (always `true` for local).
+    pub healthy: bool,
+    /// Latency of the last ping in milliseconds (`null` for local or before the first ping).
+    #[serde(default)]
+    pub last_ping_latency_ms: Option<f64>,
+    /// Consecutive failed pings.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// The last error, if the storage is failing.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Default for StorageStats {
+    fn default() -> Self {
+        Self {
+            kind: "local".into(),
+            healthy: true,
+            last_ping_latency_ms: None,
+            consecutive_failures: 0,
+            error: None,
+        }
+    }
+}
+
+/// Produces the current [`Stats`] for each `/balancer/stats` and `/metrics` request.
+///
+/// It runs on the request path: build the document from cached snapshots (atomics,
+/// `ArcSwap`), never with I/O. Any `Fn() -> Stats` closure is a source.
+pub trait StatsSource: Send + Sync + 'static {
+    /// The current statistics.
+    fn stats(&self) -> Stats;
+}
+
+impl<F> StatsSource for F
+where
+    F: Fn() -> Stats + Send + Sync + 'static,
+{
+    fn stats(&self) -> Stats {
+        self()
+    }
+}
+
+impl<S: StatsSource + ?Sized> StatsSource for Arc<S> {
+    fn stats(&self) -> Stats {
+        (**self).stats()
+    }
+}
