@@ -1,0 +1,561 @@
+//! The Redis-shared capacity source against real, private `redis-server` processes.
+//!
+//! Every test starts its own server (skipped with a `SKIP` line when `redis-server` is not
+//! installed, failing instead under `CI=true`).
+
+use portcullis_admission::{AcquireError, CapacitySource};
+use portcullis_redis::testing::{RedisCluster, RedisServer};
+use portcullis_redis::{OnError, RedisCapacity, RedisStorage, StorageConfig};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+async fn storage(url: &str, tweak: impl FnOnce(&mut StorageConfig)) -> RedisStorage {
+    let mut c = StorageConfig::redis(url);
+    tweak(&mut c);
+    RedisStorage::connect(&c).await.expect("connect")
+}
+
+/// Waits until `f` holds, up to `within`.
+async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
+
+fn holders_sum(server: &RedisServer, endpoint: &str) -> i64 {
+    let out = server.cli(&["HVALS", &format!("{{portcullis:{endpoint}}}:holders")]);
+    out.lines()
+        .filter_map(|l| l.trim().parse::<i64>().ok())
+        .sum()
+}
+
+/// 200 concurrent acquire/release calls through 4 connections (4 storages, 4 instance
+/// ids): the global count never exceeds the capacity nor drops below 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lua_scripts_are_atomic_under_200_calls_from_4_connections() {
+    let Some(server) = RedisServer::start("lua_scripts_are_atomic") else {
+        return;
+    };
+    const CAP: usize = 5;
+    let mut sources = Vec::new();
+    let mut storages = Vec::new();
+    for _ in 0..4 {
+        let s = storage(&server.url(), |_| {}).await;
+        sources.push(s.capacity_source("/work", CAP));
+        storages.push(s);
+    }
+    let inside = Arc::new(AtomicUsize::new(0));
+    let max_inside = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let src = sources[i % 4].clone();
+        let (inside, max_inside) = (inside.clone(), max_inside.clone());
+        tasks.push(tokio::spawn(async move {
+            let p = tokio::time::timeout(Duration::from_secs(20), src.acquire(None))
+                .await
+                .expect("acquire bounded")
+                .expect("granted");
+            let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+            max_inside.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            inside.fetch_sub(1, Ordering::SeqCst);
+            drop(p);
+        }));
+    }
+    // Watch the server-side count while the load runs.
+    let mut seen_max = 0i64;
+    let mut seen_min = i64::MAX;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let n = holders_sum(&server, "/work");
+        seen_max = seen_max.max(n);
+        seen_min = seen_min.min(n);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        max_inside.load(Ordering::SeqCst) <= CAP,
+        "more than {CAP} permits at once"
+    );
+    assert!(
+        max_inside.load(Ordering::SeqCst) >= 2,
+        "no concurrency at all"
+    );
+    assert!(
+        seen_max <= CAP as i64 && seen_min >= 0,
+        "count left [0, {CAP}]: {seen_min}..{seen_max}"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || holders_sum(&server, "/work")
+            == 0)
+        .await,
+        "slots leaked: {}",
+        holders_sum(&server, "/work")
+    );
+    assert_eq!(sources[0].refresh().await.unwrap(), 0);
+}
+
+/// Within one process, waiters are served in the order they called `acquire`, and a
+/// dropped waiter never keeps a slot.
+#[tokio::test]
+async fn local_fifo_and_cancel_safety() {
+    let Some(server) = RedisServer::start("local_fifo_and_cancel_safety") else {
+        return;
+    };
+    let s = storage(&server.url(), |_| {}).await;
+    let src = s.capacity_source("/fifo", 1);
+    let first = src.acquire(None).await.unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..5 {
+        let (src, order) = (src.clone(), order.clone());
+        waiters.push(tokio::spawn(async move {
+            let p = src.acquire(None).await.unwrap();
+            order.lock().unwrap().push(i);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            drop(p);
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A cancelled waiter in the middle of the queue.
+    let cancelled = tokio::time::timeout(Duration::from_millis(20), src.acquire(None)).await;
+    assert!(cancelled.is_err());
+    assert_eq!(src.queue_depth(), 5);
+    drop(first);
+    for w in waiters {
+        tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    assert!(
+        eventually(Duration::from_secs(2), || holders_sum(&server, "/fifo")
+            == 0)
+        .await
+    );
+    // max_queue: with the slot taken and one waiter queued, a second waiter is refused.
+    let _p = src.acquire(Some(1)).await.unwrap();
+    let w = tokio::spawn(src.acquire(Some(1)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(matches!(
+        src.acquire(Some(1)).await,
+        Err(AcquireError::QueueFull)
+    ));
+    drop(_p);
+    tokio::time::timeout(Duration::from_secs(2), w)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// A release in one process wakes a waiter of another process (pub/sub), faster than the
+/// 50 ms safety-net poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_process_handoff() {
+    let Some(server) = RedisServer::start("cross_process_handoff") else {
+        return;
+    };
+    let a = storage(&server.url(), |_| {}).await;
+    let b = storage(&server.url(), |_| {}).await;
+    let (sa, sb) = (a.capacity_source("/h", 1), b.capacity_source("/h", 1));
+    // Let both subscribe.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut lat = Vec::new();
+    for _ in 0..30 {
+        let held = sa.acquire(None).await.unwrap();
+        let waiter = tokio::spawn(sb.acquire(None));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiter.is_finished(),
+            "granted while the only slot was held elsewhere"
+        );
+        let t0 = Instant::now();
+        drop(held);
+        let p = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("hand-off within 2 s")
+            .unwrap()
+            .unwrap();
+        lat.push(t0.elapsed());
+        drop(p);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    lat.sort();
+    let median = lat[lat.len() / 2];
+    eprintln!(
+        "cross-process hand-off median {median:?}, max {:?}",
+        lat[lat.len() - 1]
+    );
+    assert!(
+        median < portcullis_redis::POLL_INTERVAL,
+        "hand-off median {median:?} is not faster than the poll safety net"
+    );
+}
+
+/// Slots of a process that stops heart-beating (dropped without releasing) are reclaimed
+/// within lease_ttl + one heartbeat; a live process keeps a slot longer than lease_ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_reclaim_after_dead_process() {
+    let Some(server) = RedisServer::start("lease_reclaim_after_dead_process") else {
+        return;
+    };
+    let ttl = Duration::from_millis(1000);
+    let dead = storage(&server.url(), |c| c.lease_ttl = ttl).await;
+    let live = storage(&server.url(), |c| c.lease_ttl = ttl).await;
+    let sd = dead.capacity_source("/lease", 2);
+    let sl = live.capacity_source("/lease", 2);
+
+    // The live process holds one slot for 2.5 × lease_ttl: it must keep it.
+    let long = sl.acquire(None).await.unwrap();
+    // The "dead" process takes the other slot and vanishes without releasing.
+    let leaked = sd.acquire(None).await.unwrap();
+    std::mem::forget(leaked);
+    drop(sd);
+    drop(dead);
+    let t0 = Instant::now();
+    let p = tokio::time::timeout(ttl * 3, sl.acquire(None))
+        .await
+        .expect("reclaimed within lease_ttl + heartbeat")
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took <= ttl + ttl / 3 + Duration::from_millis(300),
+        "took {took:?}"
+    );
+    tokio::time::sleep(ttl * 3 / 2).await;
+    // Both slots are this live process's: nobody else can get one.
+    let other = storage(&server.url(), |c| c.lease_ttl = ttl).await;
+    let so = other.capacity_source("/lease", 2);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), so.acquire(None))
+            .await
+            .is_err()
+    );
+    assert_eq!(holders_sum(&server, "/lease"), 2);
+    drop((long, p));
+    assert!(
+        eventually(Duration::from_secs(2), || holders_sum(&server, "/lease")
+            == 0)
+        .await
+    );
+}
+
+async fn restart_mid_load(mode: OnError) {
+    let Some(mut server) = RedisServer::start(&format!("restart_mid_load_{mode:?}")) else {
+        return;
+    };
+    const CAP: usize = 4;
+    let storage_timeout = Duration::from_millis(300);
+    let queue_timeout = Duration::from_millis(800);
+    let s = storage(&server.url(), |c| {
+        c.on_error = mode;
+        c.timeout = storage_timeout;
+        c.expected_workers = 2;
+        c.lease_ttl = Duration::from_secs(3);
+    })
+    .await;
+    let src = s.capacity_source("/r", CAP);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let inside = Arc::new(AtomicUsize::new(0));
+    let max_outage = Arc::new(AtomicUsize::new(0));
+    let (ok, unavailable, timed_out) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let worst = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let stop_at = Instant::now() + Duration::from_millis(2500);
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let src: RedisCapacity = src.clone();
+        let (inside, max_outage, ok, unavailable, timed_out, worst) = (
+            inside.clone(),
+            max_outage.clone(),
+            ok.clone(),
+            unavailable.clone(),
+            timed_out.clone(),
+            worst.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            while Instant::now() < stop_at {
+                let t0 = Instant::now();
+                let r = tokio::time::timeout(queue_timeout, src.acquire(None)).await;
+                let waited = t0.elapsed();
+                {
+                    let mut w = worst.lock().unwrap();
+                    *w = (*w).max(waited);
+                }
+                match r {
+                    Ok(Ok(p)) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                        let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        if src.is_degraded() {
+                            max_outage.fetch_max(n, Ordering::SeqCst);
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        drop(p);
+                    }
+                    Ok(Err(AcquireError::StorageUnavailable(_))) => {
+                        unavailable.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Ok(Err(e)) => panic!("unexpected {e}"),
+                    Err(_) => {
+                        timed_out.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.stop();
+    assert!(
+        eventually(Duration::from_secs(2), || src.is_degraded()).await,
+        "outage not detected"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    server.start_again();
+    assert!(
+        eventually(Duration::from_secs(3), || !src.is_degraded()).await,
+        "did not recover"
+    );
+    // Right after recovery the global count equals this process's live slots.
+    let live = src.held_locally() as i64;
+    let in_redis = holders_sum(&server, "/r");
+    assert!(
+        (in_redis - live).abs() <= 1,
+        "redis {in_redis} vs live {live}"
+    );
+    for c in clients {
+        c.await.unwrap();
+    }
+    let worst = *worst.lock().unwrap();
+    assert!(
+        worst <= queue_timeout + storage_timeout + Duration::from_millis(100),
+        "a client waited {worst:?}"
+    );
+    assert!(ok.load(Ordering::SeqCst) > 0);
+    match mode {
+        OnError::Local => {
+            assert_eq!(unavailable.load(Ordering::SeqCst), 0);
+            // ceil(4 / 2) = 2 per process during the outage.
+            assert!(
+                max_outage.load(Ordering::SeqCst) <= 2,
+                "{}",
+                max_outage.load(Ordering::SeqCst)
+            );
+        }
+        OnError::Reject => assert!(unavailable.load(Ordering::SeqCst) > 0),
+        OnError::Allow => {
+            assert_eq!(unavailable.load(Ordering::SeqCst), 0);
+            assert!(
+                max_outage.load(Ordering::SeqCst) > CAP,
+                "allow did not lift the limit"
+            );
+        }
+    }
+    assert!(eventually(Duration::from_secs(3), || holders_sum(&server, "/r") == 0).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_load_on_error_local() {
+    restart_mid_load(OnError::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_load_on_error_reject() {
+    restart_mid_load(OnError::Reject).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_load_on_error_allow() {
+    restart_mid_load(OnError::Allow).await;
+}
+
+/// The first process probes; the others wait and reuse the stored capacity;
+/// `force_reprobe` probes again; a runtime change reaches every process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_store_probes_once_and_propagates() {
+    let Some(server) = RedisServer::start("capacity_store") else {
+        return;
+    };
+    let probes = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    let mut storages = Vec::new();
+    for _ in 0..3 {
+        let s = storage(&server.url(), |_| {}).await;
+        storages.push(s.clone());
+        let probes = probes.clone();
+        tasks.push(tokio::spawn(async move {
+            s.get_or_probe("/p", false, || async move {
+                probes.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, std::io::Error>(7)
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 7);
+    }
+    assert_eq!(probes.load(Ordering::SeqCst), 1, "probed more than once");
+    let again = storages[1]
+        .get_or_probe("/p", true, || async { Ok::<_, std::io::Error>(9) })
+        .await
+        .unwrap();
+    assert_eq!(again, 9);
+    assert_eq!(storages[2].stored_capacity("/p").await.unwrap(), Some(9));
+
+    // Sources read the stored value, and a runtime change propagates.
+    let a = storages[0].capacity_source("/p", 1);
+    let b = storages[1].capacity_source("/p", 1);
+    assert!(
+        eventually(Duration::from_secs(2), || a.capacity() == 9
+            && b.capacity() == 9)
+        .await
+    );
+    a.set_capacity(3);
+    assert!(
+        eventually(Duration::from_secs(2), || b.capacity() == 3).await,
+        "b sees {}",
+        b.capacity()
+    );
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| b.acquire(None)))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), a.acquire(None))
+            .await
+            .is_err()
+    );
+    // Growing wakes the waiter.
+    let w = tokio::spawn(a.acquire(None));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.set_capacity(4);
+    tokio::time::timeout(Duration::from_secs(1), w)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(held);
+}
+
+/// Readiness turns false only after failure_threshold consecutive failed PINGs, and back on
+/// the first success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_ping_with_threshold() {
+    let Some(mut server) = RedisServer::start("readiness") else {
+        return;
+    };
+    let s = storage(&server.url(), |c| {
+        c.ping_interval = Duration::from_millis(100);
+        c.failure_threshold = 3;
+        c.timeout = Duration::from_millis(100);
+    })
+    .await;
+    let ready = s.readiness();
+    assert!(eventually(Duration::from_secs(1), || ready.pings() >= 2).await);
+    assert!(ready.is_ready());
+    server.stop();
+    assert!(eventually(Duration::from_secs(1), || ready.consecutive_failures() >= 1).await);
+    if ready.consecutive_failures() < 3 {
+        assert!(ready.is_ready(), "not ready before 3 failures");
+    }
+    assert!(eventually(Duration::from_secs(3), || !ready.is_ready()).await);
+    assert!(ready.consecutive_failures() >= 3);
+    server.start_again();
+    assert!(eventually(Duration::from_secs(3), || ready.is_ready()).await);
+}
+
+/// Passwords work and never show in Debug output or errors.
+#[tokio::test]
+async fn password_is_used_and_never_shown() {
+    let Some(server) = RedisServer::start_with("password", &["--requirepass", "s3cr3t-pw"]) else {
+        return;
+    };
+    assert!(server.url().contains("s3cr3t-pw"));
+    let s = storage(&server.url(), |_| {}).await;
+    let src = s.capacity_source("/pw", 2);
+    let p = tokio::time::timeout(Duration::from_secs(2), src.acquire(None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(src.refresh().await.unwrap(), 1);
+    drop(p);
+    for text in [
+        format!("{s:?}"),
+        format!("{src:?}"),
+        format!("{:?}", s.config()),
+        format!("{:?}", s.readiness()),
+    ] {
+        assert!(!text.contains("s3cr3t-pw"), "{text}");
+    }
+    // A wrong password: the error does not echo it.
+    let bad = storage(&server.url().replace("s3cr3t-pw", "wrong-pw-123"), |c| {
+        c.on_error = OnError::Reject;
+    })
+    .await;
+    let src = bad.capacity_source("/pw", 2);
+    let e = tokio::time::timeout(Duration::from_secs(2), src.acquire(None))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(!format!("{e} {e:?}").contains("wrong-pw-123"));
+}
+
+/// A real three-node Redis Cluster: every key of an endpoint hashes to one slot, and the
+/// shared limit works across two processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster() {
+    let Some(cluster) = RedisCluster::start("redis_cluster") else {
+        return;
+    };
+    // One seed URL: the cluster is detected.
+    let a = storage(&cluster.nodes()[0].url(), |_| {}).await;
+    let b = storage(&cluster.url(), |_| {}).await;
+    assert!(a.is_cluster() && b.is_cluster());
+    for ep in ["/work", "/embed", "/predict"] {
+        let (sa, sb) = (a.capacity_source(ep, 2), b.capacity_source(ep, 2));
+        let p1 = sa.acquire(None).await.unwrap();
+        let p2 = sb.acquire(None).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), sb.acquire(None))
+                .await
+                .is_err()
+        );
+        let w = tokio::spawn(sb.acquire(None));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(p1);
+        tokio::time::timeout(Duration::from_secs(2), w)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        drop(p2);
+        let slots: std::collections::BTreeSet<String> =
+            ["holders", "leases", "capacity", "waiting"]
+                .iter()
+                .map(|k| {
+                    cluster.nodes()[0]
+                        .cli(&["CLUSTER", "KEYSLOT", &format!("{{portcullis:{ep}}}:{k}")])
+                        .trim()
+                        .to_owned()
+                })
+                .collect();
+        assert_eq!(slots.len(), 1, "{ep}: keys on several slots {slots:?}");
+    }
+}
