@@ -10,6 +10,7 @@ use portcullis_admission::{AdmissionLayer, CapacitySource, LocalCapacity};
 use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
@@ -117,6 +118,16 @@ fn two_threads_at_capacity(c: &mut Criterion) {
     }
 }
 
+/// Waits until the waiter task runs and has had time to park on its acquire future.
+async fn settle(started: &AtomicBool) {
+    while !started.load(Ordering::SeqCst) {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Time from dropping the held permit to the queued waiter's task running with its slot.
 fn handoff(c: &mut Criterion) {
     let mut g = c.benchmark_group("handoff");
@@ -133,13 +144,16 @@ fn handoff(c: &mut Criterion) {
                         let held = src.acquire(None).await.unwrap();
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         let waiter = src.acquire(None); // queued now (FIFO position taken)
+                        let started = Arc::new(AtomicBool::new(false));
+                        let st = Arc::clone(&started);
                         tokio::spawn(async move {
+                            st.store(true, Ordering::SeqCst);
                             let p = waiter.await.unwrap();
                             let t = Instant::now();
                             drop(p);
                             let _ = tx.send(t);
                         });
-                        tokio::task::yield_now().await;
+                        settle(&started).await;
                         let t0 = Instant::now();
                         drop(held);
                         total += rx.await.unwrap() - t0;
@@ -157,7 +171,10 @@ fn handoff(c: &mut Criterion) {
                         let held = Arc::clone(&sem).acquire_owned().await.unwrap();
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         let s2 = Arc::clone(&sem);
+                        let started = Arc::new(AtomicBool::new(false));
+                        let st = Arc::clone(&started);
                         tokio::spawn(async move {
+                            st.store(true, Ordering::SeqCst);
                             let p = s2.acquire_owned().await.unwrap();
                             let t = Instant::now();
                             drop(p);
@@ -166,7 +183,7 @@ fn handoff(c: &mut Criterion) {
                         while sem.available_permits() != 0 {
                             tokio::task::yield_now().await;
                         }
-                        tokio::task::yield_now().await;
+                        settle(&started).await;
                         let t0 = Instant::now();
                         drop(held);
                         total += rx.await.unwrap() - t0;

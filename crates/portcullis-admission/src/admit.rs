@@ -162,8 +162,9 @@ pin_project! {
             req: Option<Req>,
         },
         Waiting {
-            #[pin]
-            wait: WaitForSlot<C>,
+            // Boxed: the timer makes it large, and only requests that queue need it, so the
+            // fast path's future stays small.
+            wait: Pin<Box<WaitForSlot<C>>>,
             svc: Option<S>,
             req: Option<Req>,
         },
@@ -204,7 +205,7 @@ where
         let svc = std::mem::replace(inner, clone);
         Self {
             state: State::Waiting {
-                wait: WaitForSlot::new(Arc::clone(limiter)),
+                wait: Box::pin(WaitForSlot::new(Arc::clone(limiter))),
                 svc: Some(svc),
                 req: Some(req),
             },
@@ -254,7 +255,7 @@ impl<S: Service<Req>, Req, C: CapacitySource> Future for Admit<S, Req, C> {
                     return Poll::Ready(Err(out));
                 }
                 StateProj::Waiting { wait, svc, req } => {
-                    let granted = ready!(wait.poll(cx));
+                    let granted = ready!(wait.as_mut().poll(cx));
                     let (mut svc, req) = match (svc.take(), req.take()) {
                         (Some(s), Some(q)) => (s, q),
                         _ => panic!("admission future polled after completion"),
