@@ -34,9 +34,9 @@ pub mod readiness;
 pub mod server;
 pub mod state;
 
+pub use checker::{CheckerConfig, CheckerHandle, HealthChecker, ProbeTarget, ProbeTargets};
 pub use checks::{check_fn, Check, CheckFuture, CheckPolicy, CheckSet, ChecksHandle, FnCheck};
+pub use probe::{HttpProbe, Probe, ProbeFuture, ProbeResult};
 pub use readiness::{routes, Component, HealthRegistry, ProbeStatus, HEALTHZ_PATH, READYZ_PATH};
 pub use server::{HealthServer, HealthServerConfig, DEFAULT_HEALTH_PORT};
-pub use checker::{CheckerConfig, CheckerHandle, HealthChecker, ProbeTarget, ProbeTargets};
-pub use probe::{HttpProbe, Probe, ProbeFuture, ProbeResult};
 pub use state::{HealthCounters, HealthPolicy, HealthState, Status, Transition};
