@@ -253,6 +253,7 @@ pub(crate) enum Recorder {
 }
 
 impl Recorder {
+    #[inline]
     pub(crate) fn record(self, ok: bool) {
         match self {
             Recorder::Normal(b) => {
@@ -524,6 +525,7 @@ impl Breaker {
 
     /// Records a successful primary response: resets the failure streak (no-op while the
     /// fallback is engaged; clears `primary_unhealthy` when no fallback is configured).
+    #[inline]
     pub fn record_success(&self) {
         let s = &self.shared;
         let tag = s.tripped_at.load(Ordering::Acquire);

@@ -290,6 +290,22 @@ async fn a_dead_fallback_answers_fallback_unavailable() {
     assert_eq!(json["error"], "fallback_unavailable");
     assert_eq!(breaker.counters().fallback_failures, 1);
 
+    // A gRPC client sees a trailers-only UNAVAILABLE instead of JSON.
+    let req = Request::get(format!("http://{addr}/svc.Method"))
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), c.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    assert!(resp.headers()["grpc-message"]
+        .to_str()
+        .unwrap()
+        .starts_with("fallback_unavailable"));
+
     // force_health_check reports both sides (the dead fallback after its retry).
     let report = breaker.force_health_check().await;
     assert!(!report.primary.healthy);
@@ -328,4 +344,38 @@ async fn a_fallback_answering_503_is_a_503_fallback_unavailable() {
         get(&c, addr, "/x").await.unwrap(),
         (StatusCode::OK, "fallback".into())
     );
+}
+
+#[tokio::test]
+async fn a_fallback_error_is_a_502_and_primary_errors_pass_through() {
+    let breaker = Breaker::builder(Config {
+        url: Some("fallback".into()),
+        ..Config::default()
+    })
+    .build();
+    let primary = tower::service_fn(|_: Request<Body>| async {
+        Err::<Response<Body>, _>(std::io::Error::other("primary transport error"))
+    });
+    let fallback = tower::service_fn(|_: Request<Body>| async {
+        Err::<Response<Body>, _>(std::io::Error::other("refused"))
+    });
+    let svc = HttpFallbackLayer::new(fallback, breaker.clone()).layer(primary);
+    for _ in 0..2 {
+        let e = svc
+            .clone()
+            .oneshot(Request::new(Body::empty()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "primary transport error");
+    }
+    assert!(breaker.is_using_fallback());
+    let resp = svc
+        .clone()
+        .oneshot(Request::new(Body::empty()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "fallback_unavailable");
 }
