@@ -193,8 +193,10 @@ async fn trip_and_recover(hold: f64, recheck: f64, m: u32) -> Duration {
             (StatusCode::INTERNAL_SERVER_ERROR, "primary broken")
         );
     }
-    assert_eq!(breaker.state(), BreakerState::Fallback);
-    let tripped = Instant::now();
+    let snap = breaker.status_snapshot();
+    assert_eq!(snap.state, BreakerState::Fallback);
+    // When the fallback engaged, from the breaker's own clock.
+    let tripped = Instant::now() - Duration::from_secs_f64(snap.fallback_age_seconds.unwrap());
     assert_eq!(
         get(&c, addr, "/work").await.unwrap(),
         (StatusCode::OK, "fallback".into())
