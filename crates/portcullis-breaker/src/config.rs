@@ -113,7 +113,9 @@ impl Config {
 
 /// Half-open by live traffic: once `min_fallback_duration` has passed, a bounded trickle of
 /// real requests tries the primary (at most one at a time, one request in `one_in`). A
-/// successful trial counts as a successful probe, a failed one resets the count.
+/// successful trial counts as a successful probe, a failed one resets the count. The client
+/// of a failed trial gets the primary's (failed) response: that is the price of testing with
+/// live traffic, bounded to one request in `one_in`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HalfOpenConfig {
