@@ -116,12 +116,16 @@ fn redis_benchmark(server: &RedisServer) {
             ])
             .output();
         match out {
-            Ok(o) => println!(
-                "redis-benchmark -t incr -n 100000 -c {clients}: {}",
-                String::from_utf8_lossy(&o.stdout)
-                    .trim()
-                    .replace('\r', " | ")
-            ),
+            Ok(o) => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                let last = text
+                    .split(['\r', '\n'])
+                    .map(str::trim)
+                    .rfind(|l| !l.is_empty())
+                    .unwrap_or_default()
+                    .to_owned();
+                println!("redis-benchmark -t incr -n 100000 -c {clients}: {last}")
+            }
             Err(e) => println!("redis-benchmark not run: {e}"),
         }
     }

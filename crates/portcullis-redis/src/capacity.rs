@@ -19,7 +19,9 @@
 //!   a blocked dispatcher with waiters retries every [`POLL_INTERVAL`](crate::POLL_INTERVAL)
 //!   (50 ms: a bounded 20 attempts per second per endpoint per process).
 //! * **Releases** never block: dropping a permit sends one message to the endpoint's
-//!   releaser task, which batches all pending releases into one script call.
+//!   task, which batches all pending releases into one script call. The same task runs the
+//!   endpoint's heartbeat, so it never has two calls in flight and the slot count a
+//!   heartbeat registers is exact.
 //! * **Cancel safety.** A dropped acquire future drops its oneshot receiver; the dispatcher
 //!   sees the closed channel, skips the waiter, and gives a slot granted to it to the next
 //!   waiter (or back to Redis). No slot is ever kept by a dead waiter.
@@ -59,9 +61,14 @@ struct Waiter {
     no_wait: bool,
 }
 
-enum Cmd {
+pub(crate) enum Cmd {
     Release,
     SetCapacity,
+    /// Renew this endpoint's lease (`set`: register the absolute slot count).
+    Heartbeat {
+        set: bool,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
 }
 
 /// One endpoint's state, shared by its source, permits and tasks.
@@ -81,7 +88,7 @@ pub(crate) struct EndpointShared {
     desired_capacity: AtomicUsize,
     pub(crate) wake: Notify,
     req_tx: mpsc::UnboundedSender<Waiter>,
-    cmd_tx: mpsc::UnboundedSender<Cmd>,
+    pub(crate) cmd_tx: mpsc::UnboundedSender<Cmd>,
     fallback: LocalCapacity,
 }
 
@@ -223,12 +230,18 @@ impl EndpointShared {
 /// [module documentation](self) for the algorithm.
 ///
 /// Built by [`RedisStorage::capacity_source`]. Cheap to clone; clones share the slots. Its
-/// dispatcher and releaser tasks stop when the last clone is dropped.
+/// task stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct RedisCapacity {
+    parts: Arc<SourceParts>,
+}
+
+/// What a source owns: its shared state, the storage (keeps the process tasks running) and
+/// its own tasks (stopped when the last clone goes).
+pub(crate) struct SourceParts {
     shared: Arc<EndpointShared>,
     _storage: RedisStorage,
-    _tasks: Arc<TaskSet>,
+    _tasks: TaskSet,
 }
 
 impl RedisCapacity {
@@ -237,7 +250,7 @@ impl RedisCapacity {
         endpoint: &str,
         keys: Keys,
         capacity: usize,
-    ) -> (Self, Arc<EndpointShared>) {
+    ) -> Self {
         let inner = Arc::clone(&storage.inner);
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -256,44 +269,58 @@ impl RedisCapacity {
             req_tx,
             cmd_tx,
         });
-        let tasks = TaskSet::new(vec![
-            tokio::spawn(dispatcher(Arc::clone(&shared), req_rx)),
-            tokio::spawn(releaser(Arc::clone(&shared), cmd_rx)),
-        ]);
-        let me = Self {
-            shared: Arc::clone(&shared),
-            _storage: storage,
-            _tasks: Arc::new(tasks),
-        };
-        (me, shared)
+        let tasks = TaskSet::new(vec![tokio::spawn(dispatcher(
+            Arc::clone(&shared),
+            req_rx,
+            cmd_rx,
+        ))]);
+        Self {
+            parts: Arc::new(SourceParts {
+                shared,
+                _storage: storage,
+                _tasks: tasks,
+            }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<EndpointShared> {
+        &self.parts.shared
+    }
+
+    pub(crate) fn parts_weak(&self) -> std::sync::Weak<SourceParts> {
+        Arc::downgrade(&self.parts)
+    }
+
+    pub(crate) fn from_parts(parts: Arc<SourceParts>) -> Self {
+        Self { parts }
     }
 
     /// The endpoint (path) this source limits.
     pub fn endpoint(&self) -> &str {
-        &self.shared.endpoint
+        &self.parts.shared.endpoint
     }
 
     /// The number of slots this process holds (its share of [`active`](CapacitySource::active)).
     pub fn held_locally(&self) -> usize {
-        self.shared.held.load(Ordering::Acquire)
+        self.parts.shared.held.load(Ordering::Acquire)
     }
 
     /// `true` while the storage is in an outage and `storage.on_error` applies.
     pub fn is_degraded(&self) -> bool {
-        self.shared.inner.is_degraded()
+        self.parts.shared.inner.is_degraded()
     }
 
     /// Reads the global count from Redis now (one round trip), updating the cached
     /// [`active`](CapacitySource::active). Holds no slot.
     pub async fn refresh(&self) -> Result<usize, StorageError> {
-        self.shared.acquire_script(0).await.map(|r| r.count)
+        self.parts.shared.acquire_script(0).await.map(|r| r.count)
     }
 }
 
 impl fmt::Debug for RedisCapacity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisCapacity")
-            .field("endpoint", &self.shared.endpoint)
+            .field("endpoint", &self.parts.shared.endpoint)
             .field("capacity", &self.capacity())
             .field("active", &self.active())
             .field("held_locally", &self.held_locally())
@@ -326,7 +353,7 @@ impl CapacitySource for RedisCapacity {
     type Acquire = RedisAcquire;
 
     fn acquire(&self, max_queue: Option<usize>) -> Self::Acquire {
-        let shared = Arc::clone(&self.shared);
+        let shared = Arc::clone(&self.parts.shared);
         let mut mode: watch::Receiver<bool> = shared.inner.mode.subscribe();
         Box::pin(async move {
             loop {
@@ -371,7 +398,7 @@ impl CapacitySource for RedisCapacity {
     }
 
     fn set_capacity(&self, capacity: usize) {
-        let s = &self.shared;
+        let s = &self.parts.shared;
         s.desired_capacity.store(capacity, Ordering::Release);
         s.capacity_dirty.store(true, Ordering::Release);
         s.apply_capacity(capacity);
@@ -380,22 +407,22 @@ impl CapacitySource for RedisCapacity {
     }
 
     fn capacity(&self) -> usize {
-        self.shared.capacity.load(Ordering::Acquire)
+        self.parts.shared.capacity.load(Ordering::Acquire)
     }
 
     /// The global count of slots held by every process, as of this process's last round
     /// trip (refreshed at least every heartbeat). During an outage, this process's own
     /// count.
     fn active(&self) -> usize {
-        if self.shared.inner.is_degraded() {
-            self.shared.held.load(Ordering::Acquire)
+        if self.parts.shared.inner.is_degraded() {
+            self.parts.shared.held.load(Ordering::Acquire)
         } else {
-            self.shared.global_active.load(Ordering::Acquire)
+            self.parts.shared.global_active.load(Ordering::Acquire)
         }
     }
 
     fn queue_depth(&self) -> usize {
-        self.shared.queued.load(Ordering::Acquire) + self.shared.fallback.queue_depth()
+        self.parts.shared.queued.load(Ordering::Acquire) + self.parts.shared.fallback.queue_depth()
     }
 }
 
@@ -422,16 +449,32 @@ impl fmt::Debug for RedisPermit {
     }
 }
 
-/// The per-endpoint FIFO dispatcher (see the module docs).
-async fn dispatcher(shared: Arc<EndpointShared>, mut req_rx: mpsc::UnboundedReceiver<Waiter>) {
+/// The per-endpoint task (see the module docs): the FIFO of waiters, batched releases,
+/// capacity changes and this endpoint's heartbeat. Being the only task that talks to Redis
+/// for this endpoint, it never has two calls in flight, so the slot count a heartbeat
+/// registers is exact.
+async fn dispatcher(
+    shared: Arc<EndpointShared>,
+    mut req_rx: mpsc::UnboundedReceiver<Waiter>,
+    mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+) {
     let mut mode = shared.inner.mode.subscribe();
     let mut queue: VecDeque<Waiter> = VecDeque::new();
     let mut blocked = false;
     let mut next_poll = Instant::now();
+    // Learn the stored capacity (and restore it if Redis has none) right away.
+    if let Err(e) = shared.heartbeat(false).await {
+        shared.inner.enter_outage(&e);
+    }
+    let mut cmds: Vec<Cmd> = Vec::new();
     loop {
         tokio::select! {
             biased;
             changed = mode.changed() => if changed.is_err() { return },
+            c = cmd_rx.recv() => match c {
+                Some(c) => cmds.push(c),
+                None => return,
+            },
             w = req_rx.recv() => match w {
                 Some(w) => queue.push_back(w),
                 None => return,
@@ -441,6 +484,12 @@ async fn dispatcher(shared: Arc<EndpointShared>, mut req_rx: mpsc::UnboundedRece
         }
         while let Ok(w) = req_rx.try_recv() {
             queue.push_back(w);
+        }
+        while let Ok(c) = cmd_rx.try_recv() {
+            cmds.push(c);
+        }
+        if !cmds.is_empty() && run_commands(&shared, &mut cmds).await {
+            blocked = false;
         }
         if *mode.borrow_and_update() {
             // Outage: let every waiter go; each re-routes to the outage policy.
@@ -497,6 +546,56 @@ async fn dispatcher(shared: Arc<EndpointShared>, mut req_rx: mpsc::UnboundedRece
     }
 }
 
+/// Runs the pending releases (one batched script call), capacity change and heartbeats.
+/// Returns `true` when slots were released (a retry may now succeed).
+async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool {
+    let (mut releases, mut set_cap) = (0usize, false);
+    let mut beats = Vec::new();
+    for c in cmds.drain(..) {
+        match c {
+            Cmd::Release => releases += 1,
+            Cmd::SetCapacity => set_cap = true,
+            Cmd::Heartbeat { set, reply } => beats.push((set, reply)),
+        }
+    }
+    let mut released = false;
+    if releases > 0 {
+        sub_sat(&shared.held, releases);
+        if !shared.inner.is_degraded() {
+            match shared.release_script(releases).await {
+                Ok(_) => released = true,
+                Err(e) => shared.inner.enter_outage(&e),
+            }
+        }
+    }
+    if set_cap && !shared.inner.is_degraded() {
+        let c = shared.desired_capacity.load(Ordering::Acquire);
+        let r = shared
+            .inner
+            .invoke::<i64>(
+                scripts::SET_CAPACITY_SCRIPT
+                    .key(&shared.keys.capacity)
+                    .arg(c)
+                    .arg(&shared.keys.channel),
+            )
+            .await;
+        match r {
+            Ok(_) => {
+                // A newer set_capacity keeps the flag (and is stored next).
+                if shared.desired_capacity.load(Ordering::Acquire) == c {
+                    shared.capacity_dirty.store(false, Ordering::Release);
+                }
+                released = true;
+            }
+            Err(e) => shared.inner.enter_outage(&e),
+        }
+    }
+    for (set, reply) in beats {
+        let _ = reply.send(shared.heartbeat(set).await);
+    }
+    released
+}
+
 fn reject_no_wait(queue: &mut VecDeque<Waiter>) {
     if queue.iter().any(|w| w.no_wait) {
         let mut keep = VecDeque::with_capacity(queue.len());
@@ -508,54 +607,5 @@ fn reject_no_wait(queue: &mut VecDeque<Waiter>) {
             }
         }
         *queue = keep;
-    }
-}
-
-/// The per-endpoint releaser: batches releases and capacity changes into script calls.
-async fn releaser(shared: Arc<EndpointShared>, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
-    // Learn the stored capacity (and restore it if Redis has none) right away.
-    if let Err(e) = shared.heartbeat(false).await {
-        shared.inner.enter_outage(&e);
-    }
-    while let Some(cmd) = cmd_rx.recv().await {
-        let (mut releases, mut set_cap) = (0usize, false);
-        let mut note = |c: Cmd| match c {
-            Cmd::Release => releases += 1,
-            Cmd::SetCapacity => set_cap = true,
-        };
-        note(cmd);
-        while let Ok(c) = cmd_rx.try_recv() {
-            note(c);
-        }
-        if releases > 0 {
-            sub_sat(&shared.held, releases);
-            if !shared.inner.is_degraded() {
-                match shared.release_script(releases).await {
-                    Ok(_) => shared.wake.notify_one(),
-                    Err(e) => shared.inner.enter_outage(&e),
-                }
-            }
-        }
-        if set_cap && !shared.inner.is_degraded() {
-            let c = shared.desired_capacity.load(Ordering::Acquire);
-            let r = shared
-                .inner
-                .invoke::<i64>(
-                    scripts::SET_CAPACITY_SCRIPT
-                        .key(&shared.keys.capacity)
-                        .arg(c)
-                        .arg(&shared.keys.channel),
-                )
-                .await;
-            match r {
-                Ok(_) => {
-                    // A newer set_capacity keeps the flag (and is stored next).
-                    if shared.desired_capacity.load(Ordering::Acquire) == c {
-                        shared.capacity_dirty.store(false, Ordering::Release);
-                    }
-                }
-                Err(e) => shared.inner.enter_outage(&e),
-            }
-        }
     }
 }

@@ -77,7 +77,7 @@ pub(crate) struct Inner {
     pub(crate) mode: watch::Sender<bool>,
     recover_kick: Notify,
     /// Live endpoint sources by pub/sub channel name.
-    endpoints: ArcSwap<HashMap<String, Weak<EndpointShared>>>,
+    endpoints: ArcSwap<HashMap<String, Registered>>,
     subscribe: mpsc::UnboundedSender<String>,
     ready: Arc<ReadyState>,
 }
@@ -169,22 +169,65 @@ impl Inner {
     }
 
     fn endpoint_by_channel(&self, channel: &str) -> Option<Arc<EndpointShared>> {
-        self.endpoints.load().get(channel).and_then(Weak::upgrade)
+        self.endpoints
+            .load()
+            .get(channel)
+            .and_then(|r| r.shared.upgrade())
     }
 
     fn live_endpoints(&self) -> Vec<Arc<EndpointShared>> {
         self.endpoints
             .load()
             .values()
-            .filter_map(Weak::upgrade)
+            .filter_map(|r| r.shared.upgrade())
             .collect()
     }
 
-    /// One heartbeat of every live endpoint of this process (`set`: absolute re-register).
+    /// One heartbeat of every live endpoint of this process (`set`: absolute re-register),
+    /// run by each endpoint's task.
     async fn heartbeat_all(&self, set: bool) -> Result<(), StorageError> {
         let eps = self.live_endpoints();
-        let results = join_all(eps.iter().map(|ep| ep.heartbeat(set))).await;
+        let results = join_all(eps.iter().map(|ep| async move {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            if ep
+                .cmd_tx
+                .send(crate::capacity::Cmd::Heartbeat { set, reply })
+                .is_err()
+            {
+                return Ok(()); // the source is gone
+            }
+            match tokio::time::timeout(self.config.timeout * 4, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Ok(()),
+                Err(_) => Err(StorageError::Timeout(self.config.timeout * 4)),
+            }
+        }))
+        .await;
         results.into_iter().collect()
+    }
+}
+
+/// A registered endpoint source, held weakly (the gateway owns the sources).
+#[derive(Clone)]
+pub(crate) struct Registered {
+    shared: Weak<EndpointShared>,
+    source: Weak<crate::capacity::SourceParts>,
+}
+
+impl Registered {
+    fn new(cap: &RedisCapacity) -> Self {
+        Self {
+            shared: Arc::downgrade(cap.shared()),
+            source: cap.parts_weak(),
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        self.source.strong_count() > 0
+    }
+
+    fn upgrade(&self) -> Option<RedisCapacity> {
+        self.source.upgrade().map(RedisCapacity::from_parts)
     }
 }
 
@@ -343,15 +386,27 @@ impl RedisStorage {
     /// The shared capacity source of `endpoint` (a path such as `/work`). `capacity` is
     /// used until the stored global capacity is read (within one round trip) and as the
     /// stored value if Redis has none. Registers the endpoint with the heartbeat and the
-    /// pub/sub listener.
+    /// pub/sub listener. A process has one source per endpoint: while one is alive, calling
+    /// this again for the same endpoint returns a clone of it (`capacity` is then ignored).
     pub fn capacity_source(&self, endpoint: &str, capacity: usize) -> RedisCapacity {
         let keys = Keys::new(&self.inner.config.key_prefix, endpoint);
-        let (cap, shared) = RedisCapacity::build(self.clone(), endpoint, keys, capacity);
-        let channel = shared.keys.channel.clone();
+        // One source per endpoint and process: its slots are one entry of this instance.
+        if let Some(existing) = self
+            .inner
+            .endpoints
+            .load()
+            .get(&keys.channel)
+            .and_then(Registered::upgrade)
+        {
+            return existing;
+        }
+        let cap = RedisCapacity::build(self.clone(), endpoint, keys, capacity);
+        let channel = cap.shared().keys.channel.clone();
+        let entry = Registered::new(&cap);
         self.inner.endpoints.rcu(|m| {
             let mut m = HashMap::clone(m);
-            m.retain(|_, w| w.strong_count() > 0);
-            m.insert(channel.clone(), Arc::downgrade(&shared));
+            m.retain(|_, r| r.is_live());
+            m.insert(channel.clone(), entry.clone());
             m
         });
         let _ = self.inner.subscribe.send(channel);
