@@ -10,7 +10,7 @@
 //! | `{p:e}:capacity` | string | the endpoint's global capacity |
 //! | `{p:e}:waiting` | string (PX) | present while some process has queued waiters |
 //! | `{p:e}:probe_lock` | string (PX) | held by the process probing the capacity |
-//! | `{p:e}:events` | pub/sub channel | `r` (slots freed), `c:<n>` (capacity changed) |
+//! | `{p:e}:events` | pub/sub channel | `r:<instance>` (slots freed by that instance), `c:<n>` (capacity changed) |
 //!
 //! The global count is the sum of `holders`; every script keeps `holders` and `leases` in
 //! step. Lease deadlines come from the server's `TIME`, never from a client clock. Every
@@ -81,7 +81,7 @@ end
 if grant < want then
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
 elseif #dead > 0 and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[6], 'r')
+  redis.call('PUBLISH', ARGV[6], 'r:' .. ARGV[1])
 end
 return {grant, count + grant, cap}
 "#;
@@ -100,7 +100,7 @@ elseif n > 0 then
   redis.call('HINCRBY', KEYS[1], ARGV[1], -n)
 end
 if (n > 0 or #dead > 0) and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[4], 'r')
+  redis.call('PUBLISH', ARGV[4], 'r:' .. ARGV[1])
 end
 return {n, total(), cap}
 "#;
@@ -135,7 +135,7 @@ else
 end
 local now_held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if (now_held < old or #dead > 0) and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[5], 'r')
+  redis.call('PUBLISH', ARGV[5], 'r:' .. ARGV[1])
 end
 return {was, total(), cap}
 "#;

@@ -665,6 +665,12 @@ fn on_message(inner: &Inner, msg: &redis::Msg) {
         return;
     };
     let payload = msg.get_payload_bytes();
+    if let Some(from) = payload.strip_prefix(b"r:") {
+        // This process's own releases already woke its dispatcher.
+        if from == inner.instance.as_bytes() {
+            return;
+        }
+    }
     if let Some(cap) = payload.strip_prefix(b"c:") {
         if let Some(c) = std::str::from_utf8(cap).ok().and_then(|s| s.parse().ok()) {
             ep.apply_capacity(c);
