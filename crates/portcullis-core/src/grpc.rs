@@ -63,10 +63,22 @@ mod tests {
 
     #[test]
     fn maps_the_statuses_portcullis_uses() {
-        assert_eq!(grpc_status_for(StatusCode::BAD_GATEWAY), GrpcCode::Unavailable);
-        assert_eq!(grpc_status_for(StatusCode::SERVICE_UNAVAILABLE), GrpcCode::Unavailable);
-        assert_eq!(grpc_status_for(StatusCode::GATEWAY_TIMEOUT), GrpcCode::DeadlineExceeded);
-        assert_eq!(grpc_status_for(StatusCode::UNAUTHORIZED), GrpcCode::Unauthenticated);
+        assert_eq!(
+            grpc_status_for(StatusCode::BAD_GATEWAY),
+            GrpcCode::Unavailable
+        );
+        assert_eq!(
+            grpc_status_for(StatusCode::SERVICE_UNAVAILABLE),
+            GrpcCode::Unavailable
+        );
+        assert_eq!(
+            grpc_status_for(StatusCode::GATEWAY_TIMEOUT),
+            GrpcCode::DeadlineExceeded
+        );
+        assert_eq!(
+            grpc_status_for(StatusCode::UNAUTHORIZED),
+            GrpcCode::Unauthenticated
+        );
     }
 
     #[test]

@@ -32,7 +32,11 @@ impl IntoRejection for Rejection {
 
 impl Rejection {
     /// A rejection with the given status, stable `error` code and human message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Self {
             status,
             code,
@@ -52,7 +56,10 @@ impl Rejection {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             codes::QUEUE_TIMEOUT,
-            format!("request waited {:.3}s in the admission queue without getting a slot", waited.as_secs_f64()),
+            format!(
+                "request waited {:.3}s in the admission queue without getting a slot",
+                waited.as_secs_f64()
+            ),
         )
     }
 
@@ -119,7 +126,10 @@ impl Rejection {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             codes::UPSTREAM_TIMEOUT,
-            format!("the upstream did not answer within {:.3}s", timeout.as_secs_f64()),
+            format!(
+                "the upstream did not answer within {:.3}s",
+                timeout.as_secs_f64()
+            ),
         )
     }
 
@@ -183,7 +193,10 @@ impl Rejection {
         let mut resp = Response::new(RejectionBody::full(self.json_body()));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(v) = self.retry_after_value() {
             h.insert(header::RETRY_AFTER, v);
@@ -196,8 +209,14 @@ impl Rejection {
     pub fn to_grpc_response<B>(&self) -> Response<RejectionBody<B>> {
         let mut resp = Response::new(RejectionBody::empty());
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert("grpc-status", HeaderValue::from(grpc_status_for(self.status).as_i32()));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(grpc_status_for(self.status).as_i32()),
+        );
         let msg = format!("{}: {}", self.code, self.message);
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&msg)) {
             h.insert("grpc-message", v);
@@ -224,7 +243,13 @@ fn percent_encode(s: &str) -> String {
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): {}", self.code, self.status.as_u16(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.code,
+            self.status.as_u16(),
+            self.message
+        )
     }
 }
 
@@ -244,14 +269,21 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&r.json_body()).unwrap();
         assert_eq!(body["error"], "no_healthy_upstream");
         assert!(body["message"].as_str().unwrap().contains("healthy"));
-        assert_eq!(resp.body().size_hint().exact(), Some(r.json_body().len() as u64));
+        assert_eq!(
+            resp.body().size_hint().exact(),
+            Some(r.json_body().len() as u64)
+        );
     }
 
     #[test]
     fn grpc_form_is_trailers_only() {
         let mut req = HeaderMap::new();
-        req.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        let resp = Rejection::queue_timeout(Duration::from_millis(1500)).to_response::<http_body_util::Empty<Bytes>>(&req);
+        req.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let resp = Rejection::queue_timeout(Duration::from_millis(1500))
+            .to_response::<http_body_util::Empty<Bytes>>(&req);
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["grpc-status"], "4");
         assert!(resp.body().is_end_stream());
