@@ -1,12 +1,39 @@
 //! Portcullis: composable [`tower`] layers that keep backends from being overwhelmed, or hit
 //! while sick.
 //!
-//! This facade crate re-exports the layer crates behind cargo features. (Under construction.)
+//! This facade crate re-exports the layer crates behind cargo features (all on by default
+//! through the `gateway` feature):
+//!
+//! | feature | module | what |
+//! |---|---|---|
+//! | `health` | [`health`] | probes, health state machine, `/healthz` + `/readyz`, `HealthServer` |
+//! | `balance` | [`balance`] | health-gated load balancing (p2c, round-robin, first-healthy, ejection) |
+//! | `breaker` | [`breaker`] | circuit-breaker fallback |
+//! | `admission` | [`admission`] | capacity, FIFO queue, 504 on queue timeout, 503 when unhealthy |
+//! | `redis` | [`redis`] | the Redis-shared in-flight counter and capacity store |
+//! | `probe` | [`probe`] | throughput probing (finds an endpoint's capacity) |
+//! | `dashboard` | [`dashboard`] | `/balancer/stats`, `/metrics`, the `/balancer/ui` page |
+//! | `gateway` | [`gateway`] | the example gateway's config, reverse proxy and assembly |
 
 #![forbid(unsafe_code)]
 
 pub use portcullis_core as core;
 pub use portcullis_core::{codes, Rejection};
+
+#[cfg(feature = "admission")]
+pub use portcullis_admission as admission;
+#[cfg(feature = "balance")]
+pub use portcullis_balance as balance;
+#[cfg(feature = "breaker")]
+pub use portcullis_breaker as breaker;
+#[cfg(feature = "dashboard")]
+pub use portcullis_dashboard as dashboard;
+#[cfg(feature = "health")]
+pub use portcullis_health as health;
+#[cfg(feature = "probe")]
+pub use portcullis_probe as probe;
+#[cfg(feature = "redis")]
+pub use portcullis_redis as redis;
 
 #[cfg(feature = "gateway")]
 pub mod gateway;

@@ -26,8 +26,14 @@ fn run_with(yaml: Option<&str>, extra: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!text.contains("panicked"), "panic for {yaml:?}: {text}");
-    assert!(!text.contains("stack backtrace"), "backtrace for {yaml:?}: {text}");
-    (out.status.code().unwrap_or(-1), text.replace(&path.display().to_string(), "FILE"))
+    assert!(
+        !text.contains("stack backtrace"),
+        "backtrace for {yaml:?}: {text}"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        text.replace(&path.display().to_string(), "FILE"),
+    )
 }
 
 #[test]
@@ -47,21 +53,45 @@ fn bad_configs_exit_2_naming_file_and_field() {
         (Some("upstreams: []\nnot_a_field: 3\n"), "`not_a_field`"),
         (Some("upstream_timeout: soon\n"), "`upstream_timeout`"),
         (Some("failure_threshold: -2\n"), "`failure_threshold`"),
-        (Some("upstreams:\n  - {url: \"::nope::\"}\n"), "`upstreams[0].url`"),
-        (Some("upstreams:\n  - {url: http://127.0.0.1:1}\n  - {url: http://127.0.0.1:1}\n"), "duplicate upstream"),
-        (Some("endpoints:\n  /work: {capacity: 0}\n"), "`endpoints./work.capacity`"),
-        (Some("endpoints:\n  /work: {capacity: -1}\n"), "`endpoints./work.capacity`"),
-        (Some("health_check_interval: 0\n"), "`health_check_interval`"),
+        (
+            Some("upstreams:\n  - {url: \"::nope::\"}\n"),
+            "`upstreams[0].url`",
+        ),
+        (
+            Some("upstreams:\n  - {url: http://127.0.0.1:1}\n  - {url: http://127.0.0.1:1}\n"),
+            "duplicate upstream",
+        ),
+        (
+            Some("endpoints:\n  /work: {capacity: 0}\n"),
+            "`endpoints./work.capacity`",
+        ),
+        (
+            Some("endpoints:\n  /work: {capacity: -1}\n"),
+            "`endpoints./work.capacity`",
+        ),
+        (
+            Some("health_check_interval: 0\n"),
+            "`health_check_interval`",
+        ),
         (Some("health_check_timeout: -1\n"), "`health_check_timeout`"),
         (Some("queue_timeout: 0\n"), "`queue_timeout`"),
-        (Some("storage: {type: redis, url: http://x}\n"), "`storage.url`"),
+        (
+            Some("storage: {type: redis, url: http://x}\n"),
+            "`storage.url`",
+        ),
         (Some("routing_strategy: random\n"), "`routing_strategy`"),
     ];
     for (yaml, needle) in cases {
         let (code, text) = run_with(*yaml, &["--check"]);
         assert_eq!(code, 2, "{yaml:?}: {text}");
-        assert!(text.contains("FILE"), "{yaml:?} does not name the file: {text}");
-        assert!(text.contains(needle), "{yaml:?} should mention {needle}: {text}");
+        assert!(
+            text.contains("FILE"),
+            "{yaml:?} does not name the file: {text}"
+        );
+        assert!(
+            text.contains(needle),
+            "{yaml:?} should mention {needle}: {text}"
+        );
     }
     // Without --check too: the gateway refuses to start.
     let (code, text) = run_with(Some("bogus: true\n"), &[]);

@@ -52,7 +52,9 @@ fn echo_app() -> Router {
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.unwrap();
                     n += chunk.len();
-                    sum = chunk.iter().fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(*b as u64));
+                    sum = chunk
+                        .iter()
+                        .fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(*b as u64));
                 }
                 Json(serde_json::json!({"bytes": n, "sum": sum}))
             }),
@@ -83,7 +85,8 @@ fn echo_app() -> Router {
 }
 
 fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0u64, |s, b| s.wrapping_mul(31).wrapping_add(*b as u64))
+    data.iter()
+        .fold(0u64, |s, b| s.wrapping_mul(31).wrapping_add(*b as u64))
 }
 
 #[tokio::test]
@@ -110,12 +113,22 @@ async fn forwards_method_path_query_and_headers() {
     assert_eq!(v["body"], "hello");
     let h = &v["headers"];
     assert_eq!(h["x-custom"], "kept");
-    assert!(h.get("x-hop").is_none(), "header named in Connection must be removed: {h}");
-    assert!(h.get("keep-alive").is_none(), "hop-by-hop header leaked: {h}");
+    assert!(
+        h.get("x-hop").is_none(),
+        "header named in Connection must be removed: {h}"
+    );
+    assert!(
+        h.get("keep-alive").is_none(),
+        "hop-by-hop header leaked: {h}"
+    );
     assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], gw.addr.to_string());
-    assert_eq!(h["host"], be.addr.to_string(), "the upstream sees its own Host");
+    assert_eq!(
+        h["host"],
+        be.addr.to_string(),
+        "the upstream sees its own Host"
+    );
 }
 
 #[tokio::test]
@@ -126,8 +139,10 @@ async fn streams_ten_mib_both_ways() {
     // Upload: a streamed 10 MiB request body, sent in 64 KiB chunks.
     let payload: Vec<u8> = (0..TEN_MIB).map(|i| (i % 253) as u8).collect();
     let expected = checksum(&payload);
-    let chunks: Vec<Result<Bytes, std::io::Error>> =
-        payload.chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    let chunks: Vec<Result<Bytes, std::io::Error>> = payload
+        .chunks(64 * 1024)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
     let req = http::Request::post(gw.url("/upload"))
         .body(Body::from_stream(futures_util::stream::iter(chunks)))
         .unwrap();
@@ -140,7 +155,11 @@ async fn streams_ten_mib_both_ways() {
 
     // Download: the response arrives in frames (streamed), not as one buffered block.
     let resp = client()
-        .request(http::Request::get(gw.url("/download")).body(Body::empty()).unwrap())
+        .request(
+            http::Request::get(gw.url("/download"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
@@ -162,7 +181,11 @@ async fn closed_port_is_502_without_leaking_the_upstream() {
     let upstream = format!("http://127.0.0.1:{port}");
     let gw = TestGateway::start(&yaml_for(&[upstream.clone()], "")).await;
     let resp = client()
-        .request(http::Request::get(gw.url("/anything")).body(Body::empty()).unwrap())
+        .request(
+            http::Request::get(gw.url("/anything"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
@@ -171,7 +194,10 @@ async fn closed_port_is_502_without_leaking_the_upstream() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"], "bad_gateway");
     let text = String::from_utf8_lossy(&body);
-    assert!(!text.contains(&port.to_string()), "upstream address leaked: {text}");
+    assert!(
+        !text.contains(&port.to_string()),
+        "upstream address leaked: {text}"
+    );
 }
 
 #[tokio::test]
@@ -180,7 +206,11 @@ async fn slow_backend_is_504_after_upstream_timeout() {
     let gw = TestGateway::start(&yaml_for(&[be.url()], "upstream_timeout: 0.5\n")).await;
     let start = Instant::now();
     let resp = client()
-        .request(http::Request::get(gw.url("/slow")).body(Body::empty()).unwrap())
+        .request(
+            http::Request::get(gw.url("/slow"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let took = start.elapsed();
@@ -188,7 +218,10 @@ async fn slow_backend_is_504_after_upstream_timeout() {
     let v: serde_json::Value =
         serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["error"], "upstream_timeout");
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(2500), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
 }
 
 #[tokio::test]
@@ -214,5 +247,8 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"finished");
-    assert!(server.await.unwrap().unwrap(), "server did not drain cleanly");
+    assert!(
+        server.await.unwrap().unwrap(),
+        "server did not drain cleanly"
+    );
 }

@@ -1,26 +1,70 @@
 //! Assembly of the gateway: the layers, the proxy and the operator routes in one axum router,
 //! and a server loop with graceful shutdown.
+//!
+//! The request path, outermost first:
+//!
+//! ```text
+//! axum Router ── /healthz /readyz /balancer/stats /metrics /balancer/ui   (operator routes)
+//!      └─ fallback: HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
+//!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
+//!                  ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
+//!                  │              └─ Proxy to the picked upstream (pooled hyper client)
+//!                  └─ fallback: Proxy to `fallback.url`
+//! ```
+//!
+//! The admission layer's capacity source is in-process ([`LocalCapacity`]) with
+//! `storage: {type: memory}` and Redis-shared ([`RedisCapacity`]) with `storage: {type:
+//! redis}`. Watched endpoints without a `capacity` are probed at startup when
+//! `probe_on_startup` is set (see [`super::startup`]).
 
-use super::config::GatewayConfig;
-use super::proxy::{OriginalAuthority, Proxy, ProxySettings, ProxyTo};
+use super::config::{GatewayConfig, StorageType};
+use super::proxy::{OriginalAuthority, Proxy, ProxySettings, ProxyTo, Upstream};
+use super::startup;
+use super::stats::GatewayStats;
 use axum::body::Body;
 use axum::Router;
 use http::{Request, Response};
+use portcullis_admission::{
+    CapacitySource, EndpointConfig as AdmissionEndpoint, Endpoints, HttpAdmissionLayer,
+    LocalCapacity,
+};
+use portcullis_balance::{CheckerHandle, HttpBalance, ReplicaRegistry, Tier};
+use portcullis_breaker::{Breaker, HttpFallback};
+use portcullis_core::HealthSource;
+use portcullis_health::{
+    Component, HealthRegistry, HealthServer, HttpProbe, Probe, ProbeFuture, ProbeResult,
+};
+use portcullis_redis::{RedisCapacity, RedisStorage};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceExt};
 
-/// A built gateway: its router plus the background tasks it owns (health checkers, probes).
+/// The type-erased request path below the router (admission and everything under it).
+pub type GatewayService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// How often the cached readiness flags are refreshed from the layers' state (no I/O).
+const READINESS_REFRESH: Duration = Duration::from_millis(100);
+
+/// A built gateway: its router plus the background tasks it owns (health checkers, the
+/// breaker's prober, the Redis heartbeat and PING loops, startup probes, the standalone
+/// health server).
 ///
 /// Dropping it stops every background task.
 #[derive(Debug)]
 pub struct Gateway {
     router: Router,
     config: Arc<GatewayConfig>,
+    registry: ReplicaRegistry<ProxyTo>,
+    breaker: Option<Breaker>,
+    health: HealthRegistry,
+    storage: Option<RedisStorage>,
+    health_server: Option<HealthServer>,
+    _checker: CheckerHandle,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -32,42 +76,232 @@ impl Drop for Gateway {
     }
 }
 
+/// What the admission layer and `/readyz` ask: can anything serve a request right now?
+///
+/// A healthy replica can; so can a configured fallback (the breaker routes to it once the
+/// pool fails, and a broken fallback answers `fallback_unavailable` itself).
+#[derive(Debug, Clone)]
+struct CanServe {
+    registry: ReplicaRegistry<ProxyTo>,
+    has_fallback: bool,
+}
+
+impl HealthSource for CanServe {
+    fn can_serve(&self) -> bool {
+        self.has_fallback || self.registry.can_serve()
+    }
+}
+
 impl Gateway {
     /// Builds the gateway for `config` (already validated).
+    ///
+    /// Connects the storage (a single Redis node lazily: an unreachable Redis at start is an
+    /// outage handled by `storage.on_error`, not an error), spawns the health checker, the
+    /// breaker's prober and, when configured, the startup probes and the standalone health
+    /// server.
     pub async fn build(config: GatewayConfig) -> Result<Self, BuildError> {
         let config = Arc::new(config);
+        let started = Instant::now();
         let proxy = Proxy::new(ProxySettings {
-            upstream_timeout: Duration::from_secs_f64(config.upstream_timeout),
+            upstream_timeout: config.upstream_timeout(),
             connect_timeout: Duration::from_secs_f64(config.connect_timeout),
             ..ProxySettings::default()
         });
-        let upstreams: Vec<ProxyTo> = config
-            .parsed_upstreams()
-            .into_iter()
-            .map(|(u, _)| proxy.to(u))
-            .collect();
-        if upstreams.is_empty() {
+        if config.upstreams.is_empty() {
             return Err(BuildError("no upstreams configured".into()));
         }
-        let pool = Arc::new(RoundRobin {
-            next: AtomicUsize::new(0),
-            upstreams,
-        });
-        let proxy_service = tower::service_fn(move |req: Request<Body>| {
-            let pool = pool.clone();
-            async move {
-                let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.upstreams.len();
-                let mut svc = pool.upstreams[i].clone();
-                tower::Service::call(&mut svc, req).await
+
+        // Health-gated balance over the upstreams.
+        let balance_config = config.balance_config();
+        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(&balance_config);
+        for (upstream, primary) in config.parsed_upstreams() {
+            let key = upstream.url().to_owned();
+            registry.add(key, Tier::from_primary(primary), proxy.to(upstream));
+        }
+        let checker = registry.spawn_http_checker(&balance_config);
+        let dispatch = tower::service_fn(|(mut to, req): (ProxyTo, Request<Body>)| to.call(req));
+        let balanced = HttpBalance::new(dispatch, registry.clone()).map_response(to_body);
+        let balanced = BoxCloneSyncService::new(balanced);
+
+        // Optional circuit-breaker fallback around the pool.
+        let (primary, breaker): (GatewayService, Option<Breaker>) = match &config.fallback {
+            None => (balanced.clone(), None),
+            Some(fallback) => {
+                let fallback_proxy = match &fallback.url {
+                    Some(url) => Some(
+                        Upstream::parse(url)
+                            .map_err(|e| BuildError(format!("fallback.url: {}", e.0)))?,
+                    ),
+                    None => None,
+                };
+                let probe = PoolProbe {
+                    http: HttpProbe::new(config.health_endpoint.clone(), fallback.probe_timeout),
+                    upstreams: config
+                        .parsed_upstreams()
+                        .into_iter()
+                        .map(|(u, _)| u.url().to_owned())
+                        .collect(),
+                };
+                let breaker = Breaker::builder(fallback.clone())
+                    .primary_target(POOL_TARGET)
+                    .fallback_target(fallback_proxy.as_ref().map(|u| u.url().to_owned()))
+                    .health_endpoint(config.health_endpoint.clone())
+                    .probe(probe)
+                    .build();
+                if fallback_proxy.is_none() {
+                    tracing::warn!(
+                        "fallback: no url configured; the breaker only reports primary_unhealthy"
+                    );
+                }
+                let fallback_svc: GatewayService = match fallback_proxy {
+                    Some(u) => BoxCloneSyncService::new(proxy.to(u)),
+                    None => balanced.clone(),
+                };
+                let svc = HttpFallback::new(balanced.clone(), fallback_svc, breaker.clone())
+                    .map_response(to_body);
+                (BoxCloneSyncService::new(svc), Some(breaker))
             }
-        });
+        };
+
+        let can_serve = CanServe {
+            registry: registry.clone(),
+            has_fallback: breaker.as_ref().is_some_and(Breaker::has_fallback),
+        };
+
+        // Readiness components.
+        let health = HealthRegistry::new();
+        let upstreams_ready = health.register("upstreams");
+
+        // Admission over the chosen storage.
+        let admission = config.admission_config();
+        let to_probe: Vec<String> = if config.probe_on_startup {
+            config
+                .endpoints
+                .iter()
+                .filter(|(_, e)| e.capacity.is_none())
+                .map(|(p, _)| p.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let startup_ready = (!to_probe.is_empty()).then(|| health.register("startup_probe"));
+        let initial = |path: &str, ep: &AdmissionEndpoint| -> usize {
+            match ep.capacity {
+                Some(c) => c,
+                // Probed endpoints admit nothing until their capacity is known: requests
+                // wait in the FIFO queue (bounded by queue_timeout) instead of overloading
+                // the backend while it is being measured.
+                None if to_probe.iter().any(|p| p == path) => 0,
+                None => config.default_capacity as usize,
+            }
+        };
+
+        let mut tasks = Vec::new();
+        let (admitted, stats, storage): (GatewayService, GatewayStats, Option<RedisStorage>) =
+            match config.storage.kind {
+                StorageType::Memory => {
+                    let endpoints = Endpoints::from_config_with(&admission, |p, e| {
+                        LocalCapacity::new(initial(p, e))
+                    })
+                    .map_err(BuildError)?;
+                    let svc = admission_stack(&endpoints, &can_serve, primary.clone());
+                    if let Some(ready) = &startup_ready {
+                        tasks.push(tokio::spawn(startup::probe_local(
+                            Arc::clone(&config),
+                            balanced.clone(),
+                            endpoints.clone(),
+                            to_probe.clone(),
+                            ready.clone(),
+                        )));
+                    }
+                    let stats = GatewayStats::new(
+                        started,
+                        registry.clone(),
+                        breaker.clone(),
+                        Arc::new(move || endpoints.stats()),
+                        None,
+                    );
+                    (svc, stats, None)
+                }
+                StorageType::Redis => {
+                    let storage = RedisStorage::connect(&config.storage)
+                        .await
+                        .map_err(|e| BuildError(format!("storage: {e}")))?;
+                    let endpoints =
+                        Endpoints::<RedisCapacity>::from_config_with(&admission, |p, e| {
+                            storage.capacity_source(p, initial(p, e))
+                        })
+                        .map_err(BuildError)?;
+                    // A configured capacity is the truth: store it for every process.
+                    for (path, ep) in &config.endpoints {
+                        if let Some(c) = ep.capacity {
+                            if let Some(l) = endpoints.get(path) {
+                                l.set_capacity(c as usize);
+                            }
+                        }
+                    }
+                    let svc = admission_stack(&endpoints, &can_serve, primary.clone());
+                    if let Some(ready) = &startup_ready {
+                        tasks.push(tokio::spawn(startup::probe_shared(
+                            Arc::clone(&config),
+                            balanced.clone(),
+                            endpoints.clone(),
+                            storage.clone(),
+                            to_probe.clone(),
+                            ready.clone(),
+                        )));
+                    }
+                    let storage_ready = health.register_ready("storage");
+                    tasks.push(tokio::spawn(refresh_storage(
+                        storage.readiness(),
+                        storage_ready,
+                    )));
+                    let stats = GatewayStats::new(
+                        started,
+                        registry.clone(),
+                        breaker.clone(),
+                        Arc::new(move || endpoints.stats()),
+                        Some(storage.clone()),
+                    );
+                    (svc, stats, Some(storage))
+                }
+            };
+        tasks.push(tokio::spawn(refresh_upstreams(
+            can_serve.clone(),
+            upstreams_ready,
+        )));
+
+        portcullis_dashboard::log_auth_mode(&config.ui);
+        let operator = portcullis_dashboard::router(&config.ui, stats, &health);
         let router = Router::new()
-            .fallback_service(proxy_service)
+            .merge(operator)
+            .fallback_service(admitted)
             .layer(axum::middleware::map_request(remember_authority));
+
+        let health_server = if config.health_server.enable {
+            let mut server = HealthServer::from_config(&config.health_server, health.clone());
+            let addr = server.start().await.map_err(|e| {
+                BuildError(format!(
+                    "health_server.listen: cannot bind {}: {e}",
+                    config.health_server.listen
+                ))
+            })?;
+            tracing::info!(%addr, "health server listening");
+            Some(server)
+        } else {
+            None
+        };
+
         Ok(Self {
             router,
             config,
-            tasks: Vec::new(),
+            registry,
+            breaker,
+            health,
+            storage,
+            health_server,
+            _checker: checker,
+            tasks,
         })
     }
 
@@ -80,12 +314,120 @@ impl Gateway {
     pub fn config(&self) -> &GatewayConfig {
         &self.config
     }
+
+    /// The upstream registry (runtime `add` / `remove`, snapshots).
+    pub fn registry(&self) -> &ReplicaRegistry<ProxyTo> {
+        &self.registry
+    }
+
+    /// The circuit breaker, when `fallback` is configured.
+    pub fn breaker(&self) -> Option<&Breaker> {
+        self.breaker.as_ref()
+    }
+
+    /// The liveness/readiness registry behind `/healthz` and `/readyz`.
+    pub fn health(&self) -> &HealthRegistry {
+        &self.health
+    }
+
+    /// The Redis storage, with `storage: {type: redis}`.
+    pub fn storage(&self) -> Option<&RedisStorage> {
+        self.storage.as_ref()
+    }
+
+    /// The standalone health server's address, when `health_server.enable` is set.
+    pub fn health_server_addr(&self) -> Option<SocketAddr> {
+        self.health_server
+            .as_ref()
+            .and_then(HealthServer::local_addr)
+    }
+
+    /// Stops the standalone health server (frees its port); the rest stops on drop.
+    pub async fn shutdown(mut self) {
+        if let Some(mut s) = self.health_server.take() {
+            s.stop().await;
+        }
+    }
 }
 
-#[derive(Debug)]
-struct RoundRobin {
-    next: AtomicUsize,
-    upstreams: Vec<ProxyTo>,
+/// The admission layer over `endpoints`, gated by `can_serve`, in front of `inner`.
+fn admission_stack<C>(
+    endpoints: &Endpoints<C>,
+    can_serve: &CanServe,
+    inner: GatewayService,
+) -> GatewayService
+where
+    C: CapacitySource,
+    C::Permit: Send + Sync,
+{
+    let layer = HttpAdmissionLayer::new(endpoints.clone()).with_health(can_serve.clone());
+    BoxCloneSyncService::new(layer.layer(inner).map_response(to_body))
+}
+
+fn to_body<B>(resp: Response<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    resp.map(Body::new)
+}
+
+/// Keeps the `upstreams` readiness flag in step with the pool (atomics only, no I/O).
+async fn refresh_upstreams(can_serve: CanServe, component: Component) {
+    let mut tick = tokio::time::interval(READINESS_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        component.set_ready(can_serve.can_serve());
+    }
+}
+
+/// Keeps the `storage` readiness flag in step with the Redis PING loop's cached verdict.
+async fn refresh_storage(readiness: portcullis_redis::Readiness, component: Component) {
+    let mut tick = tokio::time::interval(READINESS_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        component.set_ready(readiness.is_ready());
+        let n = readiness.consecutive_failures();
+        component.set_detail((n > 0).then(|| format!("{n} consecutive failed PINGs")));
+    }
+}
+
+/// The breaker's name for the primary pool in its probes and snapshots.
+const POOL_TARGET: &str = "upstreams";
+
+/// The breaker's probe: the primary is the whole upstream pool, healthy when any replica's
+/// `health_endpoint` answers 2xx (all probed concurrently); any other target (the
+/// fallback) is probed over HTTP directly.
+#[derive(Debug, Clone)]
+struct PoolProbe {
+    http: HttpProbe,
+    upstreams: Vec<String>,
+}
+
+impl Probe for PoolProbe {
+    fn probe(&self, target: &str) -> ProbeFuture {
+        if target != POOL_TARGET {
+            return self.http.probe(target);
+        }
+        let probes: Vec<ProbeFuture> = self.upstreams.iter().map(|u| self.http.probe(u)).collect();
+        Box::pin(async move {
+            let results = futures_util::future::join_all(probes).await;
+            let best = results
+                .iter()
+                .filter(|r| r.healthy)
+                .min_by_key(|r| r.latency)
+                .or_else(|| results.iter().max_by_key(|r| r.latency));
+            match best {
+                Some(r) if r.healthy => ProbeResult::healthy(r.latency, r.detail.clone()),
+                Some(r) => {
+                    ProbeResult::unhealthy(r.latency, format!("no healthy upstream ({})", r.detail))
+                }
+                None => ProbeResult::unhealthy(Duration::ZERO, "no upstream"),
+            }
+        })
+    }
 }
 
 async fn remember_authority(mut req: Request<Body>) -> Request<Body> {

@@ -8,6 +8,7 @@
 //! field and, where the parser knows it, the line. The gateway exits with status 2 on it.
 
 use super::proxy::Upstream;
+use portcullis_probe::ProbeConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -43,18 +44,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// How the balancer picks a replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RoutingStrategy {
-    /// Power of two random choices on in-flight count (the default).
-    #[default]
-    P2c,
-    /// Round robin over the healthy replicas of the best tier.
-    RoundRobin,
-    /// The first healthy primary, else the first healthy non-primary, in config order.
-    FirstHealthy,
-}
+pub use portcullis_balance::RoutingStrategy;
 
 /// One upstream replica.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,29 +57,10 @@ pub struct UpstreamConfig {
     pub primary: bool,
 }
 
-/// Where admission counters live.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum StorageConfig {
-    /// In-process counters (one gateway process).
-    Memory,
-    /// A Redis-shared counter (many gateway processes share one limit).
-    Redis(RedisStorageConfig),
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self::Memory
-    }
-}
-
-/// `storage: {type: redis, ...}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisStorageConfig {
-    /// `redis://[:password@]host:port[/db]` or `rediss://...`.
-    pub url: String,
-}
+pub use portcullis_breaker::Config as FallbackConfig;
+pub use portcullis_dashboard::UiConfig;
+pub use portcullis_health::HealthServerConfig;
+pub use portcullis_redis::{OnError, StorageConfig, StorageType};
 
 /// One watched endpoint under `endpoints`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -113,7 +84,7 @@ pub struct EndpointConfig {
 }
 
 /// The whole gateway configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// Address to listen on.
@@ -158,16 +129,35 @@ pub struct GatewayConfig {
     pub default_capacity: i64,
     /// Watched paths: admission control applies to these.
     pub endpoints: BTreeMap<String, EndpointConfig>,
+    /// Probe watched endpoints without a manual `capacity` before admitting traffic.
+    pub probe_on_startup: bool,
+    /// Probe again at startup even when a capacity is stored (Redis storage).
+    pub force_reprobe: bool,
+    /// A probe level fails above this fraction of failed requests.
+    pub error_threshold: f64,
+    /// A probe level fails when its p99 latency exceeds this many milliseconds.
+    pub latency_threshold_ms: f64,
+    /// Upper bound of the probed concurrency.
+    pub max_probe_concurrency: usize,
+    /// Minimum requests per probe level.
+    pub probe_min_requests: usize,
+    /// Circuit-breaker fallback (absent: no breaker).
+    pub fallback: Option<FallbackConfig>,
+    /// The dashboard page and operator-route credentials.
+    pub ui: UiConfig,
+    /// The standalone liveness/readiness server.
+    pub health_server: HealthServerConfig,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
+        let probe = ProbeConfig::default();
         Self {
             listen: "127.0.0.1:8080".into(),
             upstream_timeout: 30.0,
             connect_timeout: 5.0,
             drain_timeout: 30.0,
-            storage: StorageConfig::Memory,
+            storage: StorageConfig::default(),
             upstreams: Vec::new(),
             routing_strategy: RoutingStrategy::P2c,
             health_endpoint: "/healthz".into(),
@@ -184,6 +174,15 @@ impl Default for GatewayConfig {
             max_queue: None,
             default_capacity: 64,
             endpoints: BTreeMap::new(),
+            probe_on_startup: probe.probe_on_startup,
+            force_reprobe: probe.force_reprobe,
+            error_threshold: probe.error_threshold,
+            latency_threshold_ms: probe.latency_threshold_ms,
+            max_probe_concurrency: probe.max_probe_concurrency,
+            probe_min_requests: probe.probe_min_requests,
+            fallback: None,
+            ui: UiConfig::default(),
+            health_server: HealthServerConfig::default(),
         }
     }
 }
@@ -252,6 +251,65 @@ impl GatewayConfig {
             .iter()
             .filter_map(|u| Upstream::parse(&u.url).ok().map(|p| (p, u.primary)))
             .collect()
+    }
+
+    /// The balancer's settings (upstreams, policy, health checks, ejection).
+    pub fn balance_config(&self) -> portcullis_balance::Config {
+        portcullis_balance::Config {
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|u| portcullis_balance::UpstreamConfig {
+                    url: u.url.clone(),
+                    primary: u.primary,
+                })
+                .collect(),
+            routing_strategy: self.routing_strategy,
+            health_endpoint: self.health_endpoint.clone(),
+            health_check_interval: self.health_check_interval,
+            health_check_timeout: self.health_check_timeout,
+            failure_threshold: self.failure_threshold,
+            recovery_threshold: self.recovery_threshold,
+            health_check_jitter: self.health_check_jitter,
+            eject_after: self.eject_after,
+            eject_for: self.eject_for,
+            eject_max: self.eject_max,
+            panic_threshold: self.panic_threshold,
+        }
+    }
+
+    /// The admission settings (`queue_timeout`, `max_queue`, `endpoints`).
+    pub fn admission_config(&self) -> portcullis_admission::Config {
+        portcullis_admission::Config {
+            queue_timeout: Duration::from_secs_f64(self.queue_timeout),
+            max_queue: self.max_queue.map(|q| q.max(0) as usize),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|(path, e)| {
+                    let ep = portcullis_admission::EndpointConfig {
+                        method: e.method.clone(),
+                        capacity: e.capacity.map(|c| c.max(1) as usize),
+                        queue_timeout: e.queue_timeout.map(Duration::from_secs_f64),
+                        headers: (!e.headers.is_empty()).then(|| e.headers.clone()),
+                        body: e.body.clone(),
+                    };
+                    (path.clone(), ep)
+                })
+                .collect(),
+        }
+    }
+
+    /// The probe settings (`probe_on_startup`, thresholds, limits).
+    pub fn probe_config(&self) -> ProbeConfig {
+        ProbeConfig {
+            probe_on_startup: self.probe_on_startup,
+            force_reprobe: self.force_reprobe,
+            error_threshold: self.error_threshold,
+            latency_threshold_ms: self.latency_threshold_ms,
+            max_probe_concurrency: self.max_probe_concurrency,
+            probe_min_requests: self.probe_min_requests,
+        }
     }
 
     /// `upstream_timeout` as a duration.
@@ -374,18 +432,31 @@ impl GatewayConfig {
                 }
             }
         }
-        if let StorageConfig::Redis(r) = &self.storage {
-            if !(r.url.starts_with("redis://")
-                || r.url.starts_with("rediss://")
-                || r.url.starts_with("unix://"))
-            {
-                return Err(err(
-                    "storage.url",
-                    "url",
-                    "must start with redis://, rediss:// or unix://".into(),
-                ));
+        let nested = [
+            ("storage", self.storage.validate()),
+            (
+                "fallback",
+                self.fallback.as_ref().map_or(Ok(()), |f| f.validate()),
+            ),
+        ];
+        for (section, res) in nested {
+            if let Err(m) = res {
+                let (field, message) = match m.split_once(": ") {
+                    Some((f, rest)) if f.starts_with(section) => (f.to_string(), rest.to_string()),
+                    _ => (section.to_string(), m.clone()),
+                };
+                let key = field.rsplit('.').next().unwrap_or(section).to_string();
+                return Err(err(&field, &key, message));
             }
         }
+        if let Some(f) = &self.fallback {
+            if let Some(url) = &f.url {
+                Upstream::parse(url).map_err(|e| err("fallback.url", "url", e.0))?;
+            }
+        }
+        self.probe_config()
+            .validate()
+            .map_err(|e| err(e.field, e.field, e.message))?;
         Ok(())
     }
 }
@@ -468,7 +539,7 @@ mod tests {
     fn issue_example_loads() {
         let text = "listen: 127.0.0.1:8080\nupstream_timeout: 30\nstorage: {type: redis, url: redis://127.0.0.1:6379}\nupstreams:\n  - {url: http://127.0.0.1:9001, primary: true}\n  - {url: http://127.0.0.1:9002}\nrouting_strategy: p2c\nhealth_endpoint: /healthz\nhealth_check_interval: 1\nhealth_check_timeout: 1\nfailure_threshold: 3\nrecovery_threshold: 2\nqueue_timeout: 30\nendpoints:\n  /work: {method: POST, capacity: 8, queue_timeout: 5}\n";
         let cfg = load(text).unwrap();
-        assert!(matches!(cfg.storage, StorageConfig::Redis(_)));
+        assert_eq!(cfg.storage.kind, StorageType::Redis);
         assert_eq!(cfg.routing_strategy, RoutingStrategy::P2c);
     }
 

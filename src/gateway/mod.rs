@@ -7,7 +7,9 @@
 pub mod app;
 pub mod config;
 pub mod proxy;
+pub mod startup;
+pub mod stats;
 
-pub use app::{serve, BuildError, Gateway};
+pub use app::{serve, BuildError, Gateway, GatewayService};
 pub use config::{ConfigError, GatewayConfig};
 pub use proxy::{Proxy, ProxySettings, ProxyTo, Upstream};

@@ -54,7 +54,8 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(yaml: &str) -> Self {
-        let config = GatewayConfig::from_yaml(yaml, Path::new("test.yml")).expect("valid test config");
+        let config =
+            GatewayConfig::from_yaml(yaml, Path::new("test.yml")).expect("valid test config");
         let drain = Duration::from_secs_f64(config.drain_timeout);
         let gateway = Gateway::build(config).await.expect("gateway builds");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -103,7 +104,9 @@ pub fn client() -> hyper_util::client::legacy::Client<
 pub fn gateway_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("examples").join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    let bin = dir
+        .join("examples")
+        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.exists(),
         "example binary {} not found: build it with `cargo build --example gateway`",

@@ -1,0 +1,182 @@
+//! `probe_on_startup`: find the capacity of every watched endpoint that has none, through
+//! the gateway's own balanced upstreams, before admitting traffic on it.
+//!
+//! While probing, the endpoint's capacity is 0 (its requests wait in the FIFO queue, bounded
+//! by `queue_timeout`), `/readyz` reports `startup_probe` as failing, and every other path
+//! passes through. With Redis storage only one process probes (the capacity store's
+//! `SET NX PX` lock); the others reuse the stored result. A probe that fails leaves the
+//! endpoint at `default_capacity` and says why in the log.
+
+use super::app::GatewayService;
+use super::config::GatewayConfig;
+use axum::body::Body;
+use http::{Method, Request};
+use http_body_util::BodyExt;
+use portcullis_admission::{CapacitySource, Endpoints};
+use portcullis_health::Component;
+use portcullis_probe::{ProbeReport, ProbeTransport, Prober, RequestOutcome, SendFuture};
+use portcullis_redis::{RedisCapacity, RedisStorage};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+/// Sends the endpoint's probe request (method, headers, JSON body from its `endpoints`
+/// entry) through the balanced upstream pool, bypassing admission.
+#[derive(Clone)]
+pub struct BalancedTransport {
+    service: GatewayService,
+    method: Method,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Option<bytes::Bytes>,
+}
+
+impl std::fmt::Debug for BalancedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BalancedTransport({} {})", self.method, self.path)
+    }
+}
+
+impl BalancedTransport {
+    /// The transport for the watched endpoint `path` of `config`.
+    pub fn new(config: &GatewayConfig, path: &str, service: GatewayService) -> Self {
+        let ep = config.endpoints.get(path).cloned().unwrap_or_default();
+        let body = ep
+            .body
+            .as_ref()
+            .and_then(|b| serde_json::to_vec(b).ok())
+            .map(bytes::Bytes::from);
+        let method = ep
+            .method
+            .as_deref()
+            .and_then(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+            .unwrap_or(if body.is_some() {
+                Method::POST
+            } else {
+                Method::GET
+            });
+        Self {
+            service,
+            method,
+            path: path.to_owned(),
+            headers: ep.headers.into_iter().collect(),
+            body,
+        }
+    }
+}
+
+impl ProbeTransport for BalancedTransport {
+    fn send(&self) -> SendFuture {
+        let mut req = Request::builder()
+            .method(self.method.clone())
+            .uri(&self.path);
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        if self.body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(match &self.body {
+            Some(b) => Body::from(b.clone()),
+            None => Body::empty(),
+        });
+        let service = self.service.clone();
+        Box::pin(async move {
+            let Ok(req) = req else {
+                return RequestOutcome::TransportError;
+            };
+            let Ok(resp) = service.oneshot(req).await;
+            let status = resp.status();
+            // Read the body to the end: a streamed answer is load until it ends.
+            match resp.into_body().collect().await {
+                Ok(_) => RequestOutcome::Status(status),
+                Err(_) => RequestOutcome::TransportError,
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("{} {} (through the upstreams)", self.method, self.path)
+    }
+}
+
+async fn probe_one(
+    config: &GatewayConfig,
+    service: &GatewayService,
+    path: &str,
+) -> Result<ProbeReport, portcullis_probe::ProbeError> {
+    let prober = Prober::new(config.probe_config()).with_request_timeout(config.upstream_timeout());
+    let transport = BalancedTransport::new(config, path, service.clone());
+    tracing::info!(endpoint = %path, "probing capacity");
+    let report = prober.probe_transport(&transport, |_| {}).await?;
+    if report.latency_bound() {
+        tracing::warn!(
+            endpoint = %path,
+            capacity = report.max_concurrency,
+            "latency_threshold_ms, not errors, bound the probed capacity"
+        );
+    }
+    tracing::info!(
+        endpoint = %path,
+        capacity = report.max_concurrency,
+        best_rps_level = report.best_rps_level,
+        requests = report.total_requests,
+        seconds = report.elapsed_secs,
+        "probed capacity"
+    );
+    Ok(report)
+}
+
+fn apply<C: CapacitySource>(endpoints: &Endpoints<C>, path: &str, capacity: usize) {
+    endpoints.set_capacity(path, capacity.max(1));
+}
+
+/// Probes `paths` one after the other (in-process storage) and sets their capacities.
+pub async fn probe_local<C: CapacitySource>(
+    config: Arc<GatewayConfig>,
+    service: GatewayService,
+    endpoints: Endpoints<C>,
+    paths: Vec<String>,
+    ready: Component,
+) {
+    for path in &paths {
+        let capacity = match probe_one(&config, &service, path).await {
+            Ok(r) => r.max_concurrency,
+            Err(e) => {
+                tracing::error!(endpoint = %path, error = %e, fallback = config.default_capacity, "capacity probe failed; using default_capacity");
+                config.default_capacity as usize
+            }
+        };
+        apply(&endpoints, path, capacity);
+    }
+    ready.set_ready(true);
+}
+
+/// Probes `paths` through the Redis capacity store: the first process probes and stores,
+/// the others wait for and reuse its result; `force_reprobe` probes again.
+pub async fn probe_shared(
+    config: Arc<GatewayConfig>,
+    service: GatewayService,
+    endpoints: Endpoints<RedisCapacity>,
+    storage: RedisStorage,
+    paths: Vec<String>,
+    ready: Component,
+) {
+    for path in &paths {
+        let probed = storage
+            .get_or_probe(path, config.force_reprobe, || async {
+                probe_one(&config, &service, path)
+                    .await
+                    .map(|r| r.max_concurrency.max(1))
+            })
+            .await;
+        let capacity = match probed {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(endpoint = %path, error = %e, fallback = config.default_capacity, "capacity probe failed; using default_capacity");
+                config.default_capacity as usize
+            }
+        };
+        apply(&endpoints, path, capacity);
+    }
+    ready.set_ready(true);
+}

@@ -1,0 +1,133 @@
+//! The gateway's [`StatsSource`]: maps the admission, balance, breaker and storage
+//! snapshots into the `/balancer/stats` document (and so into `/metrics` and the dashboard).
+//!
+//! Everything here reads atomics and `ArcSwap` snapshots: no I/O per stats request.
+
+use super::proxy::ProxyTo;
+use portcullis_admission::AdmissionStats;
+use portcullis_balance::ReplicaRegistry;
+use portcullis_breaker::Breaker;
+use portcullis_dashboard::{FallbackStats, Stats, StatsSource, StorageStats, Tier, UpstreamStats};
+use portcullis_redis::RedisStorage;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A function returning the admission stats of every watched endpoint.
+pub type AdmissionStatsFn = Arc<dyn Fn() -> AdmissionStats + Send + Sync>;
+
+/// The live numbers of one gateway.
+#[derive(Clone)]
+pub struct GatewayStats {
+    started: Instant,
+    registry: ReplicaRegistry<ProxyTo>,
+    breaker: Option<Breaker>,
+    admission: AdmissionStatsFn,
+    storage: Option<RedisStorage>,
+}
+
+impl std::fmt::Debug for GatewayStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayStats")
+            .field("registry", &self.registry)
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayStats {
+    /// Stats over the given parts; `started` is the gateway's start instant (uptime).
+    pub fn new(
+        started: Instant,
+        registry: ReplicaRegistry<ProxyTo>,
+        breaker: Option<Breaker>,
+        admission: AdmissionStatsFn,
+        storage: Option<RedisStorage>,
+    ) -> Self {
+        Self {
+            started,
+            registry,
+            breaker,
+            admission,
+            storage,
+        }
+    }
+}
+
+impl StatsSource for GatewayStats {
+    fn stats(&self) -> Stats {
+        let mut stats = Stats::new(env!("CARGO_PKG_VERSION"), self.started.elapsed());
+        // The admission and dashboard endpoint entries have the same field names.
+        stats.endpoints = (self.admission)()
+            .endpoints
+            .into_iter()
+            .filter_map(|(path, e)| {
+                let v = serde_json::to_value(e).ok()?;
+                Some((path, serde_json::from_value(v).ok()?))
+            })
+            .collect();
+        stats.upstreams = self
+            .registry
+            .snapshot()
+            .replicas
+            .into_iter()
+            .map(|r| UpstreamStats {
+                url: r.url,
+                tier: if r.primary {
+                    Tier::Primary
+                } else {
+                    Tier::Secondary
+                },
+                status: serde_json::to_value(r.counters.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                healthy: r.healthy,
+                ejected: r.ejected,
+                inflight: r.inflight as u64,
+                last_probe_latency_ms: r
+                    .counters
+                    .last_probe_latency
+                    .map(|d| d.as_secs_f64() * 1000.0),
+                consecutive_failures: r
+                    .counters
+                    .consecutive_probe_failures
+                    .max(r.counters.consecutive_response_failures),
+                ejections: r.counters.ejections,
+                ejected_for_seconds: r.counters.ejected_for.as_secs_f64(),
+                ..UpstreamStats::default()
+            })
+            .collect();
+        stats.fallback = self.breaker.as_ref().map(|b| {
+            let s = b.status_snapshot();
+            FallbackStats {
+                url: b.config().url.clone().unwrap_or_default(),
+                engaged: s.using_fallback,
+                state: s.state.as_str().to_owned(),
+                consecutive_failures: s.consecutive_failures,
+                failure_threshold: s.failure_threshold,
+                engaged_for_seconds: s.fallback_age_seconds.unwrap_or(0.0),
+                hold_seconds: s.min_hold_remaining_seconds.unwrap_or(0.0),
+                recovery_successes: s.consecutive_recovery_successes,
+                recovery_threshold: s.recovery_threshold,
+                trips: s.counters.fallback_engaged,
+                fallback_requests: 0,
+            }
+        });
+        stats.storage = match &self.storage {
+            None => StorageStats::default(),
+            Some(storage) => {
+                let r = storage.readiness();
+                StorageStats {
+                    kind: "redis".into(),
+                    healthy: r.is_ready() && !storage.is_degraded(),
+                    last_ping_latency_ms: None,
+                    consecutive_failures: r.consecutive_failures(),
+                    error: storage
+                        .is_degraded()
+                        .then(|| "redis unreachable: storage.on_error applies".to_owned()),
+                }
+            }
+        };
+        stats
+    }
+}
