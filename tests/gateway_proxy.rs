@@ -179,7 +179,7 @@ async fn streams_ten_mib_both_ways() {
 async fn closed_port_is_502_without_leaking_the_upstream() {
     let port = closed_port().await;
     let upstream = format!("http://127.0.0.1:{port}");
-    let gw = TestGateway::start(&yaml_for(&[upstream.clone()], "")).await;
+    let gw = TestGateway::start(&yaml_for(std::slice::from_ref(&upstream), "")).await;
     let resp = client()
         .request(
             http::Request::get(gw.url("/anything"))

@@ -6,7 +6,7 @@
 use super::proxy::ProxyTo;
 use portcullis_admission::AdmissionStats;
 use portcullis_balance::ReplicaRegistry;
-use portcullis_breaker::Breaker;
+use portcullis_breaker::{Breaker, BreakerState, StatusSnapshot};
 use portcullis_dashboard::{FallbackStats, Stats, StatsSource, StorageStats, Tier, UpstreamStats};
 use portcullis_redis::RedisStorage;
 use std::sync::Arc;
@@ -50,6 +50,18 @@ impl GatewayStats {
             admission,
             storage,
         }
+    }
+}
+
+/// The breaker state in the dashboard's vocabulary: `closed` (primary), `open` (fallback
+/// engaged, minimum hold running), `half_open` (hold passed, probing the primary for
+/// recovery), `primary_unhealthy` (tripped with no fallback configured).
+fn dashboard_state(s: &StatusSnapshot) -> &'static str {
+    match s.state {
+        BreakerState::Normal => "closed",
+        BreakerState::Fallback if s.min_hold_remaining_seconds.unwrap_or(0.0) > 0.0 => "open",
+        BreakerState::Fallback => "half_open",
+        BreakerState::PrimaryUnhealthy => "primary_unhealthy",
     }
 }
 
@@ -102,7 +114,7 @@ impl StatsSource for GatewayStats {
             FallbackStats {
                 url: b.config().url.clone().unwrap_or_default(),
                 engaged: s.using_fallback,
-                state: s.state.as_str().to_owned(),
+                state: dashboard_state(&s).to_owned(),
                 consecutive_failures: s.consecutive_failures,
                 failure_threshold: s.failure_threshold,
                 engaged_for_seconds: s.fallback_age_seconds.unwrap_or(0.0),
