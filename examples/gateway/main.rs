@@ -16,6 +16,7 @@
 //!
 //! A bad config exits with status 2 and a message naming the file, the field and the line.
 
+mod bench;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -77,9 +78,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    if let Some(Command::Bench { .. }) = &cli.command {
-        eprintln!("gateway bench: not implemented yet");
-        return ExitCode::from(2);
+    if let Some(Command::Bench {
+        base_url,
+        out,
+        json,
+    }) = &cli.command
+    {
+        return bench::run(bench::BenchArgs {
+            config: cli.config.clone(),
+            base_url: base_url.clone(),
+            out: out.clone(),
+            json: *json,
+        })
+        .await;
     }
     let config = match load_config(cli.config.as_deref()).await {
         Ok(c) => c,
