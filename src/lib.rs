@@ -16,6 +16,10 @@
 //! | `gateway` | [`gateway`] | the example gateway's config, reverse proxy and assembly |
 
 #![forbid(unsafe_code)]
+#![doc = ""]
+#![doc = "# README"]
+#![doc = ""]
+#![cfg_attr(feature = "admission", doc = include_str!("../README.md"))]
 
 pub use portcullis_core as core;
 pub use portcullis_core::{codes, Rejection};
