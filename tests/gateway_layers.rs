@@ -332,6 +332,9 @@ async fn stats_match_the_schema_and_metrics_parse() {
     assert_eq!(s["endpoints"]["/work"]["capacity"], 3);
     assert_eq!(s["endpoints"]["/work"]["admitted"], 3);
     assert_eq!(s["upstreams"][0]["url"], be.url());
+    assert_eq!(s["upstreams"][0]["requests"], 3);
+    assert_eq!(s["upstreams"][0]["failures"], 0);
+    assert_eq!(s["upstreams"][0]["latency"]["count"], 3);
     assert_eq!(s["fallback"]["state"], "closed");
     assert_eq!(s["storage"]["healthy"], true);
 

@@ -22,9 +22,10 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A parsed upstream base URL (`http://host:port[/prefix]`).
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -185,11 +186,13 @@ impl Proxy {
         &self.settings
     }
 
-    /// A tower service that forwards every request to `upstream`.
+    /// A tower service that forwards every request to `upstream`, counting its requests,
+    /// failures and response-header latency in [`ProxyTo::metrics`].
     pub fn to(&self, upstream: Upstream) -> ProxyTo {
         ProxyTo {
             proxy: self.clone(),
             upstream,
+            metrics: Arc::new(UpstreamMetrics::default()),
         }
     }
 
@@ -341,12 +344,75 @@ pub struct OriginalAuthority(pub Authority);
 pub struct ProxyTo {
     proxy: Proxy,
     upstream: Upstream,
+    metrics: Arc<UpstreamMetrics>,
 }
 
 impl ProxyTo {
     /// The upstream this service forwards to.
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    /// This upstream's request counters and latency histogram (clones share them).
+    pub fn metrics(&self) -> &UpstreamMetrics {
+        &self.metrics
+    }
+}
+
+/// Upper bounds (seconds) of the upstream latency histogram's buckets; one more bucket
+/// holds the rest.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Requests, failures and time to response headers of one upstream (atomics only).
+///
+/// A failure is a 5xx answer, a transport error (502) or a timeout (504).
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    requests: AtomicU64,
+    failures: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl UpstreamMetrics {
+    fn record(&self, elapsed: Duration, failed: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = elapsed.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Requests forwarded (answered or failed).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests that failed (5xx, 502, 504).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Per-bucket (non-cumulative) counts, one per [`LATENCY_BUCKETS`] bound plus overflow.
+    pub fn bucket_counts(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The sum of all recorded latencies, in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
     }
 }
 
@@ -362,11 +428,15 @@ impl tower::Service<Request<Body>> for ProxyTo {
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let grpc = portcullis_core::is_grpc_request(req.headers());
         let fut = self.proxy.forward(&self.upstream, req);
+        let metrics = Arc::clone(&self.metrics);
+        let started = Instant::now();
         Box::pin(async move {
-            Ok(match fut.await {
+            let resp = match fut.await {
                 Ok(resp) => resp,
                 Err(rej) => rejection_response(&rej, grpc),
-            })
+            };
+            metrics.record(started.elapsed(), resp.status().is_server_error());
+            Ok(resp)
         })
     }
 }

@@ -3,11 +3,13 @@
 //!
 //! Everything here reads atomics and `ArcSwap` snapshots: no I/O per stats request.
 
-use super::proxy::ProxyTo;
+use super::proxy::{ProxyTo, LATENCY_BUCKETS};
 use portcullis_admission::AdmissionStats;
 use portcullis_balance::ReplicaRegistry;
 use portcullis_breaker::{Breaker, BreakerState, StatusSnapshot};
-use portcullis_dashboard::{FallbackStats, Stats, StatsSource, StorageStats, Tier, UpstreamStats};
+use portcullis_dashboard::{
+    FallbackStats, Histogram, Stats, StatsSource, StorageStats, Tier, UpstreamStats,
+};
 use portcullis_redis::RedisStorage;
 use std::sync::Arc;
 use std::time::Instant;
@@ -77,36 +79,53 @@ impl StatsSource for GatewayStats {
                 Some((path, serde_json::from_value(v).ok()?))
             })
             .collect();
+        let targets: std::collections::HashMap<String, ProxyTo> = self
+            .registry
+            .replicas()
+            .into_iter()
+            .map(|r| (r.key().to_string(), r.target().clone()))
+            .collect();
         stats.upstreams = self
             .registry
             .snapshot()
             .replicas
             .into_iter()
-            .map(|r| UpstreamStats {
-                url: r.url,
-                tier: if r.primary {
-                    Tier::Primary
-                } else {
-                    Tier::Secondary
-                },
-                status: serde_json::to_value(r.counters.status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                healthy: r.healthy,
-                ejected: r.ejected,
-                inflight: r.inflight as u64,
-                last_probe_latency_ms: r
-                    .counters
-                    .last_probe_latency
-                    .map(|d| d.as_secs_f64() * 1000.0),
-                consecutive_failures: r
-                    .counters
-                    .consecutive_probe_failures
-                    .max(r.counters.consecutive_response_failures),
-                ejections: r.counters.ejections,
-                ejected_for_seconds: r.counters.ejected_for.as_secs_f64(),
-                ..UpstreamStats::default()
+            .map(|r| {
+                let m = targets.get(&r.url).map(ProxyTo::metrics);
+                UpstreamStats {
+                    requests: m.map_or(0, |m| m.requests()),
+                    failures: m.map_or(0, |m| m.failures()),
+                    latency: m.map(|m| {
+                        Histogram::from_counts(
+                            &LATENCY_BUCKETS,
+                            &m.bucket_counts(),
+                            m.sum_seconds(),
+                        )
+                    }),
+                    url: r.url,
+                    tier: if r.primary {
+                        Tier::Primary
+                    } else {
+                        Tier::Secondary
+                    },
+                    status: serde_json::to_value(r.counters.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    healthy: r.healthy,
+                    ejected: r.ejected,
+                    inflight: r.inflight as u64,
+                    last_probe_latency_ms: r
+                        .counters
+                        .last_probe_latency
+                        .map(|d| d.as_secs_f64() * 1000.0),
+                    consecutive_failures: r
+                        .counters
+                        .consecutive_probe_failures
+                        .max(r.counters.consecutive_response_failures),
+                    ejections: r.counters.ejections,
+                    ejected_for_seconds: r.counters.ejected_for.as_secs_f64(),
+                }
             })
             .collect();
         stats.fallback = self.breaker.as_ref().map(|b| {
