@@ -59,7 +59,7 @@ pub(crate) async fn run(args: BenchArgs) -> ExitCode {
     // cancel-safe), and nothing is written before the probes are done.
     let result = tokio::select! {
         biased;
-        _ = tokio::signal::ctrl_c() => None,
+        _ = interrupted() => None,
         r = bench(&args, &progress) => Some(r),
     };
     match result {
@@ -76,6 +76,22 @@ pub(crate) async fn run(args: BenchArgs) -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// Resolves on Ctrl-C; never when the signal cannot be watched (then Ctrl-C just kills).
+async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Writes `text` to stdout; a closed stdout (`bench ... | head`) is an error, not a panic.
+fn emit(text: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::output(format!("cannot write to stdout: {e}")))
 }
 
 /// Why `bench` stopped without success.
@@ -251,7 +267,7 @@ async fn bench(args: &BenchArgs, progress: &Progress) -> Result<(), Failure> {
         };
         let encoded = serde_json::to_string_pretty(&doc)
             .map_err(|e| Failure::output(format!("cannot encode the results: {e}")))?;
-        println!("{encoded}");
+        emit(&format!("{encoded}\n"))?;
     } else if let Some((yaml, layout)) = &updated {
         if *layout == YamlLayout::Rewritten {
             eprintln!(
@@ -261,7 +277,7 @@ async fn bench(args: &BenchArgs, progress: &Progress) -> Result<(), Failure> {
         }
         match &written_to {
             Some(out) => eprintln!("capacities written to {out}"),
-            None => print!("{yaml}"),
+            None => emit(yaml)?,
         }
     }
 
@@ -1322,6 +1338,41 @@ mod tests {
         let mut expected = config.clone();
         expected.endpoints.get_mut("/w").unwrap().capacity = Some(4);
         assert_eq!(load(&yaml), expected);
+    }
+
+    #[test]
+    fn odd_layouts_never_panic_and_always_load_back() {
+        let texts = [
+            "endpoints:\n  /w: {}\n",
+            "endpoints:\n  '/w': {method: \"PO#ST\"} # c: {x}\n",
+            "endpoints:\n  \"/w\":\n    headers: {\"a\": \"b, c\"}\n    capacity: 1 # \u{e9}t\u{e9}\n",
+            "endpoints:\n    /w:\n        body: |\n          capacity: 3\n        method: PUT\n",
+            "endpoints:\n  /w: {body: {k: [1, {a: \"}\"}]}, capacity: 2}\n",
+            "endpoints:\n  /w: {\"capacity\":5}\n",
+            "endpoints:\n  /\u{fc}ber: {method: GET}   # \u{1f600}\n",
+            "---\nendpoints:\n  /w: null\n...\n",
+            "endpoints:\n  /w: &a {method: GET}\n",
+            "endpoints:\n  ? /w\n  : {method: GET}\n",
+            "endpoints:\n\t/w: {}\n",
+            "endpoints: # watched\n  /w: {}\n  /v:\n    method: GET\n",
+        ];
+        for text in texts {
+            for cut in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                let _ = edit_capacities(&text[..cut], &caps(&[("/w", 7)]));
+            }
+            let Ok(config) = GatewayConfig::from_yaml(text, Path::new("t.yml")) else {
+                continue;
+            };
+            let c: BTreeMap<String, i64> =
+                config.endpoints.keys().map(|k| (k.clone(), 7)).collect();
+            let (yaml, _) = updated_yaml(text, &config, &c, Path::new("t.yml"))
+                .unwrap_or_else(|e| panic!("{text:?}: {}", e.message));
+            let back = load(&yaml);
+            assert!(
+                back.endpoints.values().all(|e| e.capacity == Some(7)),
+                "{yaml}"
+            );
+        }
     }
 
     #[test]
