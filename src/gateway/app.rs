@@ -18,7 +18,7 @@
 //! `probe_on_startup` is set (see [`super::startup`]).
 
 use super::config::{GatewayConfig, StorageType};
-use super::proxy::{OriginalAuthority, Proxy, ProxySettings, ProxyTo, Upstream};
+use super::proxy::{Proxy, ProxySettings, ProxyTo, Upstream};
 use super::startup;
 use super::stats::GatewayStats;
 use axum::body::Body;
@@ -273,10 +273,7 @@ impl Gateway {
 
         portcullis_dashboard::log_auth_mode(&config.ui);
         let operator = portcullis_dashboard::router(&config.ui, stats, &health);
-        let router = Router::new()
-            .merge(operator)
-            .fallback_service(admitted)
-            .layer(axum::middleware::map_request(remember_authority));
+        let router = Router::new().merge(operator).fallback_service(admitted);
 
         let health_server = if config.health_server.enable {
             let mut server = HealthServer::from_config(&config.health_server, health.clone());
@@ -428,13 +425,6 @@ impl Probe for PoolProbe {
             }
         })
     }
-}
-
-async fn remember_authority(mut req: Request<Body>) -> Request<Body> {
-    if let Some(a) = req.uri().authority().cloned() {
-        req.extensions_mut().insert(OriginalAuthority(a));
-    }
-    req
 }
 
 /// The gateway could not be built from a (valid) config.

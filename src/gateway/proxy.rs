@@ -253,6 +253,14 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fast path: most messages carry none of them, and comparing standard header names is
+    // cheap, while each `remove` hashes.
+    let any = headers
+        .keys()
+        .any(|k| k == header::UPGRADE || HOP_BY_HOP.iter().any(|h| h == k));
+    if !any {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         if let Ok(conn) = conn.to_str() {
             let named: Vec<HeaderName> = conn
@@ -282,6 +290,8 @@ fn prepare_request(
     grpc: bool,
 ) -> Result<Request<Body>, Rejection> {
     let (mut parts, body) = req.into_parts();
+    // HTTP/2 clients send the authority in the URI, not in `Host`.
+    let uri_authority = parts.uri.authority().cloned();
     parts.uri = upstream.uri_for(parts.uri.path_and_query()).map_err(|_| {
         Rejection::new(
             http::StatusCode::BAD_REQUEST,
@@ -302,10 +312,13 @@ fn prepare_request(
     }
     // X-Forwarded-Host: the Host the client asked for (or the URI authority for HTTP/2).
     let host = headers.remove(header::HOST).or_else(|| {
-        parts
-            .extensions
-            .get::<OriginalAuthority>()
-            .and_then(|a| HeaderValue::from_str(a.0.as_str()).ok())
+        let authority = uri_authority.or_else(|| {
+            parts
+                .extensions
+                .get::<OriginalAuthority>()
+                .map(|a| a.0.clone())
+        })?;
+        HeaderValue::from_str(authority.as_str()).ok()
     });
     if let Some(host) = host {
         if !headers.contains_key(&X_FORWARDED_HOST) {
@@ -331,8 +344,9 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
     }
 }
 
-/// The authority of the client's original request URI (HTTP/2 has no `Host` header). The
-/// gateway router stores it before routing; the proxy uses it for `X-Forwarded-Host`.
+/// The authority of the client's original request URI (HTTP/2 has no `Host` header), for
+/// routers that rewrite the URI before the proxy sees it: a middleware may store it in the
+/// request extensions; the proxy uses it for `X-Forwarded-Host` when the URI has none.
 #[derive(Debug, Clone)]
 pub struct OriginalAuthority(pub Authority);
 
