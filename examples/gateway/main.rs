@@ -21,7 +21,7 @@ mod demo;
 
 use clap::{Parser, Subcommand};
 use portcullis::gateway::config::{embedded_default, GatewayConfig};
-use portcullis::gateway::{serve, ConfigError, Gateway};
+use portcullis::gateway::{serve_sharded, ConfigError, Gateway};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -65,7 +65,14 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();
+    // The main runtime runs the background tasks (health checks, probes, Redis) and the
+    // bench command; requests are served by `serve_sharded`'s per-core runtimes.
+    let main_threads = match cli.command {
+        Some(Command::Bench { .. }) => std::thread::available_parallelism().map_or(2, usize::from),
+        None => 1,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(main_threads)
         .enable_all()
         .build()
     {
@@ -115,14 +122,19 @@ async fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(listen).await {
+    let workers = gateway.config().worker_threads();
+    let listeners = match portcullis::gateway::bind_reuseport(listen, workers) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("gateway: cannot listen on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(%listen, upstreams = ?upstreams, watched = ?watched, "portcullis gateway listening");
+    let listen = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(listen);
+    tracing::info!(%listen, workers, upstreams = ?upstreams, watched = ?watched, "portcullis gateway listening");
     if cli.config.is_none() {
         println!("Portcullis demo gateway on http://{listen} (two demo backends in-process). Try:");
         println!("  curl -s http://{listen}/hello");
@@ -130,7 +142,9 @@ async fn run(cli: Cli) -> ExitCode {
         println!("  curl -s http://{listen}/balancer/stats");
         println!("  open http://{listen}/balancer/ui");
     }
-    match serve(listener, gateway.router(), shutdown_signal(), drain).await {
+    let served = serve_sharded(listeners, gateway.router(), shutdown_signal(), drain).await;
+    gateway.shutdown().await;
+    match served {
         Ok(true) => {
             tracing::info!("drained; bye");
             ExitCode::SUCCESS

@@ -95,6 +95,9 @@ pub struct GatewayConfig {
     pub connect_timeout: f64,
     /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
     pub drain_timeout: f64,
+    /// Serving threads, each with its own runtime and `SO_REUSEPORT` listener (0 = one per
+    /// core).
+    pub workers: usize,
     /// Where admission counters live.
     pub storage: StorageConfig,
     /// The replicas.
@@ -157,6 +160,7 @@ impl Default for GatewayConfig {
             upstream_timeout: 30.0,
             connect_timeout: 5.0,
             drain_timeout: 30.0,
+            workers: 0,
             storage: StorageConfig::default(),
             upstreams: Vec::new(),
             routing_strategy: RoutingStrategy::P2c,
@@ -297,6 +301,15 @@ impl GatewayConfig {
                     (path.clone(), ep)
                 })
                 .collect(),
+        }
+    }
+
+    /// The number of serving threads: `workers`, or one per core when 0.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
         }
     }
 

@@ -7,9 +7,11 @@
 pub mod app;
 pub mod config;
 pub mod proxy;
+pub mod server;
 pub mod startup;
 pub mod stats;
 
 pub use app::{serve, BuildError, Gateway, GatewayService};
 pub use config::{ConfigError, GatewayConfig};
 pub use proxy::{Proxy, ProxySettings, ProxyTo, Upstream};
+pub use server::{bind_reuseport, serve_sharded};

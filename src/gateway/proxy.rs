@@ -14,16 +14,17 @@ use axum::extract::ConnectInfo;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::{connect::HttpConnector, Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use portcullis_core::Rejection;
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -142,13 +143,49 @@ impl Default for ProxySettings {
     }
 }
 
-/// The shared reverse-proxy client. Clone it: clones share one connection pool.
+/// The reverse-proxy client. Clone it: clones share one configuration and one set of
+/// connection pools.
+///
+/// Pools are per thread: each thread that forwards a request gets its own pooled
+/// `hyper-util` client (HTTP/1 and, for gRPC, HTTP/2) the first time. With the
+/// thread-per-core server ([`serve_sharded`](super::server::serve_sharded)) a request and
+/// its upstream connection then live on one thread: no pool lock shared between cores and no
+/// cross-thread wake-up to reach the connection task. On a multi-thread runtime it costs at
+/// most one idle pool per worker thread.
 #[derive(Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, Body>,
-    /// HTTP/2 (prior knowledge) client for gRPC requests, which need HTTP/2 end to end.
-    h2_client: Client<HttpConnector, Body>,
     settings: Arc<ProxySettings>,
+}
+
+/// One thread's clients of one [`Proxy`].
+#[derive(Clone)]
+struct Clients {
+    http1: Client<HttpConnector, Body>,
+    /// HTTP/2 (prior knowledge) client for gRPC requests, which need HTTP/2 end to end.
+    h2: Client<HttpConnector, Body>,
+}
+
+impl Clients {
+    fn new(settings: &ProxySettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        let http1 = builder.build(connector.clone());
+        let h2 = builder.http2_only(true).build(connector);
+        Self { http1, h2 }
+    }
+}
+
+thread_local! {
+    /// This thread's clients, per live [`Proxy`] (keyed by its settings' allocation).
+    static CLIENTS: RefCell<Vec<(Weak<ProxySettings>, Clients)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl fmt::Debug for Proxy {
@@ -162,23 +199,34 @@ impl fmt::Debug for Proxy {
 impl Proxy {
     /// A proxy client with the given settings.
     pub fn new(settings: ProxySettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        let client = builder.build(connector.clone());
-        let h2_client = builder.http2_only(true).build(connector);
         Self {
-            client,
-            h2_client,
             settings: Arc::new(settings),
         }
+    }
+
+    /// Sends `req` on this thread's pooled client (created on first use).
+    fn request(&self, req: Request<Body>, grpc: bool) -> ResponseFuture {
+        CLIENTS.with(|cell| {
+            let mut clients = cell.borrow_mut();
+            let pos = clients
+                .iter()
+                .position(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(&self.settings)));
+            let pos = match pos {
+                Some(p) => p,
+                None => {
+                    // Forget the clients of proxies that are gone, then add ours.
+                    clients.retain(|(s, _)| s.strong_count() > 0);
+                    clients.push((Arc::downgrade(&self.settings), Clients::new(&self.settings)));
+                    clients.len() - 1
+                }
+            };
+            let c = &clients[pos].1;
+            if grpc {
+                c.h2.request(req)
+            } else {
+                c.http1.request(req)
+            }
+        })
     }
 
     /// The settings this proxy was built with.
@@ -204,16 +252,11 @@ impl Proxy {
     ) -> impl Future<Output = Result<Response<Body>, Rejection>> + Send + 'static {
         let grpc = portcullis_core::is_grpc_request(req.headers());
         let prepared = prepare_request(upstream, req, grpc);
-        let client = if grpc {
-            self.h2_client.clone()
-        } else {
-            self.client.clone()
-        };
+        let sent = prepared.map(|req| self.request(req, grpc));
         let timeout = self.settings.upstream_timeout;
         let upstream_url = upstream.url.clone();
         async move {
-            let req = prepared?;
-            match tokio::time::timeout(timeout, client.request(req)).await {
+            match tokio::time::timeout(timeout, sent?).await {
                 Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
