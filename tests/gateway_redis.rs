@@ -966,8 +966,6 @@ async fn probe_on_startup_two_processes_one_probes() {
 /// A process started while another one is probing waits for that probe and uses its
 /// result (the capacity store's contract), instead of starting with a made-up capacity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the prober's first HEARTBEAT stores its placeholder capacity 0 \
-            (scripts.rs HEARTBEAT_BODY), which get_or_probe then reuses as a stored capacity"]
 async fn probe_on_startup_late_process_waits_for_the_probe() {
     let Some(redis) = RedisServer::start("probe_on_startup_late_process_waits_for_the_probe")
     else {

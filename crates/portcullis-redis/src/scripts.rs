@@ -108,12 +108,14 @@ return {n, total(), cap}
 /// HEARTBEAT: renew the lease of `instance`. With `mode` = `renew`, an instance that is not
 /// registered (its lease was reclaimed, or Redis lost its data) is registered again with
 /// `n` slots; with `mode` = `set`, the instance's slot count is set to `n` (the re-register
-/// after an outage). Also restores a missing capacity key from the fallback.
+/// after an outage). Also restores a missing capacity key from the fallback, unless the
+/// fallback is 0 (an endpoint whose capacity is still to be probed: 0 means "unknown" and is
+/// never stored, so the capacity store's `get_or_probe` still probes).
 /// KEYS: holders, leases, capacity, waiting.
 /// ARGV: instance, fallback capacity, n, lease ttl ms, channel, mode.
 /// Returns `{registered_before, count, capacity}`.
 const HEARTBEAT_BODY: &str = r#"
-if redis.call('EXISTS', KEYS[3]) == 0 then
+if redis.call('EXISTS', KEYS[3]) == 0 and tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[3], ARGV[2])
 end
 local n = tonumber(ARGV[3])

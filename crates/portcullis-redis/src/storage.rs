@@ -439,12 +439,14 @@ impl RedisStorage {
         self.inner.cluster
     }
 
-    /// The capacity stored in Redis for `endpoint`, if any.
+    /// The capacity stored in Redis for `endpoint`, if any (a stored 0 means "unknown" and
+    /// reads as `None`).
     pub async fn stored_capacity(&self, endpoint: &str) -> Result<Option<usize>, StorageError> {
         let keys = Keys::new(&self.inner.config.key_prefix, endpoint);
         self.inner
             .query::<Option<usize>>(redis::cmd("GET").arg(&keys.capacity))
             .await
+            .map(|c| c.filter(|&c| c > 0))
     }
 
     /// Stores `capacity` for `endpoint` and tells every process (their sources apply it).
