@@ -145,14 +145,8 @@ impl Proc {
                 let _ = self.child.wait();
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while tree.iter().any(|&(p, st)| alive(p, st)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for &(p, st) in &tree {
-            if alive(p, st) {
-                send_signal(p, "KILL");
-            }
+        if !wait_gone(&tree, Duration::from_secs(2)) {
+            kill_survivors(&tree);
         }
         unregister(pid);
     }
@@ -255,14 +249,39 @@ fn kill_all_registered() {
     for &(p, _) in &all {
         send_signal(p, "TERM");
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while all.iter().any(|&(p, st)| alive(p, st)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    if !wait_gone(&all, Duration::from_secs(3)) {
+        kill_survivors(&all);
     }
-    for &(p, st) in &all {
+}
+
+/// Waits until none of `procs` (pid, start time) is alive, or `timeout` passes; `true` if
+/// they are all gone.
+fn wait_gone(procs: &[(u32, u64)], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !procs.iter().any(|&(p, st)| alive(p, st)) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILLs whichever of `procs` is still alive and waits (bounded) until they are gone.
+///
+/// `kill` returns once the signal is queued, not once the process has died: on a loaded machine
+/// the target can still be running a moment later, holding its port. Returning only when
+/// they are gone means the next target (or the caller's check) never meets a leftover.
+fn kill_survivors(procs: &[(u32, u64)]) {
+    for &(p, st) in procs {
         if alive(p, st) {
             send_signal(p, "KILL");
         }
+    }
+    if !wait_gone(procs, Duration::from_secs(2)) {
+        eprintln!("loadbench: some processes survived SIGKILL for 2 s: {procs:?}");
     }
 }
 
