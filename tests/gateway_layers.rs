@@ -306,6 +306,22 @@ async fn failing_pool_engages_the_fallback_and_no_request_is_lost() {
     assert!(answered > 1);
     assert!(mf.hits.load(Ordering::SeqCst) >= 1);
     assert_eq!(stats(&gw).await["fallback"]["state"], "closed");
+
+    // The on-demand probe of both sides.
+    let resp = client()
+        .request(
+            Request::post(gw.url("/balancer/fallback/check"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let report: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(report["primary"]["healthy"], true, "{report}");
+    assert_eq!(report["fallback"]["healthy"], true, "{report}");
+    assert_eq!(report["state"], "normal");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,4 +469,46 @@ async fn probe_on_startup_sets_the_capacity_and_gates_readiness() {
         .as_u64()
         .unwrap();
     assert!((5..=7).contains(&cap), "probed capacity {cap}, knee 6");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_health_server_serves_the_same_probes() {
+    let (be, meter) = metered("a", Duration::ZERO).await;
+    let gw = TestGateway::start(&yaml(
+        &[&be],
+        "health_server: {enable: true, listen: \"127.0.0.1:0\"}\n",
+    ))
+    .await;
+    let addr = gw
+        .gateway
+        .health_server_addr()
+        .expect("health server running");
+    assert!(addr.ip().is_loopback());
+    let ready = format!("http://{addr}/readyz");
+    eventually(
+        "ready on the health server",
+        Duration::from_secs(3),
+        async || get_status(&ready).await.0 == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        get_status(&format!("http://{addr}/healthz")).await.0,
+        StatusCode::OK
+    );
+    meter.sick.store(true, Ordering::SeqCst);
+    eventually(
+        "not ready on the health server",
+        Duration::from_secs(3),
+        async || {
+            let (code, body, _) = get_status(&ready).await;
+            code == StatusCode::SERVICE_UNAVAILABLE
+                && body["failing"] == serde_json::json!(["upstreams"])
+        },
+    )
+    .await;
+    // Only the probe routes live there.
+    assert_eq!(
+        get_status(&format!("http://{addr}/balancer/stats")).await.0,
+        StatusCode::NOT_FOUND
+    );
 }

@@ -22,6 +22,7 @@ use super::proxy::{Proxy, ProxySettings, ProxyTo, Upstream};
 use super::startup;
 use super::stats::GatewayStats;
 use axum::body::Body;
+use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
 use portcullis_admission::{
@@ -273,7 +274,10 @@ impl Gateway {
 
         portcullis_dashboard::log_auth_mode(&config.ui);
         let operator = portcullis_dashboard::router(&config.ui, stats, &health);
-        let router = Router::new().merge(operator).fallback_service(admitted);
+        let router = Router::new()
+            .merge(operator)
+            .merge(fallback_check_route(&config, breaker.clone()))
+            .fallback_service(admitted);
 
         let health_server = if config.health_server.enable {
             let mut server = HealthServer::from_config(&config.health_server, health.clone());
@@ -345,6 +349,43 @@ impl Gateway {
             s.stop().await;
         }
     }
+}
+
+/// The path of the on-demand breaker probe.
+pub const FALLBACK_CHECK_PATH: &str = "/balancer/fallback/check";
+
+/// `POST /balancer/fallback/check`: probes the primary pool and the fallback now (with the
+/// configured retries) and answers the breaker's status plus both probe results as JSON;
+/// 404 `not_found` without a `fallback:` section. Behind the same Basic auth as the other
+/// operator routes.
+fn fallback_check_route(config: &GatewayConfig, breaker: Option<Breaker>) -> Router {
+    let mut router = Router::new().route(
+        FALLBACK_CHECK_PATH,
+        axum::routing::post(move || {
+            let breaker = breaker.clone();
+            async move {
+                match breaker {
+                    Some(b) => {
+                        let report = b.force_health_check().await;
+                        axum::Json(report).into_response()
+                    }
+                    None => portcullis_core::Rejection::new(
+                        http::StatusCode::NOT_FOUND,
+                        portcullis_core::codes::NOT_FOUND,
+                        "no fallback is configured",
+                    )
+                    .to_json_response::<Body>()
+                    .into_response(),
+                }
+            }
+        }),
+    );
+    if let Some((user, pass)) = config.ui.credentials() {
+        router = router.route_layer(portcullis_dashboard::BasicAuthLayer::new(
+            portcullis_dashboard::Credentials::new(user, pass),
+        ));
+    }
+    router
 }
 
 /// The admission layer over `endpoints`, gated by `can_serve`, in front of `inner`.
