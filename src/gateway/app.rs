@@ -42,7 +42,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tower::util::BoxCloneSyncService;
+use tower::util::{BoxCloneSyncService, Either};
 use tower::{Layer, Service, ServiceExt};
 
 /// The type-erased request path below the router (admission and everything under it).
@@ -120,13 +120,14 @@ impl Gateway {
             registry.add(key, Tier::from_primary(primary), proxy.to(upstream));
         }
         let checker = registry.spawn_http_checker(&balance_config);
-        let dispatch = tower::service_fn(|(mut to, req): (ProxyTo, Request<Body>)| to.call(req));
-        let balanced = HttpBalance::new(dispatch, registry.clone()).map_response(to_body);
-        let balanced = BoxCloneSyncService::new(balanced);
+        // The request path is one concrete type down to the proxy (no boxing per layer);
+        // only the top of it is boxed, below. `balanced` (boxed) serves the startup probe.
+        let pool = HttpBalance::new(Dispatch, registry.clone()).map_response(to_body);
+        let balanced: GatewayService = BoxCloneSyncService::new(pool.clone());
 
         // Optional circuit-breaker fallback around the pool.
-        let (primary, breaker): (GatewayService, Option<Breaker>) = match &config.fallback {
-            None => (balanced.clone(), None),
+        let (primary, breaker) = match &config.fallback {
+            None => (Either::Left(pool.clone()), None),
             Some(fallback) => {
                 let fallback_proxy = match &fallback.url {
                     Some(url) => Some(
@@ -154,13 +155,13 @@ impl Gateway {
                         "fallback: no url configured; the breaker only reports primary_unhealthy"
                     );
                 }
-                let fallback_svc: GatewayService = match fallback_proxy {
-                    Some(u) => BoxCloneSyncService::new(proxy.to(u)),
-                    None => balanced.clone(),
+                let fallback_svc = match fallback_proxy {
+                    Some(u) => Either::Left(proxy.to(u)),
+                    None => Either::Right(pool.clone()),
                 };
-                let svc = HttpFallback::new(balanced.clone(), fallback_svc, breaker.clone())
+                let svc = HttpFallback::new(pool.clone(), fallback_svc, breaker.clone())
                     .map_response(to_body);
-                (BoxCloneSyncService::new(svc), Some(breaker))
+                (Either::Right(svc), Some(breaker))
             }
         };
 
@@ -388,15 +389,38 @@ fn fallback_check_route(config: &GatewayConfig, breaker: Option<Breaker>) -> Rou
     router
 }
 
+/// Sends `(replica, request)` to the replica's proxy: the balancer's dispatch service.
+#[derive(Debug, Clone, Copy, Default)]
+struct Dispatch;
+
+impl Service<(ProxyTo, Request<Body>)> for Dispatch {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = <ProxyTo as Service<Request<Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (mut to, req): (ProxyTo, Request<Body>)) -> Self::Future {
+        to.call(req)
+    }
+}
+
 /// The admission layer over `endpoints`, gated by `can_serve`, in front of `inner`.
-fn admission_stack<C>(
-    endpoints: &Endpoints<C>,
-    can_serve: &CanServe,
-    inner: GatewayService,
-) -> GatewayService
+fn admission_stack<C, S>(endpoints: &Endpoints<C>, can_serve: &CanServe, inner: S) -> GatewayService
 where
     C: CapacitySource,
     C::Permit: Send + Sync,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
 {
     let layer = HttpAdmissionLayer::new(endpoints.clone()).with_health(can_serve.clone());
     BoxCloneSyncService::new(layer.layer(inner).map_response(to_body))
