@@ -21,7 +21,7 @@ mod demo;
 
 use clap::{Parser, Subcommand};
 use portcullis::gateway::config::{embedded_default, GatewayConfig};
-use portcullis::gateway::{serve_sharded, ConfigError, Gateway};
+use portcullis::gateway::{serve_sharded_watched, ConfigError, Gateway};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -142,7 +142,15 @@ async fn run(cli: Cli) -> ExitCode {
         println!("  curl -s http://{listen}/balancer/stats");
         println!("  open http://{listen}/balancer/ui");
     }
-    let served = serve_sharded(listeners, gateway.router(), shutdown_signal(), drain).await;
+    let health = Some(gateway.health().clone());
+    let served = serve_sharded_watched(
+        listeners,
+        gateway.router(),
+        shutdown_signal(),
+        drain,
+        health,
+    )
+    .await;
     gateway.shutdown().await;
     match served {
         Ok(true) => {

@@ -14,4 +14,4 @@ pub mod stats;
 pub use app::{serve, BuildError, Gateway, GatewayService};
 pub use config::{ConfigError, GatewayConfig};
 pub use proxy::{Proxy, ProxySettings, ProxyTo, Upstream};
-pub use server::{bind_reuseport, serve_sharded};
+pub use server::{bind_reuseport, serve_sharded, serve_sharded_watched};
