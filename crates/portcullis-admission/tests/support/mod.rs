@@ -29,6 +29,9 @@ use tower::Layer;
 /// Aborts the server task on drop.
 pub struct Server {
     pub addr: SocketAddr,
+    /// For a gateway: the proxy calls in flight *inside* the admission layer (from the inner
+    /// `call` until its future ends or is dropped). Unused for a backend.
+    pub proxied: Arc<BackendState>,
     task: JoinHandle<()>,
 }
 
@@ -127,7 +130,14 @@ pub async fn backend() -> (Server, Arc<BackendState>) {
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
-    (Server { addr, task }, st)
+    (
+        Server {
+            addr,
+            task,
+            proxied: Arc::default(),
+        },
+        st,
+    )
 }
 
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
@@ -138,13 +148,18 @@ pub fn client() -> HttpClient {
         .build_http()
 }
 
-/// A real hyper server: `layer` around a streaming proxy to `backend`.
+/// A real hyper server: `layer` around a streaming proxy to `backend`. The proxy counts its
+/// calls in flight in [`Server::proxied`].
 pub async fn gateway(layer: HttpAdmissionLayer<LocalCapacity>, backend: SocketAddr) -> Server {
     let upstream: Client<HttpConnector, Incoming> =
         Client::builder(TokioExecutor::new()).build_http();
+    let proxied = Arc::new(BackendState::default());
+    let counter = Arc::clone(&proxied);
     let proxy = tower::service_fn(move |mut req: Request<Incoming>| {
         let upstream = upstream.clone();
+        let counter = Arc::clone(&counter);
         async move {
+            let _in_flight = InflightGuard::enter(&counter);
             let pq = req
                 .uri()
                 .path_and_query()
@@ -171,7 +186,11 @@ pub async fn gateway(layer: HttpAdmissionLayer<LocalCapacity>, backend: SocketAd
             });
         }
     });
-    Server { addr, task }
+    Server {
+        addr,
+        task,
+        proxied,
+    }
 }
 
 /// GET `http://addr{path}`, returns status, headers and the whole body.
