@@ -447,7 +447,7 @@ async fn probe_on_startup_sets_the_capacity_and_gates_readiness() {
     let be = backend(app).await;
     let gw = TestGateway::start(&yaml(
         &[&be],
-        "probe_on_startup: true\nmax_probe_concurrency: 32\nprobe_min_requests: 12\nerror_threshold: 0.05\nendpoints:\n  /work: {method: GET}\n",
+        "eject_after: 3\nprobe_on_startup: true\nmax_probe_concurrency: 32\nprobe_min_requests: 12\nerror_threshold: 0.05\nendpoints:\n  /work: {method: GET}\n",
     ))
     .await;
     let (code, body, _) = get_status(&gw.url("/readyz")).await;
@@ -465,10 +465,12 @@ async fn probe_on_startup_sets_the_capacity_and_gates_readiness() {
         get_status(&gw.url("/readyz")).await.0 == StatusCode::OK
     })
     .await;
-    let cap = stats(&gw).await["endpoints"]["/work"]["capacity"]
-        .as_u64()
-        .unwrap();
+    let s = stats(&gw).await;
+    let cap = s["endpoints"]["/work"]["capacity"].as_u64().unwrap();
     assert!((5..=7).contains(&cap), "probed capacity {cap}, knee 6");
+    // The probe's deliberate 503s do not eject the replica (passive ejection is on).
+    assert_eq!(s["upstreams"][0]["ejected"], false, "{s}");
+    assert_eq!(get_status(&gw.url("/work")).await.0, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,9 +121,8 @@ impl Gateway {
         }
         let checker = registry.spawn_http_checker(&balance_config);
         // The request path is one concrete type down to the proxy (no boxing per layer);
-        // only the top of it is boxed, below. `balanced` (boxed) serves the startup probe.
+        // only the top of it is boxed, below.
         let pool = HttpBalance::new(Dispatch, registry.clone()).map_response(to_body);
-        let balanced: GatewayService = BoxCloneSyncService::new(pool.clone());
 
         // Optional circuit-breaker fallback around the pool.
         let (primary, breaker) = match &config.fallback {
@@ -210,7 +209,7 @@ impl Gateway {
                     if let Some(ready) = &startup_ready {
                         tasks.push(tokio::spawn(startup::probe_local(
                             Arc::clone(&config),
-                            balanced.clone(),
+                            registry.clone(),
                             endpoints.clone(),
                             to_probe.clone(),
                             ready.clone(),
@@ -246,7 +245,7 @@ impl Gateway {
                     if let Some(ready) = &startup_ready {
                         tasks.push(tokio::spawn(startup::probe_shared(
                             Arc::clone(&config),
-                            balanced.clone(),
+                            registry.clone(),
                             endpoints.clone(),
                             storage.clone(),
                             to_probe.clone(),

@@ -7,23 +7,29 @@
 //! `SET NX PX` lock); the others reuse the stored result. A probe that fails leaves the
 //! endpoint at `default_capacity` and says why in the log.
 
-use super::app::GatewayService;
 use super::config::GatewayConfig;
+use super::proxy::ProxyTo;
 use axum::body::Body;
 use http::{Method, Request};
 use http_body_util::BodyExt;
 use portcullis_admission::{CapacitySource, Endpoints};
+use portcullis_balance::ReplicaRegistry;
 use portcullis_health::Component;
 use portcullis_probe::{ProbeReport, ProbeTransport, Prober, RequestOutcome, SendFuture};
 use portcullis_redis::{RedisCapacity, RedisStorage};
 use std::sync::Arc;
-use tower::ServiceExt;
+use tower::Service;
 
 /// Sends the endpoint's probe request (method, headers, JSON body from its `endpoints`
-/// entry) through the balanced upstream pool, bypassing admission.
+/// entry) to the upstream pool, bypassing admission.
+///
+/// Each request goes to a replica the registry picks (health-gated, counted in flight), but
+/// its outcome is not fed to passive outlier ejection: a probe drives the endpoint into
+/// errors on purpose, and ejecting the replica for it would make the next levels fail for
+/// the wrong reason.
 #[derive(Clone)]
 pub struct BalancedTransport {
-    service: GatewayService,
+    registry: ReplicaRegistry<ProxyTo>,
     method: Method,
     path: String,
     headers: Vec<(String, String)>,
@@ -38,7 +44,7 @@ impl std::fmt::Debug for BalancedTransport {
 
 impl BalancedTransport {
     /// The transport for the watched endpoint `path` of `config`.
-    pub fn new(config: &GatewayConfig, path: &str, service: GatewayService) -> Self {
+    pub fn new(config: &GatewayConfig, path: &str, registry: ReplicaRegistry<ProxyTo>) -> Self {
         let ep = config.endpoints.get(path).cloned().unwrap_or_default();
         let body = ep
             .body
@@ -55,7 +61,7 @@ impl BalancedTransport {
                 Method::GET
             });
         Self {
-            service,
+            registry,
             method,
             path: path.to_owned(),
             headers: ep.headers.into_iter().collect(),
@@ -79,18 +85,24 @@ impl ProbeTransport for BalancedTransport {
             Some(b) => Body::from(b.clone()),
             None => Body::empty(),
         });
-        let service = self.service.clone();
+        let registry = self.registry.clone();
         Box::pin(async move {
             let Ok(req) = req else {
                 return RequestOutcome::TransportError;
             };
-            let Ok(resp) = service.oneshot(req).await;
+            let Ok(guard) = registry.pick() else {
+                return RequestOutcome::Status(http::StatusCode::SERVICE_UNAVAILABLE);
+            };
+            let mut to = guard.target().clone();
+            let Ok(resp) = to.call(req).await;
             let status = resp.status();
             // Read the body to the end: a streamed answer is load until it ends.
-            match resp.into_body().collect().await {
+            let outcome = match resp.into_body().collect().await {
                 Ok(_) => RequestOutcome::Status(status),
                 Err(_) => RequestOutcome::TransportError,
-            }
+            };
+            drop(guard);
+            outcome
         })
     }
 
@@ -101,11 +113,11 @@ impl ProbeTransport for BalancedTransport {
 
 async fn probe_one(
     config: &GatewayConfig,
-    service: &GatewayService,
+    registry: &ReplicaRegistry<ProxyTo>,
     path: &str,
 ) -> Result<ProbeReport, portcullis_probe::ProbeError> {
     let prober = Prober::new(config.probe_config()).with_request_timeout(config.upstream_timeout());
-    let transport = BalancedTransport::new(config, path, service.clone());
+    let transport = BalancedTransport::new(config, path, registry.clone());
     tracing::info!(endpoint = %path, "probing capacity");
     let report = prober.probe_transport(&transport, |_| {}).await?;
     if report.latency_bound() {
@@ -133,13 +145,13 @@ fn apply<C: CapacitySource>(endpoints: &Endpoints<C>, path: &str, capacity: usiz
 /// Probes `paths` one after the other (in-process storage) and sets their capacities.
 pub async fn probe_local<C: CapacitySource>(
     config: Arc<GatewayConfig>,
-    service: GatewayService,
+    registry: ReplicaRegistry<ProxyTo>,
     endpoints: Endpoints<C>,
     paths: Vec<String>,
     ready: Component,
 ) {
     for path in &paths {
-        let capacity = match probe_one(&config, &service, path).await {
+        let capacity = match probe_one(&config, &registry, path).await {
             Ok(r) => r.max_concurrency,
             Err(e) => {
                 tracing::error!(endpoint = %path, error = %e, fallback = config.default_capacity, "capacity probe failed; using default_capacity");
@@ -155,7 +167,7 @@ pub async fn probe_local<C: CapacitySource>(
 /// the others wait for and reuse its result; `force_reprobe` probes again.
 pub async fn probe_shared(
     config: Arc<GatewayConfig>,
-    service: GatewayService,
+    registry: ReplicaRegistry<ProxyTo>,
     endpoints: Endpoints<RedisCapacity>,
     storage: RedisStorage,
     paths: Vec<String>,
@@ -164,7 +176,7 @@ pub async fn probe_shared(
     for path in &paths {
         let probed = storage
             .get_or_probe(path, config.force_reprobe, || async {
-                probe_one(&config, &service, path)
+                probe_one(&config, &registry, path)
                     .await
                     .map(|r| r.max_concurrency.max(1))
             })
