@@ -25,6 +25,11 @@
 //! * **Cancel safety.** A dropped acquire future drops its oneshot receiver; the dispatcher
 //!   sees the closed channel, skips the waiter, and gives a slot granted to it to the next
 //!   waiter (or back to Redis). No slot is ever kept by a dead waiter.
+//! * **Shutdown.** The task stops once the source's last clone and last acquire future are
+//!   gone *and* every permit it granted has been released: a permit that outlives its source
+//!   (the end of a process's last request, an endpoint dropped by a reload) still gives its
+//!   slot back to Redis at once, instead of leaving it counted for every process until the
+//!   lease expires. Asking for the endpoint's source again meanwhile reopens the same one.
 //! * **Crash safety.** Slots are leases of the process instance: the process heartbeat
 //!   renews them all (one call per endpoint every `lease_ttl / 3`), and any script call
 //!   reclaims the slots of instances whose deadline (server `TIME`) passed.
@@ -42,7 +47,7 @@
 
 use crate::error::StorageError;
 use crate::scripts::{self, Keys};
-use crate::storage::{Inner, RedisStorage, ScriptReply, TaskSet, POLL_INTERVAL, WAITING_TTL};
+use crate::storage::{Inner, RedisStorage, ScriptReply, POLL_INTERVAL, WAITING_TTL};
 use crate::OnError;
 use portcullis_admission::{AcquireError, CapacitySource, LocalCapacity, LocalPermit};
 use std::collections::VecDeque;
@@ -87,10 +92,15 @@ pub(crate) struct EndpointShared {
     /// The capacity last set locally, to store.
     desired_capacity: AtomicUsize,
     pub(crate) wake: Notify,
+    /// Live [`SourceParts`] of this endpoint, or [`STOPPED`] once its task has stopped.
+    sources: AtomicUsize,
     req_tx: mpsc::UnboundedSender<Waiter>,
     pub(crate) cmd_tx: mpsc::UnboundedSender<Cmd>,
     fallback: LocalCapacity,
 }
+
+/// [`EndpointShared::sources`] after the task stopped: the endpoint cannot be reopened.
+const STOPPED: usize = usize::MAX;
 
 fn sub_sat(a: &AtomicUsize, n: usize) {
     let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
@@ -217,11 +227,23 @@ impl EndpointShared {
         self.permit(local)
     }
 
+    /// Always through the task, even during an outage (it then skips the Redis call): the
+    /// task stops only once `held` is 0, so it must see every release.
     fn release_one(&self) {
-        if self.inner.is_degraded() || self.cmd_tx.send(Cmd::Release).is_err() {
-            // Not talking to Redis: the recovery re-registers the absolute count.
+        if self.cmd_tx.send(Cmd::Release).is_err() {
+            // The task is gone (it stops only once `held` is 0): nothing to give back.
             sub_sat(&self.held, 1);
         }
+    }
+
+    /// The task's exit test: no source, acquire future or permit left. Once it returns
+    /// `true`, [`RedisCapacity::reopen`] fails, so no new user can appear.
+    fn try_stop(&self) -> bool {
+        self.held.load(Ordering::Acquire) == 0
+            && self
+                .sources
+                .compare_exchange(0, STOPPED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 }
 
@@ -230,18 +252,28 @@ impl EndpointShared {
 /// [module documentation](self) for the algorithm.
 ///
 /// Built by [`RedisStorage::capacity_source`]. Cheap to clone; clones share the slots. Its
-/// task stops when the last clone is dropped.
+/// task stops once the last clone and the last acquire future are dropped and every permit
+/// is released (a permit may outlive the source: its slot still goes back to Redis).
 #[derive(Clone)]
 pub struct RedisCapacity {
     parts: Arc<SourceParts>,
 }
 
-/// What a source owns: its shared state, the storage (keeps the process tasks running) and
-/// its own tasks (stopped when the last clone goes).
+/// What a source owns: its shared state and the storage (keeps the process tasks running).
+/// Counted in [`EndpointShared::sources`]: the endpoint's task stops once none is left and
+/// every permit is released.
 pub(crate) struct SourceParts {
     shared: Arc<EndpointShared>,
     _storage: RedisStorage,
-    _tasks: TaskSet,
+}
+
+impl Drop for SourceParts {
+    fn drop(&mut self) {
+        if self.shared.sources.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The task re-checks whether it can stop.
+            self.shared.wake.notify_one();
+        }
+    }
 }
 
 impl RedisCapacity {
@@ -266,21 +298,40 @@ impl RedisCapacity {
             capacity_dirty: AtomicBool::new(false),
             desired_capacity: AtomicUsize::new(capacity),
             wake: Notify::new(),
+            sources: AtomicUsize::new(1),
             req_tx,
             cmd_tx,
         });
-        let tasks = TaskSet::new(vec![tokio::spawn(dispatcher(
+        // Owned by the source's clones, acquire futures and permits: it stops by itself once
+        // all are gone (see `try_stop`).
+        drop(tokio::spawn(dispatcher(
             Arc::clone(&shared),
             req_rx,
             cmd_rx,
-        ))]);
+        )));
         Self {
             parts: Arc::new(SourceParts {
                 shared,
                 _storage: storage,
-                _tasks: tasks,
             }),
         }
+    }
+
+    /// A new source over the state of one whose clones are all gone but whose task still
+    /// runs (permits are still out); `None` once the task has stopped.
+    pub(crate) fn reopen(storage: RedisStorage, shared: Arc<EndpointShared>) -> Option<Self> {
+        shared
+            .sources
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != STOPPED).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Self {
+            parts: Arc::new(SourceParts {
+                shared,
+                _storage: storage,
+            }),
+        })
     }
 
     pub(crate) fn shared(&self) -> &Arc<EndpointShared> {
@@ -353,9 +404,11 @@ impl CapacitySource for RedisCapacity {
     type Acquire = RedisAcquire;
 
     fn acquire(&self, max_queue: Option<usize>) -> Self::Acquire {
-        let shared = Arc::clone(&self.parts.shared);
-        let mut mode: watch::Receiver<bool> = shared.inner.mode.subscribe();
+        // The future keeps the source open: the task serves it until it is dropped.
+        let parts = Arc::clone(&self.parts);
+        let mut mode: watch::Receiver<bool> = parts.shared.inner.mode.subscribe();
         Box::pin(async move {
+            let shared = &parts.shared;
             loop {
                 let degraded = *mode.borrow_and_update();
                 if degraded {
@@ -452,7 +505,8 @@ impl fmt::Debug for RedisPermit {
 /// The per-endpoint task (see the module docs): the FIFO of waiters, batched releases,
 /// capacity changes and this endpoint's heartbeat. Being the only task that talks to Redis
 /// for this endpoint, it never has two calls in flight, so the slot count a heartbeat
-/// registers is exact.
+/// registers is exact. It stops once no source, acquire future or permit is left (it is not
+/// aborted with the source: releases still queued must reach Redis).
 async fn dispatcher(
     shared: Arc<EndpointShared>,
     mut req_rx: mpsc::UnboundedReceiver<Waiter>,
@@ -490,6 +544,9 @@ async fn dispatcher(
         }
         if !cmds.is_empty() && run_commands(&shared, &mut cmds).await {
             blocked = false;
+        }
+        if shared.try_stop() {
+            return;
         }
         if *mode.borrow_and_update() {
             // Outage: let every waiter go; each re-routes to the outage policy.

@@ -222,12 +222,18 @@ impl Registered {
         }
     }
 
+    /// The endpoint's task still runs (a source, or a permit that outlives it, is alive).
     fn is_live(&self) -> bool {
-        self.source.strong_count() > 0
+        self.shared.strong_count() > 0
     }
 
     fn upgrade(&self) -> Option<RedisCapacity> {
         self.source.upgrade().map(RedisCapacity::from_parts)
+    }
+
+    /// A new source over the same state, when every clone is gone but permits are still out.
+    fn reopen(&self, storage: &RedisStorage) -> Option<RedisCapacity> {
+        RedisCapacity::reopen(storage.clone(), self.shared.upgrade()?)
     }
 }
 
@@ -387,30 +393,36 @@ impl RedisStorage {
     /// used until the stored global capacity is read (within one round trip) and as the
     /// stored value if Redis has none. Registers the endpoint with the heartbeat and the
     /// pub/sub listener. A process has one source per endpoint: while one is alive, calling
-    /// this again for the same endpoint returns a clone of it (`capacity` is then ignored).
+    /// this again for the same endpoint returns a clone of it (`capacity` is then ignored);
+    /// so does calling it after the last clone was dropped while its permits are still out.
     pub fn capacity_source(&self, endpoint: &str, capacity: usize) -> RedisCapacity {
         let keys = Keys::new(&self.inner.config.key_prefix, endpoint);
         // One source per endpoint and process: its slots are one entry of this instance.
-        if let Some(existing) = self
-            .inner
-            .endpoints
-            .load()
-            .get(&keys.channel)
-            .and_then(Registered::upgrade)
-        {
-            return existing;
+        let registered = self.inner.endpoints.load().get(&keys.channel).cloned();
+        if let Some(r) = registered {
+            if let Some(existing) = r.upgrade() {
+                return existing;
+            }
+            if let Some(reopened) = r.reopen(self) {
+                self.register(&reopened);
+                return reopened;
+            }
         }
         let cap = RedisCapacity::build(self.clone(), endpoint, keys, capacity);
+        self.register(&cap);
+        let _ = self.inner.subscribe.send(cap.shared().keys.channel.clone());
+        cap
+    }
+
+    fn register(&self, cap: &RedisCapacity) {
         let channel = cap.shared().keys.channel.clone();
-        let entry = Registered::new(&cap);
+        let entry = Registered::new(cap);
         self.inner.endpoints.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.retain(|_, r| r.is_live());
             m.insert(channel.clone(), entry.clone());
             m
         });
-        let _ = self.inner.subscribe.send(channel);
-        cap
     }
 
     /// The cached readiness (no I/O): false only after `failure_threshold` consecutive

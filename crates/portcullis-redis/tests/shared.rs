@@ -205,6 +205,85 @@ async fn cross_process_handoff() {
     );
 }
 
+/// A process that drops its source right after its last permit (the end of its last
+/// request, an endpoint removed by a reload) still gives the slot back to Redis at once, and
+/// so does a permit that outlives its source: another process gets the slot long before
+/// the lease would expire. The source's task stops once both are gone.
+///
+/// Regression: the source's task used to be aborted with its last clone, discarding the
+/// releases it had not run yet; the slot stayed counted until `lease_ttl` (10 s) and
+/// the other processes' waiters timed out (504 `queue_timeout` in `tests/admission.rs`).
+#[tokio::test]
+async fn releases_reach_redis_after_the_source_is_dropped() {
+    let Some(server) = RedisServer::start("releases_reach_redis_after_the_source_is_dropped")
+    else {
+        return;
+    };
+    let slow_ok = |c: &mut StorageConfig| c.timeout = Duration::from_secs(2);
+    let a = storage(&server.url(), slow_ok).await;
+    let b = storage(&server.url(), slow_ok).await;
+    let sb = b.capacity_source("/drop", 1);
+    // Connections are opened lazily (their driver tasks count as alive tasks).
+    a.stored_capacity("/drop").await.unwrap();
+    sb.refresh().await.unwrap();
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    let within = Duration::from_secs(2);
+    assert!(within < portcullis_redis::DEFAULT_LEASE_TTL);
+
+    // The permit, then the source at once: on this current-thread runtime nothing else
+    // runs in between, so the release is still queued when the last clone goes.
+    let sa = a.capacity_source("/drop", 1);
+    let p = sa.acquire(None).await.unwrap();
+    drop(p);
+    drop(sa);
+    let q = tokio::time::timeout(within, sb.acquire(None))
+        .await
+        .expect("the released slot is free again well before the lease expires")
+        .unwrap();
+    drop(q);
+    assert!(eventually(within, || holders_sum(&server, "/drop") == 0).await);
+
+    // The permit outlives its source (a request still in flight).
+    let sa = a.capacity_source("/drop", 1);
+    let p = sa.acquire(None).await.unwrap();
+    drop(sa);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        holders_sum(&server, "/drop"),
+        1,
+        "the live permit keeps its slot"
+    );
+    // Meanwhile, asking for the endpoint again gives the same slots, not a second count.
+    let again = a.capacity_source("/drop", 99);
+    assert_eq!((again.capacity(), again.held_locally()), (1, 1));
+    drop(again);
+    let waiter = tokio::spawn(sb.acquire(None));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiter.is_finished(),
+        "granted while the only slot was held"
+    );
+    drop(p);
+    let q = tokio::time::timeout(within, waiter)
+        .await
+        .expect("the released slot is free again well before the lease expires")
+        .unwrap()
+        .unwrap();
+    drop(q);
+    assert!(eventually(within, || holders_sum(&server, "/drop") == 0).await);
+    // Nothing of the dropped sources keeps running.
+    assert!(
+        eventually(within, || tasks() == before).await,
+        "{} tasks alive, {before} before the sources",
+        tasks()
+    );
+}
+
 /// Slots of a process that stops heart-beating (dropped without releasing) are reclaimed
 /// within lease_ttl + one heartbeat; a live process keeps a slot longer than lease_ttl.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
