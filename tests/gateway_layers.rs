@@ -283,6 +283,7 @@ async fn failing_pool_engages_the_fallback_and_no_request_is_lost() {
         body_of(gw.url("/work")).await,
         (StatusCode::OK, "fallback".into())
     );
+    assert_eq!(stats(&gw).await["fallback"]["fallback_requests"], 1);
 
     // The primary heals; traffic stays on the fallback for the hold, then returns.
     mp.failing.store(false, Ordering::SeqCst);

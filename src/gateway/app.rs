@@ -125,6 +125,7 @@ impl Gateway {
         let pool = HttpBalance::new(Dispatch, registry.clone()).map_response(to_body);
 
         // Optional circuit-breaker fallback around the pool.
+        let mut fallback_to: Option<ProxyTo> = None;
         let (primary, breaker) = match &config.fallback {
             None => (Either::Left(pool.clone()), None),
             Some(fallback) => {
@@ -154,8 +155,9 @@ impl Gateway {
                         "fallback: no url configured; the breaker only reports primary_unhealthy"
                     );
                 }
-                let fallback_svc = match fallback_proxy {
-                    Some(u) => Either::Left(proxy.to(u)),
+                fallback_to = fallback_proxy.map(|u| proxy.to(u));
+                let fallback_svc = match &fallback_to {
+                    Some(to) => Either::Left(to.clone()),
                     None => Either::Right(pool.clone()),
                 };
                 let svc = HttpFallback::new(pool.clone(), fallback_svc, breaker.clone())
@@ -218,7 +220,7 @@ impl Gateway {
                     let stats = GatewayStats::new(
                         started,
                         registry.clone(),
-                        breaker.clone(),
+                        breaker.clone().map(|b| (b, fallback_to.clone())),
                         Arc::new(move || endpoints.stats()),
                         None,
                     );
@@ -260,7 +262,7 @@ impl Gateway {
                     let stats = GatewayStats::new(
                         started,
                         registry.clone(),
-                        breaker.clone(),
+                        breaker.clone().map(|b| (b, fallback_to.clone())),
                         Arc::new(move || endpoints.stats()),
                         Some(storage.clone()),
                     );

@@ -22,7 +22,7 @@ pub type AdmissionStatsFn = Arc<dyn Fn() -> AdmissionStats + Send + Sync>;
 pub struct GatewayStats {
     started: Instant,
     registry: ReplicaRegistry<ProxyTo>,
-    breaker: Option<Breaker>,
+    breaker: Option<(Breaker, Option<ProxyTo>)>,
     admission: AdmissionStatsFn,
     storage: Option<RedisStorage>,
 }
@@ -37,11 +37,12 @@ impl std::fmt::Debug for GatewayStats {
 }
 
 impl GatewayStats {
-    /// Stats over the given parts; `started` is the gateway's start instant (uptime).
+    /// Stats over the given parts; `started` is the gateway's start instant (uptime);
+    /// `breaker` comes with the proxy to `fallback.url` (which counts the fallback's requests).
     pub fn new(
         started: Instant,
         registry: ReplicaRegistry<ProxyTo>,
-        breaker: Option<Breaker>,
+        breaker: Option<(Breaker, Option<ProxyTo>)>,
         admission: AdmissionStatsFn,
         storage: Option<RedisStorage>,
     ) -> Self {
@@ -128,7 +129,7 @@ impl StatsSource for GatewayStats {
                 }
             })
             .collect();
-        stats.fallback = self.breaker.as_ref().map(|b| {
+        stats.fallback = self.breaker.as_ref().map(|(b, fallback_to)| {
             let s = b.status_snapshot();
             FallbackStats {
                 url: b.config().url.clone().unwrap_or_default(),
@@ -141,7 +142,7 @@ impl StatsSource for GatewayStats {
                 recovery_successes: s.consecutive_recovery_successes,
                 recovery_threshold: s.recovery_threshold,
                 trips: s.counters.fallback_engaged,
-                fallback_requests: 0,
+                fallback_requests: fallback_to.as_ref().map_or(0, |f| f.metrics().requests()),
             }
         });
         stats.storage = match &self.storage {
