@@ -515,3 +515,74 @@ async fn standalone_health_server_serves_the_same_probes() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_can_be_added_and_removed_at_runtime() {
+    let (a, ma) = metered("a", Duration::ZERO).await;
+    let (b, mb) = metered("b", Duration::ZERO).await;
+    // a is a secondary replica here.
+    let cfg = yaml(
+        &[&a],
+        "upstream_admin: true\nui: {username: ops, password: pw}\n",
+    )
+    .replace("primary: true", "primary: false");
+    let gw = TestGateway::start(&cfg).await;
+    let auth = "Basic b3BzOnB3"; // ops:pw
+    let send = async |req: http::request::Builder, body: &str| {
+        let resp = client()
+            .request(
+                req.header("authorization", auth)
+                    .body(Body::from(body.to_owned()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default(),
+        )
+    };
+    let url = gw.url("/balancer/upstreams");
+    // Behind the operator auth.
+    assert_eq!(get_status(&url).await.0, StatusCode::UNAUTHORIZED);
+
+    let add = format!("{{\"url\": \"{}\", \"primary\": true}}", b.url());
+    let (code, body) = send(Request::post(&url), &add).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = send(Request::post(&url), &add).await;
+    assert_eq!(code, StatusCode::CONFLICT);
+    assert_eq!(body["error"], "upstream_exists");
+    let (code, body) = send(Request::post(&url), "{\"url\": \"ftp://x\"}").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "bad_request");
+    let (code, body) = send(Request::post(&url), "not json").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "bad_request");
+
+    let (code, body) = send(Request::get(&url), "").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["replicas"].as_array().unwrap().len(), 2, "{body}");
+    // b is primary, a is not: new requests go to b.
+    let before = mb.hits.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(get_status(&gw.url("/work")).await.0, StatusCode::OK);
+    }
+    assert_eq!(mb.hits.load(Ordering::SeqCst), before + 5);
+
+    // Remove b: traffic goes back to a; removing it twice is 404.
+    let del = format!("{url}?url={}", b.url());
+    let (code, body) = send(Request::delete(&del), "").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (code, body) = send(Request::delete(&del), "").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "not_found");
+    let before = ma.hits.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(get_status(&gw.url("/work")).await.0, StatusCode::OK);
+    }
+    assert_eq!(ma.hits.load(Ordering::SeqCst), before + 5);
+    let (_, s) = send(Request::get(gw.url("/balancer/stats")), "").await;
+    assert_eq!(s["upstreams"].as_array().unwrap().len(), 1, "{s}");
+}

@@ -138,11 +138,7 @@ impl Gateway {
                 };
                 let probe = PoolProbe {
                     http: HttpProbe::new(config.health_endpoint.clone(), fallback.probe_timeout),
-                    upstreams: config
-                        .parsed_upstreams()
-                        .into_iter()
-                        .map(|(u, _)| u.url().to_owned())
-                        .collect(),
+                    registry: registry.clone(),
                 };
                 let breaker = Breaker::builder(fallback.clone())
                     .primary_target(POOL_TARGET)
@@ -279,6 +275,7 @@ impl Gateway {
         let router = Router::new()
             .merge(operator)
             .merge(fallback_check_route(&config, breaker.clone()))
+            .merge(admin_routes(&config, &registry, &proxy))
             .fallback_service(admitted);
 
         let health_server = if config.health_server.enable {
@@ -351,6 +348,29 @@ impl Gateway {
             s.stop().await;
         }
     }
+}
+
+/// The upstream admin routes when `upstream_admin` is on (behind the operator auth).
+fn admin_routes(
+    config: &GatewayConfig,
+    registry: &ReplicaRegistry<ProxyTo>,
+    proxy: &Proxy,
+) -> Router {
+    if !config.upstream_admin {
+        return Router::new();
+    }
+    let mut router = super::admin::routes(registry.clone(), proxy.clone());
+    match config.ui.credentials() {
+        Some((user, pass)) => {
+            router = router.route_layer(portcullis_dashboard::BasicAuthLayer::new(
+                portcullis_dashboard::Credentials::new(user, pass),
+            ));
+        }
+        None => tracing::warn!(
+            "upstream_admin is on without ui.username/ui.password: anyone who reaches the gateway can change the pool"
+        ),
+    }
+    router
 }
 
 /// The path of the on-demand breaker probe.
@@ -466,7 +486,7 @@ const POOL_TARGET: &str = "upstreams";
 #[derive(Debug, Clone)]
 struct PoolProbe {
     http: HttpProbe,
-    upstreams: Vec<String>,
+    registry: ReplicaRegistry<ProxyTo>,
 }
 
 impl Probe for PoolProbe {
@@ -474,7 +494,13 @@ impl Probe for PoolProbe {
         if target != POOL_TARGET {
             return self.http.probe(target);
         }
-        let probes: Vec<ProbeFuture> = self.upstreams.iter().map(|u| self.http.probe(u)).collect();
+        // The live pool: replicas added or removed at runtime count.
+        let probes: Vec<ProbeFuture> = self
+            .registry
+            .replicas()
+            .iter()
+            .map(|r| self.http.probe(r.key()))
+            .collect();
         Box::pin(async move {
             let results = futures_util::future::join_all(probes).await;
             let best = results

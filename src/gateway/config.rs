@@ -150,6 +150,8 @@ pub struct GatewayConfig {
     pub ui: UiConfig,
     /// The standalone liveness/readiness server.
     pub health_server: HealthServerConfig,
+    /// Serve `GET`/`POST`/`DELETE /balancer/upstreams` to change the pool at runtime.
+    pub upstream_admin: bool,
 }
 
 impl Default for GatewayConfig {
@@ -187,6 +189,7 @@ impl Default for GatewayConfig {
             fallback: None,
             ui: UiConfig::default(),
             health_server: HealthServerConfig::default(),
+            upstream_admin: false,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! The `gateway` example (`examples/gateway/`) is a thin command-line front end over this
 //! module; copy either as the template of your own gateway.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod proxy;
