@@ -70,6 +70,12 @@ fn bad_configs_exit_2_naming_file_and_field() {
             "`endpoints./work.capacity`",
         ),
         (
+            Some("endpoints:\n  /a*b: {capacity: 1}\n"),
+            "`endpoints./a*b`",
+        ),
+        (Some("fallback: {url: \"ftp://x\"}\n"), "`fallback.url`"),
+        (Some("storage: {type: redis}\n"), "`storage.url`"),
+        (
             Some("health_check_interval: 0\n"),
             "`health_check_interval`",
         ),

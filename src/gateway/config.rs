@@ -449,6 +449,7 @@ impl GatewayConfig {
             }
         }
         let nested = [
+            ("endpoints", self.admission_config().validate()),
             ("storage", self.storage.validate()),
             (
                 "fallback",
