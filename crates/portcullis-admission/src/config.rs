@@ -4,6 +4,8 @@
 //! queue_timeout: 30        # seconds a request may wait for a slot (default 30)
 //! max_queue: 1000          # optional; default unbounded
 //! endpoints:
+//!   /v1/models/*:          # a prefix pattern: /v1/models and every path under it,
+//!     capacity: 16         # sharing these 16 slots (one endpoint, one queue)
 //!   /predict:
 //!     method: POST         # optional; only this method is admission-controlled
 //!     capacity: 8          # optional; absent = probed (a default applies until then)
@@ -11,6 +13,17 @@
 //!     headers: {Authorization: Bearer t}   # optional; used by the probe, kept as is
 //!     body: {input: sample}                 # optional; used by the probe, kept as is
 //! ```
+//!
+//! # Endpoint keys
+//!
+//! A key is an exact path (`/predict`), or a prefix pattern ending in `/*`
+//! (`/v1/models/*`), which matches the prefix itself (`/v1/models`) and every path under it
+//! on a `/` boundary (`/v1/models/a`, `/v1/models/a/b`; not `/v1/modelsX`). A pattern is one
+//! endpoint: every path it matches shares its capacity and queue, and its stats are
+//! reported under the pattern key. An exact key wins over a pattern and the longest
+//! pattern wins over shorter ones; see [`Endpoints`](crate::Endpoints) for the full
+//! matching rule. [`Config::validate`] refuses a `*` anywhere but in a trailing `/*`, and
+//! a pattern without a prefix (`/*`).
 //!
 //! # `max_queue` and memory
 //!
@@ -37,7 +50,12 @@ pub struct Config {
     /// Bound on queued requests per endpoint; beyond it, 503 `queue_full` at once. Default
     /// `None`: unbounded (see the [module docs](self) for the memory trade-off).
     pub max_queue: Option<usize>,
-    /// Watched endpoints by exact path. Other paths pass through uncounted.
+    /// Watched endpoints by key: an exact path (`/predict`), or a prefix pattern ending in
+    /// `/*` (`/v1/models/*`) that matches `/v1/models` and every path under it
+    /// (`/v1/models/a/b`, not `/v1/modelsX`) and shares one capacity and queue between
+    /// them, with stats under the pattern key. Exact keys win over patterns, longer
+    /// patterns over shorter ones; see [`Endpoints`](crate::Endpoints). Other paths pass
+    /// through uncounted.
     pub endpoints: BTreeMap<String, EndpointConfig>,
 }
 
@@ -92,16 +110,39 @@ impl Config {
         endpoint.queue_timeout.unwrap_or(self.queue_timeout)
     }
 
-    /// Checks what serde cannot: paths start with `/`, methods parse. The error names the
-    /// offending field (`endpoints./x.method: ...`).
+    /// Checks what serde cannot: paths start with `/`, a `*` only appears as a trailing
+    /// `/*` after a non-empty prefix, methods parse. The error names the offending field
+    /// (`endpoints./x.method: ...`).
     pub fn validate(&self) -> Result<(), String> {
         for (path, ep) in &self.endpoints {
-            if !path.starts_with('/') {
-                return Err(format!("endpoints.{path}: a path must start with `/`"));
-            }
+            validate_key(path).map_err(|e| format!("endpoints.{path}: {e}"))?;
             ep.parsed_method()
                 .map_err(|e| format!("endpoints.{path}.method: {e}"))?;
         }
+        Ok(())
+    }
+}
+
+/// An endpoint key: an exact path or a `/*` prefix pattern.
+fn validate_key(key: &str) -> Result<(), &'static str> {
+    if !key.starts_with('/') {
+        return Err("a path must start with `/`");
+    }
+    let Some(prefix) = crate::http::pattern_prefix(key) else {
+        return match key.contains('*') {
+            true => Err(
+                "`*` is only allowed as a trailing `/*` (a prefix pattern such as `/v1/models/*`)",
+            ),
+            false => Ok(()),
+        };
+    };
+    if prefix.contains('*') {
+        Err("`*` is only allowed as a trailing `/*` (a prefix pattern such as `/v1/models/*`)")
+    } else if prefix.is_empty() {
+        Err("a prefix pattern needs a non-empty prefix before `/*` (such as `/v1/*`)")
+    } else if prefix.ends_with('/') {
+        Err("a prefix pattern's prefix must not end with `/` (write `/v1/*`, not `/v1//*`)")
+    } else {
         Ok(())
     }
 }
@@ -194,5 +235,31 @@ mod tests {
         let c: Config =
             serde_json::from_str(r#"{"endpoints": {"/a": {"method": "GE T"}}}"#).unwrap();
         assert!(c.validate().unwrap_err().contains("endpoints./a.method"));
+    }
+
+    #[test]
+    fn accepts_prefix_patterns_and_rejects_malformed_ones() {
+        let validate = |key: &str| {
+            let c: Config =
+                serde_json::from_value(serde_json::json!({"endpoints": {key: {}}})).unwrap();
+            c.validate()
+        };
+        for ok in ["/v1/models/*", "/a/*", "/v1/models", "/v1/models/"] {
+            validate(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, says) in [
+            ("/a*b", "trailing `/*`"),
+            ("/a*", "trailing `/*`"),
+            ("/a/*/b", "trailing `/*`"),
+            ("/a/**", "trailing `/*`"),
+            ("/*/b/*", "trailing `/*`"),
+            ("*", "must start with `/`"),
+            ("/*", "non-empty prefix"),
+            ("/a//*", "must not end with `/`"),
+        ] {
+            let e = validate(bad).unwrap_err();
+            assert!(e.starts_with(&format!("endpoints.{bad}: ")), "{bad}: {e}");
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

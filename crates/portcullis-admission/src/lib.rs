@@ -18,13 +18,25 @@
 //!   the downcastable marker errors [`QueueTimeout`], [`QueueFull`], [`Unhealthy`],
 //!   [`StorageUnavailable`] (all [`IntoRejection`](portcullis_core::IntoRejection)).
 //! * [`HttpAdmission`] / [`HttpAdmissionLayer`]: the HTTP form, with per-endpoint settings
-//!   ([`Endpoints`], exact path + optional method), refusals rendered by
+//!   ([`Endpoints`]: exact path or `/*` prefix pattern, + optional method; see
+//!   [below](#which-endpoint-a-request-belongs-to)), refusals rendered by
 //!   [`Rejection::to_response`](portcullis_core::Rejection::to_response) (JSON, or gRPC
 //!   trailers-only), and the slot held by the response body ([`AdmissionBody`]).
 //! * [`AdmissionStats`] / [`EndpointStats`]: live, I/O-free, serde-serializable stats in the
 //!   seed's `/balancer/stats` shape, extended with queue depth, counters and a queue-wait
 //!   histogram.
 //! * [`Config`] / [`EndpointConfig`]: the serde configuration.
+//!
+//! # Which endpoint a request belongs to
+//!
+//! An endpoint key is an exact path (`/predict`) or a prefix pattern ending in `/*`
+//! (`/v1/models/*`). A pattern matches its prefix itself (`/v1/models`) and every path
+//! under it on a `/` boundary (`/v1/models/a`, `/v1/models/a/b`, but not `/v1/modelsX`),
+//! and is one endpoint: one limiter whose capacity and queue every matched path shares,
+//! with stats under the pattern key. For each request the exact key is tried first (one
+//! hash lookup, which is all an exact-only configuration ever pays), then the patterns,
+//! longest prefix first, without allocating; the first key whose `method` filter accepts
+//! the request applies. Details in [`Endpoints`].
 //!
 //! # How a request is admitted
 //!

@@ -405,3 +405,86 @@ async fn unwatched_paths_and_methods_pass_uncounted() {
         "the holder plus one unwatched request at a time"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_under_one_prefix_pattern_share_its_capacity() {
+    let (be, st) = backend().await;
+    let layer = HttpAdmissionLayer::from_config(
+        &config(json!({"endpoints": {
+            "/v1/models/*": {"capacity": 2},
+            "/v1/models/list": {"capacity": 4}
+        }})),
+        1,
+    )
+    .unwrap();
+    let gw = gateway(layer.clone(), be.addr).await;
+    let client = client();
+    let addr = gw.addr;
+    let pattern = || layer.endpoints().stats().endpoints["/v1/models/*"].clone();
+
+    // 16 clients on two different paths under the pattern: 2 slots between them, not 2 each.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            let path = ["/v1/models/a?ms=40", "/v1/models/b/c?ms=40"][i % 2];
+            tokio::spawn(async move { get_full(&client, addr, path).await.0 })
+        })
+        .collect();
+    let mut peak_queue = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let s = pattern();
+        assert!(s.active_requests <= 2, "active {} > 2", s.active_requests);
+        peak_queue = peak_queue.max(s.queue_depth);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(st.max(), 2, "backend saw {} concurrent requests", st.max());
+    assert!(peak_queue > 0, "16 clients on 2 slots must queue");
+    let s = pattern();
+    assert_eq!((s.admitted, s.active_requests, s.queue_depth), (16, 0, 0));
+    // Stats are keyed by the pattern, not by the matched paths.
+    let keys: Vec<_> = layer.endpoints().stats().endpoints.into_keys().collect();
+    assert_eq!(keys, ["/v1/models/*", "/v1/models/list"]);
+
+    // Both slots held by two paths; a third path under the pattern queues, while the exact
+    // key (which wins over the pattern) and an unwatched path pass at once.
+    let holders: Vec<_> = ["/v1/models/a?ms=800", "/v1/models/b?ms=800"]
+        .into_iter()
+        .map(|path| {
+            let client = client.clone();
+            tokio::spawn(async move { get_full(&client, addr, path).await.0 })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(2), || pattern().active_requests == 2).await);
+    let queued = {
+        let client = client.clone();
+        tokio::spawn(async move { get_full(&client, addr, "/v1/models/x/y?ms=1").await.0 })
+    };
+    assert!(eventually(Duration::from_secs(2), || pattern().queue_depth == 1).await);
+    let t = Instant::now();
+    assert_eq!(
+        get_full(&client, addr, "/v1/models/list?ms=1").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_full(&client, addr, "/free?ms=1").await.0,
+        StatusCode::OK
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "the exact key and an unwatched path waited behind the pattern"
+    );
+    assert_eq!(pattern().queue_depth, 1, "still queued behind the holders");
+    assert_eq!(
+        layer.endpoints().stats().endpoints["/v1/models/list"].admitted,
+        1
+    );
+    for h in holders {
+        assert_eq!(h.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(queued.await.unwrap(), StatusCode::OK);
+    let s = pattern();
+    assert_eq!((s.admitted, s.active_requests, s.queue_depth), (19, 0, 0));
+}

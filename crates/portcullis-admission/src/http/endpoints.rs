@@ -8,17 +8,98 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-/// The watched endpoints of an [`HttpAdmission`](super::HttpAdmission): exact path →
-/// method filter and [`Limiter`]. Cheap to clone (one `Arc`); every clone sees the same
-/// limiters, so a handle kept by the gateway can read stats and change capacities while
-/// the layer serves.
+/// The watched endpoints of an [`HttpAdmission`](super::HttpAdmission): key → method
+/// filter and [`Limiter`]. Cheap to clone (one `Arc`); every clone sees the same limiters,
+/// so a handle kept by the gateway can read stats and change capacities while the layer
+/// serves.
+///
+/// # Keys: exact paths and prefix patterns
+///
+/// A key is either an exact path (`/predict`) or a prefix pattern: a key ending in `/*`
+/// (`/v1/models/*`). A pattern matches its prefix itself and every path under it —
+/// `/v1/models`, `/v1/models/`, `/v1/models/a`, `/v1/models/a/b` — but only on a `/`
+/// boundary: `/v1/modelsX` does not match. A pattern is *one* endpoint: one limiter,
+/// one capacity, one queue, shared by every path it matches, and its stats are reported
+/// under the pattern key (`"/v1/models/*"`).
+///
+/// A request is matched in this order, and the first key whose method filter accepts the
+/// request's method applies:
+///
+/// 1. the exact key equal to the path (one hash lookup — the only cost when no pattern is
+///    configured);
+/// 2. the patterns matching the path, longest prefix first.
+///
+/// So an exact key wins over a pattern, and `/v1/models/large/*` wins over `/v1/models/*`.
+/// A key whose method filter rejects the request does not hide the next one: with
+/// `/v1/models/a` watched for `POST` only and `/v1/models/*` for every method, a `GET
+/// /v1/models/a` is counted by the pattern. A path no key accepts passes through
+/// uncounted. Matching compares bytes of the raw path (no percent-decoding, no
+/// normalisation of `//` or `..`) and never allocates.
+///
+/// ```
+/// use portcullis_admission::{Endpoints, Limiter};
+/// use std::sync::Arc;
+///
+/// let eps = Endpoints::new()
+///     .watch("/v1/models/*", None, Arc::new(Limiter::local(8)))
+///     .watch("/v1/models/large/*", None, Arc::new(Limiter::local(2)))
+///     .watch("/v1/models/list", None, Arc::new(Limiter::local(64)));
+/// let capacity = |path: &str| eps.lookup(path, &http::Method::GET).map(|l| l.stats().capacity);
+/// assert_eq!(capacity("/v1/models/list"), Some(64)); // exact key
+/// assert_eq!(capacity("/v1/models/large/x"), Some(2)); // longest pattern
+/// assert_eq!(capacity("/v1/models/small/x"), Some(8));
+/// assert_eq!(capacity("/v1/models"), Some(8)); // the prefix itself
+/// assert_eq!(capacity("/v1/modelsX"), None); // not on a `/` boundary
+/// // One limiter per pattern, found by its key:
+/// assert!(Arc::ptr_eq(
+///     eps.get("/v1/models/*").unwrap(),
+///     eps.lookup("/v1/models/a/b", &http::Method::POST).unwrap(),
+/// ));
+/// ```
+///
+/// [`watch`](Endpoints::watch) does not validate keys (a `*` anywhere else is part of an
+/// exact path); [`from_config`](Endpoints::from_config) does, through
+/// [`Config::validate`].
 pub struct Endpoints<C = LocalCapacity> {
-    map: Arc<HashMap<String, Watched<C>>>,
+    table: Arc<Table<C>>,
+}
+
+/// What [`Endpoints`] shares between its clones.
+struct Table<C> {
+    /// Every key (exact paths and patterns, the latter under their `/*` key): for `get`,
+    /// `set_capacity`, `stats`, and the exact step of `lookup`.
+    keys: HashMap<String, Watched<C>>,
+    /// The patterns, longest prefix first (two prefixes of the same length that match the
+    /// same path are equal, so the order among them does not matter).
+    patterns: Vec<Pattern<C>>,
+}
+
+/// A prefix pattern: `prefix` is the key without its trailing `/*`.
+struct Pattern<C> {
+    prefix: String,
+    watched: Watched<C>,
 }
 
 pub(crate) struct Watched<C> {
     pub(crate) method: Option<Method>,
     pub(crate) limiter: Arc<Limiter<C>>,
+}
+
+impl<C> Watched<C> {
+    fn accepts(&self, method: &Method) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method)
+    }
+}
+
+/// The prefix of a pattern key (`/v1/models/*` → `/v1/models`), `None` for an exact key.
+pub(crate) fn pattern_prefix(key: &str) -> Option<&str> {
+    key.strip_suffix("/*")
+}
+
+/// Whether `path` is `prefix` itself or a path under it (on a `/` boundary).
+fn under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 impl<C> Clone for Watched<C> {
@@ -30,10 +111,35 @@ impl<C> Clone for Watched<C> {
     }
 }
 
+impl<C> Clone for Table<C> {
+    fn clone(&self) -> Self {
+        Self {
+            keys: self.keys.clone(),
+            patterns: self
+                .patterns
+                .iter()
+                .map(|p| Pattern {
+                    prefix: p.prefix.clone(),
+                    watched: p.watched.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl<C> Default for Table<C> {
+    fn default() -> Self {
+        Self {
+            keys: HashMap::new(),
+            patterns: Vec::new(),
+        }
+    }
+}
+
 impl<C> Clone for Endpoints<C> {
     fn clone(&self) -> Self {
         Self {
-            map: Arc::clone(&self.map),
+            table: Arc::clone(&self.table),
         }
     }
 }
@@ -41,7 +147,7 @@ impl<C> Clone for Endpoints<C> {
 impl<C> Default for Endpoints<C> {
     fn default() -> Self {
         Self {
-            map: Arc::default(),
+            table: Arc::default(),
         }
     }
 }
@@ -84,29 +190,55 @@ impl<C: CapacitySource> Endpoints<C> {
         Ok(eps)
     }
 
-    /// Adds (or replaces) a watched path (builder form). `method`: only requests with this
-    /// method are admission-controlled; `None` means every method.
+    /// Adds (or replaces) a watched key (builder form): an exact path, or a prefix pattern
+    /// when it ends in `/*` (see [matching](Endpoints#keys-exact-paths-and-prefix-patterns)).
+    /// `method`: only requests with this method are admission-controlled; `None` means
+    /// every method.
     pub fn watch(
         mut self,
         path: impl Into<String>,
         method: Option<Method>,
         limiter: Arc<Limiter<C>>,
     ) -> Self {
-        Arc::make_mut(&mut self.map).insert(path.into(), Watched { method, limiter });
+        let key = path.into();
+        let watched = Watched { method, limiter };
+        let table = Arc::make_mut(&mut self.table);
+        if let Some(prefix) = pattern_prefix(&key) {
+            table.patterns.retain(|p| p.prefix != prefix);
+            table.patterns.push(Pattern {
+                prefix: prefix.to_owned(),
+                watched: watched.clone(),
+            });
+            // Stable: longest prefix first.
+            table
+                .patterns
+                .sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
+        }
+        table.keys.insert(key, watched);
         self
     }
 
-    /// The limiter watching `path`.
+    /// The limiter watching the key `path` (an exact path, or a pattern by its `/*` key).
+    /// For the limiter a request to `path` would use, see [`lookup`](Self::lookup).
     pub fn get(&self, path: &str) -> Option<&Arc<Limiter<C>>> {
-        self.map.get(path).map(|w| &w.limiter)
+        self.table.keys.get(path).map(|w| &w.limiter)
     }
 
-    /// The limiter that applies to a request, if any.
-    pub(crate) fn lookup(&self, path: &str, method: &Method) -> Option<&Arc<Limiter<C>>> {
-        match self.map.get(path) {
-            Some(w) if w.method.as_ref().is_none_or(|m| m == method) => Some(&w.limiter),
-            _ => None,
+    /// The limiter that applies to a request for `path` with `method`, if any: the exact
+    /// key, else the longest matching pattern, whose method filter accepts `method`.
+    /// One hash lookup when the exact key applies or no pattern is configured; otherwise
+    /// one prefix comparison per pattern, longest first. Never allocates.
+    pub fn lookup(&self, path: &str, method: &Method) -> Option<&Arc<Limiter<C>>> {
+        if let Some(w) = self.table.keys.get(path) {
+            if w.accepts(method) {
+                return Some(&w.limiter);
+            }
         }
+        self.table
+            .patterns
+            .iter()
+            .find(|p| under(path, &p.prefix) && p.watched.accepts(method))
+            .map(|p| &p.watched.limiter)
     }
 
     /// Changes the capacity of the endpoint watching `path` at runtime (queued requests
@@ -121,15 +253,18 @@ impl<C: CapacitySource> Endpoints<C> {
         }
     }
 
-    /// The watched paths, in no particular order.
+    /// The watched keys (exact paths and `/*` patterns), in no particular order.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.map.keys().map(String::as_str)
+        self.table.keys.keys().map(String::as_str)
     }
 
     /// A snapshot of every watched endpoint (no I/O): `{"endpoints": {"/work": {...}}}`.
+    /// A pattern is reported once, under its key (`"/v1/models/*"`), for every path it
+    /// matched.
     pub fn stats(&self) -> AdmissionStats {
         let endpoints = self
-            .map
+            .table
+            .keys
             .iter()
             .map(|(path, w)| {
                 let mut s = w.limiter.stats();
@@ -144,9 +279,139 @@ impl<C: CapacitySource> Endpoints<C> {
 impl<C: CapacitySource + fmt::Debug> fmt::Debug for Endpoints<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut m = f.debug_map();
-        for (path, w) in self.map.iter() {
+        for (path, w) in self.table.keys.iter() {
             m.entry(path, &(&w.method, &w.limiter));
         }
         m.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    /// Each key gets a limiter of a distinct capacity, so a lookup says which key matched.
+    fn watching(keys: &[(&str, Option<Method>, usize)]) -> Endpoints {
+        keys.iter()
+            .fold(Endpoints::new(), |eps, (key, method, cap)| {
+                eps.watch(*key, method.clone(), Arc::new(Limiter::local(*cap)))
+            })
+    }
+
+    fn hit(eps: &Endpoints, path: &str, method: Method) -> Option<usize> {
+        eps.lookup(path, &method).map(|l| l.stats().capacity)
+    }
+
+    #[test]
+    fn a_pattern_matches_its_prefix_and_paths_under_it_on_a_slash_boundary() {
+        let eps = watching(&[("/v1/models/*", None, 1)]);
+        for path in [
+            "/v1/models",
+            "/v1/models/",
+            "/v1/models/a",
+            "/v1/models/a/b",
+            "/v1/models/*",
+        ] {
+            assert_eq!(hit(&eps, path, Method::GET), Some(1), "{path}");
+        }
+        for path in [
+            "/v1/modelsX",
+            "/v1/modelsX/a",
+            "/v1/model",
+            "/v1",
+            "/",
+            "/v2/models/a",
+        ] {
+            assert_eq!(hit(&eps, path, Method::GET), None, "{path}");
+        }
+        // One limiter for the whole pattern, reachable by its key.
+        let l = eps.get("/v1/models/*").unwrap();
+        assert!(Arc::ptr_eq(
+            l,
+            eps.lookup("/v1/models/a", &Method::GET).unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            l,
+            eps.lookup("/v1/models/b/c", &Method::POST).unwrap()
+        ));
+        assert!(eps.get("/v1/models/a").is_none());
+        assert!(eps.set_capacity("/v1/models/*", 7));
+        assert_eq!(hit(&eps, "/v1/models/z", Method::GET), Some(7));
+        assert_eq!(
+            eps.stats().endpoints.keys().collect::<Vec<_>>(),
+            ["/v1/models/*"]
+        );
+    }
+
+    #[test]
+    fn exact_beats_pattern_and_the_longest_pattern_wins() {
+        let eps = watching(&[
+            ("/v1/*", None, 1),
+            ("/v1/models/*", None, 2),
+            ("/v1/models/large/*", None, 3),
+            ("/v1/models/large/x", None, 4),
+            ("/v1/models", None, 5),
+        ]);
+        assert_eq!(hit(&eps, "/v1/embed", Method::GET), Some(1));
+        assert_eq!(hit(&eps, "/v1/models/small", Method::GET), Some(2));
+        assert_eq!(hit(&eps, "/v1/models/larger", Method::GET), Some(2));
+        assert_eq!(hit(&eps, "/v1/models/large", Method::GET), Some(3));
+        assert_eq!(hit(&eps, "/v1/models/large/y/z", Method::GET), Some(3));
+        assert_eq!(hit(&eps, "/v1/models/large/x", Method::GET), Some(4));
+        assert_eq!(hit(&eps, "/v1/models/large/x/y", Method::GET), Some(3));
+        assert_eq!(hit(&eps, "/v1/models", Method::GET), Some(5));
+        assert_eq!(hit(&eps, "/v2", Method::GET), None);
+    }
+
+    #[test]
+    fn insertion_order_does_not_matter_and_rewatching_replaces() {
+        let a = watching(&[("/a/*", None, 1), ("/a/b/*", None, 2)]);
+        let b = watching(&[("/a/b/*", None, 2), ("/a/*", None, 1)]);
+        for eps in [&a, &b] {
+            assert_eq!(hit(eps, "/a/b/c", Method::GET), Some(2));
+            assert_eq!(hit(eps, "/a/c", Method::GET), Some(1));
+        }
+        let a = a.watch("/a/b/*", None, Arc::new(Limiter::local(9)));
+        assert_eq!(hit(&a, "/a/b/c", Method::GET), Some(9));
+        assert_eq!(a.table.patterns.len(), 2);
+        assert_eq!(a.stats().endpoints.len(), 2);
+    }
+
+    #[test]
+    fn the_method_filter_applies_to_patterns_and_a_rejecting_key_does_not_hide_the_next() {
+        let eps = watching(&[
+            ("/v1/*", None, 1),
+            ("/v1/models/*", Some(Method::POST), 2),
+            ("/v1/models/a", Some(Method::PUT), 3),
+        ]);
+        assert_eq!(hit(&eps, "/v1/models/b", Method::POST), Some(2));
+        assert_eq!(hit(&eps, "/v1/models/b", Method::GET), Some(1));
+        assert_eq!(hit(&eps, "/v1/models/a", Method::PUT), Some(3));
+        assert_eq!(hit(&eps, "/v1/models/a", Method::POST), Some(2));
+        assert_eq!(hit(&eps, "/v1/models/a", Method::GET), Some(1));
+
+        let only_post = watching(&[("/p/*", Some(Method::POST), 1)]);
+        assert_eq!(hit(&only_post, "/p/x", Method::POST), Some(1));
+        assert_eq!(hit(&only_post, "/p/x", Method::GET), None);
+        assert_eq!(
+            only_post.stats().endpoints["/p/*"].method.as_deref(),
+            Some("POST")
+        );
+    }
+
+    #[test]
+    fn from_config_builds_patterns_and_refuses_malformed_ones() {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "endpoints": {"/v1/models/*": {"capacity": 3}, "/v1/models/list": {"capacity": 9}}
+        }))
+        .unwrap();
+        let eps = Endpoints::from_config(&config, 1).unwrap();
+        assert_eq!(hit(&eps, "/v1/models/a/b", Method::GET), Some(3));
+        assert_eq!(hit(&eps, "/v1/models/list", Method::GET), Some(9));
+        let config: Config =
+            serde_json::from_value(serde_json::json!({"endpoints": {"/a*b": {}}})).unwrap();
+        let e = Endpoints::from_config(&config, 1).unwrap_err();
+        assert!(e.starts_with("endpoints./a*b: "), "{e}");
     }
 }

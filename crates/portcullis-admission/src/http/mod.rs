@@ -1,9 +1,10 @@
 //! The HTTP form: per-endpoint admission for `http::Request<B>`, rejections rendered as
 //! responses, the slot held until the response body ends.
 //!
-//! [`HttpAdmission`] looks the request path up (exact match) in its [`Endpoints`]. A path
-//! that is not watched, or watched with a `method` filter the request does not match,
-//! passes straight to the inner service: no slot, no counting, the body untouched (only
+//! [`HttpAdmission`] looks the request path up in its [`Endpoints`]: the exact key first
+//! (one hash lookup), then the `/*` prefix patterns, longest prefix first (see
+//! [`Endpoints`] for the matching rule). A path that no key matches, or only keys whose
+//! `method` filter the request does not match, passes straight to the inner service: no slot, no counting, the body untouched (only
 //! wrapped). A watched request goes through the endpoint's [`Limiter`](crate::Limiter)
 //! like in [`Admission`](crate::Admission), but refusals become responses built with
 //! [`Rejection::to_response`](portcullis_core::Rejection::to_response): JSON
@@ -22,6 +23,7 @@ mod layer;
 mod service;
 
 pub use body::AdmissionBody;
+pub(crate) use endpoints::pattern_prefix;
 pub use endpoints::Endpoints;
 pub use future::ResponseFuture;
 pub use layer::HttpAdmissionLayer;

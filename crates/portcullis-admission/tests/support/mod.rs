@@ -124,6 +124,7 @@ pub async fn backend() -> (Server, Arc<BackendState>) {
         .route("/work", any(work))
         .route("/free", any(work))
         .route("/stream", get(stream))
+        .route("/v1/models/{*rest}", any(work))
         .with_state(Arc::clone(&st));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
