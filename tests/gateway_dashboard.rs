@@ -27,17 +27,16 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{any, get};
 use axum::Router;
-use fantoccini::{Client, ClientBuilder};
+use fantoccini::Client;
 use http::Request;
 use http_body_util::BodyExt;
+use portcullis_dashboard::testing::{browser_tools, Driver, Profile};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{backend, client, Server, TestGateway};
-use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -154,122 +153,6 @@ impl Load {
 // ---------------------------------------------------------------------------------------
 // Browser
 
-fn find_binary(names: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path) {
-        for n in names {
-            let p = dir.join(n);
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-/// `chromedriver` on a free port in its own process group; the group (the driver and the
-/// chromium processes it started) is killed on drop, so a failing test leaves no browser.
-struct Driver {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = self.child.start_kill();
-    }
-}
-
-async fn start_driver(bin: &Path) -> Driver {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(bin)
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("chromedriver starts");
-    let driver = Driver {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "chromedriver did not listen within 15 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    driver
-}
-
-/// A fresh chromium profile directory, removed on drop.
-struct Profile(PathBuf);
-
-impl Profile {
-    fn new(dir: &Path, name: &str) -> Self {
-        let p = dir.join(format!("profile-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for Profile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-async fn open_browser(driver: &Driver, chromium: &Path, profile: &Profile, phone: bool) -> Client {
-    let mut args = vec![
-        "--headless".to_owned(),
-        "--no-sandbox".to_owned(),
-        "--disable-gpu".to_owned(),
-        "--disable-background-networking".to_owned(),
-        "--disable-component-update".to_owned(),
-        "--disable-sync".to_owned(),
-        "--no-first-run".to_owned(),
-        "--disable-dev-shm-usage".to_owned(),
-        "--hide-scrollbars".to_owned(),
-        format!("--user-data-dir={}", profile.0.display()),
-    ];
-    let mut options = json!({ "binary": chromium.to_string_lossy() });
-    if phone {
-        options["mobileEmulation"] = json!({
-            "deviceMetrics": { "width": 390, "height": 844, "pixelRatio": 2.0, "touch": true }
-        });
-        args.push("--window-size=390,844".into());
-    } else {
-        args.push("--window-size=1280,800".into());
-        args.push("--force-device-scale-factor=1".into());
-    }
-    options["args"] = json!(args);
-    let mut caps = serde_json::Map::new();
-    caps.insert("browserName".into(), json!("chrome"));
-    caps.insert("goog:chromeOptions".into(), options);
-    ClientBuilder::native()
-        .capabilities(caps)
-        .connect(&driver.url)
-        .await
-        .expect("a chromium session")
-}
-
-/// Resizes the window until the viewport is `width`×`height` CSS pixels.
 async fn set_viewport(client: &Client, width: u32, height: u32) {
     for _ in 0..3 {
         let v = client
@@ -480,18 +363,7 @@ fn target_dir() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_dashboard_under_load_in_headless_chromium() {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let (Some(chromium), Some(chromedriver)) = (
-        find_binary(&["chromium", "chromium-browser", "google-chrome"]),
-        find_binary(&["chromedriver"]),
-    ) else {
-        assert!(
-            !ci,
-            "CI=true but chromium/chromedriver are missing (.ci/run installs them)"
-        );
-        eprintln!(
-            "SKIPPED gateway dashboard browser test: chromium and chromedriver not found on PATH"
-        );
+    let Some((chromium, chromedriver)) = browser_tools("gateway dashboard browser test") else {
         return;
     };
     let update_docs = std::env::var("PORTCULLIS_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1");
@@ -538,12 +410,12 @@ async fn gateway_dashboard_under_load_in_headless_chromium() {
     std::fs::create_dir_all(&out).unwrap();
     // chromedriver cannot find the DevTools port file of a profile path with `..` in it.
     let out = std::fs::canonicalize(out).unwrap();
-    let driver = start_driver(&chromedriver).await;
+    let driver = Driver::start(&chromium, &chromedriver).await;
     let desktop_profile = Profile::new(&out, "desktop");
     let phone_profile = Profile::new(&out, "phone");
-    let desktop = open_browser(&driver, &chromium, &desktop_profile, false).await;
+    let desktop = driver.open(&desktop_profile, false).await;
     set_viewport(&desktop, 1280, 800).await;
-    let phone = open_browser(&driver, &chromium, &phone_profile, true).await;
+    let phone = driver.open(&phone_profile, true).await;
     // Both pages poll from before the load, so their charts show it arrive.
     let ui = gw.url("/balancer/ui");
     desktop.goto(&ui).await.unwrap();

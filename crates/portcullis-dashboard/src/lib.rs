@@ -43,6 +43,8 @@ pub mod auth;
 mod config;
 pub mod metrics;
 pub mod stats;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use auth::{BasicAuthLayer, Credentials};
 pub use config::{UiConfig, DEFAULT_UI_PATH};

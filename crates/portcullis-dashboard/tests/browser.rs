@@ -18,105 +18,13 @@
 
 mod support;
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
+use portcullis_dashboard::testing::{browser_tools, Driver, Profile};
 use portcullis_dashboard::{router, Stats, UiConfig};
 use portcullis_health::HealthRegistry;
-use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use support::{sample_stats, serve};
-use tokio::process::{Child, Command};
-
-fn find_binary(names: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path) {
-        for n in names {
-            let p = dir.join(n);
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-/// `chromedriver` on a free port, killed on drop.
-struct Driver {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-async fn start_driver(bin: &Path) -> Driver {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(bin)
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("chromedriver starts");
-    let driver = Driver {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "chromedriver did not listen within 15 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    driver
-}
-
-async fn open_browser(driver: &Driver, chromium: &Path, profile: &Path, mobile: bool) -> Client {
-    let mut args = vec![
-        "--headless".to_owned(),
-        "--no-sandbox".to_owned(),
-        "--disable-gpu".to_owned(),
-        "--disable-background-networking".to_owned(),
-        "--disable-component-update".to_owned(),
-        "--disable-sync".to_owned(),
-        "--no-first-run".to_owned(),
-        "--disable-dev-shm-usage".to_owned(),
-        "--hide-scrollbars".to_owned(),
-        format!("--user-data-dir={}", profile.display()),
-    ];
-    let mut options = json!({ "binary": chromium.to_string_lossy() });
-    if mobile {
-        options["mobileEmulation"] = json!({
-            "deviceMetrics": { "width": 390, "height": 844, "pixelRatio": 2.0, "touch": true }
-        });
-        args.push("--window-size=390,844".into());
-    } else {
-        args.push("--window-size=1280,800".into());
-        args.push("--force-device-scale-factor=1".into());
-    }
-    options["args"] = json!(args);
-    let mut caps = serde_json::Map::new();
-    caps.insert("browserName".into(), json!("chrome"));
-    caps.insert("goog:chromeOptions".into(), options);
-    ClientBuilder::native()
-        .capabilities(caps)
-        .connect(&driver.url)
-        .await
-        .expect("a chromium session")
-}
 
 /// A gateway under load: `/work` oscillates between 5 and 8 active with a queue when full.
 fn loaded_stats(started: Instant) -> Stats {
@@ -245,16 +153,7 @@ fn target_dir() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_renders_live_stats_in_headless_chromium() {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let (Some(chromium), Some(chromedriver)) = (
-        find_binary(&["chromium", "chromium-browser", "google-chrome"]),
-        find_binary(&["chromedriver"]),
-    ) else {
-        assert!(
-            !ci,
-            "CI=true but chromium/chromedriver are missing (.ci/run installs them)"
-        );
-        eprintln!("SKIPPED dashboard browser test: chromium and chromedriver not found on PATH");
+    let Some((chromium, chromedriver)) = browser_tools("dashboard browser test") else {
         return;
     };
     let update_docs = std::env::var("PORTCULLIS_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1");
@@ -274,12 +173,11 @@ async fn dashboard_renders_live_stats_in_headless_chromium() {
     std::fs::create_dir_all(&out).unwrap();
     // chromedriver cannot find the DevTools port file of a profile path with `..` in it.
     let out = std::fs::canonicalize(out).unwrap();
-    let driver = start_driver(&chromedriver).await;
+    let driver = Driver::start(&chromium, &chromedriver).await;
 
     // Desktop, 1280×800.
-    let profile = out.join(format!("profile-desktop-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&profile);
-    let client = open_browser(&driver, &chromium, &profile, false).await;
+    let profile = Profile::new(&out, "desktop");
+    let client = driver.open(&profile, false).await;
     client.goto(&url).await.unwrap();
     let (points, wait) = if update_docs {
         (26, Duration::from_secs(70))
@@ -318,12 +216,11 @@ async fn dashboard_renders_live_stats_in_headless_chromium() {
     let desktop = out.join("dashboard-1280-full.png");
     std::fs::write(&desktop, client.screenshot().await.unwrap()).unwrap();
     client.close().await.unwrap();
-    let _ = std::fs::remove_dir_all(&profile);
+    drop(profile);
 
     // Phone, 390 px wide.
-    let profile = out.join(format!("profile-phone-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&profile);
-    let client = open_browser(&driver, &chromium, &profile, true).await;
+    let profile = Profile::new(&out, "phone");
+    let client = driver.open(&profile, true).await;
     client.goto(&url).await.unwrap();
     let state = wait_for_chart(&client, 2, Duration::from_secs(20)).await;
     eprintln!("phone: {state}");
@@ -349,7 +246,7 @@ async fn dashboard_renders_live_stats_in_headless_chromium() {
     )
     .unwrap();
     client.close().await.unwrap();
-    let _ = std::fs::remove_dir_all(&profile);
+    drop(profile);
 
     if update_docs {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
