@@ -55,6 +55,7 @@ async fn metered(name: &'static str, delay: Duration) -> (Server, Arc<Meter>) {
         )
         .route("/work", any(work))
         .route("/free", any(work))
+        .route("/v1/{*rest}", any(work))
         .with_state((meter.clone(), delay));
     (backend(app).await, meter)
 }
@@ -585,4 +586,38 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
     assert_eq!(ma.hits.load(Ordering::SeqCst), before + 5);
     let (_, s) = send(Request::get(gw.url("/balancer/stats")), "").await;
     assert_eq!(s["upstreams"].as_array().unwrap().len(), 1, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_pattern_is_one_endpoint_for_every_path_under_it() {
+    let (be, meter) = metered("a", Duration::from_millis(60)).await;
+    let gw = TestGateway::start(&yaml(
+        &[&be],
+        "queue_timeout: 30\nendpoints:\n  /v1/*: {capacity: 2}\n  /v1/exact: {capacity: 5}\n",
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let url = gw.url(if i % 2 == 0 { "/v1/models/a" } else { "/v1/b" });
+        tasks.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for _ in 0..3 {
+                codes.push(get_status(&url).await.0);
+            }
+            codes
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().iter().all(|c| *c == StatusCode::OK));
+    }
+    let max = meter.max.load(Ordering::SeqCst);
+    assert_eq!(max, 2, "two paths under /v1/* share its capacity of 2");
+    let s = stats(&gw).await;
+    assert_eq!(s["endpoints"]["/v1/*"]["admitted"], 24, "{s}");
+    assert_eq!(s["endpoints"]["/v1/exact"]["admitted"], 0);
+    // The exact key wins over the pattern.
+    assert_eq!(get_status(&gw.url("/v1/exact")).await.0, StatusCode::OK);
+    let s = stats(&gw).await;
+    assert_eq!(s["endpoints"]["/v1/exact"]["admitted"], 1);
+    assert_eq!(s["endpoints"]["/v1/*"]["admitted"], 24);
 }
