@@ -1,12 +1,17 @@
-//! Admission overhead vs `tower::limit::ConcurrencyLimit` on the same inner service, and
-//! queue hand-off latency (release -> next waiter runs).
+//! Admission overhead vs `tower::limit::ConcurrencyLimit` on the same inner service, queue
+//! hand-off latency (release -> next waiter runs), and the HTTP form's endpoint matching
+//! (exact path vs `/*` prefix pattern vs unwatched path).
 //!
 //! Run: `cargo bench -p portcullis-admission --bench admission -- --warm-up-time 1 --measurement-time 3`
+//! (append `http_` to run only the endpoint-matching groups).
 
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use portcullis_admission::{AdmissionLayer, CapacitySource, LocalCapacity};
+use http::{Method, Request, Response, Uri};
+use portcullis_admission::{
+    AdmissionLayer, CapacitySource, Endpoints, HttpAdmissionLayer, Limiter, LocalCapacity,
+};
 use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::hint::black_box;
@@ -196,5 +201,90 @@ fn handoff(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, uncontended, two_threads_at_capacity, handoff);
+/// A gateway-like table: exact keys, and (unless `exact_only`) four `/*` patterns, the
+/// matching one not the first tried.
+fn endpoints(exact_only: bool) -> Endpoints {
+    let mut keys = vec!["/predict", "/embed", "/v1/models/list", "/v1/completions"];
+    if !exact_only {
+        keys.extend([
+            "/v1/models/large/*",
+            "/v1/models/*",
+            "/v1/chat/*",
+            "/admin/*",
+        ]);
+    }
+    keys.into_iter().fold(Endpoints::new(), |eps, key| {
+        eps.watch(key, None, Arc::new(Limiter::local(1024)))
+    })
+}
+
+/// The request paths: an exact key, a path only a pattern matches, a path nothing matches.
+const PATHS: [(&str, &str); 3] = [
+    ("exact", "/predict"),
+    ("pattern", "/v1/models/small/weights"),
+    ("unwatched", "/healthz/live"),
+];
+
+/// `Endpoints::lookup` alone: what matching costs per request.
+fn http_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("http_lookup");
+    for (table, exact_only) in [("exact_only_table", true), ("with_patterns", false)] {
+        let eps = endpoints(exact_only);
+        for (name, path) in PATHS {
+            if exact_only && name == "pattern" {
+                continue;
+            }
+            g.bench_function(format!("{table}/{name}"), |b| {
+                b.iter(|| black_box(eps.lookup(black_box(path), black_box(&Method::GET))).is_some())
+            });
+        }
+    }
+    g.finish();
+}
+
+/// One task issuing `iters` requests for `uri` back to back (build the request, ready +
+/// call + await, drop the response: for a watched path, that releases the slot).
+fn run_http<S>(rt: &Runtime, mut svc: S, uri: &Uri, iters: u64) -> Duration
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async move {
+        let start = Instant::now();
+        for _ in 0..iters {
+            let mut req = Request::new(());
+            *req.uri_mut() = uri.clone();
+            black_box(svc.ready().await.unwrap().call(req).await.unwrap());
+        }
+        start.elapsed()
+    })
+}
+
+/// The whole `HttpAdmission` per request on a current-thread runtime, capacity 1024 (never
+/// queues), next to the bare inner service with the same request building.
+fn http_admission(c: &mut Criterion) {
+    let rt = current_thread();
+    let mut g = c.benchmark_group("http_admission");
+    let inner = service_fn(|_: Request<()>| ready(Ok::<_, Infallible>(Response::new(()))));
+    for (name, path) in PATHS {
+        let uri = Uri::from_static(path);
+        g.bench_function(format!("inner_only/{name}"), |b| {
+            b.iter_custom(|iters| run_http(&rt, inner, &uri, iters))
+        });
+        let layer = HttpAdmissionLayer::new(endpoints(false));
+        g.bench_function(format!("admission/{name}"), |b| {
+            b.iter_custom(|iters| run_http(&rt, layer.layer(inner), &uri, iters))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    uncontended,
+    two_threads_at_capacity,
+    handoff,
+    http_lookup,
+    http_admission
+);
 criterion_main!(benches);
