@@ -73,6 +73,10 @@ fn bad_configs_exit_2_naming_file_and_field() {
             Some("endpoints:\n  /a*b: {capacity: 1}\n"),
             "`endpoints./a*b`",
         ),
+        (
+            Some("probe_on_startup: true\nendpoints:\n  /v1/*: {}\n"),
+            "`endpoints./v1/*.probe_path`",
+        ),
         (Some("fallback: {url: \"ftp://x\"}\n"), "`fallback.url`"),
         (Some("storage: {type: redis}\n"), "`storage.url`"),
         (

@@ -449,7 +449,7 @@ async fn probe_on_startup_sets_the_capacity_and_gates_readiness() {
     let be = backend(app).await;
     let gw = TestGateway::start(&yaml(
         &[&be],
-        "eject_after: 3\nprobe_on_startup: true\nmax_probe_concurrency: 32\nprobe_min_requests: 12\nerror_threshold: 0.05\nendpoints:\n  /work: {method: GET}\n",
+        "eject_after: 3\nprobe_on_startup: true\nmax_probe_concurrency: 32\nprobe_min_requests: 12\nerror_threshold: 0.05\nendpoints:\n  /work: {method: GET}\n  /v1/*: {method: GET, probe_path: /work}\n",
     ))
     .await;
     let (code, body, _) = get_status(&gw.url("/readyz")).await;
@@ -470,6 +470,12 @@ async fn probe_on_startup_sets_the_capacity_and_gates_readiness() {
     let s = stats(&gw).await;
     let cap = s["endpoints"]["/work"]["capacity"].as_u64().unwrap();
     assert!((5..=7).contains(&cap), "probed capacity {cap}, knee 6");
+    // A prefix pattern is probed at its probe_path.
+    let cap = s["endpoints"]["/v1/*"]["capacity"].as_u64().unwrap();
+    assert!(
+        (5..=7).contains(&cap),
+        "probed /v1/* capacity {cap}, knee 6"
+    );
     // The probe's deliberate 503s do not eject the replica (passive ejection is on).
     assert_eq!(s["upstreams"][0]["ejected"], false, "{s}");
     assert_eq!(get_status(&gw.url("/work")).await.0, StatusCode::OK);

@@ -435,7 +435,11 @@ async fn probe_all(
 
 /// The probe target of one endpoint entry.
 fn target_for(base_url: &str, path: &str, ep: &EndpointConfig) -> ProbeTarget {
-    let mut target = ProbeTarget::new(base_url, path);
+    // A prefix pattern is probed at its `probe_path`, or at its prefix when it has none.
+    let probed = ep
+        .probe_path(path)
+        .unwrap_or_else(|| path.trim_end_matches("/*"));
+    let mut target = ProbeTarget::new(base_url, probed);
     if let Some(m) = &ep.method {
         target = target.with_method(m.clone());
     }

@@ -81,6 +81,22 @@ pub struct EndpointConfig {
     /// JSON body sent by the prober.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<serde_json::Value>,
+    /// The path the prober sends to (default: the endpoint's key). Required to probe a
+    /// prefix pattern (`/v1/models/*`) that has no `capacity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_path: Option<String>,
+}
+
+impl EndpointConfig {
+    /// The path probed for the endpoint under `key`: `probe_path`, else `key` itself;
+    /// `None` for a prefix pattern without `probe_path`.
+    pub fn probe_path<'a>(&'a self, key: &'a str) -> Option<&'a str> {
+        match &self.probe_path {
+            Some(p) => Some(p),
+            None if key.ends_with("/*") => None,
+            None => Some(key),
+        }
+    }
 }
 
 /// The whole gateway configuration.
@@ -434,6 +450,22 @@ impl GatewayConfig {
                         format!("must be at least 1, got {c}"),
                     ));
                 }
+            }
+            if let Some(p) = &ep.probe_path {
+                if !p.starts_with('/') || p.contains('*') {
+                    return Err(err(
+                        &format!("{field}.probe_path"),
+                        path,
+                        "must be a concrete path starting with `/`".into(),
+                    ));
+                }
+            }
+            if ep.capacity.is_none() && self.probe_on_startup && ep.probe_path(path).is_none() {
+                return Err(err(
+                    &format!("{field}.probe_path"),
+                    path,
+                    "a prefix pattern without `capacity` needs `probe_path` (a concrete path under it) to be probed at startup".into(),
+                ));
             }
             if let Some(t) = ep.queue_timeout {
                 check_seconds(t).map_err(|m| err(&format!("{field}.queue_timeout"), path, m))?;

@@ -60,10 +60,11 @@ impl BalancedTransport {
             } else {
                 Method::GET
             });
+        let probed = ep.probe_path(path).unwrap_or(path).to_owned();
         Self {
             registry,
             method,
-            path: path.to_owned(),
+            path: probed,
             headers: ep.headers.into_iter().collect(),
             body,
         }
