@@ -631,9 +631,9 @@ async fn dispatcher(
         if !cmds.is_empty() && run_commands(&shared, &mut cmds).await {
             blocked = false;
         }
-        if *mode.borrow_and_update() {
-            // Outage: let every waiter go; each re-routes to the outage policy.
-            queue.clear();
+        if *mode.borrow_and_update() || shared.inner.degraded_seqcst() {
+            // Outage: every waiter gets the outage policy's answer.
+            let_go(&shared, &mut queue);
             blocked = false;
             if shared.try_stop() {
                 return;
@@ -672,7 +672,7 @@ async fn dispatcher(
                     // are given back by the re-register when Redis answers again.
                     shared.redis_released(granted);
                     sub_sat(&shared.held, granted);
-                    queue.clear();
+                    let_go(&shared, &mut queue);
                     blocked = false;
                     continue;
                 }
@@ -704,7 +704,7 @@ async fn dispatcher(
             Err(e) => {
                 sub_sat(&shared.held, want);
                 shared.inner.enter_outage(&e);
-                queue.clear();
+                let_go(&shared, &mut queue);
                 blocked = false;
             }
         }
@@ -761,6 +761,32 @@ async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool
         }
     }
     released
+}
+
+/// The storage is in an outage: every queued waiter gets the outage policy's answer from
+/// the task itself (`reject`: storage unavailable, `allow`: admitted), or is let go to
+/// re-route to the fallback (`local`). Never only dropped in `reject`/`allow` mode: a waiter
+/// that re-checks the mode before it changed would queue again for a Redis whose replies
+/// are all discarded, and wait for its whole queue timeout.
+fn let_go(shared: &Arc<EndpointShared>, queue: &mut VecDeque<Waiter>) {
+    match shared.on_error() {
+        OnError::Reject => {
+            for w in queue.drain(..) {
+                let _ = w.tx.send(Err(AcquireError::storage_unavailable(
+                    StorageError::Unavailable,
+                )));
+            }
+        }
+        OnError::Allow => {
+            for w in queue.drain(..) {
+                if !w.tx.is_closed() {
+                    // A waiter gone meanwhile drops the permit (released again).
+                    let _ = w.tx.send(Ok(shared.outage_permit(None)));
+                }
+            }
+        }
+        OnError::Local => queue.clear(),
+    }
 }
 
 fn reject_no_wait(queue: &mut VecDeque<Waiter>) {

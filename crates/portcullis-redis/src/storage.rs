@@ -76,6 +76,10 @@ pub(crate) struct Inner {
     /// `true` while in an outage; waiters watch it to switch to the fallback and back.
     pub(crate) mode: watch::Sender<bool>,
     recover_kick: Notify,
+    /// Held across each outage start and end (the `degraded` swap and the `mode` send), so
+    /// that a start racing an end cannot leave `mode` saying the opposite of `degraded`
+    /// (requests then queued for Redis while every reply was discarded as an outage's).
+    transition: std::sync::Mutex<()>,
     /// Live endpoint sources by pub/sub channel name.
     endpoints: ArcSwap<HashMap<String, Registered>>,
     subscribe: mpsc::UnboundedSender<String>,
@@ -155,6 +159,7 @@ impl Inner {
 
     /// Enters an outage (once; warns once per outage) and wakes the recovery loop.
     pub(crate) fn enter_outage(&self, err: &StorageError) {
+        let _transition = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         if !self.degraded.swap(true, Ordering::SeqCst) {
             match self.config.on_error {
                 OnError::Local => tracing::warn!(
@@ -184,6 +189,7 @@ impl Inner {
     }
 
     fn leave_outage(&self) {
+        let _transition = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         if self.degraded.swap(false, Ordering::SeqCst) {
             tracing::info!("redis storage available again; live leases re-registered");
             self.mode.send_replace(false);
@@ -394,6 +400,7 @@ impl RedisStorage {
             degraded: AtomicBool::new(false),
             mode: watch::channel(false).0,
             recover_kick: Notify::new(),
+            transition: std::sync::Mutex::new(()),
             endpoints: ArcSwap::from_pointee(HashMap::new()),
             subscribe,
             ready,
