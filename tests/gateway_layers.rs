@@ -103,6 +103,28 @@ async fn eventually(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> 
     panic!("{what}: not within {limit:?}");
 }
 
+/// One client task per URL, each sending `per_client` requests one after the other; every
+/// status, in no particular order.
+async fn concurrent_clients(urls: Vec<String>, per_client: usize) -> Vec<StatusCode> {
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            tokio::spawn(async move {
+                let mut codes = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    codes.push(get_status(&url).await.0);
+                }
+                codes
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_8_holds_against_64_clients_and_every_client_gets_200() {
     let (be, meter) = metered("a", Duration::from_millis(40)).await;
@@ -111,21 +133,9 @@ async fn capacity_8_holds_against_64_clients_and_every_client_gets_200() {
         "queue_timeout: 30\nendpoints:\n  /work: {capacity: 8}\n",
     ))
     .await;
-    let mut tasks = Vec::new();
-    for _ in 0..64 {
-        let url = gw.url("/work");
-        tasks.push(tokio::spawn(async move {
-            let mut codes = Vec::new();
-            for _ in 0..3 {
-                codes.push(get_status(&url).await.0);
-            }
-            codes
-        }));
-    }
-    for t in tasks {
-        for code in t.await.unwrap() {
-            assert_eq!(code, StatusCode::OK);
-        }
+    let urls: Vec<String> = (0..64).map(|_| gw.url("/work")).collect();
+    for code in concurrent_clients(urls, 3).await {
+        assert_eq!(code, StatusCode::OK);
     }
     assert_eq!(meter.hits.load(Ordering::SeqCst), 192);
     let max = meter.max.load(Ordering::SeqCst);
@@ -602,20 +612,13 @@ async fn a_prefix_pattern_is_one_endpoint_for_every_path_under_it() {
         "queue_timeout: 30\nendpoints:\n  /v1/*: {capacity: 2}\n  /v1/exact: {capacity: 5}\n",
     ))
     .await;
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let url = gw.url(if i % 2 == 0 { "/v1/models/a" } else { "/v1/b" });
-        tasks.push(tokio::spawn(async move {
-            let mut codes = Vec::new();
-            for _ in 0..3 {
-                codes.push(get_status(&url).await.0);
-            }
-            codes
-        }));
-    }
-    for t in tasks {
-        assert!(t.await.unwrap().iter().all(|c| *c == StatusCode::OK));
-    }
+    let urls: Vec<String> = (0..8)
+        .map(|i| gw.url(if i % 2 == 0 { "/v1/models/a" } else { "/v1/b" }))
+        .collect();
+    assert!(concurrent_clients(urls, 3)
+        .await
+        .iter()
+        .all(|c| *c == StatusCode::OK));
     let max = meter.max.load(Ordering::SeqCst);
     assert_eq!(max, 2, "two paths under /v1/* share its capacity of 2");
     let s = stats(&gw).await;
