@@ -16,18 +16,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 
-const COMMANDS: &[&str] = &[
-    "evalsha",
-    "eval",
-    "script|load",
-    "publish",
-    "ping",
-    "get",
-    "set",
-];
+/// The commands a client sends (the readiness PING is off during the runs). `INFO
+/// commandstats` also counts the commands a script runs inside the server (`GET`, `SET`,
+/// `PUBLISH`, ...), which are not round trips, so those are left out.
+const CLIENT_COMMANDS: &[&str] = &["evalsha", "eval", "script|load", "ping"];
 
 fn total_calls(server: &RedisServer) -> u64 {
-    COMMANDS.iter().map(|c| server.command_calls(c)).sum()
+    CLIENT_COMMANDS
+        .iter()
+        .map(|c| server.command_calls(c))
+        .sum()
 }
 
 async fn source(server: &RedisServer, endpoint: &str, cap: usize) -> (RedisStorage, RedisCapacity) {
@@ -40,16 +38,25 @@ async fn source(server: &RedisServer, endpoint: &str, cap: usize) -> (RedisStora
     (s, src)
 }
 
-/// Round trips per admitted request, from `INFO commandstats` around a run.
+/// Round trips per admitted request, from `INFO commandstats` around a run: `processes`
+/// storages (separate instance ids, as separate gateway processes) × `tasks` tasks each.
 fn round_trips(rt: &Runtime, server: &RedisServer) {
     rt.block_on(async {
-        for (label, cap, tasks) in [("uncontended (cap 64, 16 tasks)", 64, 16), ("contended (cap 4, 16 tasks)", 4, 16)] {
-            let (_s, src) = source(server, &format!("/rt-{cap}"), cap).await;
+        for (label, cap, processes, tasks) in [
+            ("uncontended (cap 64, 1 process x 16 tasks)", 64, 1, 16),
+            ("contended (cap 4, 1 process x 16 tasks)", 4, 1, 16),
+            ("contended (cap 4, 4 processes x 4 tasks)", 4, 4, 4),
+        ] {
+            let endpoint = format!("/rt-{cap}-{processes}");
+            let mut sources = Vec::new();
+            for _ in 0..processes {
+                sources.push(source(server, &endpoint, cap).await);
+            }
             let per_task = 200;
             let before = total_calls(server);
-            let handles: Vec<_> = (0..tasks)
-                .map(|_| {
-                    let src = src.clone();
+            let handles: Vec<_> = (0..processes * tasks)
+                .map(|i| {
+                    let src = sources[i % processes].1.clone();
                     tokio::spawn(async move {
                         for _ in 0..per_task {
                             let p = src.acquire(None).await.unwrap();
@@ -64,7 +71,7 @@ fn round_trips(rt: &Runtime, server: &RedisServer) {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             let calls = total_calls(server) - before;
-            let admitted = (tasks * per_task) as f64;
+            let admitted = (processes * tasks * per_task) as f64;
             println!(
                 "round trips per admitted request, {label}: {:.2} ({calls} calls / {admitted} requests)",
                 calls as f64 / admitted

@@ -19,9 +19,14 @@
 //!   a blocked dispatcher with waiters retries every [`POLL_INTERVAL`](crate::POLL_INTERVAL)
 //!   (50 ms: a bounded 20 attempts per second per endpoint per process).
 //! * **Releases** never block: dropping a permit sends one message to the endpoint's
-//!   task, which batches all pending releases into one script call. The same task runs the
-//!   endpoint's heartbeat, so it never has two calls in flight and the slot count a
-//!   heartbeat registers is exact.
+//!   task, which batches all pending releases into one call: the next acquire when waiters
+//!   are queued (one call releases and acquires), a sync otherwise. The same task runs the
+//!   endpoint's heartbeat, so it never has two calls in flight, and it is the only writer
+//!   of this process's slot count in Redis, which every call sets to the *absolute* count
+//!   of slots the process holds (never an increment). The task also remembers the count
+//!   Redis last confirmed and registers again whenever the two differ (a release or a
+//!   fallback grant while an outage ends, a reply lost to a timeout), so the global count
+//!   is exact again after any outage.
 //! * **Cancel safety.** A dropped acquire future drops its oneshot receiver; the dispatcher
 //!   sees the closed channel, skips the waiter, and gives a slot granted to it to the next
 //!   waiter (or back to Redis). No slot is ever kept by a dead waiter.
@@ -37,9 +42,12 @@
 //!   outage: queued waiters are re-routed and new requests are served by the per-process
 //!   fallback (`local`: a [`LocalCapacity`] of `ceil(capacity / expected_workers)`), refused
 //!   (`reject`: 503 `storage_unavailable`) or admitted (`allow`), without touching Redis.
-//!   Every permit granted meanwhile is still counted by the process; when Redis answers
-//!   again the heartbeat re-registers the absolute count of live permits, and the source
-//!   returns to the shared limit.
+//!   With `local`, the permits Redis granted before the outage still take their place in
+//!   that per-process limit (one fallback slot is reserved for each as the outage starts,
+//!   and handed to the fallback's queue as each ends), so the process never runs more than
+//!   its share. Every permit granted meanwhile is still counted by the process; when Redis
+//!   answers again the heartbeat re-registers the absolute count of live permits, and the
+//!   source returns to the shared limit.
 //!
 //! Inspired by distributed semaphores with leases (Redisson's `RPermitExpirableSemaphore`,
 //! the Redis `SET NX PX` lock pattern); the FIFO is per process, so across processes the
@@ -69,9 +77,11 @@ struct Waiter {
 pub(crate) enum Cmd {
     Release,
     SetCapacity,
-    /// Renew this endpoint's lease (`set`: register the absolute slot count).
+    /// A permit was granted outside Redis while Redis is available (the end of an outage):
+    /// register it.
+    Sync,
+    /// Renew this endpoint's lease, registering the absolute slot count.
     Heartbeat {
-        set: bool,
         reply: oneshot::Sender<Result<(), StorageError>>,
     },
 }
@@ -83,9 +93,20 @@ pub(crate) struct EndpointShared {
     inner: Arc<Inner>,
     capacity: AtomicUsize,
     global_active: AtomicUsize,
-    /// Slots this process holds in Redis as far as it knows: live permits of every kind plus
-    /// slots requested by an acquire call in flight (counted optimistically).
+    /// Slots this process holds: live permits of every kind (whether Redis knows about them
+    /// or not) plus slots requested by an acquire call in flight (counted optimistically).
     held: AtomicUsize,
+    /// This process's slot count in Redis as of the last reply ([`UNKNOWN`] after a failed
+    /// call). Written by the endpoint's task only; when it differs from `held` while Redis is
+    /// available, the task registers `held` (the absolute count).
+    registered: AtomicUsize,
+    /// Live permits granted by Redis (not by the outage policy).
+    from_redis: AtomicUsize,
+    /// During an `on_error: local` outage, one fallback slot per live permit granted by Redis
+    /// (while the fallback has one free): those requests still run, so they occupy the
+    /// process's local share. Given back as those permits are released, and when the outage
+    /// ends. Locked only during an outage (never on the request path otherwise).
+    reserved: std::sync::Mutex<Vec<LocalPermit>>,
     queued: AtomicUsize,
     /// A local `set_capacity` not yet stored in Redis (while set, Redis's value is ignored).
     capacity_dirty: AtomicBool,
@@ -101,6 +122,9 @@ pub(crate) struct EndpointShared {
 
 /// [`EndpointShared::sources`] after the task stopped: the endpoint cannot be reopened.
 const STOPPED: usize = usize::MAX;
+
+/// [`EndpointShared::registered`] after a failed call: the script may or may not have run.
+const UNKNOWN: usize = usize::MAX;
 
 fn sub_sat(a: &AtomicUsize, n: usize) {
     let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
@@ -133,56 +157,49 @@ impl EndpointShared {
         self.capacity.load(Ordering::Acquire)
     }
 
-    async fn acquire_script(&self, want: usize) -> Result<ScriptReply, StorageError> {
+    /// The acquire script: this process now holds `mine` slots (`None`: only read the
+    /// count) and asks for `want` more. Registers the result.
+    async fn acquire_script(
+        &self,
+        mine: Option<usize>,
+        want: usize,
+    ) -> Result<ScriptReply, StorageError> {
         let k = &self.keys;
-        let r = self
-            .inner
-            .run_script(
-                scripts::ACQUIRE
-                    .key(&k.holders)
-                    .key(&k.leases)
-                    .key(&k.capacity)
-                    .key(&k.waiting)
-                    .arg(&self.inner.instance)
-                    .arg(self.fallback_capacity())
-                    .arg(want)
-                    .arg(self.inner.config.lease_ttl.as_millis() as u64)
-                    .arg(WAITING_TTL.as_millis() as u64)
-                    .arg(&k.channel),
-            )
-            .await?;
+        let mut inv = scripts::ACQUIRE.prepare_invoke();
+        inv.key(&k.holders)
+            .key(&k.leases)
+            .key(&k.capacity)
+            .key(&k.waiting)
+            .arg(&self.inner.instance)
+            .arg(self.fallback_capacity())
+            .arg(want)
+            .arg(self.inner.config.lease_ttl.as_millis() as u64)
+            .arg(WAITING_TTL.as_millis() as u64)
+            .arg(&k.channel);
+        match mine {
+            Some(m) => inv.arg(m),
+            None => inv.arg("-"),
+        };
+        let r = self.inner.run_script(&inv).await;
+        if let Some(m) = mine {
+            let now = r.as_ref().map_or(UNKNOWN, |r| m + r.n.min(want));
+            self.registered.store(now, Ordering::Release);
+        }
+        let r = r?;
         self.observe(&r);
         Ok(r)
     }
 
-    async fn release_script(&self, n: usize) -> Result<ScriptReply, StorageError> {
+    /// Registers this process's absolute slot count (`held`) and renews its lease: the
+    /// release, the heartbeat and the re-register after an outage.
+    pub(crate) async fn sync(&self) -> Result<(), StorageError> {
         let k = &self.keys;
+        let held = self.held.load(Ordering::SeqCst);
+        let before = self.registered.swap(UNKNOWN, Ordering::AcqRel);
         let r = self
             .inner
             .run_script(
-                scripts::RELEASE
-                    .key(&k.holders)
-                    .key(&k.leases)
-                    .key(&k.capacity)
-                    .key(&k.waiting)
-                    .arg(&self.inner.instance)
-                    .arg(self.fallback_capacity())
-                    .arg(n)
-                    .arg(&k.channel),
-            )
-            .await?;
-        self.observe(&r);
-        Ok(r)
-    }
-
-    /// Renews this process's lease (`set`: registers the absolute count of live slots).
-    pub(crate) async fn heartbeat(&self, set: bool) -> Result<(), StorageError> {
-        let k = &self.keys;
-        let held = self.held.load(Ordering::Acquire);
-        let r = self
-            .inner
-            .run_script(
-                scripts::HEARTBEAT
+                scripts::SYNC
                     .key(&k.holders)
                     .key(&k.leases)
                     .key(&k.capacity)
@@ -191,11 +208,11 @@ impl EndpointShared {
                     .arg(self.fallback_capacity())
                     .arg(held)
                     .arg(self.inner.config.lease_ttl.as_millis() as u64)
-                    .arg(&k.channel)
-                    .arg(if set { "set" } else { "renew" }),
+                    .arg(&k.channel),
             )
             .await?;
-        if !set && r.n == 0 && held > 0 {
+        self.registered.store(held, Ordering::Release);
+        if r.n == 0 && before > 0 && before != UNKNOWN {
             tracing::warn!(
                 endpoint = %self.endpoint,
                 slots = held,
@@ -206,6 +223,11 @@ impl EndpointShared {
         Ok(())
     }
 
+    /// `true` when Redis may not have this process's true slot count.
+    fn out_of_sync(&self) -> bool {
+        self.registered.load(Ordering::Acquire) != self.held.load(Ordering::SeqCst)
+    }
+
     /// After an outage: store a capacity changed meanwhile, wake the dispatcher.
     pub(crate) fn after_recovery(&self) {
         if self.capacity_dirty.load(Ordering::Acquire) {
@@ -214,17 +236,68 @@ impl EndpointShared {
         self.wake.notify_one();
     }
 
-    fn permit(self: &Arc<Self>, local: Option<LocalPermit>) -> RedisPermit {
+    /// A permit granted by Redis (already counted in `held` and `from_redis`).
+    fn redis_permit(self: &Arc<Self>) -> RedisPermit {
         RedisPermit {
             shared: Some(Arc::clone(self)),
-            _local: local,
+            from_redis: true,
+            _local: None,
         }
     }
 
     /// A permit granted without Redis during an outage.
     fn outage_permit(self: &Arc<Self>, local: Option<LocalPermit>) -> RedisPermit {
-        self.held.fetch_add(1, Ordering::AcqRel);
-        self.permit(local)
+        // SeqCst with the check below and `leave_outage`'s swap: either the recovery (which
+        // wakes the task after it) sees this permit in `held`, or this sees the outage over
+        // and asks the task to register it.
+        self.held.fetch_add(1, Ordering::SeqCst);
+        if !self.inner.is_degraded() {
+            let _ = self.cmd_tx.send(Cmd::Sync);
+        }
+        RedisPermit {
+            shared: Some(Arc::clone(self)),
+            from_redis: false,
+            _local: local,
+        }
+    }
+
+    /// Takes, during an `on_error: local` outage, one fallback slot per live permit granted
+    /// by Redis (as many as are free). Called as the outage starts, before any request is
+    /// routed to the fallback.
+    pub(crate) fn reserve_fallback(&self) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.from_redis.load(Ordering::SeqCst);
+        let keep = live.min(reserved.len());
+        let excess = reserved.split_off(keep);
+        while reserved.len() < live {
+            match self.fallback.try_acquire() {
+                Some(p) => reserved.push(p),
+                None => break,
+            }
+        }
+        drop(reserved);
+        drop(excess);
+    }
+
+    /// Gives every reserved fallback slot back (the outage is over).
+    pub(crate) fn unreserve_fallback(&self) {
+        let all = std::mem::take(&mut *self.reserved.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(all);
+    }
+
+    /// `n` permits granted by Redis are gone: during an outage, their reserved fallback slots
+    /// go to the fallback's waiters.
+    fn redis_released(&self, n: usize) {
+        // SeqCst with `enter_outage`'s swap and `reserve_fallback`'s read: either the
+        // reservation sees this release, or this sees the outage and trims it.
+        let live = self.from_redis.fetch_sub(n, Ordering::SeqCst) - n;
+        if self.inner.degraded_seqcst() {
+            let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = live.min(reserved.len());
+            let excess = reserved.split_off(keep);
+            drop(reserved);
+            drop(excess);
+        }
     }
 
     /// Always through the task, even during an outage (it then skips the Redis call): the
@@ -294,6 +367,9 @@ impl RedisCapacity {
             capacity: AtomicUsize::new(capacity),
             global_active: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
+            registered: AtomicUsize::new(UNKNOWN),
+            from_redis: AtomicUsize::new(0),
+            reserved: std::sync::Mutex::new(Vec::new()),
             queued: AtomicUsize::new(0),
             capacity_dirty: AtomicBool::new(false),
             desired_capacity: AtomicUsize::new(capacity),
@@ -364,7 +440,11 @@ impl RedisCapacity {
     /// Reads the global count from Redis now (one round trip), updating the cached
     /// [`active`](CapacitySource::active). Holds no slot.
     pub async fn refresh(&self) -> Result<usize, StorageError> {
-        self.parts.shared.acquire_script(0).await.map(|r| r.count)
+        self.parts
+            .shared
+            .acquire_script(None, 0)
+            .await
+            .map(|r| r.count)
     }
 }
 
@@ -483,12 +563,17 @@ impl CapacitySource for RedisCapacity {
 /// drop never blocks).
 pub struct RedisPermit {
     shared: Option<Arc<EndpointShared>>,
+    /// Granted by Redis (not by the outage policy).
+    from_redis: bool,
     _local: Option<LocalPermit>,
 }
 
 impl Drop for RedisPermit {
     fn drop(&mut self) {
         if let Some(s) = self.shared.take() {
+            if self.from_redis {
+                s.redis_released(1);
+            }
             s.release_one();
         }
     }
@@ -504,9 +589,10 @@ impl fmt::Debug for RedisPermit {
 
 /// The per-endpoint task (see the module docs): the FIFO of waiters, batched releases,
 /// capacity changes and this endpoint's heartbeat. Being the only task that talks to Redis
-/// for this endpoint, it never has two calls in flight, so the slot count a heartbeat
-/// registers is exact. It stops once no source, acquire future or permit is left (it is not
-/// aborted with the source: releases still queued must reach Redis).
+/// for this endpoint, it never has two calls in flight and is the only writer of this
+/// process's slot count, which it always writes as an absolute count (`held`). It stops
+/// once no source, acquire future or permit is left (it is not aborted with the source:
+/// releases still queued must reach Redis).
 async fn dispatcher(
     shared: Arc<EndpointShared>,
     mut req_rx: mpsc::UnboundedReceiver<Waiter>,
@@ -517,7 +603,7 @@ async fn dispatcher(
     let mut blocked = false;
     let mut next_poll = Instant::now();
     // Learn the stored capacity (and restore it if Redis has none) right away.
-    if let Err(e) = shared.heartbeat(false).await {
+    if let Err(e) = shared.sync().await {
         shared.inner.enter_outage(&e);
     }
     let mut cmds: Vec<Cmd> = Vec::new();
@@ -545,34 +631,56 @@ async fn dispatcher(
         if !cmds.is_empty() && run_commands(&shared, &mut cmds).await {
             blocked = false;
         }
-        if shared.try_stop() {
-            return;
-        }
-        if *mode.borrow_and_update() {
-            // Outage: let every waiter go; each re-routes to the outage policy.
-            queue.clear();
+        if *mode.borrow_and_update() || shared.inner.degraded_seqcst() {
+            // Outage: every waiter gets the outage policy's answer.
+            let_go(&shared, &mut queue);
             blocked = false;
+            if shared.try_stop() {
+                return;
+            }
             continue;
         }
         queue.retain(|w| !w.tx.is_closed());
-        if queue.is_empty() {
-            continue;
-        }
         if blocked {
             reject_no_wait(&mut queue);
+        }
+        let acquiring = !queue.is_empty() && !blocked;
+        // Releases (and permits counted during an outage) not registered yet; with waiters
+        // to serve, the acquire below registers them in the same call.
+        if !acquiring && shared.out_of_sync() {
+            if let Err(e) = shared.sync().await {
+                shared.inner.enter_outage(&e);
+            }
+        }
+        if shared.try_stop() {
+            return;
+        }
+        if !acquiring {
             continue;
         }
         let want = queue.len();
-        shared.held.fetch_add(want, Ordering::AcqRel);
-        match shared.acquire_script(want).await {
+        let mine = shared.held.fetch_add(want, Ordering::SeqCst);
+        match shared.acquire_script(Some(mine), want).await {
             Ok(r) => {
                 let granted = r.n.min(want);
                 sub_sat(&shared.held, want - granted);
+                // SeqCst with `enter_outage`'s swap: either the outage's fallback
+                // reservation counts these permits, or they are not handed out.
+                shared.from_redis.fetch_add(granted, Ordering::SeqCst);
+                if shared.inner.degraded_seqcst() {
+                    // The outage began meanwhile: its policy serves the waiters; the slots
+                    // are given back by the re-register when Redis answers again.
+                    shared.redis_released(granted);
+                    sub_sat(&shared.held, granted);
+                    let_go(&shared, &mut queue);
+                    blocked = false;
+                    continue;
+                }
                 let mut spare = granted;
                 let mut recycled: Option<RedisPermit> = None;
                 while spare > 0 {
                     let Some(w) = queue.pop_front() else { break };
-                    let p = recycled.take().unwrap_or_else(|| shared.permit(None));
+                    let p = recycled.take().unwrap_or_else(|| shared.redis_permit());
                     match w.tx.send(Ok(p)) {
                         Ok(()) => spare -= 1,
                         // The waiter left meanwhile: the slot goes to the next one.
@@ -585,7 +693,7 @@ async fn dispatcher(
                     drop(p);
                 }
                 for _ in 0..spare {
-                    drop(shared.permit(None));
+                    drop(shared.redis_permit());
                 }
                 if granted < want {
                     blocked = true;
@@ -596,15 +704,16 @@ async fn dispatcher(
             Err(e) => {
                 sub_sat(&shared.held, want);
                 shared.inner.enter_outage(&e);
-                queue.clear();
+                let_go(&shared, &mut queue);
                 blocked = false;
             }
         }
     }
 }
 
-/// Runs the pending releases (one batched script call), capacity change and heartbeats.
-/// Returns `true` when slots were released (a retry may now succeed).
+/// Runs the pending releases (bookkeeping only: the next call registers the absolute
+/// count), capacity change and heartbeats. Returns `true` when slots were released or the
+/// capacity changed (a retry may now succeed).
 async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool {
     let (mut releases, mut set_cap) = (0usize, false);
     let mut beats = Vec::new();
@@ -612,19 +721,12 @@ async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool
         match c {
             Cmd::Release => releases += 1,
             Cmd::SetCapacity => set_cap = true,
-            Cmd::Heartbeat { set, reply } => beats.push((set, reply)),
+            Cmd::Sync => {}
+            Cmd::Heartbeat { reply } => beats.push(reply),
         }
     }
-    let mut released = false;
-    if releases > 0 {
-        sub_sat(&shared.held, releases);
-        if !shared.inner.is_degraded() {
-            match shared.release_script(releases).await {
-                Ok(_) => released = true,
-                Err(e) => shared.inner.enter_outage(&e),
-            }
-        }
-    }
+    let mut released = releases > 0;
+    sub_sat(&shared.held, releases);
     if set_cap && !shared.inner.is_degraded() {
         let c = shared.desired_capacity.load(Ordering::Acquire);
         let r = shared
@@ -647,10 +749,44 @@ async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool
             Err(e) => shared.inner.enter_outage(&e),
         }
     }
-    for (set, reply) in beats {
-        let _ = reply.send(shared.heartbeat(set).await);
+    if !beats.is_empty() {
+        // Also during an outage: the recovery's re-register is this call.
+        let r = shared.sync().await;
+        let copy = |r: &Result<(), StorageError>| match r {
+            Ok(()) => Ok(()),
+            Err(e) => Err(StorageError::Redis(e.to_string())),
+        };
+        for reply in beats {
+            let _ = reply.send(copy(&r));
+        }
     }
     released
+}
+
+/// The storage is in an outage: every queued waiter gets the outage policy's answer from
+/// the task itself (`reject`: storage unavailable, `allow`: admitted), or is let go to
+/// re-route to the fallback (`local`). Never only dropped in `reject`/`allow` mode: a waiter
+/// that re-checks the mode before it changed would queue again for a Redis whose replies
+/// are all discarded, and wait for its whole queue timeout.
+fn let_go(shared: &Arc<EndpointShared>, queue: &mut VecDeque<Waiter>) {
+    match shared.on_error() {
+        OnError::Reject => {
+            for w in queue.drain(..) {
+                let _ = w.tx.send(Err(AcquireError::storage_unavailable(
+                    StorageError::Unavailable,
+                )));
+            }
+        }
+        OnError::Allow => {
+            for w in queue.drain(..) {
+                if !w.tx.is_closed() {
+                    // A waiter gone meanwhile drops the permit (released again).
+                    let _ = w.tx.send(Ok(shared.outage_permit(None)));
+                }
+            }
+        }
+        OnError::Local => queue.clear(),
+    }
 }
 
 fn reject_no_wait(queue: &mut VecDeque<Waiter>) {
@@ -664,5 +800,104 @@ fn reject_no_wait(queue: &mut VecDeque<Waiter>) {
             }
         }
         *queue = keep;
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use crate::testing::RedisServer;
+    use crate::StorageConfig;
+    use std::time::Duration;
+
+    fn holders(server: &RedisServer, endpoint: &str) -> usize {
+        let out = server.cli(&["HVALS", &format!("{{portcullis:{endpoint}}}:holders")]);
+        out.lines()
+            .filter_map(|l| l.trim().parse::<usize>().ok())
+            .sum()
+    }
+
+    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..200 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        f()
+    }
+
+    /// Runs `during` inside the window between the recovery's re-register and the end of an
+    /// (induced) outage, then checks that Redis ends with this process's exact count.
+    async fn in_recovery_window(
+        server: &RedisServer,
+        storage: &RedisStorage,
+        src: &RedisCapacity,
+        during: impl std::future::Future<Output = ()>,
+    ) {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        *storage.inner.recovery_pause.lock().unwrap() = Some((reached_tx, resume_rx));
+        storage.inner.enter_outage(&StorageError::Unavailable);
+        tokio::time::timeout(Duration::from_secs(5), reached)
+            .await
+            .expect("recovery re-registered")
+            .unwrap();
+        assert!(src.is_degraded());
+        during.await;
+        resume.send(()).unwrap();
+        assert!(eventually(|| !src.is_degraded()).await);
+        let endpoint = src.endpoint().to_owned();
+        assert!(
+            eventually(|| holders(server, &endpoint) == src.held_locally()).await,
+            "redis counts {} slots, this process holds {}",
+            holders(server, &endpoint),
+            src.held_locally()
+        );
+    }
+
+    /// A release, then a fallback grant, each between the recovery's re-register and the end
+    /// of the outage: Redis ends with the exact count both times, and 0 once all is released.
+    ///
+    /// Regression: the release skipped Redis (one slot counted for as long as the process
+    /// lived), and the fallback permit was never registered (its release under-counted).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn count_is_exact_after_changes_while_the_outage_ends() {
+        let Some(server) = RedisServer::start("count_is_exact_after_changes_while_the_outage_ends")
+        else {
+            return;
+        };
+        let mut config = StorageConfig::redis(server.url());
+        config.on_error = OnError::Local;
+        config.timeout = Duration::from_secs(2);
+        let storage = RedisStorage::connect(&config).await.unwrap();
+        let src = storage.capacity_source("/window", 4);
+        let p1 = src.acquire(None).await.unwrap();
+        let p2 = src.acquire(None).await.unwrap();
+        assert_eq!(holders(&server, "/window"), 2);
+
+        // (a) A release in the window.
+        let settled = Arc::clone(src.shared());
+        in_recovery_window(&server, &storage, &src, async move {
+            drop(p1);
+            assert!(eventually(|| settled.held.load(Ordering::Acquire) == 1).await);
+        })
+        .await;
+        assert_eq!(holders(&server, "/window"), 1);
+
+        // (b) A fallback grant in the window.
+        let (tx, rx) = oneshot::channel();
+        in_recovery_window(&server, &storage, &src, async {
+            let p3 = src.acquire(None).await.unwrap();
+            assert_eq!(src.held_locally(), 2);
+            tx.send(p3).unwrap();
+        })
+        .await;
+        let p3 = rx.await.unwrap();
+        assert_eq!(holders(&server, "/window"), 2);
+
+        drop((p2, p3));
+        assert!(eventually(|| holders(&server, "/window") == 0).await);
+        assert_eq!(src.held_locally(), 0);
     }
 }

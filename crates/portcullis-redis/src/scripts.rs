@@ -10,10 +10,12 @@
 //! | `{p:e}:capacity` | string | the endpoint's global capacity |
 //! | `{p:e}:waiting` | string (PX) | present while some process has queued waiters |
 //! | `{p:e}:probe_lock` | string (PX) | held by the process probing the capacity |
-//! | `{p:e}:events` | pub/sub channel | `r:<instance>` (slots freed by that instance), `c:<n>` (capacity changed) |
+//! | `{p:e}:events` | pub/sub channel | `r:<instance>:<n>` (`n` slots freed by that instance's call), `c:<n>` (capacity changed) |
 //!
 //! The global count is the sum of `holders`; every script keeps `holders` and `leases` in
-//! step. Lease deadlines come from the server's `TIME`, never from a client clock. Every
+//! step. A process's entry is written only by that endpoint's task in that process, always
+//! with the absolute count of slots it holds (never an increment), so a lost reply or an
+//! outage cannot leave it wrong past the next call. Lease deadlines come from the server's `TIME`, never from a client clock. Every
 //! script first reclaims the slots of the instances whose lease deadline has passed (their
 //! process stopped heart-beating: crashed, killed, or partitioned for longer than
 //! `lease_ttl`).
@@ -48,13 +50,17 @@ impl Keys {
     }
 }
 
-/// Shared prologue: `now` from server TIME, reclaim expired leases, current capacity.
+/// Shared prologue: `now` from server TIME, reclaim expired leases (`reclaimed`: the slots
+/// they held), current capacity, and `set_mine`, which sets this instance's absolute slot
+/// count and lease.
 /// KEYS: holders, leases, capacity. ARGV[1] = instance, ARGV[2] = fallback capacity.
 const PROLOGUE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+local reclaimed = 0
 for _, id in ipairs(dead) do
+  reclaimed = reclaimed + tonumber(redis.call('HGET', KEYS[1], id) or '0')
   redis.call('HDEL', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
 end
@@ -64,57 +70,59 @@ local function total()
   for _, v in ipairs(redis.call('HVALS', KEYS[1])) do n = n + tonumber(v) end
   return n
 end
+local function set_mine(n, ttl)
+  if n > 0 then
+    redis.call('HSET', KEYS[1], ARGV[1], n)
+    redis.call('ZADD', KEYS[2], now + tonumber(ttl), ARGV[1])
+  else
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    redis.call('ZREM', KEYS[2], ARGV[1])
+  end
+end
+local function wake(channel, freed, free)
+  if freed > 0 and free > 0 and redis.call('EXISTS', KEYS[4]) == 1 then
+    redis.call('PUBLISH', channel, 'r:' .. ARGV[1] .. ':' .. math.min(freed, free))
+  end
+end
 "#;
 
-/// ACQUIRE: take up to `want` slots for `instance`.
+/// ACQUIRE: set this instance's slot count to `mine` (the slots it holds now, so the call
+/// also carries the releases it has not reported yet) plus up to `want` new slots. With
+/// `mine` = `-`, only reads the count. Wakes waiting processes when slots became free.
 /// KEYS: holders, leases, capacity, waiting.
-/// ARGV: instance, fallback capacity, want, lease ttl ms, waiting-flag ttl ms, channel.
+/// ARGV: instance, fallback capacity, want, lease ttl ms, waiting-flag ttl ms, channel, mine.
 /// Returns `{granted, count, capacity}`.
 const ACQUIRE_BODY: &str = r#"
 local count = total()
-local want = tonumber(ARGV[3])
-local grant = math.max(0, math.min(want, cap - count))
-if grant > 0 then
-  redis.call('HINCRBY', KEYS[1], ARGV[1], grant)
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+local mine = tonumber(ARGV[7])
+if not mine then
+  wake(ARGV[6], reclaimed, cap - count)
+  return {0, count, cap}
 end
+local want = tonumber(ARGV[3])
+local before = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local others = count - before
+local grant = math.max(0, math.min(want, cap - others - mine))
+local held = mine + grant
+set_mine(held, ARGV[4])
 if grant < want then
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
-elseif #dead > 0 and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[6], 'r:' .. ARGV[1])
 end
-return {grant, count + grant, cap}
+wake(ARGV[6], reclaimed + math.max(0, before - held), cap - others - held)
+return {grant, others + held, cap}
 "#;
 
-/// RELEASE: give back up to `n` slots of `instance`; wakes waiters when some are queued.
+/// SYNC: set this instance's slot count to `n` and renew its lease: the release (the
+/// per-endpoint task is the only writer of its instance's count, so the absolute count is
+/// exact even after lost replies or an outage), the heartbeat and the re-register after an
+/// outage. Also restores a missing capacity key from the fallback, unless the fallback is
+/// 0 (an endpoint whose capacity is still to be probed: 0 means "unknown" and is never
+/// stored, so the capacity store's `get_or_probe` still probes). Wakes waiting processes
+/// when slots became free: the message carries how many.
 /// KEYS: holders, leases, capacity, waiting.
-/// ARGV: instance, fallback capacity, n, channel.
-/// Returns `{released, count, capacity}`.
-const RELEASE_BODY: &str = r#"
-local held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local n = math.min(held, tonumber(ARGV[3]))
-if held - n <= 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-elseif n > 0 then
-  redis.call('HINCRBY', KEYS[1], ARGV[1], -n)
-end
-if (n > 0 or #dead > 0) and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[4], 'r:' .. ARGV[1])
-end
-return {n, total(), cap}
-"#;
-
-/// HEARTBEAT: renew the lease of `instance`. With `mode` = `renew`, an instance that is not
-/// registered (its lease was reclaimed, or Redis lost its data) is registered again with
-/// `n` slots; with `mode` = `set`, the instance's slot count is set to `n` (the re-register
-/// after an outage). Also restores a missing capacity key from the fallback, unless the
-/// fallback is 0 (an endpoint whose capacity is still to be probed: 0 means "unknown" and is
-/// never stored, so the capacity store's `get_or_probe` still probes).
-/// KEYS: holders, leases, capacity, waiting.
-/// ARGV: instance, fallback capacity, n, lease ttl ms, channel, mode.
+/// ARGV: instance, fallback capacity, n, lease ttl ms, channel.
 /// Returns `{registered_before, count, capacity}`.
-const HEARTBEAT_BODY: &str = r#"
+const SYNC_BODY: &str = r#"
 if redis.call('EXISTS', KEYS[3]) == 0 and tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[3], ARGV[2])
 end
@@ -122,24 +130,10 @@ local n = tonumber(ARGV[3])
 local before = redis.call('HGET', KEYS[1], ARGV[1])
 local was = 0
 if before then was = 1 end
-local old = tonumber(before or '0')
-if ARGV[6] == 'set' or not before then
-  if n > 0 then
-    redis.call('HSET', KEYS[1], ARGV[1], n)
-  else
-    redis.call('HDEL', KEYS[1], ARGV[1])
-  end
-end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
-else
-  redis.call('ZREM', KEYS[2], ARGV[1])
-end
-local now_held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if (now_held < old or #dead > 0) and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('PUBLISH', ARGV[5], 'r:' .. ARGV[1])
-end
-return {was, total(), cap}
+set_mine(n, ARGV[4])
+local count = total()
+wake(ARGV[5], reclaimed + math.max(0, tonumber(before or '0') - n), cap - count)
+return {was, count, cap}
 "#;
 
 /// SET_CAPACITY: store the capacity and tell every process.
@@ -168,10 +162,8 @@ return 0
 
 pub(crate) static ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{PROLOGUE}{ACQUIRE_BODY}")));
-pub(crate) static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{PROLOGUE}{RELEASE_BODY}")));
-pub(crate) static HEARTBEAT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{PROLOGUE}{HEARTBEAT_BODY}")));
+pub(crate) static SYNC: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{PROLOGUE}{SYNC_BODY}")));
 pub(crate) static SET_CAPACITY_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(SET_CAPACITY));
 pub(crate) static UNLOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(UNLOCK));

@@ -76,10 +76,23 @@ pub(crate) struct Inner {
     /// `true` while in an outage; waiters watch it to switch to the fallback and back.
     pub(crate) mode: watch::Sender<bool>,
     recover_kick: Notify,
+    /// Held across each outage start and end (the `degraded` swap and the `mode` send), so
+    /// that a start racing an end cannot leave `mode` saying the opposite of `degraded`
+    /// (requests then queued for Redis while every reply was discarded as an outage's).
+    transition: std::sync::Mutex<()>,
     /// Live endpoint sources by pub/sub channel name.
     endpoints: ArcSwap<HashMap<String, Registered>>,
     subscribe: mpsc::UnboundedSender<String>,
     ready: Arc<ReadyState>,
+    /// Tests: once set, the next recovery stops between its re-register and the end of the
+    /// outage (signals the first, waits for the second).
+    #[cfg(test)]
+    pub(crate) recovery_pause: std::sync::Mutex<
+        Option<(
+            tokio::sync::oneshot::Sender<()>,
+            tokio::sync::oneshot::Receiver<()>,
+        )>,
+    >,
 }
 
 /// The result of the acquire, release and heartbeat scripts: `{n, count, capacity}`.
@@ -93,6 +106,12 @@ pub(crate) struct ScriptReply {
 impl Inner {
     pub(crate) fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Acquire)
+    }
+
+    /// [`is_degraded`](Self::is_degraded), sequentially consistent with the outage's start
+    /// and end (for the hand-over checks of the endpoint tasks and permits).
+    pub(crate) fn degraded_seqcst(&self) -> bool {
+        self.degraded.load(Ordering::SeqCst)
     }
 
     fn redacted(&self, e: impl fmt::Display) -> String {
@@ -140,7 +159,8 @@ impl Inner {
 
     /// Enters an outage (once; warns once per outage) and wakes the recovery loop.
     pub(crate) fn enter_outage(&self, err: &StorageError) {
-        if !self.degraded.swap(true, Ordering::AcqRel) {
+        let _transition = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.degraded.swap(true, Ordering::SeqCst) {
             match self.config.on_error {
                 OnError::Local => tracing::warn!(
                     error = %err,
@@ -156,15 +176,26 @@ impl Inner {
                     "redis storage unavailable; admitting every request without a limit (on_error: allow)"
                 ),
             }
+            if self.config.on_error == OnError::Local {
+                // Before any request is routed to the fallback: the requests Redis admitted
+                // still run and take their share of the per-process limit.
+                for ep in self.live_endpoints() {
+                    ep.reserve_fallback();
+                }
+            }
             self.mode.send_replace(true);
             self.recover_kick.notify_one();
         }
     }
 
     fn leave_outage(&self) {
-        if self.degraded.swap(false, Ordering::AcqRel) {
+        let _transition = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+        if self.degraded.swap(false, Ordering::SeqCst) {
             tracing::info!("redis storage available again; live leases re-registered");
             self.mode.send_replace(false);
+            for ep in self.live_endpoints() {
+                ep.unreserve_fallback();
+            }
         }
     }
 
@@ -183,15 +214,15 @@ impl Inner {
             .collect()
     }
 
-    /// One heartbeat of every live endpoint of this process (`set`: absolute re-register),
-    /// run by each endpoint's task.
-    async fn heartbeat_all(&self, set: bool) -> Result<(), StorageError> {
+    /// One heartbeat of every live endpoint of this process (it registers the absolute slot
+    /// count), run by each endpoint's task.
+    async fn heartbeat_all(&self) -> Result<(), StorageError> {
         let eps = self.live_endpoints();
         let results = join_all(eps.iter().map(|ep| async move {
             let (reply, rx) = tokio::sync::oneshot::channel();
             if ep
                 .cmd_tx
-                .send(crate::capacity::Cmd::Heartbeat { set, reply })
+                .send(crate::capacity::Cmd::Heartbeat { reply })
                 .is_err()
             {
                 return Ok(()); // the source is gone
@@ -262,9 +293,10 @@ impl Drop for TaskSet {
 /// dropped:
 ///
 /// * the **heartbeat**, every `lease_ttl / 3`: one script call per endpoint renews all of
-///   this process's leases of that endpoint (not one call per request); during an outage it
-///   retries every 100 ms–1 s and, once Redis answers, re-registers the live slots with
-///   their absolute count so the global count is true again, then leaves the outage;
+///   this process's leases of that endpoint and sets their absolute count (not one call per
+///   request); during an outage it retries every 100 ms–1 s and, once Redis answers,
+///   re-registers the live slots so the global count is true again, then leaves the outage
+///   (each endpoint's task registers again whatever changed in between);
 /// * the **readiness loop**: PING every `ping_interval`, cached in [`Readiness`];
 /// * the **pub/sub listener**: release and capacity-change notifications of every endpoint,
 ///   reconnecting by itself.
@@ -368,9 +400,12 @@ impl RedisStorage {
             degraded: AtomicBool::new(false),
             mode: watch::channel(false).0,
             recover_kick: Notify::new(),
+            transition: std::sync::Mutex::new(()),
             endpoints: ArcSwap::from_pointee(HashMap::new()),
             subscribe,
             ready,
+            #[cfg(test)]
+            recovery_pause: std::sync::Mutex::new(None),
         });
         let tasks = TaskSet::new(vec![
             tokio::spawn(heartbeat_loop(Arc::clone(&inner))),
@@ -575,9 +610,17 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
         if inner.is_degraded() {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(max_backoff);
-            match inner.heartbeat_all(true).await {
+            match inner.heartbeat_all().await {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
+                    #[cfg(test)]
+                    {
+                        let pause = inner.recovery_pause.lock().unwrap().take();
+                        if let Some((reached, resume)) = pause {
+                            let _ = reached.send(());
+                            let _ = resume.await;
+                        }
+                    }
                     inner.leave_outage();
                     for ep in inner.live_endpoints() {
                         ep.after_recovery();
@@ -590,7 +633,7 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
                 _ = tokio::time::sleep(interval) => {}
                 _ = inner.recover_kick.notified() => continue,
             }
-            if let Err(e) = inner.heartbeat_all(false).await {
+            if let Err(e) = inner.heartbeat_all().await {
                 inner.enter_outage(&e);
             }
         }
@@ -679,8 +722,9 @@ fn on_message(inner: &Inner, msg: &redis::Msg) {
         return;
     };
     let payload = msg.get_payload_bytes();
-    if let Some(from) = payload.strip_prefix(b"r:") {
-        // This process's own releases already woke its dispatcher.
+    if let Some(rest) = payload.strip_prefix(b"r:") {
+        // `r:<instance>:<freed>`. This process's own calls already woke its dispatcher.
+        let from = rest.split(|&b| b == b':').next().unwrap_or_default();
         if from == inner.instance.as_bytes() {
             return;
         }

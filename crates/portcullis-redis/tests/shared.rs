@@ -664,3 +664,70 @@ async fn redis_cluster() {
         assert_eq!(slots.len(), 1, "{ep}: keys on several slots {slots:?}");
     }
 }
+
+/// `on_error: local`: the requests Redis admitted before the outage still run, so they take
+/// their share of the per-process limit: with capacity 4 and 2 expected workers (2 slots
+/// each), a process that holds 2 slots from Redis when Redis goes away admits nobody more
+/// until one of them ends, and the freed slot goes to the queued fallback waiter at once.
+///
+/// Regression: the fallback gave 2 more slots on top of the 2 held (4 in this process alone,
+/// the whole capacity, while every other process did the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_limit_counts_slots_held_from_redis() {
+    let Some(mut server) = RedisServer::start("fallback_limit_counts_slots_held_from_redis") else {
+        return;
+    };
+    let s = storage(&server.url(), |c| {
+        c.on_error = OnError::Local;
+        c.expected_workers = 2;
+        c.timeout = Duration::from_millis(300);
+    })
+    .await;
+    let src = s.capacity_source("/share", 4);
+    let p1 = src.acquire(None).await.unwrap();
+    let p2 = src.acquire(None).await.unwrap();
+    server.stop();
+    // This acquire meets the outage and re-routes to the fallback.
+    let first = tokio::spawn(src.acquire(None));
+    assert!(
+        eventually(Duration::from_secs(3), || src.is_degraded()).await,
+        "outage not detected"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !first.is_finished(),
+        "admitted beyond the local share: 2 slots from redis still run"
+    );
+    let second = tokio::spawn(src.acquire(None));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(p1);
+    let q1 = tokio::time::timeout(Duration::from_secs(1), first)
+        .await
+        .expect("the freed slot goes to the fallback waiter")
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!second.is_finished(), "3 slots in a local share of 2");
+    drop(p2);
+    let q2 = tokio::time::timeout(Duration::from_secs(1), second)
+        .await
+        .expect("the freed slot goes to the fallback waiter")
+        .unwrap()
+        .unwrap();
+    assert!(src.is_degraded());
+    assert!(eventually(Duration::from_secs(1), || src.held_locally() == 2).await);
+    // Back to Redis: the fallback's permits are registered, then released.
+    server.start_again();
+    assert!(eventually(Duration::from_secs(5), || !src.is_degraded()).await);
+    assert!(
+        eventually(Duration::from_secs(2), || holders_sum(&server, "/share")
+            == 2)
+        .await
+    );
+    drop((q1, q2));
+    assert!(
+        eventually(Duration::from_secs(2), || holders_sum(&server, "/share")
+            == 0)
+        .await
+    );
+}
