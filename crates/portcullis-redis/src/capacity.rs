@@ -3,21 +3,27 @@
 //! # Algorithm
 //!
 //! * **Global count.** Redis holds, per endpoint, how many slots each gateway process
-//!   (instance) holds, and a lease deadline per instance (see [`scripts`](crate::scripts)).
-//!   Acquire and release are Lua scripts run with `EVALSHA`: one round trip each, atomic on
-//!   the server, no client-side read-modify-write.
+//!   (instance) holds, and a lease deadline per instance (see [`scripts`]).
+//!   Acquire and release are Lua scripts run with `EVALSHA`: at most one round trip each
+//!   (a release is usually carried by the next acquire), atomic on the server, no
+//!   client-side read-modify-write.
 //! * **Local FIFO.** Each process keeps its own queue of waiters, owned by one dispatcher
 //!   task per endpoint: `acquire` sends the waiter to the dispatcher and awaits a oneshot.
 //!   The dispatcher asks Redis for as many slots as it has live waiters in one script call
 //!   (so a burst costs one round trip) and hands the granted slots to the oldest waiters.
 //!   When Redis grants fewer than asked, the dispatcher is *blocked*: new arrivals queue
 //!   without a round trip until a wake-up.
-//! * **Cross-process wake-up.** A failed acquire sets a short-lived `waiting` flag; a
-//!   release while the flag is set publishes `r` on the endpoint's channel, and every
-//!   process's pub/sub listener wakes its dispatcher, which retries at once. A release in
-//!   this process wakes its own dispatcher directly. As a safety net against lost messages,
-//!   a blocked dispatcher with waiters retries every [`POLL_INTERVAL`](crate::POLL_INTERVAL)
-//!   (50 ms: a bounded 20 attempts per second per endpoint per process).
+//! * **Cross-process FIFO and wake-up.** A process that got fewer slots than it asked for
+//!   joins the endpoint's queue in Redis; an acquire leaves one free slot for each process
+//!   queued ahead of the caller, and a process served in part goes to the back, so a busy
+//!   process cannot starve a quiet one (see [`scripts`]). Whenever slots are
+//!   free while processes are queued, the script publishes `w:<ids>` naming the first of
+//!   them: only those processes' dispatchers retry, at once. A release in this process wakes
+//!   its own dispatcher directly. As a safety net against lost messages, a blocked
+//!   dispatcher with waiters retries every [`POLL_INTERVAL`](crate::POLL_INTERVAL) (50 ms: a
+//!   bounded 20 attempts per second per endpoint per process), which also renews its queue
+//!   entry; an entry not renewed for [`QUEUE_TTL`](crate::QUEUE_TTL) (a dead process) is
+//!   dropped, and a process whose last waiter left takes itself out.
 //! * **Releases** never block: dropping a permit sends one message to the endpoint's
 //!   task, which batches all pending releases into one call: the next acquire when waiters
 //!   are queued (one call releases and acquires), a sync otherwise. The same task runs the
@@ -43,19 +49,19 @@
 //!   fallback (`local`: a [`LocalCapacity`] of `ceil(capacity / expected_workers)`), refused
 //!   (`reject`: 503 `storage_unavailable`) or admitted (`allow`), without touching Redis.
 //!   With `local`, the permits Redis granted before the outage still take their place in
-//!   that per-process limit (one fallback slot is reserved for each as the outage starts,
-//!   and handed to the fallback's queue as each ends), so the process never runs more than
-//!   its share. Every permit granted meanwhile is still counted by the process; when Redis
+//!   that per-process limit (the fallback's limit is the share minus those permits, and
+//!   grows as each ends), so the process never runs more than its share. Every permit granted meanwhile is still counted by the process; when Redis
 //!   answers again the heartbeat re-registers the absolute count of live permits, and the
 //!   source returns to the shared limit.
 //!
 //! Inspired by distributed semaphores with leases (Redisson's `RPermitExpirableSemaphore`,
-//! the Redis `SET NX PX` lock pattern); the FIFO is per process, so across processes the
-//! order is the order in which their retries reach Redis.
+//! the Redis `SET NX PX` lock pattern). The FIFO is exact within a process; across
+//! processes it is by turns (a process's turn begins when it starts waiting, or when it was
+//! last served in part).
 
 use crate::error::StorageError;
 use crate::scripts::{self, Keys};
-use crate::storage::{Inner, RedisStorage, ScriptReply, POLL_INTERVAL, WAITING_TTL};
+use crate::storage::{Inner, RedisStorage, ScriptReply, POLL_INTERVAL, QUEUE_TTL};
 use crate::OnError;
 use portcullis_admission::{AcquireError, CapacitySource, LocalCapacity, LocalPermit};
 use std::collections::VecDeque;
@@ -102,11 +108,6 @@ pub(crate) struct EndpointShared {
     registered: AtomicUsize,
     /// Live permits granted by Redis (not by the outage policy).
     from_redis: AtomicUsize,
-    /// During an `on_error: local` outage, one fallback slot per live permit granted by Redis
-    /// (while the fallback has one free): those requests still run, so they occupy the
-    /// process's local share. Given back as those permits are released, and when the outage
-    /// ends. Locked only during an outage (never on the request path otherwise).
-    reserved: std::sync::Mutex<Vec<LocalPermit>>,
     queued: AtomicUsize,
     /// A local `set_capacity` not yet stored in Redis (while set, Redis's value is ignored).
     capacity_dirty: AtomicBool,
@@ -149,8 +150,7 @@ impl EndpointShared {
     /// Applies a capacity learnt from Redis (or set locally): cache and fallback limit.
     pub(crate) fn apply_capacity(&self, capacity: usize) {
         self.capacity.store(capacity, Ordering::Release);
-        self.fallback
-            .set_capacity(self.inner.config.local_limit(capacity));
+        self.fit_fallback();
     }
 
     fn fallback_capacity(&self) -> usize {
@@ -169,12 +169,13 @@ impl EndpointShared {
         inv.key(&k.holders)
             .key(&k.leases)
             .key(&k.capacity)
-            .key(&k.waiting)
+            .key(&k.queue)
+            .key(&k.queue_ttl)
             .arg(&self.inner.instance)
             .arg(self.fallback_capacity())
             .arg(want)
             .arg(self.inner.config.lease_ttl.as_millis() as u64)
-            .arg(WAITING_TTL.as_millis() as u64)
+            .arg(QUEUE_TTL.as_millis() as u64)
             .arg(&k.channel);
         match mine {
             Some(m) => inv.arg(m),
@@ -191,8 +192,9 @@ impl EndpointShared {
     }
 
     /// Registers this process's absolute slot count (`held`) and renews its lease: the
-    /// release, the heartbeat and the re-register after an outage.
-    pub(crate) async fn sync(&self) -> Result<(), StorageError> {
+    /// release, the heartbeat and the re-register after an outage. `queued: false` also
+    /// takes this process out of the cross-process queue (it has no waiter left).
+    pub(crate) async fn sync(&self, queued: bool) -> Result<(), StorageError> {
         let k = &self.keys;
         let held = self.held.load(Ordering::SeqCst);
         let before = self.registered.swap(UNKNOWN, Ordering::AcqRel);
@@ -203,12 +205,14 @@ impl EndpointShared {
                     .key(&k.holders)
                     .key(&k.leases)
                     .key(&k.capacity)
-                    .key(&k.waiting)
+                    .key(&k.queue)
+                    .key(&k.queue_ttl)
                     .arg(&self.inner.instance)
                     .arg(self.fallback_capacity())
                     .arg(held)
                     .arg(self.inner.config.lease_ttl.as_millis() as u64)
-                    .arg(&k.channel),
+                    .arg(&k.channel)
+                    .arg(if queued { "1" } else { "0" }),
             )
             .await?;
         self.registered.store(held, Ordering::Release);
@@ -261,42 +265,31 @@ impl EndpointShared {
         }
     }
 
-    /// Takes, during an `on_error: local` outage, one fallback slot per live permit granted
-    /// by Redis (as many as are free). Called as the outage starts, before any request is
-    /// routed to the fallback.
-    pub(crate) fn reserve_fallback(&self) {
-        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        let live = self.from_redis.load(Ordering::SeqCst);
-        let keep = live.min(reserved.len());
-        let excess = reserved.split_off(keep);
-        while reserved.len() < live {
-            match self.fallback.try_acquire() {
-                Some(p) => reserved.push(p),
-                None => break,
-            }
-        }
-        drop(reserved);
-        drop(excess);
+    /// Sets the per-process limit of the outage fallback: `ceil(capacity / expected_workers)`,
+    /// minus, during an `on_error: local` outage, the live permits Redis granted before it
+    /// (those requests still run, so they take their place in this process's share).
+    /// Called as an outage starts and ends, when the capacity changes, and as each of those
+    /// permits ends during an outage.
+    pub(crate) fn fit_fallback(&self) {
+        let share = self
+            .inner
+            .config
+            .local_limit(self.capacity.load(Ordering::Acquire));
+        // SeqCst with `enter_outage`'s swap and `redis_released`'s decrement: either the
+        // outage start sees a release, or the release sees the outage and fits again.
+        let limit = if self.on_error() == OnError::Local && self.inner.degraded_seqcst() {
+            share.saturating_sub(self.from_redis.load(Ordering::SeqCst))
+        } else {
+            share
+        };
+        self.fallback.set_capacity(limit);
     }
 
-    /// Gives every reserved fallback slot back (the outage is over).
-    pub(crate) fn unreserve_fallback(&self) {
-        let all = std::mem::take(&mut *self.reserved.lock().unwrap_or_else(|e| e.into_inner()));
-        drop(all);
-    }
-
-    /// `n` permits granted by Redis are gone: during an outage, their reserved fallback slots
-    /// go to the fallback's waiters.
+    /// `n` permits granted by Redis are gone: during an outage, the fallback may grow.
     fn redis_released(&self, n: usize) {
-        // SeqCst with `enter_outage`'s swap and `reserve_fallback`'s read: either the
-        // reservation sees this release, or this sees the outage and trims it.
-        let live = self.from_redis.fetch_sub(n, Ordering::SeqCst) - n;
-        if self.inner.degraded_seqcst() {
-            let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-            let keep = live.min(reserved.len());
-            let excess = reserved.split_off(keep);
-            drop(reserved);
-            drop(excess);
+        sub_sat(&self.from_redis, n);
+        if self.on_error() == OnError::Local && self.inner.degraded_seqcst() {
+            self.fit_fallback();
         }
     }
 
@@ -369,7 +362,6 @@ impl RedisCapacity {
             held: AtomicUsize::new(0),
             registered: AtomicUsize::new(UNKNOWN),
             from_redis: AtomicUsize::new(0),
-            reserved: std::sync::Mutex::new(Vec::new()),
             queued: AtomicUsize::new(0),
             capacity_dirty: AtomicBool::new(false),
             desired_capacity: AtomicUsize::new(capacity),
@@ -601,9 +593,11 @@ async fn dispatcher(
     let mut mode = shared.inner.mode.subscribe();
     let mut queue: VecDeque<Waiter> = VecDeque::new();
     let mut blocked = false;
+    // This process has an entry in the endpoint's cross-process queue in Redis.
+    let mut enqueued = false;
     let mut next_poll = Instant::now();
     // Learn the stored capacity (and restore it if Redis has none) right away.
-    if let Err(e) = shared.sync().await {
+    if let Err(e) = shared.sync(false).await {
         shared.inner.enter_outage(&e);
     }
     let mut cmds: Vec<Cmd> = Vec::new();
@@ -628,13 +622,22 @@ async fn dispatcher(
         while let Ok(c) = cmd_rx.try_recv() {
             cmds.push(c);
         }
-        if !cmds.is_empty() && run_commands(&shared, &mut cmds).await {
-            blocked = false;
+        queue.retain(|w| !w.tx.is_closed());
+        if !cmds.is_empty() {
+            match run_commands(&shared, &mut cmds, enqueued && !queue.is_empty()).await {
+                Some(Synced { released, left }) => {
+                    blocked &= !released;
+                    enqueued &= !left;
+                }
+                None => enqueued = false,
+            }
         }
         if *mode.borrow_and_update() || shared.inner.degraded_seqcst() {
-            // Outage: every waiter gets the outage policy's answer.
+            // Outage: every waiter gets the outage policy's answer. Redis lost or will
+            // expire this process's queue entry.
             let_go(&shared, &mut queue);
             blocked = false;
+            enqueued = false;
             if shared.try_stop() {
                 return;
             }
@@ -645,11 +648,17 @@ async fn dispatcher(
             reject_no_wait(&mut queue);
         }
         let acquiring = !queue.is_empty() && !blocked;
-        // Releases (and permits counted during an outage) not registered yet; with waiters
-        // to serve, the acquire below registers them in the same call.
-        if !acquiring && shared.out_of_sync() {
-            if let Err(e) = shared.sync().await {
-                shared.inner.enter_outage(&e);
+        // Releases (and permits counted during an outage) not registered yet, or a queue
+        // entry with no waiter left behind it; with waiters to serve, the acquire below
+        // registers the releases in the same call.
+        let leave = enqueued && queue.is_empty();
+        if !acquiring && (shared.out_of_sync() || leave) {
+            match shared.sync(!leave && enqueued).await {
+                Ok(()) => enqueued &= !leave,
+                Err(e) => {
+                    enqueued = false;
+                    shared.inner.enter_outage(&e);
+                }
             }
         }
         if shared.try_stop() {
@@ -663,9 +672,10 @@ async fn dispatcher(
         match shared.acquire_script(Some(mine), want).await {
             Ok(r) => {
                 let granted = r.n.min(want);
+                enqueued = granted < want;
                 sub_sat(&shared.held, want - granted);
-                // SeqCst with `enter_outage`'s swap: either the outage's fallback
-                // reservation counts these permits, or they are not handed out.
+                // SeqCst with `enter_outage`'s swap: either the outage's fallback limit
+                // counts these permits, or they are not handed out.
                 shared.from_redis.fetch_add(granted, Ordering::SeqCst);
                 if shared.inner.degraded_seqcst() {
                     // The outage began meanwhile: its policy serves the waiters; the slots
@@ -674,6 +684,7 @@ async fn dispatcher(
                     sub_sat(&shared.held, granted);
                     let_go(&shared, &mut queue);
                     blocked = false;
+                    enqueued = false;
                     continue;
                 }
                 let mut spare = granted;
@@ -703,6 +714,7 @@ async fn dispatcher(
             }
             Err(e) => {
                 sub_sat(&shared.held, want);
+                enqueued = false;
                 shared.inner.enter_outage(&e);
                 let_go(&shared, &mut queue);
                 blocked = false;
@@ -711,10 +723,21 @@ async fn dispatcher(
     }
 }
 
+/// What [`run_commands`] did: `released` when slots were released or the capacity changed
+/// (a retry may now succeed), `left` when a heartbeat took this process out of the queue.
+struct Synced {
+    released: bool,
+    left: bool,
+}
+
 /// Runs the pending releases (bookkeeping only: the next call registers the absolute
-/// count), capacity change and heartbeats. Returns `true` when slots were released or the
-/// capacity changed (a retry may now succeed).
-async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool {
+/// count), capacity change and heartbeats (`queued`: this process still has waiters in the
+/// cross-process queue). `None` when a call failed (the storage entered an outage).
+async fn run_commands(
+    shared: &Arc<EndpointShared>,
+    cmds: &mut Vec<Cmd>,
+    queued: bool,
+) -> Option<Synced> {
     let (mut releases, mut set_cap) = (0usize, false);
     let mut beats = Vec::new();
     for c in cmds.drain(..) {
@@ -725,7 +748,11 @@ async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool
             Cmd::Heartbeat { reply } => beats.push(reply),
         }
     }
-    let mut released = releases > 0;
+    let mut done = Synced {
+        released: releases > 0,
+        left: false,
+    };
+    let mut ok = true;
     sub_sat(&shared.held, releases);
     if set_cap && !shared.inner.is_degraded() {
         let c = shared.desired_capacity.load(Ordering::Acquire);
@@ -744,14 +771,19 @@ async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool
                 if shared.desired_capacity.load(Ordering::Acquire) == c {
                     shared.capacity_dirty.store(false, Ordering::Release);
                 }
-                released = true;
+                done.released = true;
             }
-            Err(e) => shared.inner.enter_outage(&e),
+            Err(e) => {
+                ok = false;
+                shared.inner.enter_outage(&e);
+            }
         }
     }
     if !beats.is_empty() {
         // Also during an outage: the recovery's re-register is this call.
-        let r = shared.sync().await;
+        let r = shared.sync(queued).await;
+        done.left = !queued;
+        ok &= r.is_ok();
         let copy = |r: &Result<(), StorageError>| match r {
             Ok(()) => Ok(()),
             Err(e) => Err(StorageError::Redis(e.to_string())),
@@ -760,7 +792,7 @@ async fn run_commands(shared: &Arc<EndpointShared>, cmds: &mut Vec<Cmd>) -> bool
             let _ = reply.send(copy(&r));
         }
     }
-    released
+    ok.then_some(done)
 }
 
 /// The storage is in an outage: every queued waiter gets the outage policy's answer from

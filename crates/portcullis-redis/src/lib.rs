@@ -65,3 +65,7 @@ pub use storage::RedisStorage;
 
 /// How often a process with queued waiters re-tries Redis without a notification.
 pub const POLL_INTERVAL: std::time::Duration = storage::POLL_INTERVAL;
+
+/// How long a process's entry in an endpoint's cross-process queue lives without a retry
+/// (a process that dies while queued holds back one free slot for at most this long).
+pub const QUEUE_TTL: std::time::Duration = storage::QUEUE_TTL;

@@ -8,17 +8,27 @@
 //! | `{p:e}:holders` | hash | process instance id → number of slots it holds |
 //! | `{p:e}:leases` | sorted set | process instance id → lease deadline (server ms) |
 //! | `{p:e}:capacity` | string | the endpoint's global capacity |
-//! | `{p:e}:waiting` | string (PX) | present while some process has queued waiters |
+//! | `{p:e}:queue` | sorted set | instance id of each process with queued waiters → the server ms its turn began (the cross-process FIFO) |
+//! | `{p:e}:queue_ttl` | sorted set | the same instances → the deadline of their queue entry (renewed by every retry) |
 //! | `{p:e}:probe_lock` | string (PX) | held by the process probing the capacity |
-//! | `{p:e}:events` | pub/sub channel | `r:<instance>:<n>` (`n` slots freed by that instance's call), `c:<n>` (capacity changed) |
+//! | `{p:e}:events` | pub/sub channel | `w:<id>,<id>…` (slots are free for these queued instances), `c:<n>` (capacity changed) |
 //!
 //! The global count is the sum of `holders`; every script keeps `holders` and `leases` in
 //! step. A process's entry is written only by that endpoint's task in that process, always
 //! with the absolute count of slots it holds (never an increment), so a lost reply or an
-//! outage cannot leave it wrong past the next call. Lease deadlines come from the server's `TIME`, never from a client clock. Every
-//! script first reclaims the slots of the instances whose lease deadline has passed (their
-//! process stopped heart-beating: crashed, killed, or partitioned for longer than
-//! `lease_ttl`).
+//! outage cannot leave it wrong past the next call. Lease deadlines come from the server's
+//! `TIME`, never from a client clock. Every script first reclaims the slots of the
+//! instances whose lease deadline has passed (their process stopped heart-beating: crashed,
+//! killed, or partitioned for longer than `lease_ttl`), and the queue entries whose
+//! deadline has passed.
+//!
+//! **Fairness across processes.** A process that could not get every slot it asked for
+//! joins `queue`. An acquire leaves one free slot for each queued process that has waited
+//! longer than the caller (for every queued process, when the caller is not queued), and a
+//! process that got some slots but not all goes to the back of the queue. Whenever slots
+//! are free while processes are queued, the script publishes the ids of the first ones, and
+//! only those retry at once. Without this, a busy process whose own releases go straight to
+//! its own next waiters (one call releases and acquires) starves every other process.
 
 use redis::Script;
 use std::sync::LazyLock;
@@ -29,7 +39,8 @@ pub(crate) struct Keys {
     pub(crate) holders: String,
     pub(crate) leases: String,
     pub(crate) capacity: String,
-    pub(crate) waiting: String,
+    pub(crate) queue: String,
+    pub(crate) queue_ttl: String,
     pub(crate) probe_lock: String,
     pub(crate) channel: String,
 }
@@ -43,26 +54,34 @@ impl Keys {
             holders: format!("{tag}:holders"),
             leases: format!("{tag}:leases"),
             capacity: format!("{tag}:capacity"),
-            waiting: format!("{tag}:waiting"),
+            queue: format!("{tag}:queue"),
+            queue_ttl: format!("{tag}:queue_ttl"),
             probe_lock: format!("{tag}:probe_lock"),
             channel: format!("{tag}:events"),
         }
     }
 }
 
-/// Shared prologue: `now` from server TIME, reclaim expired leases (`reclaimed`: the slots
-/// they held), current capacity, and `set_mine`, which sets this instance's absolute slot
-/// count and lease.
-/// KEYS: holders, leases, capacity. ARGV[1] = instance, ARGV[2] = fallback capacity.
+/// Shared prologue: `now` from server TIME, reclaim expired leases and queue entries,
+/// current capacity, and the helpers:
+/// * `set_mine(n, ttl)` sets this instance's absolute slot count and lease;
+/// * `leave()` takes this instance out of the queue;
+/// * `wake(channel, free)` publishes the first `free` queued instances other than this one.
+///
+/// KEYS: holders, leases, capacity, queue, queue_ttl. ARGV[1] = instance, ARGV[2] = fallback
+/// capacity.
 const PROLOGUE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-local reclaimed = 0
 for _, id in ipairs(dead) do
-  reclaimed = reclaimed + tonumber(redis.call('HGET', KEYS[1], id) or '0')
   redis.call('HDEL', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
+end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+for _, id in ipairs(gone) do
+  redis.call('ZREM', KEYS[4], id)
+  redis.call('ZREM', KEYS[5], id)
 end
 local cap = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
 local function total()
@@ -79,60 +98,83 @@ local function set_mine(n, ttl)
     redis.call('ZREM', KEYS[2], ARGV[1])
   end
 end
-local function wake(channel, freed, free)
-  if freed > 0 and free > 0 and redis.call('EXISTS', KEYS[4]) == 1 then
-    redis.call('PUBLISH', channel, 'r:' .. ARGV[1] .. ':' .. math.min(freed, free))
+local function leave()
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+end
+local function wake(channel, free)
+  if free <= 0 then return end
+  local out = {}
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, free)) do
+    if id ~= ARGV[1] and #out < free then out[#out + 1] = id end
+  end
+  if #out > 0 then
+    redis.call('PUBLISH', channel, 'w:' .. table.concat(out, ','))
   end
 end
 "#;
 
 /// ACQUIRE: set this instance's slot count to `mine` (the slots it holds now, so the call
-/// also carries the releases it has not reported yet) plus up to `want` new slots. With
-/// `mine` = `-`, only reads the count. Wakes waiting processes when slots became free.
-/// KEYS: holders, leases, capacity, waiting.
-/// ARGV: instance, fallback capacity, want, lease ttl ms, waiting-flag ttl ms, channel, mine.
+/// also carries the releases it has not reported yet) plus up to `want` new slots, leaving
+/// one free slot for each process queued ahead of it (see the module docs). Queues the
+/// instance when it got fewer than `want` (at the back when it got some), takes it out of
+/// the queue when it got all. With `mine` = `-`, only reads the count.
+/// KEYS: holders, leases, capacity, queue, queue_ttl.
+/// ARGV: instance, fallback capacity, want, lease ttl ms, queue-entry ttl ms, channel, mine.
 /// Returns `{granted, count, capacity}`.
 const ACQUIRE_BODY: &str = r#"
 local count = total()
 local mine = tonumber(ARGV[7])
 if not mine then
-  wake(ARGV[6], reclaimed, cap - count)
+  wake(ARGV[6], cap - count)
   return {0, count, cap}
 end
 local want = tonumber(ARGV[3])
 local before = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 local others = count - before
-local grant = math.max(0, math.min(want, cap - others - mine))
+local since = redis.call('ZSCORE', KEYS[4], ARGV[1])
+local ahead
+if since then
+  ahead = redis.call('ZCOUNT', KEYS[4], '-inf', '(' .. since)
+else
+  ahead = redis.call('ZCARD', KEYS[4])
+end
+local grant = math.max(0, math.min(want, cap - others - mine - ahead))
 local held = mine + grant
 set_mine(held, ARGV[4])
 if grant < want then
-  redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
+  if grant > 0 or not since then
+    redis.call('ZADD', KEYS[4], now, ARGV[1])
+  end
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[5]), ARGV[1])
+else
+  leave()
 end
-wake(ARGV[6], reclaimed + math.max(0, before - held), cap - others - held)
+wake(ARGV[6], cap - others - held)
 return {grant, others + held, cap}
 "#;
 
 /// SYNC: set this instance's slot count to `n` and renew its lease: the release (the
 /// per-endpoint task is the only writer of its instance's count, so the absolute count is
 /// exact even after lost replies or an outage), the heartbeat and the re-register after an
-/// outage. Also restores a missing capacity key from the fallback, unless the fallback is
-/// 0 (an endpoint whose capacity is still to be probed: 0 means "unknown" and is never
-/// stored, so the capacity store's `get_or_probe` still probes). Wakes waiting processes
-/// when slots became free: the message carries how many.
-/// KEYS: holders, leases, capacity, waiting.
-/// ARGV: instance, fallback capacity, n, lease ttl ms, channel.
+/// outage. With `queued` = `0`, also takes the instance out of the queue (it has no waiter
+/// left). Also restores a missing capacity key from the fallback, unless the fallback is 0
+/// (an endpoint whose capacity is still to be probed: 0 means "unknown" and is never
+/// stored, so the capacity store's `get_or_probe` still probes). Wakes queued processes
+/// when slots are free.
+/// KEYS: holders, leases, capacity, queue, queue_ttl.
+/// ARGV: instance, fallback capacity, n, lease ttl ms, channel, queued.
 /// Returns `{registered_before, count, capacity}`.
 const SYNC_BODY: &str = r#"
 if redis.call('EXISTS', KEYS[3]) == 0 and tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[3], ARGV[2])
 end
-local n = tonumber(ARGV[3])
-local before = redis.call('HGET', KEYS[1], ARGV[1])
 local was = 0
-if before then was = 1 end
-set_mine(n, ARGV[4])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then was = 1 end
+set_mine(tonumber(ARGV[3]), ARGV[4])
+if ARGV[6] == '0' then leave() end
 local count = total()
-wake(ARGV[5], reclaimed + math.max(0, tonumber(before or '0') - n), cap - count)
+wake(ARGV[5], cap - count)
 return {was, count, cap}
 "#;
 
@@ -180,7 +222,8 @@ mod tests {
             &k.holders,
             &k.leases,
             &k.capacity,
-            &k.waiting,
+            &k.queue,
+            &k.queue_ttl,
             &k.probe_lock,
         ] {
             assert!(key.starts_with("{portcullis:/work}:"), "{key}");

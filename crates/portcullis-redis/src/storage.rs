@@ -24,8 +24,10 @@ use tokio::task::JoinHandle;
 /// How often a process with queued waiters re-tries Redis when no release notification
 /// arrives (the safety net under pub/sub): at most 20 attempts per second per endpoint.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// Lifetime of the `waiting` flag a failed acquire sets (refreshed by every poll).
-pub(crate) const WAITING_TTL: Duration = Duration::from_secs(1);
+/// Lifetime of a process's entry in an endpoint's cross-process queue, renewed by each of
+/// its retries (at least every [`POLL_INTERVAL`] while it has waiters). A process that dies
+/// while queued holds back one free slot for at most this long.
+pub(crate) const QUEUE_TTL: Duration = Duration::from_millis(500);
 /// The probe lock's TTL; the owner extends it every third of it while probing.
 pub(crate) const PROBE_LOCK_TTL: Duration = Duration::from_secs(5);
 
@@ -178,9 +180,9 @@ impl Inner {
             }
             if self.config.on_error == OnError::Local {
                 // Before any request is routed to the fallback: the requests Redis admitted
-                // still run and take their share of the per-process limit.
+                // still run and take their place in the per-process limit.
                 for ep in self.live_endpoints() {
-                    ep.reserve_fallback();
+                    ep.fit_fallback();
                 }
             }
             self.mode.send_replace(true);
@@ -194,7 +196,7 @@ impl Inner {
             tracing::info!("redis storage available again; live leases re-registered");
             self.mode.send_replace(false);
             for ep in self.live_endpoints() {
-                ep.unreserve_fallback();
+                ep.fit_fallback();
             }
         }
     }
@@ -722,12 +724,15 @@ fn on_message(inner: &Inner, msg: &redis::Msg) {
         return;
     };
     let payload = msg.get_payload_bytes();
-    if let Some(rest) = payload.strip_prefix(b"r:") {
-        // `r:<instance>:<freed>`. This process's own calls already woke its dispatcher.
-        let from = rest.split(|&b| b == b':').next().unwrap_or_default();
-        if from == inner.instance.as_bytes() {
-            return;
+    if let Some(ids) = payload.strip_prefix(b"w:") {
+        // `w:<id>,<id>…`: slots are free for these queued processes; only they retry.
+        if ids
+            .split(|&b| b == b',')
+            .any(|id| id == inner.instance.as_bytes())
+        {
+            ep.wake.notify_one();
         }
+        return;
     }
     if let Some(cap) = payload.strip_prefix(b"c:") {
         if let Some(c) = std::str::from_utf8(cap).ok().and_then(|s| s.parse().ok()) {

@@ -652,7 +652,7 @@ async fn redis_cluster() {
             .unwrap();
         drop(p2);
         let slots: std::collections::BTreeSet<String> =
-            ["holders", "leases", "capacity", "waiting"]
+            ["holders", "leases", "capacity", "queue", "queue_ttl"]
                 .iter()
                 .map(|k| {
                     cluster.nodes()[0]
@@ -727,6 +727,86 @@ async fn fallback_limit_counts_slots_held_from_redis() {
     drop((q1, q2));
     assert!(
         eventually(Duration::from_secs(2), || holders_sum(&server, "/share")
+            == 0)
+        .await
+    );
+}
+
+/// Two processes (two storages, two instance ids) each run 8 clients in a loop against a
+/// capacity of 4: both get a fair part of the slots, and the global limit holds.
+///
+/// Regression: a process batches its releases into its next acquire (one call gives back
+/// and takes again), so a busy process handed its own freed slots to its own waiters and
+/// the other process got next to none (its clients then hit their queue timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_process_does_not_starve_another() {
+    let Some(server) = RedisServer::start("busy_process_does_not_starve_another") else {
+        return;
+    };
+    const CAP: usize = 4;
+    let (a, b) = (
+        storage(&server.url(), |_| {}).await,
+        storage(&server.url(), |_| {}).await,
+    );
+    let sources = [
+        a.capacity_source("/fair", CAP),
+        b.capacity_source("/fair", CAP),
+    ];
+    let inside = Arc::new(AtomicUsize::new(0));
+    let max_inside = Arc::new(AtomicUsize::new(0));
+    let grants = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let longest = Arc::new(AtomicUsize::new(0));
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        for _ in 0..8 {
+            let src = src.clone();
+            let (inside, max_inside, grants, longest) = (
+                inside.clone(),
+                max_inside.clone(),
+                grants.clone(),
+                longest.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let asked = Instant::now();
+                    let p = tokio::time::timeout(Duration::from_secs(10), src.acquire(None))
+                        .await
+                        .expect("acquire bounded")
+                        .expect("granted");
+                    longest.fetch_max(asked.elapsed().as_millis() as usize, Ordering::SeqCst);
+                    grants[i].fetch_add(1, Ordering::SeqCst);
+                    let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    max_inside.fetch_max(n, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    drop(p);
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ga, gb) = (
+        grants[0].load(Ordering::SeqCst),
+        grants[1].load(Ordering::SeqCst),
+    );
+    let total = ga + gb;
+    println!(
+        "grants: process A {ga}, process B {gb}; longest wait {} ms",
+        longest.load(Ordering::SeqCst)
+    );
+    assert!(max_inside.load(Ordering::SeqCst) <= CAP);
+    assert!(total > 50, "only {total} grants in 2 s");
+    for (name, g) in [("A", ga), ("B", gb)] {
+        assert!(
+            g * 4 >= total,
+            "process {name} got {g} of {total} grants (under a quarter)"
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || holders_sum(&server, "/fair")
             == 0)
         .await
     );
