@@ -90,6 +90,18 @@ fn bad_configs_exit_2_naming_file_and_field() {
             "`storage.url`",
         ),
         (Some("routing_strategy: random\n"), "`routing_strategy`"),
+        (
+            Some("storage: {type: redis, url: \"redis://127.0.0.1:1\", tls_ca_file: /etc/passwd}\n"),
+            "`storage.tls_ca_file`",
+        ),
+        (
+            Some("storage: {type: redis, url: \"rediss://127.0.0.1:1\", tls_ca_file: /nonexistent/ca.pem}\n"),
+            "`storage.tls_ca_file`",
+        ),
+        (
+            Some("storage: {type: redis, url: \"rediss://127.0.0.1:1\", tls_cert_file: /etc/passwd}\n"),
+            "`storage.tls_cert_file`",
+        ),
     ];
     for (yaml, needle) in cases {
         let (code, text) = run_with(*yaml, &["--check"]);

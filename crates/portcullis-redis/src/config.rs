@@ -11,10 +11,14 @@
 //!   timeout: 0.5                # seconds, every Redis call
 //!   ping_interval: 5            # seconds between readiness PINGs
 //!   failure_threshold: 3        # consecutive failed PINGs before "not ready"
+//!   tls_ca_file: /etc/redis/ca.pem      # rediss://: trust this CA instead of the system's
+//!   tls_cert_file: /etc/redis/client.pem  # rediss://: client certificate (mutual TLS) ...
+//!   tls_key_file: /etc/redis/client.key   # ... and its key (both or neither)
 //! ```
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Where admission slots are counted.
@@ -74,6 +78,17 @@ pub struct StorageConfig {
     pub ping_interval: Duration,
     /// Consecutive failed PINGs before readiness turns false (default 3).
     pub failure_threshold: u32,
+    /// With `rediss://`: a PEM file of the CA certificate(s) to trust instead of the system's
+    /// trust store (a private CA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `rediss://`: a PEM client certificate, for servers that require one (mutual
+    /// TLS; Redis `tls-auth-clients yes`). Needs `tls_key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Default `key_prefix`.
@@ -99,6 +114,9 @@ impl Default for StorageConfig {
             timeout: DEFAULT_TIMEOUT,
             ping_interval: DEFAULT_PING_INTERVAL,
             failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -152,6 +170,48 @@ impl StorageConfig {
         if self.failure_threshold == 0 {
             return Err("storage.failure_threshold: must be at least 1".into());
         }
+        self.validate_tls()
+    }
+
+    /// The `tls_*` files: only with `rediss://`, readable, and a key with every certificate.
+    fn validate_tls(&self) -> Result<(), String> {
+        let files = [
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ];
+        let tls = self
+            .url
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .any(|u| u.trim().starts_with("rediss://"));
+        for (field, path) in files {
+            let Some(path) = path else { continue };
+            if !tls {
+                return Err(format!(
+                    "storage.{field}: only used with a rediss:// url (storage.url is not TLS)"
+                ));
+            }
+            if let Err(e) = std::fs::metadata(path).and_then(|m| {
+                if m.is_file() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("not a file"))
+                }
+            }) {
+                return Err(format!(
+                    "storage.{field}: cannot read `{}`: {e}",
+                    path.display()
+                ));
+            }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(
+                "storage.tls_cert_file: a client certificate needs tls_key_file, and the key needs tls_cert_file"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -181,6 +241,9 @@ impl fmt::Debug for StorageConfig {
             .field("timeout", &self.timeout)
             .field("ping_interval", &self.ping_interval)
             .field("failure_threshold", &self.failure_threshold)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }

@@ -344,7 +344,15 @@ impl RedisStorage {
             .map(|u| u.trim().to_owned())
             .collect();
         let redact = |e: redis::RedisError| StorageError::Config(crate::redact_url(&e.to_string()));
-        let first = redis::Client::open(urls[0].as_str()).map_err(redact)?;
+        let tls = tls_certificates(config)?;
+        if urls.iter().any(|u| u.starts_with("rediss://")) {
+            install_crypto_provider();
+        }
+        let first = match &tls {
+            Some(certs) => redis::Client::build_with_tls(urls[0].as_str(), certs.clone()),
+            None => redis::Client::open(urls[0].as_str()),
+        }
+        .map_err(redact)?;
         let secret = first
             .get_connection_info()
             .redis_settings()
@@ -367,12 +375,14 @@ impl RedisStorage {
             }
         }
         let conn = if cluster {
-            let client = redis::cluster::ClusterClient::builder(urls.clone())
+            let mut builder = redis::cluster::ClusterClient::builder(urls.clone())
                 .connection_timeout(t)
                 .response_timeout(t)
-                .retries(1)
-                .build()
-                .map_err(redact)?;
+                .retries(1);
+            if let Some(certs) = tls {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build().map_err(redact)?;
             let c = tokio::time::timeout(t * 4, client.get_async_connection())
                 .await
                 .map_err(|_| StorageError::Timeout(t * 4))?
@@ -600,6 +610,51 @@ impl RedisStorage {
                 }
             }
         }
+    }
+}
+
+/// The `tls_*` files of `config` read for the redis crate, or `None` when none is set (the
+/// system trust store, no client certificate).
+fn tls_certificates(
+    config: &StorageConfig,
+) -> Result<Option<redis::TlsCertificates>, StorageError> {
+    let read = |field: &str, path: &Option<std::path::PathBuf>| {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| {
+                    StorageError::Config(format!(
+                        "storage.{field}: cannot read `{}`: {e}",
+                        p.display()
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let root_cert = read("tls_ca_file", &config.tls_ca_file)?;
+    let client_cert = read("tls_cert_file", &config.tls_cert_file)?;
+    let client_key = read("tls_key_file", &config.tls_key_file)?;
+    let client_tls = match (client_cert, client_key) {
+        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        _ => None,
+    };
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
+}
+
+/// The redis crate runs TLS on rustls without choosing its crypto provider; without one the
+/// first `rediss://` connection panics. Installs *ring* as the process default unless the
+/// application installed one already.
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: a provider is installed either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 

@@ -19,17 +19,23 @@ use std::time::{Duration, Instant};
 /// `true` when `redis-server` can be run. Otherwise prints a skip line naming `test`, or
 /// panics under `CI=true`.
 pub fn redis_available(test: &str) -> bool {
-    let ok = Command::new("redis-server")
-        .arg("--version")
+    tool_available(test, "redis-server", "--version")
+}
+
+/// `true` when `program <arg>` runs and succeeds; otherwise the skip line, or the panic
+/// under `CI=true`.
+fn tool_available(test: &str, program: &str, arg: &str) -> bool {
+    let ok = Command::new(program)
+        .arg(arg)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("redis-server is not installed, and CI=true: {test} must not be skipped");
+            panic!("{program} is not installed, and CI=true: {test} must not be skipped");
         }
-        eprintln!("SKIP {test}: redis-server is not installed");
+        eprintln!("SKIP {test}: {program} is not installed");
     }
     ok
 }
@@ -56,6 +62,7 @@ pub struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     password: Option<String>,
+    tls_port: Option<u16>,
 }
 
 impl RedisServer {
@@ -92,9 +99,64 @@ impl RedisServer {
             dir,
             child: None,
             password,
+            tls_port: None,
         };
         s.start_again();
         s
+    }
+
+    /// Starts a server that also serves TLS (`--tls-port`, client certificates required)
+    /// and requires `password`. The certificates are made with the `openssl` command in the
+    /// server's temporary directory: a CA, a server certificate for `127.0.0.1` and a client
+    /// certificate, both signed by the CA. The plain port stays open on 127.0.0.1 for
+    /// [`cli`](Self::cli) and the start-up PING. `None` (after a skip line) when
+    /// `redis-server` or `openssl` is missing, except under `CI=true`, where it panics.
+    pub fn start_tls(test: &str, password: &str) -> Option<(Self, TlsFiles)> {
+        if !redis_available(test) || !tool_available(test, "openssl", "version") {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-redis-tls-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the tls temp dir");
+        let files = TlsFiles::generate(&dir);
+        let tls_port = free_port(false);
+        let port = tls_port.to_string();
+        let (ca, cert, key) = (
+            files.ca.display().to_string(),
+            files.server_cert.display().to_string(),
+            files.server_key.display().to_string(),
+        );
+        let mut server = Self::spawn_new(
+            &[
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "yes",
+                "--requirepass",
+                password,
+            ],
+            false,
+        );
+        server.tls_port = Some(tls_port);
+        Some((server, files))
+    }
+
+    /// `rediss://:<password>@127.0.0.1:<tls port>` of a [`start_tls`](Self::start_tls) server.
+    pub fn tls_url(&self) -> Option<String> {
+        let port = self.tls_port?;
+        Some(match &self.password {
+            Some(p) => format!("rediss://:{p}@127.0.0.1:{port}"),
+            None => format!("rediss://127.0.0.1:{port}"),
+        })
     }
 
     /// The port.
@@ -217,6 +279,119 @@ fn ping(port: u16) -> bool {
     match s.read(&mut buf) {
         Ok(n) if n > 0 => buf.starts_with(b"+PONG") || buf.starts_with(b"-NOAUTH"),
         _ => false,
+    }
+}
+
+/// The PEM files of a [`RedisServer::start_tls`] server: a self-made CA, the server's
+/// certificate and key (for `127.0.0.1`), and a client certificate and key; removed on drop.
+#[derive(Debug)]
+pub struct TlsFiles {
+    dir: PathBuf,
+    /// The CA certificate (signs both others).
+    pub ca: PathBuf,
+    /// The server certificate (subjectAltName IP 127.0.0.1).
+    pub server_cert: PathBuf,
+    /// The server key.
+    pub server_key: PathBuf,
+    /// A client certificate the server accepts.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    fn generate(dir: &std::path::Path) -> Self {
+        let f = |name: &str| dir.join(name);
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let days = ["-days", "2"];
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=portcullis test CA",
+            days[0],
+            days[1],
+        ]);
+        // X.509 v3 certificates (webpki refuses v1): every one gets extensions.
+        std::fs::write(
+            f("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write server.ext");
+        std::fs::write(
+            f("client.ext"),
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+        )
+        .expect("write client.ext");
+        for who in ["server", "client"] {
+            let (key, csr, pem) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.pem"),
+            );
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN=portcullis test {who}"),
+            ]);
+            let ext = format!("{who}.ext");
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-extfile",
+                &ext,
+                days[0],
+                days[1],
+            ]);
+        }
+        Self {
+            dir: dir.to_owned(),
+            ca: f("ca.pem"),
+            server_cert: f("server.pem"),
+            server_key: f("server.key"),
+            client_cert: f("client.pem"),
+            client_key: f("client.key"),
+        }
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -621,6 +621,68 @@ async fn password_is_used_and_never_shown() {
     assert!(!format!("{e} {e:?}").contains("wrong-pw-123"));
 }
 
+/// `rediss://` with a password against a real TLS `redis-server` that requires client
+/// certificates: with the CA and the client certificate configured the shared limit works
+/// (the count lands in Redis), the password shows nowhere, and without the CA file the
+/// server's certificate is refused (the call fails, `on_error: reject` answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_password_and_client_certificate() {
+    let Some((server, files)) =
+        RedisServer::start_tls("tls_with_password_and_client_certificate", "tls-pw-42")
+    else {
+        return;
+    };
+    let url = server.tls_url().unwrap();
+    assert!(url.starts_with("rediss://") && url.contains("tls-pw-42"));
+    let s = storage(&url, |c| {
+        c.tls_ca_file = Some(files.ca.clone());
+        c.tls_cert_file = Some(files.client_cert.clone());
+        c.tls_key_file = Some(files.client_key.clone());
+        c.timeout = Duration::from_secs(2);
+        c.on_error = OnError::Reject;
+    })
+    .await;
+    let src = s.capacity_source("/tls", 2);
+    let p = tokio::time::timeout(Duration::from_secs(5), src.acquire(None))
+        .await
+        .expect("acquire bounded")
+        .expect("granted over TLS");
+    assert_eq!(
+        holders_sum(&server, "/tls"),
+        1,
+        "the slot is counted in Redis"
+    );
+    assert_eq!(src.refresh().await.unwrap(), 1);
+    drop(p);
+    assert!(eventually(Duration::from_secs(3), || holders_sum(&server, "/tls") == 0).await);
+    for text in [
+        format!("{s:?}"),
+        format!("{src:?}"),
+        format!("{:?}", s.config()),
+    ] {
+        assert!(!text.contains("tls-pw-42"), "{text}");
+    }
+
+    // The system trust store does not know the test CA: the handshake fails, and the error
+    // does not echo the password.
+    let untrusted = storage(&url, |c| {
+        c.tls_cert_file = Some(files.client_cert.clone());
+        c.tls_key_file = Some(files.client_key.clone());
+        c.on_error = OnError::Reject;
+    })
+    .await;
+    let e = tokio::time::timeout(
+        Duration::from_secs(5),
+        untrusted.capacity_source("/tls", 2).acquire(None),
+    )
+    .await
+    .expect("answered")
+    .unwrap_err();
+    assert!(matches!(e, AcquireError::StorageUnavailable(_)), "{e:?}");
+    assert!(!format!("{e} {e:?}").contains("tls-pw-42"));
+    assert_eq!(holders_sum(&server, "/tls"), 0);
+}
+
 /// A real three-node Redis Cluster: every key of an endpoint hashes to one slot, and the
 /// shared limit works across two processes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
