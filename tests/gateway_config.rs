@@ -91,6 +91,10 @@ fn bad_configs_exit_2_naming_file_and_field() {
         ),
         (Some("routing_strategy: random\n"), "`routing_strategy`"),
         (
+            Some("max_probe_concurrency: 1000000000\n"),
+            "`max_probe_concurrency`",
+        ),
+        (
             Some("storage: {type: redis, url: \"redis://127.0.0.1:1\", tls_ca_file: /etc/passwd}\n"),
             "`storage.tls_ca_file`",
         ),

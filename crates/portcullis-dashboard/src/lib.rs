@@ -10,6 +10,7 @@
 //! | `GET /healthz` | `200 {"status":"ok"}` / `503 {"status":"wedged","failing":[..]}` | never |
 //! | `GET /readyz` | `200 {"status":"ok"}` / `503 {"status":"not_ready","failing":[..]}` | never |
 //! | `GET /balancer/stats` | the [`Stats`] JSON document (schema: `docs/stats.schema.json`) | Basic, when configured |
+//! | `GET /balancer/stats/history` | each endpoint's active, queue depth and capacity over the last minute ([`history`]) | Basic, when configured |
 //! | `GET /metrics` | Prometheus / OpenMetrics text ([`metrics`]) | Basic, when configured |
 //! | `GET <ui.path>` (default `/balancer/ui`) | the dashboard page, unless `ui.enable: false` | Basic, when configured |
 //!
@@ -19,7 +20,8 @@
 //! JS and a canvas chart; no build step, no CDN). It polls `/balancer/stats` every 2 s and
 //! shows, per endpoint, capacity, active, available and utilization (green, yellow at
 //! ≥ 80 %, red at 100 %), a queue-depth badge and a 60-second chart of active requests and
-//! queue depth; the upstream table; the fallback with its hold time and recovery progress.
+//! queue depth (seeded from `/balancer/stats/history` when the page opens, so the chart
+//! starts full); the upstream table; the fallback with its hold time and recovery progress.
 //!
 //! ```
 //! use portcullis_dashboard::{router, Stats, EndpointStats, UiConfig};
@@ -41,6 +43,7 @@
 
 pub mod auth;
 mod config;
+pub mod history;
 pub mod metrics;
 pub mod stats;
 #[cfg(feature = "testing")]
@@ -62,6 +65,8 @@ use std::sync::Arc;
 
 /// The path of the stats document.
 pub const STATS_PATH: &str = "/balancer/stats";
+/// The path of the last minute of each endpoint's load ([`history`]).
+pub const HISTORY_PATH: &str = "/balancer/stats/history";
 /// The path of the Prometheus exposition.
 pub const METRICS_PATH: &str = "/metrics";
 
@@ -118,6 +123,34 @@ pub fn log_auth_mode(config: &UiConfig) -> AuthMode {
 struct Shared {
     source: Box<dyn StatsSource>,
     health: HealthRegistry,
+    history: history::History,
+    sampler: history::SamplerTask,
+}
+
+/// Samples the endpoints every [`HISTORY_INTERVAL`](history::HISTORY_INTERVAL) until the
+/// router is dropped.
+async fn sample_history(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(history::HISTORY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(s) = shared.upgrade() else { return };
+        let points = s
+            .source
+            .stats()
+            .endpoints
+            .into_iter()
+            .map(|(path, e)| {
+                let point = history::Point {
+                    active: e.active_requests,
+                    queue_depth: e.queue_depth,
+                    capacity: e.capacity,
+                };
+                (path, point)
+            })
+            .collect();
+        s.history.record(points);
+    }
 }
 
 impl Shared {
@@ -165,7 +198,14 @@ pub fn router(config: &UiConfig, stats: impl StatsSource, health: &HealthRegistr
     let shared = Arc::new(Shared {
         source: Box::new(stats),
         health: health.clone(),
+        history: history::History::new(),
+        sampler: history::SamplerTask::default(),
     });
+    // Outside a runtime (a router built for a test of its routes only) there is no history.
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let task = rt.spawn(sample_history(Arc::downgrade(&shared)));
+        shared.sampler.set(task.abort_handle());
+    }
 
     let s = Arc::clone(&shared);
     let mut operator = Router::new()
@@ -176,6 +216,10 @@ pub fn router(config: &UiConfig, stats: impl StatsSource, health: &HealthRegistr
                 std::future::ready(no_store("application/json", body))
             }),
         )
+        .route(HISTORY_PATH, {
+            let s = Arc::clone(&shared);
+            get(move || std::future::ready(no_store("application/json", s.history.to_json())))
+        })
         .route(
             METRICS_PATH,
             get(move || {

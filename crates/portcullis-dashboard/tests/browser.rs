@@ -224,6 +224,20 @@ async fn dashboard_renders_live_stats_in_headless_chromium() {
     client.goto(&url).await.unwrap();
     let state = wait_for_chart(&client, 2, Duration::from_secs(20)).await;
     eprintln!("phone: {state}");
+    // Opened seconds after the router started: the chart began with the server's history.
+    let seeded = client
+        .execute(
+            "return Number(document.body.getAttribute('data-seeded'))",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        seeded >= 2,
+        "the page did not start from /balancer/stats/history ({seeded} points)"
+    );
     assert_eq!(state["width"], 390);
     assert!(
         !state["overflow"].as_bool().unwrap(),

@@ -260,7 +260,12 @@ async fn basic_auth_guards_ui_stats_and_metrics_but_never_probes() {
     let registry = HealthRegistry::new();
     let (addr, _server) = serve(router(&ui, || sample_stats(1, 0), &registry)).await;
 
-    for path in ["/balancer/ui", "/balancer/stats", "/metrics"] {
+    for path in [
+        "/balancer/ui",
+        "/balancer/stats",
+        "/balancer/stats/history",
+        "/metrics",
+    ] {
         for creds in [
             None,
             Some(("admin", "wrong")),
@@ -392,4 +397,64 @@ async fn probes_in_the_router_follow_the_registry() {
     let m = get(addr, "/metrics", None).await.text();
     assert!(m.contains("portcullis_ready 0"), "{m}");
     assert!(m.contains("portcullis_live 0"));
+}
+
+/// `/balancer/stats/history` keeps what the source reported, one sample per interval, with
+/// ages (oldest first), and the router's sampler stops with the router.
+#[tokio::test(start_paused = true)]
+async fn history_keeps_the_last_minute_of_each_endpoint() {
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&calls);
+    let source = move || {
+        // active 1, 2, 3, ... on successive samples
+        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+        sample_stats(n.min(8), 0)
+    };
+    let app = router(&UiConfig::default(), source, &HealthRegistry::new());
+    let svc = app.clone();
+    // Three sampling intervals: samples at 0 s, 2 s, 4 s.
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+        tokio::time::advance(portcullis_dashboard::history::HISTORY_INTERVAL).await;
+    }
+    tokio::task::yield_now().await;
+    let resp = tower::ServiceExt::oneshot(
+        svc,
+        Request::get("/balancer/stats/history")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let samples = doc["samples"].as_array().unwrap();
+    assert!(samples.len() >= 3, "{doc}");
+    let actives: Vec<u64> = samples
+        .iter()
+        .map(|s| s["endpoints"]["/work"]["active"].as_u64().unwrap())
+        .collect();
+    assert!(
+        actives.windows(2).all(|w| w[0] < w[1]),
+        "oldest first: {actives:?}"
+    );
+    assert_eq!(samples[0]["endpoints"]["/work"]["capacity"], 8);
+    let ages: Vec<f64> = samples
+        .iter()
+        .map(|s| s["age_seconds"].as_f64().unwrap())
+        .collect();
+    assert!(ages.windows(2).all(|w| w[0] > w[1]), "ages: {ages:?}");
+    assert!(ages[0] <= 60.0);
+
+    // Dropping the router stops the sampler: the source is not asked again.
+    drop(app);
+    tokio::task::yield_now().await;
+    let before = calls.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        tokio::time::advance(portcullis_dashboard::history::HISTORY_INTERVAL).await;
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), before);
 }

@@ -73,21 +73,34 @@ impl ProbeConfig {
                 ),
             ));
         }
-        if self.max_probe_concurrency == 0 {
+        if !(1..=MAX_PROBE_CONCURRENCY).contains(&self.max_probe_concurrency) {
             return Err(InvalidProbeConfig::new(
                 "max_probe_concurrency",
-                "must be at least 1, got 0".to_string(),
+                format!(
+                    "must be between 1 and {MAX_PROBE_CONCURRENCY}, got {}",
+                    self.max_probe_concurrency
+                ),
             ));
         }
-        if self.probe_min_requests == 0 {
+        if !(1..=MAX_PROBE_MIN_REQUESTS).contains(&self.probe_min_requests) {
             return Err(InvalidProbeConfig::new(
                 "probe_min_requests",
-                "must be at least 1, got 0".to_string(),
+                format!(
+                    "must be between 1 and {MAX_PROBE_MIN_REQUESTS}, got {}",
+                    self.probe_min_requests
+                ),
             ));
         }
         Ok(())
     }
 }
+
+/// The largest `max_probe_concurrency` accepted: a level needs one connection (a file
+/// descriptor) and one in-flight request per unit, and at least `2 × level` requests.
+pub const MAX_PROBE_CONCURRENCY: usize = 10_000;
+
+/// The largest `probe_min_requests` accepted.
+pub const MAX_PROBE_MIN_REQUESTS: usize = 1_000_000;
 
 /// A [`ProbeConfig`] field out of range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +155,20 @@ mod tests {
                     ..Default::default()
                 },
                 "max_probe_concurrency",
+            ),
+            (
+                ProbeConfig {
+                    max_probe_concurrency: 1_000_000_000,
+                    ..Default::default()
+                },
+                "max_probe_concurrency",
+            ),
+            (
+                ProbeConfig {
+                    probe_min_requests: usize::MAX,
+                    ..Default::default()
+                },
+                "probe_min_requests",
             ),
             (
                 ProbeConfig {

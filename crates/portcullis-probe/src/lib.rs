@@ -58,7 +58,7 @@ mod measure;
 mod prober;
 mod target;
 
-pub use config::{InvalidProbeConfig, ProbeConfig};
+pub use config::{InvalidProbeConfig, ProbeConfig, MAX_PROBE_CONCURRENCY, MAX_PROBE_MIN_REQUESTS};
 pub use error::ProbeError;
 pub use measure::{LevelMeasurement, Phase};
 pub use prober::{ProbeBound, ProbeEvent, ProbeReport, Prober, Schedule};
