@@ -50,7 +50,10 @@
 //!   (`reject`: 503 `storage_unavailable`) or admitted (`allow`), without touching Redis.
 //!   With `local`, the permits Redis granted before the outage still take their place in
 //!   that per-process limit (the fallback's limit is the share minus those permits, and
-//!   grows as each ends), so the process never runs more than its share. Every permit granted meanwhile is still counted by the process; when Redis
+//!   grows as each ends), so the process never runs more than its share. And for a while
+//!   after the outage (`lease_ttl`, at least 2.5 s) the process still keeps to its share:
+//!   Redis may have lost every count, and the other processes, still serving their own
+//!   shares, may not have re-registered yet. Every permit granted meanwhile is still counted by the process; when Redis
 //!   answers again the heartbeat re-registers the absolute count of live permits, and the
 //!   source returns to the shared limit.
 //!
@@ -99,6 +102,9 @@ pub(crate) struct EndpointShared {
     inner: Arc<Inner>,
     capacity: AtomicUsize,
     global_active: AtomicUsize,
+    /// Slots the *other* processes held as of the last reply that carried this process's
+    /// own count (see [`fit_fallback`](Self::fit_fallback)).
+    others_active: AtomicUsize,
     /// Slots this process holds: live permits of every kind (whether Redis knows about them
     /// or not) plus slots requested by an acquire call in flight (counted optimistically).
     held: AtomicUsize,
@@ -185,6 +191,16 @@ impl EndpointShared {
         if let Some(m) = mine {
             let now = r.as_ref().map_or(UNKNOWN, |r| m + r.n.min(want));
             self.registered.store(now, Ordering::Release);
+            if let Ok(r) = &r {
+                self.others_active
+                    .store(r.count.saturating_sub(now), Ordering::Release);
+            }
+        } else if let Ok(r) = &r {
+            let mine = self.registered.load(Ordering::Acquire);
+            if mine != UNKNOWN {
+                self.others_active
+                    .store(r.count.saturating_sub(mine), Ordering::Release);
+            }
         }
         let r = r?;
         self.observe(&r);
@@ -216,6 +232,8 @@ impl EndpointShared {
             )
             .await?;
         self.registered.store(held, Ordering::Release);
+        self.others_active
+            .store(r.count.saturating_sub(held), Ordering::Release);
         if r.n == 0 && before > 0 && before != UNKNOWN {
             tracing::warn!(
                 endpoint = %self.endpoint,
@@ -265,22 +283,32 @@ impl EndpointShared {
         }
     }
 
-    /// Sets the per-process limit of the outage fallback: `ceil(capacity / expected_workers)`,
-    /// minus, during an `on_error: local` outage, the live permits Redis granted before it
-    /// (those requests still run, so they take their place in this process's share).
-    /// Called as an outage starts and ends, when the capacity changes, and as each of those
-    /// permits ends during an outage.
+    /// Sets the limit of the outage fallback. During an `on_error: local` outage it is the
+    /// process's share, `ceil(capacity / expected_workers)`, minus the live permits Redis
+    /// granted before the outage (those requests still run, so they take their place in the
+    /// share). While such permits are still running, the share is also capped by what the
+    /// other processes left free at the last reply: a process that held more than its share
+    /// when Redis went away still runs those requests, and its peers must not add their
+    /// whole share on top. Once this process's own pre-outage requests have ended, the
+    /// others' (same endpoint, same backend) are taken to have ended too, and the cap goes.
+    /// Outside an outage the limit is 0: a waiter still on its way out of the fallback when
+    /// the outage ends must not get a slot there next to the slots the task now takes from
+    /// Redis. Called as an outage starts and ends, when the capacity changes, and as each
+    /// of those permits ends during an outage.
     pub(crate) fn fit_fallback(&self) {
-        let share = self
-            .inner
-            .config
-            .local_limit(self.capacity.load(Ordering::Acquire));
         // SeqCst with `enter_outage`'s swap and `redis_released`'s decrement: either the
         // outage start sees a release, or the release sees the outage and fits again.
         let limit = if self.on_error() == OnError::Local && self.inner.degraded_seqcst() {
-            share.saturating_sub(self.from_redis.load(Ordering::SeqCst))
+            let capacity = self.capacity.load(Ordering::Acquire);
+            let mut share = self.inner.config.local_limit(capacity);
+            let from_redis = self.from_redis.load(Ordering::SeqCst);
+            if from_redis > 0 {
+                let others = self.others_active.load(Ordering::Acquire);
+                share = share.min(capacity.saturating_sub(others));
+            }
+            share.saturating_sub(from_redis)
         } else {
-            share
+            0
         };
         self.fallback.set_capacity(limit);
     }
@@ -355,10 +383,13 @@ impl RedisCapacity {
         let shared = Arc::new(EndpointShared {
             keys,
             endpoint: endpoint.to_owned(),
-            fallback: LocalCapacity::new(inner.config.local_limit(capacity)),
+            // Closed until an outage (see `fit_fallback`; `capacity_source` fits it once the
+            // endpoint is registered, in case the storage is in an outage already).
+            fallback: LocalCapacity::new(0),
             inner,
             capacity: AtomicUsize::new(capacity),
             global_active: AtomicUsize::new(0),
+            others_active: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
             registered: AtomicUsize::new(UNKNOWN),
             from_redis: AtomicUsize::new(0),
@@ -667,7 +698,21 @@ async fn dispatcher(
         if !acquiring {
             continue;
         }
-        let want = queue.len();
+        let mut want = queue.len();
+        if let Some(left) = shared.inner.recovery_grace() {
+            // Just after an outage: keep to this process's share until every process has
+            // re-registered the slots it took meanwhile (see `Inner::recovery_grace`).
+            let share = shared
+                .inner
+                .config
+                .local_limit(shared.capacity.load(Ordering::Acquire));
+            want = want.min(share.saturating_sub(shared.held.load(Ordering::SeqCst)));
+            if want == 0 {
+                blocked = true;
+                next_poll = Instant::now() + POLL_INTERVAL.min(left);
+                continue;
+            }
+        }
         let mine = shared.held.fetch_add(want, Ordering::SeqCst);
         match shared.acquire_script(Some(mine), want).await {
             Ok(r) => {
@@ -706,7 +751,7 @@ async fn dispatcher(
                 for _ in 0..spare {
                     drop(shared.redis_permit());
                 }
-                if granted < want {
+                if granted < want || queue.iter().any(|w| !w.tx.is_closed()) {
                     blocked = true;
                     next_poll = Instant::now() + POLL_INTERVAL;
                     reject_no_wait(&mut queue);

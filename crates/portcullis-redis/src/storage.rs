@@ -15,7 +15,7 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, ScriptInvocation, Value}
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
@@ -78,6 +78,10 @@ pub(crate) struct Inner {
     /// `true` while in an outage; waiters watch it to switch to the fallback and back.
     pub(crate) mode: watch::Sender<bool>,
     recover_kick: Notify,
+    /// When the last outage ended (ms after `base`, plus 1; 0: never). See
+    /// [`recovery_grace`](Inner::recovery_grace).
+    recovered_at: AtomicU64,
+    base: std::time::Instant,
     /// Held across each outage start and end (the `degraded` swap and the `mode` send), so
     /// that a start racing an end cannot leave `mode` saying the opposite of `degraded`
     /// (requests then queued for Redis while every reply was discarded as an outage's).
@@ -190,9 +194,44 @@ impl Inner {
         }
     }
 
+    /// How long a live process may take to notice that Redis is back and re-register its
+    /// slots: `lease_ttl` (the time within which a live process renews its leases), and at
+    /// least two of the longest retry intervals of any process's recovery loop
+    /// ([`RECOVERY_BACKOFF_CAP`]; the first retry after Redis returns may still fail on the
+    /// old connection) plus one call.
+    pub(crate) fn recovery_window(&self) -> Duration {
+        self.config
+            .lease_ttl
+            .max(RECOVERY_BACKOFF_CAP * 2 + self.config.timeout)
+    }
+
+    /// With `on_error: local`, during [`recovery_window`](Self::recovery_window) after an
+    /// outage: the time left. Other processes may still be serving on their local share,
+    /// unknown to Redis (which may have lost everything), so this process keeps to its own
+    /// share until they have all re-registered; otherwise the backend would see up to
+    /// `capacity` plus the others' shares.
+    pub(crate) fn recovery_grace(&self) -> Option<Duration> {
+        if self.config.on_error != OnError::Local {
+            return None;
+        }
+        let at = self.recovered_at.load(Ordering::Acquire);
+        if at == 0 {
+            return None;
+        }
+        let since = self
+            .base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(at - 1));
+        self.recovery_window()
+            .checked_sub(since)
+            .filter(|d| !d.is_zero())
+    }
+
     fn leave_outage(&self) {
         let _transition = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         if self.degraded.swap(false, Ordering::SeqCst) {
+            let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.recovered_at.store(ms + 1, Ordering::Release);
             tracing::info!("redis storage available again; live leases re-registered");
             self.mode.send_replace(false);
             for ep in self.live_endpoints() {
@@ -412,6 +451,8 @@ impl RedisStorage {
             degraded: AtomicBool::new(false),
             mode: watch::channel(false).0,
             recover_kick: Notify::new(),
+            recovered_at: AtomicU64::new(0),
+            base: std::time::Instant::now(),
             transition: std::sync::Mutex::new(()),
             endpoints: ArcSwap::from_pointee(HashMap::new()),
             subscribe,
@@ -457,6 +498,8 @@ impl RedisStorage {
         }
         let cap = RedisCapacity::build(self.clone(), endpoint, keys, capacity);
         self.register(&cap);
+        // After `register`: an outage starting meanwhile either fits it or is seen here.
+        cap.shared().fit_fallback();
         let _ = self.inner.subscribe.send(cap.shared().keys.channel.clone());
         cap
     }
@@ -658,14 +701,27 @@ fn install_crypto_provider() {
     }
 }
 
+/// The longest wait between two recovery attempts of any process during an outage.
+pub(crate) const RECOVERY_BACKOFF_CAP: Duration = Duration::from_secs(1);
+
+/// The longest wait between two recovery attempts of this process: a third of `lease_ttl`,
+/// between 100 ms and [`RECOVERY_BACKOFF_CAP`].
+fn recovery_backoff_max(config: &StorageConfig) -> Duration {
+    (config.lease_ttl / 3).clamp(Duration::from_millis(100), RECOVERY_BACKOFF_CAP)
+}
+
 /// Heartbeat and outage recovery.
 async fn heartbeat_loop(inner: Arc<Inner>) {
     let interval = inner.config.lease_ttl / 3;
-    let max_backoff = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let max_backoff = recovery_backoff_max(&inner.config);
     let mut backoff = Duration::from_millis(100);
     loop {
         if inner.is_degraded() {
-            tokio::time::sleep(backoff).await;
+            // A successful readiness PING cuts the wait short.
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = inner.recover_kick.notified() => {}
+            }
             backoff = (backoff * 2).min(max_backoff);
             match inner.heartbeat_all().await {
                 Ok(()) => {

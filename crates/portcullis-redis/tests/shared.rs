@@ -873,3 +873,160 @@ async fn busy_process_does_not_starve_another() {
         .await
     );
 }
+
+/// `on_error: local`, Redis restarted empty: the process that notices first keeps to its
+/// local share until the others (which also served their share during the outage, unknown
+/// to the new Redis) have had time to re-register. Capacity 4, 2 expected workers: A and B
+/// each run 2 through the outage; B recovers fast (lease_ttl 0.3 s: retries every 100 ms),
+/// A slowly (retries up to every second). B's 4 clients never run more than 2 at once, and
+/// once A re-registered, A + B stay within 4.
+///
+/// Regression: B re-registered its 2, saw 2 free in the empty Redis, and ran 4 next to A's
+/// 2 (the gateway test saw 12 against a limit of 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_to_recover_keeps_to_its_share_until_others_re_register() {
+    let Some(mut server) = RedisServer::start("first_to_recover_keeps_to_its_share") else {
+        return;
+    };
+    let local = |ttl: u64| {
+        move |c: &mut StorageConfig| {
+            c.on_error = OnError::Local;
+            c.expected_workers = 2;
+            c.timeout = Duration::from_millis(300);
+            c.lease_ttl = Duration::from_millis(ttl);
+        }
+    };
+    let a = storage(&server.url(), local(3000)).await;
+    let b = storage(&server.url(), local(300)).await;
+    let (sa, sb) = (
+        a.capacity_source("/grace", 4),
+        b.capacity_source("/grace", 4),
+    );
+    // Learn the capacity before the outage.
+    sa.refresh().await.unwrap();
+    sb.refresh().await.unwrap();
+    server.stop();
+    // Each runs its local share of 2 through the outage.
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let (a, b) = (sa.clone(), sb.clone());
+            tokio::spawn(async move { (a.refresh().await, b.refresh().await) });
+            sa.is_degraded() && sb.is_degraded()
+        })
+        .await
+    );
+    let pa = vec![
+        sa.acquire(None).await.unwrap(),
+        sa.acquire(None).await.unwrap(),
+    ];
+    let inside_b = Arc::new(AtomicUsize::new(0));
+    let max_b = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (src, inside, max, stop) = (sb.clone(), inside_b.clone(), max_b.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(Ok(p)) =
+                    tokio::time::timeout(Duration::from_secs(10), src.acquire(None)).await
+                else {
+                    panic!("B's acquire failed or hung");
+                };
+                let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                drop(p);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.start_again();
+    // B is back within its 100 ms retry; A within a second or so (its retries back off).
+    assert!(eventually(Duration::from_secs(3), || !sb.is_degraded()).await);
+    assert!(eventually(Duration::from_secs(5), || !sa.is_degraded()).await);
+    // Load on for a while after both re-registered.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let max = max_b.load(Ordering::SeqCst);
+    println!("B ran at most {max} at once; A held {}", pa.len());
+    assert!(
+        max <= 2,
+        "B ran {max} at once while A still held its share of 2 (capacity 4)"
+    );
+    drop(pa);
+    assert!(
+        eventually(Duration::from_secs(3), || holders_sum(&server, "/grace")
+            == 0)
+        .await
+    );
+}
+
+/// `on_error: local`, uneven holdings when Redis goes away: capacity 4, 2 expected workers
+/// (share 2). A holds 1 slot, B holds 3. During the outage A does not add its whole share on
+/// top of B's 3 (A may run only what B left free, 1, which its own request fills) until A's
+/// own pre-outage request has ended; B, over its share, admits nobody new.
+///
+/// Regression: A admitted 1 more at once (share 2 minus its 1), and the backend saw 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_start_counts_what_other_processes_held() {
+    let Some(mut server) = RedisServer::start("outage_start_counts_other_processes") else {
+        return;
+    };
+    let cfg = |c: &mut StorageConfig| {
+        c.on_error = OnError::Local;
+        c.expected_workers = 2;
+        c.timeout = Duration::from_millis(300);
+        c.lease_ttl = Duration::from_millis(600);
+    };
+    let (a, b) = (
+        storage(&server.url(), cfg).await,
+        storage(&server.url(), cfg).await,
+    );
+    let (sa, sb) = (
+        a.capacity_source("/uneven", 4),
+        b.capacity_source("/uneven", 4),
+    );
+    let pa = sa.acquire(None).await.unwrap();
+    let mut pb = Vec::new();
+    for _ in 0..3 {
+        pb.push(sb.acquire(None).await.unwrap());
+    }
+    assert_eq!(holders_sum(&server, "/uneven"), 4);
+    // One heartbeat of A (every 200 ms) after B's grants: A has seen B's 3.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.stop();
+    assert!(
+        eventually(Duration::from_secs(3), || sa.is_degraded()
+            && sb.is_degraded())
+        .await
+    );
+    let a_next = tokio::spawn(sa.acquire(None));
+    let b_next = tokio::spawn(sb.acquire(None));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !a_next.is_finished(),
+        "A admitted a second request while B still ran its 3 (capacity 4)"
+    );
+    assert!(
+        !b_next.is_finished(),
+        "B admitted a 4th request over its share"
+    );
+    // A's own pre-outage request ends: B's are taken to have ended too; A gets its share.
+    drop(pa);
+    let qa = tokio::time::timeout(Duration::from_secs(1), a_next)
+        .await
+        .expect("A admits once its own pre-outage request ended")
+        .unwrap()
+        .unwrap();
+    drop(pb);
+    let qb = tokio::time::timeout(Duration::from_secs(1), b_next)
+        .await
+        .expect("B admits once below its share")
+        .unwrap()
+        .unwrap();
+    drop((qa, qb));
+}
