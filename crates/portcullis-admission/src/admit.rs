@@ -185,7 +185,28 @@ where
     /// Starts admitting `req` to `inner`, which must be ready (its `poll_ready` returned
     /// `Ready(Ok)`). On the fast path `inner` is called now; otherwise the ready service is
     /// moved into the future (a fresh clone is left in its place) and called once admitted.
+    #[inline]
     pub(crate) fn start(
+        limiter: &Arc<Limiter<C>>,
+        health: Option<&dyn HealthSource>,
+        inner: &mut S,
+        req: Req,
+    ) -> Self {
+        // Fast path, inlined into the caller: healthy and a slot free.
+        if health.is_none_or(|h| h.can_serve()) {
+            if let Some(permit) = limiter.source().try_acquire() {
+                limiter.metrics.admitted_now();
+                return Self::called(inner.call(req), Some(permit));
+            }
+        }
+        Self::start_slow(limiter, health, inner, req)
+    }
+
+    /// The rest of [`start`](Self::start): refuse (unhealthy), or queue (no slot free).
+    // Not `#[cold]`: under load, queueing is common. Kept out of line so that the fast
+    // path stays small enough to inline.
+    #[inline(never)]
+    fn start_slow(
         limiter: &Arc<Limiter<C>>,
         health: Option<&dyn HealthSource>,
         inner: &mut S,
@@ -196,10 +217,6 @@ where
                 limiter.metrics.rejected();
                 return Self::refused(Refusal::Unhealthy, req);
             }
-        }
-        if let Some(permit) = limiter.source().try_acquire() {
-            limiter.metrics.admitted_now();
-            return Self::called(inner.call(req), Some(permit));
         }
         let clone = inner.clone();
         let svc = std::mem::replace(inner, clone);
@@ -215,6 +232,7 @@ where
 
 impl<S: Service<Req>, Req, C: CapacitySource> Admit<S, Req, C> {
     /// A request that is not subject to admission (an unwatched path): no slot.
+    #[inline]
     pub(crate) fn called(fut: S::Future, permit: Option<C::Permit>) -> Self {
         Self {
             state: State::Called { fut, permit },
@@ -242,6 +260,7 @@ type AdmitOutput<S, Req, C> = Result<
 impl<S: Service<Req>, Req, C: CapacitySource> Future for Admit<S, Req, C> {
     type Output = AdmitOutput<S, Req, C>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {

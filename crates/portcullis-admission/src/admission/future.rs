@@ -32,6 +32,7 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().admit.poll(cx)) {
             Ok((resp, _permit)) => Ok(resp),

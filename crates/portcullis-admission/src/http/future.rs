@@ -33,6 +33,7 @@ where
 {
     type Output = Result<Response<RejectionBody<AdmissionBody<ResBody, C::Permit>>>, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().admit.poll(cx)) {
             Ok((resp, permit)) => {

@@ -36,6 +36,7 @@ pin_project! {
 }
 
 impl<PB, FB, E> FallbackBody<PB, FB, E> {
+    #[inline]
     pub(crate) fn primary(body: PB, eos: Option<(E, Recorder)>) -> Self {
         Self {
             kind: Kind::Primary { body, eos },

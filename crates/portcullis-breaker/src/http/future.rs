@@ -44,6 +44,7 @@ pin_project! {
 }
 
 impl<PF, FF, C> HttpResponseFuture<PF, FF, C> {
+    #[inline]
     pub(crate) fn primary(fut: PF, classifier: C, recorder: Recorder) -> Self {
         Self {
             kind: Kind::Primary {
@@ -110,6 +111,7 @@ where
 {
     type Output = Result<Response<RejectionBody<FallbackBody<PB, FB, C::ClassifyEos>>>, PE>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Primary {

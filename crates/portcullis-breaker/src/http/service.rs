@@ -98,6 +98,7 @@ where
     type Error = P::Error;
     type Future = HttpResponseFuture<P::Future, F::Future, M::Classifier>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let route = match self.route.take() {
             Some(r @ Route::Trial(_)) => r,
@@ -119,6 +120,7 @@ where
         ready
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let route = self.route.take().unwrap_or_else(|| self.breaker.route());
         let classifier = self.classifier.make_classifier(&req);
