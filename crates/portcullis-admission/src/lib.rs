@@ -114,11 +114,11 @@
 
 pub mod admission;
 mod admit;
-mod config;
+pub mod config;
 mod error;
 pub mod http;
 mod limiter;
-mod local;
+pub mod local;
 pub mod source;
 mod stats;
 

@@ -64,7 +64,7 @@ mod config;
 mod error;
 mod guard;
 pub mod http;
-mod registry;
+pub mod registry;
 mod selection;
 mod snapshot;
 

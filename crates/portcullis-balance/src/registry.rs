@@ -4,7 +4,7 @@
 //!
 //! * Each [`Replica`] is an `Arc` holding its key (base URL or any id), [`Tier`], the
 //!   user's payload `T` (a tower service, an upstream address, ...), a
-//!   [`HealthState`](portcullis_health::HealthState) and an in-flight counter. Requests hold
+//!   [`HealthState`] and an in-flight counter. Requests hold
 //!   an `Arc` to the replica itself, never an index, so removing a replica can never make a
 //!   request land on another one (tower's p2c stale-index bug), and releasing the slot of a
 //!   removed replica touches only that replica's counter: a no-op for the pool.
