@@ -864,6 +864,13 @@ async fn redis_restart_mid_load(test: &str, on_error: &str) {
         for g in &gateways {
             let storage = &g.stats(&client).await["storage"];
             assert_eq!(storage["healthy"], true, "{}: {storage}", g.name);
+            assert!(
+                storage["last_ping_latency_ms"]
+                    .as_f64()
+                    .is_some_and(|ms| ms > 0.0),
+                "{}: the readiness PING's round trip is reported: {storage}",
+                g.name
+            );
         }
         // ... and the shared limit holds, in full, for new requests.
         backend.counters.reset_max();

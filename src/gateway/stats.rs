@@ -152,7 +152,7 @@ impl StatsSource for GatewayStats {
                 StorageStats {
                     kind: "redis".into(),
                     healthy: r.is_ready() && !storage.is_degraded(),
-                    last_ping_latency_ms: None,
+                    last_ping_latency_ms: r.last_ping_latency().map(|d| d.as_secs_f64() * 1e3),
                     consecutive_failures: r.consecutive_failures(),
                     error: storage
                         .is_degraded()

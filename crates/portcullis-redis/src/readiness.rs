@@ -17,6 +17,8 @@ pub(crate) struct ReadyState {
     consecutive_failures: AtomicU32,
     threshold: u32,
     pings: AtomicU64,
+    /// Round trip of the last successful PING in microseconds, plus 1 (0: none yet).
+    last_latency_us: AtomicU64,
 }
 
 impl ReadyState {
@@ -26,7 +28,14 @@ impl ReadyState {
             consecutive_failures: AtomicU32::new(0),
             threshold: threshold.max(1),
             pings: AtomicU64::new(0),
+            last_latency_us: AtomicU64::new(0),
         }
+    }
+
+    /// Records the round trip of a successful PING.
+    pub(crate) fn record_latency(&self, rtt: std::time::Duration) {
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
+        self.last_latency_us.store(us + 1, Ordering::Release);
     }
 
     /// Records one PING result.
@@ -82,6 +91,14 @@ impl Readiness {
     /// PINGs sent so far (successful or not).
     pub fn pings(&self) -> u64 {
         self.state.pings.load(Ordering::Relaxed)
+    }
+
+    /// The round trip of the last successful PING (`None` before the first one).
+    pub fn last_ping_latency(&self) -> Option<std::time::Duration> {
+        match self.state.last_latency_us.load(Ordering::Acquire) {
+            0 => None,
+            us => Some(std::time::Duration::from_micros(us - 1)),
+        }
     }
 }
 

@@ -756,10 +756,14 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
 /// Readiness: PING every `ping_interval`, cached.
 async fn ping_loop(inner: Arc<Inner>) {
     loop {
+        let sent = std::time::Instant::now();
         let ok = inner
             .query::<String>(&redis::cmd("PING"))
             .await
             .is_ok_and(|pong| pong == "PONG");
+        if ok {
+            inner.ready.record_latency(sent.elapsed());
+        }
         inner.ready.record(ok);
         if ok && inner.is_degraded() {
             inner.recover_kick.notify_one();

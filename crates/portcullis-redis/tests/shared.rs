@@ -574,6 +574,13 @@ async fn readiness_follows_ping_with_threshold() {
     let ready = s.readiness();
     assert!(eventually(Duration::from_secs(1), || ready.pings() >= 2).await);
     assert!(ready.is_ready());
+    let rtt = ready
+        .last_ping_latency()
+        .expect("a successful PING's round trip");
+    assert!(
+        rtt > Duration::ZERO && rtt < Duration::from_millis(100),
+        "{rtt:?}"
+    );
     server.stop();
     assert!(eventually(Duration::from_secs(1), || ready.consecutive_failures() >= 1).await);
     if ready.consecutive_failures() < 3 {
