@@ -75,14 +75,17 @@ fn yaml(upstreams: &[&Server], extra: &str) -> String {
     y
 }
 
-async fn get_status(url: &str) -> (StatusCode, serde_json::Value, http::HeaderMap) {
-    let resp = client()
-        .request(Request::get(url).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+/// Sends `req` through the test client; the status, headers and whole body.
+async fn send(req: Request<Body>) -> (StatusCode, http::HeaderMap, axum::body::Bytes) {
+    let resp = client().request(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+async fn get_status(url: &str) -> (StatusCode, serde_json::Value, http::HeaderMap) {
+    let (status, headers, body) = send(Request::get(url).body(Body::empty()).unwrap()).await;
     let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     (status, json, headers)
 }
@@ -263,12 +266,7 @@ async fn failing_pool_engages_the_fallback_and_no_request_is_lost() {
     );
     let gw = TestGateway::start(&yaml(&[&primary], &extra)).await;
     let body_of = async |url: String| {
-        let resp = client()
-            .request(Request::get(url).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let (status, _, bytes) = send(Request::get(url).body(Body::empty()).unwrap()).await;
         (status, String::from_utf8_lossy(&bytes).into_owned())
     };
     assert_eq!(
@@ -320,17 +318,14 @@ async fn failing_pool_engages_the_fallback_and_no_request_is_lost() {
     assert_eq!(stats(&gw).await["fallback"]["state"], "closed");
 
     // The on-demand probe of both sides.
-    let resp = client()
-        .request(
-            Request::post(gw.url("/balancer/fallback/check"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let report: serde_json::Value =
-        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let (status, _, body) = send(
+        Request::post(gw.url("/balancer/fallback/check"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let report: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(report["primary"]["healthy"], true, "{report}");
     assert_eq!(report["fallback"]["healthy"], true, "{report}");
     assert_eq!(report["state"], "normal");
@@ -366,24 +361,14 @@ async fn stats_match_the_schema_and_metrics_parse() {
     assert_eq!(s["fallback"]["state"], "closed");
     assert_eq!(s["storage"]["healthy"], true);
 
-    let resp = client()
-        .request(
-            Request::get(gw.url("/metrics"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
+    let (status, _, body) = send(
+        Request::get(gw.url("/metrics"))
+            .body(Body::empty())
+            .unwrap(),
     )
-    .unwrap();
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body.to_vec()).unwrap();
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
     let admitted = scrape
@@ -545,17 +530,12 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
     .replace("primary: true", "primary: false");
     let gw = TestGateway::start(&cfg).await;
     let auth = "Basic b3BzOnB3"; // ops:pw
-    let send = async |req: http::request::Builder, body: &str| {
-        let resp = client()
-            .request(
-                req.header("authorization", auth)
-                    .body(Body::from(body.to_owned()))
-                    .unwrap(),
-            )
-            .await
+    let as_operator = async |req: http::request::Builder, body: &str| {
+        let req = req
+            .header("authorization", auth)
+            .body(Body::from(body.to_owned()))
             .unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let (status, _, bytes) = send(req).await;
         (
             status,
             serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default(),
@@ -566,19 +546,19 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
     assert_eq!(get_status(&url).await.0, StatusCode::UNAUTHORIZED);
 
     let add = format!("{{\"url\": \"{}\", \"primary\": true}}", b.url());
-    let (code, body) = send(Request::post(&url), &add).await;
+    let (code, body) = as_operator(Request::post(&url), &add).await;
     assert_eq!(code, StatusCode::CREATED, "{body}");
-    let (code, body) = send(Request::post(&url), &add).await;
+    let (code, body) = as_operator(Request::post(&url), &add).await;
     assert_eq!(code, StatusCode::CONFLICT);
     assert_eq!(body["error"], "upstream_exists");
-    let (code, body) = send(Request::post(&url), "{\"url\": \"ftp://x\"}").await;
+    let (code, body) = as_operator(Request::post(&url), "{\"url\": \"ftp://x\"}").await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"], "bad_request");
-    let (code, body) = send(Request::post(&url), "not json").await;
+    let (code, body) = as_operator(Request::post(&url), "not json").await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"], "bad_request");
 
-    let (code, body) = send(Request::get(&url), "").await;
+    let (code, body) = as_operator(Request::get(&url), "").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["replicas"].as_array().unwrap().len(), 2, "{body}");
     // b is primary, a is not: new requests go to b.
@@ -590,9 +570,9 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
 
     // Remove b: traffic goes back to a; removing it twice is 404.
     let del = format!("{url}?url={}", b.url());
-    let (code, body) = send(Request::delete(&del), "").await;
+    let (code, body) = as_operator(Request::delete(&del), "").await;
     assert_eq!(code, StatusCode::OK, "{body}");
-    let (code, body) = send(Request::delete(&del), "").await;
+    let (code, body) = as_operator(Request::delete(&del), "").await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert_eq!(body["error"], "not_found");
     let before = ma.hits.load(Ordering::SeqCst);
@@ -600,7 +580,7 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
         assert_eq!(get_status(&gw.url("/work")).await.0, StatusCode::OK);
     }
     assert_eq!(ma.hits.load(Ordering::SeqCst), before + 5);
-    let (_, s) = send(Request::get(gw.url("/balancer/stats")), "").await;
+    let (_, s) = as_operator(Request::get(gw.url("/balancer/stats")), "").await;
     assert_eq!(s["upstreams"].as_array().unwrap().len(), 1, "{s}");
 }
 

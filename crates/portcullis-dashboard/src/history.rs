@@ -42,10 +42,10 @@ struct Sample {
     endpoints: BTreeMap<String, Point>,
 }
 
-/// The samples, newest last.
+/// The samples, newest last (each shared between successive snapshots, never copied).
 #[derive(Debug)]
 pub(crate) struct History {
-    tx: watch::Sender<Arc<VecDeque<Sample>>>,
+    tx: watch::Sender<Arc<VecDeque<Arc<Sample>>>>,
 }
 
 /// One sample of the history document.
@@ -79,15 +79,12 @@ impl History {
     pub(crate) fn record(&self, endpoints: BTreeMap<String, Point>) {
         let now = Instant::now();
         let old = self.tx.borrow().clone();
-        let mut samples: VecDeque<Sample> = old
+        let mut samples: VecDeque<Arc<Sample>> = old
             .iter()
             .filter(|s| now.duration_since(s.at) < HISTORY_WINDOW)
-            .map(|s| Sample {
-                at: s.at,
-                endpoints: s.endpoints.clone(),
-            })
+            .cloned()
             .collect();
-        samples.push_back(Sample { at: now, endpoints });
+        samples.push_back(Arc::new(Sample { at: now, endpoints }));
         self.tx.send_replace(Arc::new(samples));
     }
 
@@ -108,24 +105,6 @@ impl History {
                 .collect(),
         };
         serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec())
-    }
-}
-
-/// Aborts the sampler when the router's shared state is dropped.
-#[derive(Debug, Default)]
-pub(crate) struct SamplerTask(std::sync::OnceLock<tokio::task::AbortHandle>);
-
-impl SamplerTask {
-    pub(crate) fn set(&self, handle: tokio::task::AbortHandle) {
-        let _ = self.0.set(handle);
-    }
-}
-
-impl Drop for SamplerTask {
-    fn drop(&mut self) {
-        if let Some(h) = self.0.get() {
-            h.abort();
-        }
     }
 }
 

@@ -124,7 +124,8 @@ struct Shared {
     source: Box<dyn StatsSource>,
     health: HealthRegistry,
     history: history::History,
-    sampler: history::SamplerTask,
+    /// The history sampler, aborted with the router's shared state.
+    sampler: std::sync::OnceLock<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 /// Samples the endpoints every [`HISTORY_INTERVAL`](history::HISTORY_INTERVAL) until the
@@ -199,12 +200,14 @@ pub fn router(config: &UiConfig, stats: impl StatsSource, health: &HealthRegistr
         source: Box::new(stats),
         health: health.clone(),
         history: history::History::new(),
-        sampler: history::SamplerTask::default(),
+        sampler: std::sync::OnceLock::new(),
     });
     // Outside a runtime (a router built for a test of its routes only) there is no history.
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         let task = rt.spawn(sample_history(Arc::downgrade(&shared)));
-        shared.sampler.set(task.abort_handle());
+        let _ = shared
+            .sampler
+            .set(tokio_util::task::AbortOnDropHandle::new(task));
     }
 
     let s = Arc::clone(&shared);

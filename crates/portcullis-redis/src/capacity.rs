@@ -163,6 +163,28 @@ impl EndpointShared {
         self.capacity.load(Ordering::Acquire)
     }
 
+    /// A call of one of the endpoint's scripts with what every one of them takes (see the
+    /// scripts' prologue): the five keys, then this instance and the fallback capacity.
+    fn endpoint_script(&self, script: &'static redis::Script) -> redis::ScriptInvocation<'static> {
+        let k = &self.keys;
+        let mut inv = script.prepare_invoke();
+        inv.key(&k.holders)
+            .key(&k.leases)
+            .key(&k.capacity)
+            .key(&k.queue)
+            .key(&k.queue_ttl)
+            .arg(&self.inner.instance)
+            .arg(self.fallback_capacity());
+        inv
+    }
+
+    /// Redis confirmed that this process holds `mine` slots out of `count`.
+    fn confirmed(&self, mine: usize, count: usize) {
+        self.registered.store(mine, Ordering::Release);
+        self.others_active
+            .store(count.saturating_sub(mine), Ordering::Release);
+    }
+
     /// The acquire script: this process now holds `mine` slots (`None`: only read the
     /// count) and asks for `want` more. Registers the result.
     async fn acquire_script(
@@ -170,37 +192,26 @@ impl EndpointShared {
         mine: Option<usize>,
         want: usize,
     ) -> Result<ScriptReply, StorageError> {
-        let k = &self.keys;
-        let mut inv = scripts::ACQUIRE.prepare_invoke();
-        inv.key(&k.holders)
-            .key(&k.leases)
-            .key(&k.capacity)
-            .key(&k.queue)
-            .key(&k.queue_ttl)
-            .arg(&self.inner.instance)
-            .arg(self.fallback_capacity())
-            .arg(want)
+        let mut inv = self.endpoint_script(&scripts::ACQUIRE);
+        inv.arg(want)
             .arg(self.inner.config.lease_ttl.as_millis() as u64)
             .arg(QUEUE_TTL.as_millis() as u64)
-            .arg(&k.channel);
+            .arg(&self.keys.channel);
         match mine {
             Some(m) => inv.arg(m),
             None => inv.arg("-"),
         };
         let r = self.inner.run_script(&inv).await;
-        if let Some(m) = mine {
-            let now = r.as_ref().map_or(UNKNOWN, |r| m + r.n.min(want));
-            self.registered.store(now, Ordering::Release);
-            if let Ok(r) = &r {
-                self.others_active
-                    .store(r.count.saturating_sub(now), Ordering::Release);
+        match (mine, &r) {
+            (Some(m), Ok(r)) => self.confirmed(m + r.n.min(want), r.count),
+            (Some(_), Err(_)) => self.registered.store(UNKNOWN, Ordering::Release),
+            (None, Ok(r)) => {
+                let m = self.registered.load(Ordering::Acquire);
+                if m != UNKNOWN {
+                    self.confirmed(m, r.count);
+                }
             }
-        } else if let Ok(r) = &r {
-            let mine = self.registered.load(Ordering::Acquire);
-            if mine != UNKNOWN {
-                self.others_active
-                    .store(r.count.saturating_sub(mine), Ordering::Release);
-            }
+            (None, Err(_)) => {}
         }
         let r = r?;
         self.observe(&r);
@@ -211,29 +222,15 @@ impl EndpointShared {
     /// release, the heartbeat and the re-register after an outage. `queued: false` also
     /// takes this process out of the cross-process queue (it has no waiter left).
     pub(crate) async fn sync(&self, queued: bool) -> Result<(), StorageError> {
-        let k = &self.keys;
         let held = self.held.load(Ordering::SeqCst);
         let before = self.registered.swap(UNKNOWN, Ordering::AcqRel);
-        let r = self
-            .inner
-            .run_script(
-                scripts::SYNC
-                    .key(&k.holders)
-                    .key(&k.leases)
-                    .key(&k.capacity)
-                    .key(&k.queue)
-                    .key(&k.queue_ttl)
-                    .arg(&self.inner.instance)
-                    .arg(self.fallback_capacity())
-                    .arg(held)
-                    .arg(self.inner.config.lease_ttl.as_millis() as u64)
-                    .arg(&k.channel)
-                    .arg(if queued { "1" } else { "0" }),
-            )
-            .await?;
-        self.registered.store(held, Ordering::Release);
-        self.others_active
-            .store(r.count.saturating_sub(held), Ordering::Release);
+        let mut inv = self.endpoint_script(&scripts::SYNC);
+        inv.arg(held)
+            .arg(self.inner.config.lease_ttl.as_millis() as u64)
+            .arg(&self.keys.channel)
+            .arg(if queued { "1" } else { "0" });
+        let r = self.inner.run_script(&inv).await?;
+        self.confirmed(held, r.count);
         if r.n == 0 && before > 0 && before != UNKNOWN {
             tracing::warn!(
                 endpoint = %self.endpoint,

@@ -40,6 +40,17 @@ fn tool_available(test: &str, program: &str, arg: &str) -> bool {
     ok
 }
 
+/// Runs `cmd` to completion; panics, with its output, unless it succeeded.
+fn run_checked(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn free_port(with_bus: bool) -> u16 {
     for _ in 0..200 {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -303,16 +314,7 @@ impl TlsFiles {
     fn generate(dir: &std::path::Path) -> Self {
         let f = |name: &str| dir.join(name);
         let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .output()
-                .expect("run openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            run_checked(Command::new("openssl").args(args).current_dir(dir));
         };
         let days = ["-days", "2"];
         run(&[
@@ -421,17 +423,12 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("run redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
+        run_checked(
+            Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&addrs)
+                .args(["--cluster-replicas", "0", "--cluster-yes"]),
         );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -28,6 +28,11 @@ async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Waits (up to `within`) until Redis counts no slot of `endpoint`.
+async fn released(server: &RedisServer, endpoint: &str, within: Duration) -> bool {
+    eventually(within, || holders_sum(server, endpoint) == 0).await
+}
+
 fn holders_sum(server: &RedisServer, endpoint: &str) -> i64 {
     let out = server.cli(&["HVALS", &format!("{{portcullis:{endpoint}}}:holders")]);
     out.lines()
@@ -93,9 +98,7 @@ async fn lua_scripts_are_atomic_under_200_calls_from_4_connections() {
         "count left [0, {CAP}]: {seen_min}..{seen_max}"
     );
     assert!(
-        eventually(Duration::from_secs(2), || holders_sum(&server, "/work")
-            == 0)
-        .await,
+        released(&server, "/work", Duration::from_secs(2)).await,
         "slots leaked: {}",
         holders_sum(&server, "/work")
     );
@@ -140,11 +143,7 @@ async fn local_fifo_and_cancel_safety() {
             .unwrap();
     }
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
-    assert!(
-        eventually(Duration::from_secs(2), || holders_sum(&server, "/fifo")
-            == 0)
-        .await
-    );
+    assert!(released(&server, "/fifo", Duration::from_secs(2)).await);
     // max_queue: with the slot taken and one waiter queued, a second waiter is refused.
     let _p = src.acquire(Some(1)).await.unwrap();
     let w = tokio::spawn(src.acquire(Some(1)));
@@ -246,7 +245,7 @@ async fn releases_reach_redis_after_the_source_is_dropped() {
         .expect("the released slot is free again well before the lease expires")
         .unwrap();
     drop(q);
-    assert!(eventually(within, || holders_sum(&server, "/drop") == 0).await);
+    assert!(released(&server, "/drop", within).await);
 
     // The permit outlives its source (a request still in flight).
     let sa = a.capacity_source("/drop", 1);
@@ -275,7 +274,7 @@ async fn releases_reach_redis_after_the_source_is_dropped() {
         .unwrap()
         .unwrap();
     drop(q);
-    assert!(eventually(within, || holders_sum(&server, "/drop") == 0).await);
+    assert!(released(&server, "/drop", within).await);
     // Nothing of the dropped sources keeps running.
     assert!(
         eventually(within, || tasks() == before).await,
@@ -340,11 +339,7 @@ async fn lease_reclaim_after_dead_process() {
     );
     assert_eq!(holders_sum(&server, "/lease"), 2);
     drop((long, p));
-    assert!(
-        eventually(Duration::from_secs(2), || holders_sum(&server, "/lease")
-            == 0)
-        .await
-    );
+    assert!(released(&server, "/lease", Duration::from_secs(2)).await);
 }
 
 async fn restart_mid_load(mode: OnError) {
@@ -469,7 +464,7 @@ async fn restart_mid_load(mode: OnError) {
             );
         }
     }
-    assert!(eventually(Duration::from_secs(3), || holders_sum(&server, "/r") == 0).await);
+    assert!(released(&server, "/r", Duration::from_secs(3)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -661,7 +656,7 @@ async fn tls_with_password_and_client_certificate() {
     );
     assert_eq!(src.refresh().await.unwrap(), 1);
     drop(p);
-    assert!(eventually(Duration::from_secs(3), || holders_sum(&server, "/tls") == 0).await);
+    assert!(released(&server, "/tls", Duration::from_secs(3)).await);
     for text in [
         format!("{s:?}"),
         format!("{src:?}"),
@@ -794,11 +789,7 @@ async fn fallback_limit_counts_slots_held_from_redis() {
         .await
     );
     drop((q1, q2));
-    assert!(
-        eventually(Duration::from_secs(2), || holders_sum(&server, "/share")
-            == 0)
-        .await
-    );
+    assert!(released(&server, "/share", Duration::from_secs(2)).await);
 }
 
 /// Two processes (two storages, two instance ids) each run 8 clients in a loop against a
@@ -874,11 +865,7 @@ async fn busy_process_does_not_starve_another() {
             "process {name} got {g} of {total} grants (under a quarter)"
         );
     }
-    assert!(
-        eventually(Duration::from_secs(3), || holders_sum(&server, "/fair")
-            == 0)
-        .await
-    );
+    assert!(released(&server, "/fair", Duration::from_secs(3)).await);
 }
 
 /// `on_error: local`, Redis restarted empty: the process that notices first keeps to its
@@ -965,11 +952,7 @@ async fn first_to_recover_keeps_to_its_share_until_others_re_register() {
         "B ran {max} at once while A still held its share of 2 (capacity 4)"
     );
     drop(pa);
-    assert!(
-        eventually(Duration::from_secs(3), || holders_sum(&server, "/grace")
-            == 0)
-        .await
-    );
+    assert!(released(&server, "/grace", Duration::from_secs(3)).await);
 }
 
 /// `on_error: local`, uneven holdings when Redis goes away: capacity 4, 2 expected workers
