@@ -106,7 +106,10 @@ impl Gateway {
         let proxy = Proxy::new(ProxySettings {
             upstream_timeout: config.upstream_timeout(),
             connect_timeout: Duration::from_secs_f64(config.connect_timeout),
-            ..ProxySettings::default()
+            pool_idle_timeout: Duration::from_secs_f64(config.upstream_idle_timeout),
+            pool_max_idle_per_host: config.upstream_max_idle,
+            client_body_timeout: Duration::from_secs_f64(config.client_body_timeout),
+            upstream_body_timeout: Duration::from_secs_f64(config.upstream_body_timeout),
         });
         if config.upstreams.is_empty() {
             return Err(BuildError("no upstreams configured".into()));

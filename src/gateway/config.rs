@@ -168,6 +168,16 @@ pub struct GatewayConfig {
     pub health_server: HealthServerConfig,
     /// Serve `GET`/`POST`/`DELETE /balancer/upstreams` to change the pool at runtime.
     pub upstream_admin: bool,
+    /// Seconds a client may pause between two reads of its request body (408
+    /// `client_timeout` after it).
+    pub client_body_timeout: f64,
+    /// Seconds an upstream may pause between two reads of its response body (the body is cut
+    /// off after it and the slots it held are freed).
+    pub upstream_body_timeout: f64,
+    /// Idle keep-alive connections kept per upstream (per serving thread).
+    pub upstream_max_idle: usize,
+    /// Seconds an idle upstream keep-alive connection is kept.
+    pub upstream_idle_timeout: f64,
 }
 
 impl Default for GatewayConfig {
@@ -206,6 +216,10 @@ impl Default for GatewayConfig {
             ui: UiConfig::default(),
             health_server: HealthServerConfig::default(),
             upstream_admin: false,
+            client_body_timeout: 60.0,
+            upstream_body_timeout: 60.0,
+            upstream_max_idle: 64,
+            upstream_idle_timeout: 60.0,
         }
     }
 }
@@ -372,6 +386,9 @@ impl GatewayConfig {
             ("eject_for", self.eject_for),
             ("eject_max", self.eject_max),
             ("queue_timeout", self.queue_timeout),
+            ("client_body_timeout", self.client_body_timeout),
+            ("upstream_body_timeout", self.upstream_body_timeout),
+            ("upstream_idle_timeout", self.upstream_idle_timeout),
         ];
         for (name, v) in positive {
             check_seconds(v).map_err(|m| err(name, name, m))?;

@@ -8,6 +8,13 @@
 //! * A connect error (or a connection the upstream broke) answers 502 `bad_gateway`; no
 //!   response headers within `upstream_timeout` answers 504 `upstream_timeout`. The JSON body
 //!   never names the upstream: internal addresses stay internal (they are logged instead).
+//! * Errors are classified by side. The client's request body is watched while it streams
+//!   ([`ClientBody`]): malformed framing answers 400 `bad_request`, a client that went away
+//!   gets 499 `client_closed` (nobody reads it; it is counted, like nginx's 499), and a client
+//!   that stops sending for `client_body_timeout` gets 408 `client_timeout`. None of these is a
+//!   5xx, so none counts against the upstream: not for ejection, not for the breaker, not in
+//!   its `failures`. `upstream_timeout` starts once the request body has been sent, so a slow
+//!   upload is never blamed on the upstream.
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -16,6 +23,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use super::bodies::{BodyOutcome, BodyWatch, ClientBody, UpstreamBody};
 use portcullis_core::Rejection;
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -130,6 +138,12 @@ pub struct ProxySettings {
     pub pool_idle_timeout: Duration,
     /// At most this many idle connections are kept per upstream.
     pub pool_max_idle_per_host: usize,
+    /// Longest pause allowed between two reads of a client's request body (408
+    /// `client_timeout` after it).
+    pub client_body_timeout: Duration,
+    /// Longest pause allowed between two reads of an upstream's response body; the body is
+    /// then cut off (the client sees the truncation) and the slots it held are freed.
+    pub upstream_body_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -137,8 +151,10 @@ impl Default for ProxySettings {
         Self {
             upstream_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 1024,
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 64,
+            client_body_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -245,24 +261,42 @@ impl Proxy {
     }
 
     /// Forwards `req` to `upstream`; every failure becomes a [`Rejection`].
+    ///
+    /// A failure caused by the client's request body (see [`super::bodies`]) becomes the
+    /// client's rejection (400 / 408 / 499), never a 502: it does not count against the
+    /// upstream. `upstream_timeout` runs from the moment the request body was sent.
     pub fn forward(
         &self,
         upstream: &Upstream,
         req: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, Rejection>> + Send + 'static {
         let grpc = portcullis_core::is_grpc_request(req.headers());
-        let prepared = prepare_request(upstream, req, grpc);
-        let sent = prepared.map(|req| self.request(req, grpc));
+        let prepared = prepare_request(upstream, req, grpc, self.settings.client_body_timeout);
+        let (sent, watch) = match prepared {
+            Ok((req, watch)) => (Ok(self.request(req, grpc)), watch),
+            Err(rej) => (Err(rej), None),
+        };
         let timeout = self.settings.upstream_timeout;
+        let body_timeout = self.settings.upstream_body_timeout;
         let upstream_url = upstream.url.clone();
         async move {
-            match tokio::time::timeout(timeout, sent?).await {
-                Ok(Ok(resp)) => {
+            let sent = sent?;
+            let outcome = match &watch {
+                None => tokio::time::timeout(timeout, sent).await.ok(),
+                Some(watch) => wait_headers(sent, timeout, watch).await,
+            };
+            match outcome {
+                Some(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    let body = UpstreamBody::new(body, body_timeout, watch);
                     Ok(Response::from_parts(parts, Body::new(body)))
                 }
-                Ok(Err(e)) => {
+                Some(Err(e)) => {
+                    if let Some(rej) = watch.as_deref().and_then(client_rejection) {
+                        tracing::debug!(upstream = %upstream_url, error = %e, code = rej.code(), "request body failed on the client's side");
+                        return Err(rej);
+                    }
                     tracing::debug!(upstream = %upstream_url, error = %e, connect = e.is_connect(), "upstream request failed");
                     Err(if e.is_connect() {
                         Rejection::bad_gateway()
@@ -274,11 +308,55 @@ impl Proxy {
                         )
                     })
                 }
-                Err(_) => {
+                None => {
+                    if let Some(rej) = watch.as_deref().and_then(client_rejection) {
+                        return Err(rej);
+                    }
                     tracing::debug!(upstream = %upstream_url, ?timeout, "upstream timed out");
                     Err(Rejection::upstream_timeout(timeout))
                 }
             }
+        }
+    }
+}
+
+/// The client's rejection when its request body failed (`None` when it did not).
+fn client_rejection(watch: &BodyWatch) -> Option<Rejection> {
+    match watch.outcome() {
+        BodyOutcome::Malformed => Some(Rejection::malformed_body()),
+        BodyOutcome::ClientClosed => Some(Rejection::client_closed()),
+        BodyOutcome::TimedOut => Some(Rejection::client_timeout(watch.idle_timeout())),
+        BodyOutcome::Streaming | BodyOutcome::Complete => None,
+    }
+}
+
+/// Waits for the response headers of a request with a body: `timeout` counts from the end
+/// of the request body (a slow upload is the client's time, bounded by
+/// `client_body_timeout`), and a failed request body ends the wait at once. `None` on
+/// timeout.
+async fn wait_headers(
+    sent: ResponseFuture,
+    timeout: Duration,
+    watch: &BodyWatch,
+) -> Option<Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>> {
+    tokio::pin!(sent);
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(out) = tokio::time::timeout_at(deadline, &mut sent).await {
+            return Some(out);
+        }
+        match watch.outcome() {
+            // Still uploading: the upstream's time has not started.
+            BodyOutcome::Streaming => deadline = tokio::time::Instant::now() + timeout,
+            BodyOutcome::Complete => {
+                let end = watch.completed_at().map_or(deadline, |at| at + timeout);
+                if end <= tokio::time::Instant::now() {
+                    return None;
+                }
+                deadline = end;
+            }
+            // The client's failure: answered by the caller.
+            _ => return None,
         }
     }
 }
@@ -327,12 +405,21 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// Rewrites a client request for `upstream`: absolute URI, no hop-by-hop headers, the
 /// upstream's own `Host`, and the `X-Forwarded-*` headers.
+///
+/// A request body that is not empty is wrapped in a [`ClientBody`]; its watch is returned.
 fn prepare_request(
     upstream: &Upstream,
     req: Request<Body>,
     grpc: bool,
-) -> Result<Request<Body>, Rejection> {
+    client_body_timeout: Duration,
+) -> Result<(Request<Body>, Option<Arc<BodyWatch>>), Rejection> {
     let (mut parts, body) = req.into_parts();
+    let (body, watch) = if http_body::Body::is_end_stream(&body) {
+        (body, None)
+    } else {
+        let (body, watch) = ClientBody::new(body, client_body_timeout);
+        (Body::new(body), Some(watch))
+    };
     // HTTP/2 clients send the authority in the URI, not in `Host`.
     let uri_authority = parts.uri.authority().cloned();
     parts.uri = upstream.uri_for(parts.uri.path_and_query()).map_err(|_| {
@@ -374,7 +461,7 @@ fn prepare_request(
     if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
         append_forwarded_for(headers, peer.ip());
     }
-    Ok(Request::from_parts(parts, body))
+    Ok((Request::from_parts(parts, body), watch))
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
@@ -416,6 +503,9 @@ impl ProxyTo {
     }
 }
 
+/// The status of a `client_closed` rejection (nginx's "client closed request").
+const CLIENT_CLOSED_STATUS: u16 = 499;
+
 /// Upper bounds (seconds) of the upstream latency histogram's buckets; one more bucket
 /// holds the rest.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -424,20 +514,25 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 
 /// Requests, failures and time to response headers of one upstream (atomics only).
 ///
-/// A failure is a 5xx answer, a transport error (502) or a timeout (504).
+/// A failure is a 5xx answer, a transport error (502) or a timeout (504). A request whose
+/// client went away before its body was complete is counted in `client_closed`, not as a
+/// failure.
 #[derive(Debug, Default)]
 pub struct UpstreamMetrics {
     requests: AtomicU64,
     failures: AtomicU64,
+    client_closed: AtomicU64,
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     sum_micros: AtomicU64,
 }
 
 impl UpstreamMetrics {
-    fn record(&self, elapsed: Duration, failed: bool) {
+    fn record(&self, elapsed: Duration, status: http::StatusCode) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if failed {
+        if status.is_server_error() {
             self.failures.fetch_add(1, Ordering::Relaxed);
+        } else if status.as_u16() == CLIENT_CLOSED_STATUS {
+            self.client_closed.fetch_add(1, Ordering::Relaxed);
         }
         let secs = elapsed.as_secs_f64();
         let i = LATENCY_BUCKETS
@@ -457,6 +552,11 @@ impl UpstreamMetrics {
     /// Requests that failed (5xx, 502, 504).
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose client went away before its request body was complete (nginx's 499).
+    pub fn client_closed(&self) -> u64 {
+        self.client_closed.load(Ordering::Relaxed)
     }
 
     /// Per-bucket (non-cumulative) counts, one per [`LATENCY_BUCKETS`] bound plus overflow.
@@ -492,7 +592,7 @@ impl tower::Service<Request<Body>> for ProxyTo {
                 Ok(resp) => resp,
                 Err(rej) => rejection_response(&rej, grpc),
             };
-            metrics.record(started.elapsed(), resp.status().is_server_error());
+            metrics.record(started.elapsed(), resp.status());
             Ok(resp)
         })
     }

@@ -96,6 +96,7 @@ impl StatsSource for GatewayStats {
                 UpstreamStats {
                     requests: m.map_or(0, |m| m.requests()),
                     failures: m.map_or(0, |m| m.failures()),
+                    client_closed: m.map_or(0, |m| m.client_closed()),
                     latency: m.map(|m| {
                         Histogram::from_counts(
                             &LATENCY_BUCKETS,

@@ -28,3 +28,9 @@ pub const NOT_FOUND: &str = "not_found";
 pub const BAD_REQUEST: &str = "bad_request";
 /// 500: an internal error (a panic caught in a handler, a bug).
 pub const INTERNAL: &str = "internal";
+/// 499 (nginx's "client closed request"): the client went away before its request was
+/// complete. Nobody reads the response; the code is counted in the stats.
+pub const CLIENT_CLOSED: &str = "client_closed";
+/// 408: the client sent nothing for `client_body_timeout` while its request body was
+/// incomplete (or did not finish its request head within `client_header_timeout`).
+pub const CLIENT_TIMEOUT: &str = "client_timeout";

@@ -121,6 +121,39 @@ impl Rejection {
         )
     }
 
+    /// 400 `bad_request`: the client's request body had malformed framing (a bad chunk
+    /// size line, a truncated chunk). The client's fault, never the upstream's.
+    pub fn malformed_body() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            codes::BAD_REQUEST,
+            "the request body is malformed (bad chunked or length framing)",
+        )
+    }
+
+    /// 499 `client_closed`: the client went away before its request was complete. Nobody
+    /// reads this response; it exists so the outcome is counted (nginx logs 499 the same way).
+    pub fn client_closed() -> Self {
+        Self::new(
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            codes::CLIENT_CLOSED,
+            "the client closed the connection before its request was complete",
+        )
+    }
+
+    /// 408 `client_timeout`: the client sent nothing for `idle` while its request was
+    /// incomplete.
+    pub fn client_timeout(idle: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            codes::CLIENT_TIMEOUT,
+            format!(
+                "the client sent nothing for {:.3}s while its request was incomplete",
+                idle.as_secs_f64()
+            ),
+        )
+    }
+
     /// 504 `upstream_timeout`: the upstream did not answer within `timeout`.
     pub fn upstream_timeout(timeout: Duration) -> Self {
         Self::new(

@@ -22,7 +22,7 @@
 //! | `portcullis_upstream_healthy`, `portcullis_upstream_ejected` | gauge (0/1) | `upstream`, `tier` |
 //! | `portcullis_upstream_inflight` | gauge | `upstream`, `tier` |
 //! | `portcullis_upstream_probe_latency_seconds` | gauge | `upstream`, `tier` |
-//! | `portcullis_upstream_requests_total`, `portcullis_upstream_failures_total` | counter | `upstream`, `tier` |
+//! | `portcullis_upstream_requests_total`, `portcullis_upstream_failures_total`, `portcullis_upstream_client_closed_total` | counter | `upstream`, `tier` |
 //! | `portcullis_upstream_request_duration_seconds` | histogram | `upstream`, `tier` |
 //! | `portcullis_fallback_engaged` | gauge (0/1) | `fallback` |
 //! | `portcullis_fallback_engaged_seconds` | gauge | `fallback` |
@@ -291,6 +291,12 @@ impl Collector for StatsCollector {
             "upstream_failures",
             "Failed requests to the replica.",
             ups.iter().map(|u| (up(u), u.failures)),
+        )?;
+        counter(
+            e,
+            "upstream_client_closed",
+            "Requests to the replica whose client went away before its request body was complete.",
+            ups.iter().map(|u| (up(u), u.client_closed)),
         )?;
         histogram(
             e,

@@ -204,6 +204,10 @@ pub struct UpstreamStats {
     /// Requests that failed (5xx, connect error, timeout) since start.
     #[serde(default)]
     pub failures: u64,
+    /// Requests whose client went away before its request body was complete (nginx's 499).
+    /// Not failures: they never count against the upstream.
+    #[serde(default)]
+    pub client_closed: u64,
     /// Latency of the requests proxied to it (`null`: not measured).
     #[serde(default)]
     pub latency: Option<Histogram>,

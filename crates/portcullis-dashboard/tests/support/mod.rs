@@ -65,6 +65,7 @@ pub fn sample_stats(active: u64, queue: u64) -> Stats {
             last_probe_latency_ms: Some(3.2),
             requests: 150,
             failures: 1,
+            client_closed: 0,
             latency: Some(lat.clone()),
             ..Default::default()
         },
@@ -81,6 +82,7 @@ pub fn sample_stats(active: u64, queue: u64) -> Stats {
             ejected_for_seconds: 21.5,
             requests: 19,
             failures: 6,
+            client_closed: 2,
             latency: Some(lat),
         },
         UpstreamStats {
