@@ -121,6 +121,7 @@ mod limiter;
 pub mod local;
 pub mod source;
 mod stats;
+mod sync;
 
 pub use crate::http::{AdmissionBody, Endpoints, HttpAdmission, HttpAdmissionLayer};
 pub use admission::{Admission, AdmissionLayer};

@@ -31,11 +31,11 @@
 //!   every individual atomic step.
 
 use crate::source::{AcquireError, CapacitySource};
+use crate::sync::{AtomicUsize, Ordering};
 use futures_util::task::noop_waker_ref;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::Semaphore;

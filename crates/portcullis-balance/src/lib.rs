@@ -67,6 +67,7 @@ pub mod http;
 pub mod registry;
 mod selection;
 mod snapshot;
+mod sync;
 
 pub use balance::{Balance, BalanceLayer, CallReplica};
 pub use config::{Config, RoutingStrategy, UpstreamConfig};

@@ -22,6 +22,7 @@ use crate::error::NoHealthyReplica;
 use crate::guard::InflightGuard;
 use crate::selection;
 use crate::snapshot::{ReplicaSnapshot, Snapshot};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use arc_swap::ArcSwap;
 use portcullis_core::HealthSource;
 use portcullis_health::{
@@ -30,7 +31,6 @@ use portcullis_health::{
 };
 use serde::Serialize;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::time::Instant;

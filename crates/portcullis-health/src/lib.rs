@@ -33,6 +33,7 @@ pub mod probe;
 pub mod readiness;
 pub mod server;
 pub mod state;
+mod sync;
 
 pub use checker::{CheckerConfig, CheckerHandle, HealthChecker, ProbeTarget, ProbeTargets};
 pub use checks::{check_fn, Check, CheckFuture, CheckPolicy, CheckSet, ChecksHandle, FnCheck};

@@ -35,8 +35,8 @@
 //! counter. Nothing here locks, allocates or does I/O, so the request path may call it.
 //! Time is `tokio::time::Instant`, so tests drive it with tokio's paused clock.
 
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use serde::Serialize;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;

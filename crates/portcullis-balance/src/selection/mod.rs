@@ -10,7 +10,7 @@ pub(crate) mod round_robin;
 
 use crate::config::RoutingStrategy;
 use crate::registry::Replica;
-use std::sync::atomic::AtomicUsize;
+use crate::sync::AtomicUsize;
 use std::sync::Arc;
 
 /// Chooses one of `candidates` (non-empty) with `strategy`.

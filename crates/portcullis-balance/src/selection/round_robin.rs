@@ -2,7 +2,7 @@
 //! tier. When the candidate set changes the rotation continues from wherever the counter is.
 
 use crate::registry::Replica;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[inline]
