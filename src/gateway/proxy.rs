@@ -288,6 +288,22 @@ impl Proxy {
             match outcome {
                 Some(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
+                    // An upgrade was never asked for (`Upgrade` is stripped), and a status
+                    // outside 100..=599 is not HTTP: relaying either would confuse the client.
+                    let status = parts.status.as_u16();
+                    if status == 101 || !(100..=599).contains(&status) {
+                        tracing::debug!(upstream = %upstream_url, status, "upstream answered an invalid status");
+                        return Err(Rejection::new(
+                            http::StatusCode::BAD_GATEWAY,
+                            portcullis_core::codes::BAD_GATEWAY,
+                            "the upstream sent an invalid response",
+                        ));
+                    }
+                    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; the body is
+                    // re-framed for the client, so the stale length must go.
+                    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
                     strip_hop_by_hop(&mut parts.headers);
                     let body = UpstreamBody::new(body, body_timeout, watch);
                     Ok(Response::from_parts(parts, Body::new(body)))
@@ -414,6 +430,22 @@ fn prepare_request(
     client_body_timeout: Duration,
 ) -> Result<(Request<Body>, Option<Arc<BodyWatch>>), Rejection> {
     let (mut parts, body) = req.into_parts();
+    // CONNECT asks for a tunnel, which this proxy does not open: never forward it.
+    if parts.method == http::Method::CONNECT {
+        return Err(Rejection::new(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            portcullis_core::codes::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported",
+        ));
+    }
+    // RFC 9112 §3.2: a request with more than one Host is refused.
+    if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Rejection::new(
+            http::StatusCode::BAD_REQUEST,
+            portcullis_core::codes::BAD_REQUEST,
+            "the request has more than one Host header",
+        ));
+    }
     let (body, watch) = if http_body::Body::is_end_stream(&body) {
         (body, None)
     } else {

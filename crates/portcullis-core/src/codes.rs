@@ -28,6 +28,8 @@ pub const NOT_FOUND: &str = "not_found";
 pub const BAD_REQUEST: &str = "bad_request";
 /// 500: an internal error (a panic caught in a handler, a bug).
 pub const INTERNAL: &str = "internal";
+/// 405: the method is not supported by the proxy (`CONNECT`: no tunnels).
+pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
 /// 499 (nginx's "client closed request"): the client went away before its request was
 /// complete. Nobody reads the response; the code is counted in the stats.
 pub const CLIENT_CLOSED: &str = "client_closed";
