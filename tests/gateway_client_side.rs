@@ -6,6 +6,7 @@ mod support;
 use axum::extract::Request;
 use axum::routing::{any, get};
 use axum::Router;
+use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use portcullis_breaker::BreakerState;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -139,7 +140,10 @@ async fn bad_and_aborted_request_bodies_never_eject_an_upstream_or_trip_the_brea
         .map(|u| u["client_closed"].as_u64().unwrap())
         .sum();
     assert_eq!(failures, 0, "no failure counts against an upstream: {s}");
-    assert_eq!(closed, 20, "every aborted upload is counted as client_closed: {s}");
+    assert_eq!(
+        closed, 20,
+        "every aborted upload is counted as client_closed: {s}"
+    );
     assert_eq!(
         a_complete.load(Ordering::SeqCst) + b_complete.load(Ordering::SeqCst),
         0,
@@ -192,4 +196,52 @@ async fn a_stalled_upload_gets_408_and_counts_against_nobody() {
     assert!(snap.replicas[0].healthy && !snap.replicas[0].ejected);
     let st = stats(&gw).await;
     assert_eq!(st["upstreams"][0]["failures"], 0, "{st}");
+}
+
+#[tokio::test]
+async fn an_upstream_that_trickles_past_upstream_body_timeout_frees_the_slot_and_the_client_sees_the_truncation(
+) {
+    // The backend sends one chunk, then stalls forever (well past upstream_body_timeout).
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/trickle",
+            get(|| async {
+                let stream = futures_util::stream::once(async {
+                    Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"first"))
+                })
+                .chain(futures_util::stream::once(async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(axum::body::Bytes::from_static(b"never"))
+                }));
+                axum::body::Body::from_stream(stream)
+            }),
+        );
+    let up = backend(app).await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nhealth_check_interval: 0.2\nupstream_body_timeout: 0.3\nupstreams:\n  - {{url: \"{}\"}}\nendpoints:\n  /trickle: {{method: GET, capacity: 1}}\n",
+        up.url()
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let started = std::time::Instant::now();
+    let resp = raw(
+        gw.addr,
+        b"GET /trickle HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cut off in time"
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("first"), "{resp}");
+    // Chunked framing without its final 0-length chunk: the client can tell it was cut.
+    assert!(!resp.ends_with("0\r\n\r\n"), "truncation hidden: {resp:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = stats(&gw).await;
+    assert_eq!(
+        s["endpoints"]["/trickle"]["active_requests"], 0,
+        "the slot is freed: {s}"
+    );
+    assert_eq!(s["upstreams"][0]["inflight"], 0, "{s}");
 }
