@@ -21,6 +21,7 @@ mod demo;
 
 use clap::{Parser, Subcommand};
 use portcullis::gateway::config::{embedded_default, GatewayConfig};
+use portcullis::gateway::server::ConnectionLimits;
 use portcullis::gateway::{serve_sharded_watched, ConfigError, Gateway};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -143,12 +144,14 @@ async fn run(cli: Cli) -> ExitCode {
         println!("  open http://{listen}/balancer/ui");
     }
     let health = Some(gateway.health().clone());
+    let limits = ConnectionLimits::from_config(gateway.config());
     let served = serve_sharded_watched(
         listeners,
         gateway.router(),
         shutdown_signal(),
         drain,
         health,
+        limits,
     )
     .await;
     gateway.shutdown().await;

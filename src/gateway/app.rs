@@ -535,7 +535,9 @@ impl std::fmt::Display for BuildError {
 impl std::error::Error for BuildError {}
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and gives
-/// in-flight requests up to `drain` to finish.
+/// in-flight requests up to `drain` to finish. Connections get the default
+/// [`ConnectionLimits`](super::server::ConnectionLimits); [`serve_with_limits`] takes a
+/// config's.
 ///
 /// Returns `Ok(true)` when every connection drained in time, `Ok(false)` when the drain
 /// timeout cut some off.
@@ -545,24 +547,27 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<bool> {
-    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(
+    serve_with_limits(
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        router,
+        shutdown,
+        drain,
+        super::server::ConnectionLimits::default(),
     )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = fired_tx.send(());
-    });
-    let mut server = Box::pin(std::future::IntoFuture::into_future(server));
-    tokio::select! {
-        res = &mut server => { res?; return Ok(true); }
-        _ = fired_rx => {}
-    }
-    match tokio::time::timeout(drain, server).await {
-        Ok(res) => res.map(|_| true),
-        Err(_) => Ok(false),
-    }
+    .await
+}
+
+/// [`serve`] with every client connection bounded by `limits`
+/// (`ConnectionLimits::from_config(gateway.config())`): the request-head and idle timeouts
+/// and `max_connections`. See [`server`](super::server) for the behaviour.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
+    limits: super::server::ConnectionLimits,
+) -> std::io::Result<bool> {
+    super::server::serve_listener(listener, router, shutdown, drain, limits).await
 }
 
 /// Converts any response into an axum response (used to unify the layers' body types).

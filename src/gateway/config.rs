@@ -178,6 +178,16 @@ pub struct GatewayConfig {
     pub upstream_max_idle: usize,
     /// Seconds an idle upstream keep-alive connection is kept.
     pub upstream_idle_timeout: f64,
+    /// Seconds a client has to send a complete HTTP/1 request head, counted from the
+    /// connection's accept or from its first byte after an idle keep-alive pause (408
+    /// `client_timeout` and close after it).
+    pub client_header_timeout: f64,
+    /// Seconds a client connection may stay open with no request in flight (HTTP/1 keep-alive
+    /// or HTTP/2 with no open stream) before the gateway closes it.
+    pub client_idle_timeout: f64,
+    /// Client connections served at once by this process (0 = unlimited); beyond it the
+    /// gateway stops accepting and new connections wait in the kernel's accept backlog.
+    pub max_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -220,6 +230,9 @@ impl Default for GatewayConfig {
             upstream_body_timeout: 60.0,
             upstream_max_idle: 64,
             upstream_idle_timeout: 60.0,
+            client_header_timeout: 10.0,
+            client_idle_timeout: 75.0,
+            max_connections: 10_000,
         }
     }
 }
@@ -389,6 +402,8 @@ impl GatewayConfig {
             ("client_body_timeout", self.client_body_timeout),
             ("upstream_body_timeout", self.upstream_body_timeout),
             ("upstream_idle_timeout", self.upstream_idle_timeout),
+            ("client_header_timeout", self.client_header_timeout),
+            ("client_idle_timeout", self.client_idle_timeout),
         ];
         for (name, v) in positive {
             check_seconds(v).map_err(|m| err(name, name, m))?;
