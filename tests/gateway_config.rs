@@ -106,9 +106,48 @@ fn bad_configs_exit_2_naming_file_and_field() {
             Some("storage: {type: redis, url: \"rediss://127.0.0.1:1\", tls_cert_file: /etc/passwd}\n"),
             "`storage.tls_cert_file`",
         ),
+        (Some("workers: 5000\n"), "`workers`"),
+        (
+            Some("health_check_interval: 0.001\n"),
+            "`health_check_interval`",
+        ),
+        (
+            Some("health_check_interval: 1\nhealth_check_jitter: 2\n"),
+            "`health_check_jitter`",
+        ),
+        (
+            Some("storage: {ping_interval: 0.001}\n"),
+            "`storage.ping_interval`",
+        ),
+        (Some("upstream_admin: true\n"), "`upstream_admin`"),
+        (
+            Some("upstream_admin_allow: [10.0.0.0/8, 10.0.0.0/99]\n"),
+            "`upstream_admin_allow[1]`",
+        ),
+        (
+            Some("upstreams:\n  - {url: \"http://127.0.0.1:99999\"}\n"),
+            "`upstreams[0].url`",
+        ),
+        (
+            Some("upstreams:\n  - {url: \"http://user:pw@127.0.0.1:1\"}\n"),
+            "`upstreams[0].url`",
+        ),
+        (
+            Some("upstreams:\n  - {url: \"http://HOST:1\"}\n"),
+            "`upstreams[0].url`",
+        ),
     ];
-    for (yaml, needle) in cases {
-        let (code, text) = run_with(*yaml, &["--check"]);
+    let long_host = format!("http://{}:1", "a".repeat(300));
+    let cases: Vec<(Option<String>, &str)> = cases
+        .iter()
+        .map(|(y, n)| {
+            let y = y.map(|y| y.replace("HOST", &long_host["http://".len()..long_host.len() - 2]));
+            (y, *n)
+        })
+        .collect();
+    for (yaml, needle) in &cases {
+        let yaml = yaml.as_deref();
+        let (code, text) = run_with(yaml, &["--check"]);
         assert_eq!(code, 2, "{yaml:?}: {text}");
         assert!(
             text.contains("FILE"),
@@ -123,4 +162,36 @@ fn bad_configs_exit_2_naming_file_and_field() {
     let (code, text) = run_with(Some("bogus: true\n"), &[]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("line 1"), "{text}");
+}
+
+/// The file size and nesting limits: `/dev/zero` and an 80,000-deep file are refused at once
+/// (exit 2), by `--check` and at startup alike.
+#[test]
+fn oversized_and_deep_configs_are_refused_fast() {
+    for extra in [&["--check"][..], &[][..]] {
+        let started = std::time::Instant::now();
+        let out = Command::new(support::gateway_binary())
+            .args(["--config", "/dev/zero"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains("/dev/zero") && text.contains("16 MiB"),
+            "{text}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+        let deep = format!("listen: {}{}\n", "[".repeat(80_000), "]".repeat(80_000));
+        let started = std::time::Instant::now();
+        let (code, text) = run_with(Some(&deep), extra);
+        assert_eq!(code, 2, "{text}");
+        assert!(text.contains("nested more than 128"), "{text}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -320,6 +320,7 @@ async fn failing_pool_engages_the_fallback_and_no_request_is_lost() {
     // The on-demand probe of both sides.
     let (status, _, body) = send(
         Request::post(gw.url("/balancer/fallback/check"))
+            .header("content-type", "application/json")
             .body(Body::empty())
             .unwrap(),
     )
@@ -533,6 +534,7 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
     let as_operator = async |req: http::request::Builder, body: &str| {
         let req = req
             .header("authorization", auth)
+            .header("content-type", "application/json")
             .body(Body::from(body.to_owned()))
             .unwrap();
         let (status, _, bytes) = send(req).await;

@@ -8,16 +8,30 @@
 //!
 //! New replicas start healthy and are probed by the health checker from its next cycle.
 //! The routes are off by default (they change where traffic goes); when on, they sit behind
-//! the same Basic auth as the other operator routes (`ui.username` / `ui.password`).
+//! the same Basic auth as the other operator routes (`ui.username` / `ui.password`), and
+//! the config is refused without those credentials.
+//!
+//! Every state-changing operator route (`POST`/`DELETE` here, `POST
+//! /balancer/fallback/check`) also passes [`same_site_json`]: it needs `Content-Type:
+//! application/json` (415 `unsupported_media_type`) and refuses a cross-site browser
+//! request (403 `cross_site_request`), so a web page the operator visits cannot forge one (a
+//! form or `text/plain` "simple request" carries no JSON content type, and a browser always
+//! sends `Origin` / `Sec-Fetch-Site` on the rest).
+//!
+//! An added URL must pass [`validate_upstream_url`] (port 1..=65535, host at most 253
+//! characters, no userinfo) and, when `upstream_admin_allow` is set, resolve only into its
+//! CIDRs (403 `upstream_not_allowed`).
 
 use super::proxy::{Proxy, ProxyTo, Upstream};
+use super::upstream_url::{validate_upstream_url, AdminAllowlist, AllowlistError};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::Query;
+use axum::extract::{Query, Request};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use http::StatusCode;
+use http::{header, HeaderMap, Method, StatusCode};
 use portcullis_balance::{ReplicaRegistry, Tier};
 use portcullis_core::{codes, Rejection};
 use serde::Deserialize;
@@ -47,82 +61,202 @@ fn refuse(status: StatusCode, code: &'static str, message: impl Into<String>) ->
         .into_response()
 }
 
-/// The admin routes over `registry`; new replicas are proxied with `proxy`.
-pub fn routes(registry: ReplicaRegistry<ProxyTo>, proxy: Proxy) -> Router {
+/// `true` when `headers` carry `Content-Type: application/json` (parameters such as
+/// `; charset=utf-8` allowed, case-insensitive).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// `host[:port]` split into a lowercase host and its port (`default` when absent).
+fn host_port(authority: &str, default: u16) -> Option<(String, u16)> {
+    let authority: http::uri::Authority = authority.parse().ok()?;
+    let port = match authority.port() {
+        Some(p) => p.as_u16(),
+        None => default,
+    };
+    Some((authority.host().to_ascii_lowercase(), port))
+}
+
+/// Why a request is cross-site, or `None` when it is not: `Sec-Fetch-Site: cross-site`, an
+/// `Origin` of `null`, or an `Origin` whose host:port differs from the request's `Host`
+/// (the URI's authority for HTTP/2). No `Origin` is fine (curl, scripts, same-origin
+/// `GET`-initiated navigations); browsers send it on every cross-origin `POST`/`DELETE`.
+fn cross_site(req: &Request) -> Option<String> {
+    let headers = req.headers();
+    if let Some(site) = headers.get("sec-fetch-site") {
+        if site.as_bytes().eq_ignore_ascii_case(b"cross-site") {
+            return Some("Sec-Fetch-Site: cross-site".into());
+        }
+    }
+    let origin = headers.get(header::ORIGIN)?;
+    let origin = origin.to_str().unwrap_or("null");
+    let Ok(uri) = origin.parse::<http::Uri>() else {
+        return Some(format!("Origin `{origin}` is not a URL"));
+    };
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        Some("http") => 80,
+        _ => return Some(format!("Origin `{origin}` is not an http(s) origin")),
+    };
+    let Some(from) = uri.authority().and_then(|a| host_port(a.as_str(), default)) else {
+        return Some(format!("Origin `{origin}` has no host"));
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    // A `Host` without a port takes the origin's default (a TLS terminator in front).
+    match host.and_then(|h| host_port(h, default)) {
+        Some(to) if to == from => None,
+        Some((h, p)) => Some(format!("Origin `{origin}` is not this host ({h}:{p})")),
+        None => Some(format!("Origin `{origin}` with no usable Host header")),
+    }
+}
+
+/// Middleware of every state-changing operator route (mount it with `route_layer`, inside
+/// the Basic auth): `GET`/`HEAD` pass; any other method needs `Content-Type:
+/// application/json` (415 `unsupported_media_type`) and must not be cross-site (403
+/// `cross_site_request`, see the [module docs](self)).
+pub async fn same_site_json(req: Request, next: Next) -> Response {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return next.run(req).await;
+    }
+    if let Some(why) = cross_site(&req) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            codes::CROSS_SITE_REQUEST,
+            format!("cross-site request refused ({why})"),
+        );
+    }
+    if !is_json(req.headers()) {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            codes::UNSUPPORTED_MEDIA_TYPE,
+            "this operator route needs Content-Type: application/json",
+        );
+    }
+    next.run(req).await
+}
+
+/// Checks an added URL: syntax (`Upstream::parse`), the limits of
+/// [`validate_upstream_url`] (400 `bad_request`) and the allowlist (403
+/// `upstream_not_allowed`; 400 when the host does not resolve).
+async fn check_new_upstream(
+    url: &str,
+    allow: Option<&AdminAllowlist>,
+) -> Result<Upstream, Response> {
+    let upstream = Upstream::parse(url)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.0))?;
+    validate_upstream_url(url)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.0))?;
+    if let Some(allow) = allow {
+        let uri: http::Uri = upstream
+            .url()
+            .parse()
+            .map_err(|_| refuse(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, "bad URL"))?;
+        let host = uri.host().unwrap_or_default();
+        let port = uri.port_u16().unwrap_or(80);
+        allow.check(host, port).await.map_err(|e| match e {
+            AllowlistError::NotAllowed(m) => {
+                refuse(StatusCode::FORBIDDEN, codes::UPSTREAM_NOT_ALLOWED, m)
+            }
+            AllowlistError::Unresolvable(m) => {
+                refuse(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, m)
+            }
+        })?;
+    }
+    Ok(upstream)
+}
+
+/// The admin routes over `registry`; new replicas are proxied with `proxy` and, with
+/// `allow`, must resolve into its CIDRs. The caller adds the Basic auth; the routes
+/// carry [`same_site_json`] themselves.
+pub fn routes(
+    registry: ReplicaRegistry<ProxyTo>,
+    proxy: Proxy,
+    allow: Option<AdminAllowlist>,
+) -> Router {
     let list = registry.clone();
     let add = registry.clone();
     let remove = registry;
-    Router::new().route(
-        UPSTREAMS_PATH,
-        get(move || {
-            let snapshot = list.snapshot();
-            async move { Json(snapshot).into_response() }
-        })
-        .post(move |body: Bytes| {
-            let registry = add.clone();
-            let proxy = proxy.clone();
-            async move {
-                let req: AddUpstream = match serde_json::from_slice(&body) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return refuse(
-                            StatusCode::BAD_REQUEST,
-                            codes::BAD_REQUEST,
-                            format!(
+    Router::new()
+        .route(
+            UPSTREAMS_PATH,
+            get(move || {
+                let snapshot = list.snapshot();
+                async move { Json(snapshot).into_response() }
+            })
+            .post(move |body: Bytes| {
+                let registry = add.clone();
+                let proxy = proxy.clone();
+                let allow = allow.clone();
+                async move {
+                    let req: AddUpstream = match serde_json::from_slice(&body) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            return refuse(
+                                StatusCode::BAD_REQUEST,
+                                codes::BAD_REQUEST,
+                                format!(
                             "expected {{\"url\": \"http://host:port\", \"primary\": false}}: {e}"
                         ),
-                        )
-                    }
-                };
-                let upstream = match Upstream::parse(&req.url) {
-                    Ok(u) => u,
-                    Err(e) => return refuse(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.0),
-                };
-                let key = upstream.url().to_owned();
-                let added = registry.add(
-                    key.clone(),
-                    Tier::from_primary(req.primary),
-                    proxy.to(upstream),
-                );
-                if added {
-                    tracing::info!(upstream = %key, primary = req.primary, "upstream added");
-                    let body = serde_json::json!({"added": key, "primary": req.primary});
-                    (StatusCode::CREATED, Json(body)).into_response()
-                } else {
-                    refuse(
-                        StatusCode::CONFLICT,
-                        UPSTREAM_EXISTS,
-                        format!("`{key}` is already in the pool"),
-                    )
-                }
-            }
-        })
-        .delete(
-            move |query: Result<Query<RemoveUpstream>, QueryRejection>| {
-                let registry = remove.clone();
-                async move {
-                    let Ok(Query(RemoveUpstream { url })) = query else {
-                        return refuse(
-                            StatusCode::BAD_REQUEST,
-                            codes::BAD_REQUEST,
-                            "expected ?url=http://host:port",
-                        );
+                            )
+                        }
                     };
-                    let key = Upstream::parse(&url)
-                        .map(|u| u.url().to_owned())
-                        .unwrap_or(url);
-                    if registry.remove(&key) {
-                        tracing::info!(upstream = %key, "upstream removed");
-                        Json(serde_json::json!({"removed": key})).into_response()
+                    let upstream = match check_new_upstream(&req.url, allow.as_ref()).await {
+                        Ok(u) => u,
+                        Err(refused) => return refused,
+                    };
+                    let key = upstream.url().to_owned();
+                    let added = registry.add(
+                        key.clone(),
+                        Tier::from_primary(req.primary),
+                        proxy.to(upstream),
+                    );
+                    if added {
+                        tracing::info!(upstream = %key, primary = req.primary, "upstream added");
+                        let body = serde_json::json!({"added": key, "primary": req.primary});
+                        (StatusCode::CREATED, Json(body)).into_response()
                     } else {
                         refuse(
-                            StatusCode::NOT_FOUND,
-                            codes::NOT_FOUND,
-                            format!("`{key}` is not in the pool"),
+                            StatusCode::CONFLICT,
+                            UPSTREAM_EXISTS,
+                            format!("`{key}` is already in the pool"),
                         )
                     }
                 }
-            },
-        ),
-    )
+            })
+            .delete(
+                move |query: Result<Query<RemoveUpstream>, QueryRejection>| {
+                    let registry = remove.clone();
+                    async move {
+                        let Ok(Query(RemoveUpstream { url })) = query else {
+                            return refuse(
+                                StatusCode::BAD_REQUEST,
+                                codes::BAD_REQUEST,
+                                "expected ?url=http://host:port",
+                            );
+                        };
+                        let key = Upstream::parse(&url)
+                            .map(|u| u.url().to_owned())
+                            .unwrap_or(url);
+                        if registry.remove(&key) {
+                            tracing::info!(upstream = %key, "upstream removed");
+                            Json(serde_json::json!({"removed": key})).into_response()
+                        } else {
+                            refuse(
+                                StatusCode::NOT_FOUND,
+                                codes::NOT_FOUND,
+                                format!("`{key}` is not in the pool"),
+                            )
+                        }
+                    }
+                },
+            ),
+        )
+        .route_layer(axum::middleware::from_fn(same_site_json))
 }

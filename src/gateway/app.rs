@@ -353,7 +353,10 @@ impl Gateway {
     }
 }
 
-/// The upstream admin routes when `upstream_admin` is on (behind the operator auth).
+/// The upstream admin routes when `upstream_admin` is on, behind the operator auth (the
+/// same-site JSON check sits inside it). Without `ui` credentials the routes are not
+/// mounted at all: the config validation refuses that combination, and a config built in
+/// code that skipped validation gets no open admin routes either.
 fn admin_routes(
     config: &GatewayConfig,
     registry: &ReplicaRegistry<ProxyTo>,
@@ -362,18 +365,17 @@ fn admin_routes(
     if !config.upstream_admin {
         return Router::new();
     }
-    let mut router = super::admin::routes(registry.clone(), proxy.clone());
-    match config.ui.credentials() {
-        Some((user, pass)) => {
-            router = router.route_layer(portcullis_dashboard::BasicAuthLayer::new(
-                portcullis_dashboard::Credentials::new(user, pass),
-            ));
-        }
-        None => tracing::warn!(
-            "upstream_admin is on without ui.username/ui.password: anyone who reaches the gateway can change the pool"
-        ),
-    }
-    router
+    let Some((user, pass)) = config.ui.credentials() else {
+        tracing::error!(
+            "upstream_admin is on without ui.username/ui.password: the admin routes are not served"
+        );
+        return Router::new();
+    };
+    super::admin::routes(registry.clone(), proxy.clone(), config.admin_allowlist()).route_layer(
+        portcullis_dashboard::BasicAuthLayer::new(portcullis_dashboard::Credentials::new(
+            user, pass,
+        )),
+    )
 }
 
 /// The path of the on-demand breaker probe.
@@ -382,29 +384,32 @@ pub const FALLBACK_CHECK_PATH: &str = "/balancer/fallback/check";
 /// `POST /balancer/fallback/check`: probes the primary pool and the fallback now (with the
 /// configured retries) and answers the breaker's status plus both probe results as JSON;
 /// 404 `not_found` without a `fallback:` section. Behind the same Basic auth as the other
-/// operator routes.
+/// operator routes, and like every state-changing operator route it needs `Content-Type:
+/// application/json` and refuses cross-site requests ([`super::admin::same_site_json`]).
 fn fallback_check_route(config: &GatewayConfig, breaker: Option<Breaker>) -> Router {
-    let mut router = Router::new().route(
-        FALLBACK_CHECK_PATH,
-        axum::routing::post(move || {
-            let breaker = breaker.clone();
-            async move {
-                match breaker {
-                    Some(b) => {
-                        let report = b.force_health_check().await;
-                        axum::Json(report).into_response()
+    let mut router = Router::new()
+        .route(
+            FALLBACK_CHECK_PATH,
+            axum::routing::post(move || {
+                let breaker = breaker.clone();
+                async move {
+                    match breaker {
+                        Some(b) => {
+                            let report = b.force_health_check().await;
+                            axum::Json(report).into_response()
+                        }
+                        None => portcullis_core::Rejection::new(
+                            http::StatusCode::NOT_FOUND,
+                            portcullis_core::codes::NOT_FOUND,
+                            "no fallback is configured",
+                        )
+                        .to_json_response::<Body>()
+                        .into_response(),
                     }
-                    None => portcullis_core::Rejection::new(
-                        http::StatusCode::NOT_FOUND,
-                        portcullis_core::codes::NOT_FOUND,
-                        "no fallback is configured",
-                    )
-                    .to_json_response::<Body>()
-                    .into_response(),
                 }
-            }
-        }),
-    );
+            }),
+        )
+        .route_layer(axum::middleware::from_fn(super::admin::same_site_json));
     if let Some((user, pass)) = config.ui.credentials() {
         router = router.route_layer(portcullis_dashboard::BasicAuthLayer::new(
             portcullis_dashboard::Credentials::new(user, pass),

@@ -8,6 +8,7 @@
 //! field and, where the parser knows it, the line. The gateway exits with status 2 on it.
 
 use super::proxy::Upstream;
+use super::upstream_url::{parse_cidr, validate_upstream_url, AdminAllowlist};
 use portcullis_probe::ProbeConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -168,6 +169,9 @@ pub struct GatewayConfig {
     pub health_server: HealthServerConfig,
     /// Serve `GET`/`POST`/`DELETE /balancer/upstreams` to change the pool at runtime.
     pub upstream_admin: bool,
+    /// CIDRs an admin-added upstream must resolve into (every address it resolves to);
+    /// absent = any address.
+    pub upstream_admin_allow: Option<Vec<String>>,
     /// Seconds a client may pause between two reads of its request body (408
     /// `client_timeout` after it).
     pub client_body_timeout: f64,
@@ -226,6 +230,7 @@ impl Default for GatewayConfig {
             ui: UiConfig::default(),
             health_server: HealthServerConfig::default(),
             upstream_admin: false,
+            upstream_admin_allow: None,
             client_body_timeout: 60.0,
             upstream_body_timeout: 60.0,
             upstream_max_idle: 64,
@@ -266,18 +271,46 @@ pub fn embedded_default(demo_ports: [u16; 2]) -> String {
 
 impl GatewayConfig {
     /// Reads and validates a YAML file.
+    ///
+    /// At most [`MAX_CONFIG_BYTES`] are read (a bounded read: `/dev/zero` or a huge file is
+    /// refused after 16 MiB, not read to the end).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = read_bounded(path, MAX_CONFIG_BYTES).map_err(|message| ConfigError {
             file: path.to_path_buf(),
             field: None,
             line: None,
-            message: format!("cannot read the file: {e}"),
+            message,
         })?;
         Self::from_yaml(&text, path)
     }
 
     /// Parses and validates YAML text; `file` is only used in error messages.
+    ///
+    /// Text over [`MAX_CONFIG_BYTES`] or nested deeper than [`MAX_CONFIG_DEPTH`] is refused
+    /// before it reaches the YAML parser (whose cost grows faster than linearly with the
+    /// depth of flow collections: 80,000 `[` took over 30 s).
     pub fn from_yaml(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let refuse = |line: Option<usize>, message: String| ConfigError {
+            file: file.to_path_buf(),
+            field: None,
+            line,
+            message,
+        };
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(refuse(
+                None,
+                format!(
+                    "the config is {} bytes; at most {MAX_CONFIG_BYTES} (16 MiB) are allowed",
+                    text.len()
+                ),
+            ));
+        }
+        if let Some(line) = nesting_exceeds(text, MAX_CONFIG_DEPTH) {
+            return Err(refuse(
+                Some(line),
+                format!("the YAML is nested more than {MAX_CONFIG_DEPTH} levels deep"),
+            ));
+        }
         let cfg: GatewayConfig = if text.trim().is_empty() {
             GatewayConfig::default()
         } else {
@@ -371,6 +404,13 @@ impl GatewayConfig {
         }
     }
 
+    /// The `upstream_admin_allow` allowlist, when set (validated in `validate`).
+    pub fn admin_allowlist(&self) -> Option<AdminAllowlist> {
+        self.upstream_admin_allow.as_ref().map(|list| {
+            AdminAllowlist::new(list.iter().filter_map(|c| parse_cidr(c).ok()).collect())
+        })
+    }
+
     /// `upstream_timeout` as a duration.
     pub fn upstream_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.upstream_timeout)
@@ -415,6 +455,49 @@ impl GatewayConfig {
                 "must be zero or a positive number of seconds".into(),
             ));
         }
+        if self.health_check_interval < MIN_CHECK_INTERVAL {
+            return Err(err(
+                "health_check_interval",
+                "health_check_interval",
+                format!(
+                    "must be at least {MIN_CHECK_INTERVAL} s (10 ms), got {}",
+                    self.health_check_interval
+                ),
+            ));
+        }
+        if self.health_check_jitter > self.health_check_interval {
+            return Err(err(
+                "health_check_jitter",
+                "health_check_jitter",
+                format!(
+                    "must not exceed health_check_interval ({} s), got {}",
+                    self.health_check_interval, self.health_check_jitter
+                ),
+            ));
+        }
+        if self.workers > MAX_WORKERS {
+            return Err(err(
+                "workers",
+                "workers",
+                format!(
+                    "must be 0 (one per core) or 1..={MAX_WORKERS}, got {}",
+                    self.workers
+                ),
+            ));
+        }
+        if self.upstream_admin && self.ui.credentials().is_none() {
+            return Err(err(
+                "upstream_admin",
+                "upstream_admin",
+                "needs ui.username and ui.password: without them anyone who reaches the gateway could change where its traffic goes".into(),
+            ));
+        }
+        if let Some(list) = &self.upstream_admin_allow {
+            for (i, cidr) in list.iter().enumerate() {
+                parse_cidr(cidr)
+                    .map_err(|m| err(&format!("upstream_admin_allow[{i}]"), cidr, m))?;
+            }
+        }
         if !(0.0..=100.0).contains(&self.panic_threshold) {
             return Err(err(
                 "panic_threshold",
@@ -457,6 +540,7 @@ impl GatewayConfig {
         for (i, u) in self.upstreams.iter().enumerate() {
             let field = format!("upstreams[{i}].url");
             let parsed = Upstream::parse(&u.url).map_err(|e| err(&field, &u.url, e.0))?;
+            validate_upstream_url(&u.url).map_err(|e| err(&field, &u.url, e.0))?;
             if !seen.insert(parsed.url().to_string()) {
                 return Err(err(
                     &field,
@@ -533,12 +617,171 @@ impl GatewayConfig {
         if let Some(f) = &self.fallback {
             if let Some(url) = &f.url {
                 Upstream::parse(url).map_err(|e| err("fallback.url", "url", e.0))?;
+                validate_upstream_url(url).map_err(|e| err("fallback.url", "url", e.0))?;
             }
         }
         self.probe_config()
             .validate()
             .map_err(|e| err(e.field, e.field, e.message))?;
         Ok(())
+    }
+}
+
+/// The largest config file read, in bytes (16 MiB).
+pub const MAX_CONFIG_BYTES: usize = 16 << 20;
+
+/// The deepest YAML nesting accepted (collections inside collections).
+pub const MAX_CONFIG_DEPTH: usize = 128;
+
+/// The shortest `health_check_interval`, in seconds: 10 ms (`storage.ping_interval` has
+/// the same floor, checked by `portcullis_redis`).
+pub const MIN_CHECK_INTERVAL: f64 = 0.010;
+
+/// The most serving threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
+/// Reads `path` as UTF-8, at most `limit` bytes: one byte more is refused without reading
+/// the rest (a bounded `Read::take`, so `/dev/zero` stops at `limit + 1`).
+fn read_bounded(path: &Path, limit: usize) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read the file: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if bytes.len() > limit {
+        return Err(format!(
+            "the file is larger than {limit} bytes (16 MiB), the most a config may be"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("the file is not UTF-8 text: {e}"))
+}
+
+/// The first line at which `text` nests collections more than `max` deep, by a linear scan
+/// before any parsing; `None` when it stays within `max`.
+///
+/// Depth counts both kinds of YAML nesting:
+/// * flow collections: each unquoted `[` / `{` opens a level until its `]` / `}`;
+/// * block collections: one level per enclosing indentation step, plus one for each
+///   compact `- ` sequence entry that starts a line (`- - - x` is three levels).
+///
+/// Quoted strings, comments and the lines of block scalars (`|`, `>`) are skipped. It is an
+/// estimate that never counts less than the parser would nest, so a file it accepts is no
+/// deeper than `max`.
+fn nesting_exceeds(text: &str, max: usize) -> Option<usize> {
+    // Indentation columns of the enclosing block collections.
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    // Inside a block scalar: lines indented more than this column belong to it.
+    let mut scalar_of: Option<usize> = None;
+    // Inside a quoted scalar that spans lines: its quote character.
+    let mut quote: Option<u8> = None;
+    for (i, line) in text.lines().enumerate() {
+        let bytes = line.as_bytes();
+        let indent = bytes.iter().take_while(|b| **b == b' ').count();
+        let blank = bytes[indent..].iter().all(|b| b.is_ascii_whitespace());
+        if let Some(col) = scalar_of {
+            if blank || indent > col {
+                continue;
+            }
+            scalar_of = None;
+        }
+        if blank && quote.is_none() {
+            continue;
+        }
+        let mut pos = 0;
+        if quote.is_none() && flow == 0 {
+            if bytes[indent] == b'#' {
+                continue;
+            }
+            while indents.last().is_some_and(|c| *c > indent) {
+                indents.pop();
+            }
+            if indents.last() != Some(&indent) {
+                indents.push(indent);
+            }
+            pos = indent;
+            // Compact nested sequences: `- - - x`.
+            let mut dashes = 0;
+            while bytes.get(pos) == Some(&b'-')
+                && bytes.get(pos + 1).is_none_or(|b| *b == b' ' || *b == b'\t')
+            {
+                dashes += 1;
+                pos += 1;
+                while bytes.get(pos).is_some_and(|b| *b == b' ' || *b == b'\t') {
+                    pos += 1;
+                }
+            }
+            if indents.len() + dashes > max {
+                return Some(i + 1);
+            }
+        }
+        // The rest of the line: quotes, flow brackets, comments, a block scalar indicator.
+        let mut last_token = 0u8;
+        while pos < bytes.len() {
+            let b = bytes[pos];
+            match quote {
+                Some(q) => {
+                    if b == q {
+                        // '' inside a single-quoted scalar is an escaped quote.
+                        if q == b'\'' && bytes.get(pos + 1) == Some(&b'\'') {
+                            pos += 1;
+                        } else {
+                            quote = None;
+                        }
+                    } else if q == b'"' && b == b'\\' {
+                        pos += 1;
+                    }
+                }
+                None => match b {
+                    b'"' | b'\'' if starts_token(bytes, pos, flow) => quote = Some(b),
+                    b'#' if pos == 0 || bytes[pos - 1] == b' ' || bytes[pos - 1] == b'\t' => break,
+                    b'[' | b'{' if flow > 0 || starts_token(bytes, pos, flow) => {
+                        flow += 1;
+                        if indents.len() + flow > max {
+                            return Some(i + 1);
+                        }
+                    }
+                    b']' | b'}' if flow > 0 => flow -= 1,
+                    _ => {}
+                },
+            }
+            if !b.is_ascii_whitespace() {
+                last_token = b;
+            }
+            pos += 1;
+        }
+        // `key: |` / `key: >-` / `- |2`: the next, more indented lines are the scalar's.
+        if quote.is_none() && flow == 0 && last_token != 0 {
+            let t = line.split(" #").next().unwrap_or(line).trim_end();
+            let indicator = t
+                .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-' || c == '+')
+                .trim_end();
+            if (indicator.ends_with('|') || indicator.ends_with('>'))
+                && (indicator.len() == 1
+                    || indicator[..indicator.len() - 1].ends_with([' ', ':', '-']))
+            {
+                scalar_of = Some(indent);
+            }
+        }
+    }
+    None
+}
+
+/// `true` when the character at `pos` begins a YAML token (after indentation, `: `, `- `,
+/// `? `, or inside a flow collection after `[`, `{`, `,` or a space), so a quote or a
+/// bracket there opens a quoted scalar or a flow collection, not plain text.
+fn starts_token(bytes: &[u8], pos: usize, flow: usize) -> bool {
+    let before = bytes[..pos]
+        .iter()
+        .rev()
+        .find(|b| **b != b' ' && **b != b'\t');
+    match before {
+        None => true,
+        Some(b':' | b'-' | b'?') => pos > 0 && (bytes[pos - 1] == b' ' || bytes[pos - 1] == b'\t'),
+        // Only inside a flow collection do these separate tokens.
+        Some(b'[' | b'{' | b',') => flow > 0,
+        _ => false,
     }
 }
 
@@ -607,6 +850,73 @@ mod tests {
 
     fn load(text: &str) -> Result<GatewayConfig, ConfigError> {
         GatewayConfig::from_yaml(text, Path::new("test.yml"))
+    }
+
+    #[test]
+    fn nesting_is_measured_before_parsing() {
+        let flow = |n: usize| format!("listen: {}{}\n", "[".repeat(n), "]".repeat(n));
+        assert_eq!(nesting_exceeds(&flow(100), MAX_CONFIG_DEPTH), None);
+        assert_eq!(nesting_exceeds(&flow(200), MAX_CONFIG_DEPTH), Some(1));
+        let dashes = format!("upstreams:\n{}x\n", "- ".repeat(200));
+        assert_eq!(nesting_exceeds(&dashes, MAX_CONFIG_DEPTH), Some(2));
+        let mut block = String::new();
+        for i in 0..200 {
+            block.push_str(&format!("{}k{i}:\n", " ".repeat(i)));
+        }
+        assert!(nesting_exceeds(&block, MAX_CONFIG_DEPTH).is_some());
+        // Brackets in quotes, comments, plain text and block scalars are not nesting.
+        let text = format!(
+            "a: \"{0}\"\nb: '{0}'\n# {0}\nc: x{0}\nd: |\n  {0}\n  {{{{{{\ne: >-\n   {0}\nf: [1, {{g: \"]]\"}}]\n",
+            "[".repeat(300)
+        );
+        assert_eq!(nesting_exceeds(&text, MAX_CONFIG_DEPTH), None, "{text}");
+        // The embedded default and a realistic config are shallow.
+        assert_eq!(nesting_exceeds(EMBEDDED_DEFAULT, 4), None);
+        // An 80,000-deep file is refused at once, before the parser sees it.
+        let started = std::time::Instant::now();
+        let e = load(&flow(80_000)).unwrap_err();
+        assert!(e.message.contains("nested more than 128"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let e = load(&"#".repeat(MAX_CONFIG_BYTES + 1)).unwrap_err();
+        assert!(e.message.contains("16 MiB"), "{e}");
+    }
+
+    #[test]
+    fn limits_name_the_field() {
+        let cases = [
+            ("workers: 1025\n", "workers"),
+            ("health_check_interval: 0.005\n", "health_check_interval"),
+            (
+                "health_check_interval: 1\nhealth_check_jitter: 1.5\n",
+                "health_check_jitter",
+            ),
+            ("storage: {ping_interval: 0.001}\n", "storage.ping_interval"),
+            ("upstream_admin: true\n", "upstream_admin"),
+            (
+                "upstream_admin_allow: [10.0.0.0/8, nope]\n",
+                "upstream_admin_allow[1]",
+            ),
+            (
+                "upstreams:\n  - {url: \"http://127.0.0.1:99999\"}\n",
+                "upstreams[0].url",
+            ),
+            (
+                "upstreams:\n  - {url: \"http://u:p@127.0.0.1:1\"}\n",
+                "upstreams[0].url",
+            ),
+            ("fallback: {url: \"http://127.0.0.1:0\"}\n", "fallback.url"),
+        ];
+        for (text, field) in cases {
+            let e = load(text).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{text:?} -> {e}");
+        }
+        let ok = load(
+            "workers: 1024\nhealth_check_interval: 0.01\nhealth_check_jitter: 0.01\nupstream_admin: true\nui: {username: a, password: b}\nupstream_admin_allow: [10.0.0.0/8, \"::1\", 127.0.0.1]\n",
+        )
+        .unwrap();
+        let allow = ok.admin_allowlist().unwrap();
+        assert!(allow.contains("127.0.0.1".parse().unwrap()));
+        assert!(!allow.contains("127.0.0.2".parse().unwrap()));
     }
 
     #[test]

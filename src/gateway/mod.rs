@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod server;
 pub mod startup;
 pub mod stats;
+pub mod upstream_url;
 
 pub use app::{serve, BuildError, Gateway, GatewayService};
 pub use config::{ConfigError, GatewayConfig};

@@ -36,3 +36,12 @@ pub const CLIENT_CLOSED: &str = "client_closed";
 /// 408: the client sent nothing for `client_body_timeout` while its request body was
 /// incomplete (or did not finish its request head within `client_header_timeout`).
 pub const CLIENT_TIMEOUT: &str = "client_timeout";
+/// 415: a state-changing operator route (upstream admin, fallback check) was sent without
+/// `Content-Type: application/json`.
+pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+/// 403: a state-changing operator route was called cross-site (an `Origin` other than the
+/// request's `Host`, or `Sec-Fetch-Site: cross-site`): a browser page's forged request.
+pub const CROSS_SITE_REQUEST: &str = "cross_site_request";
+/// 403: `POST /balancer/upstreams` named a host that resolves outside
+/// `upstream_admin_allow`.
+pub const UPSTREAM_NOT_ALLOWED: &str = "upstream_not_allowed";

@@ -164,8 +164,12 @@ impl StorageConfig {
         if self.timeout.is_zero() {
             return Err("storage.timeout: must be positive".into());
         }
-        if self.ping_interval.is_zero() {
-            return Err("storage.ping_interval: must be positive".into());
+        // Below 10 ms the PING loop would be a busy loop against Redis.
+        if self.ping_interval < Duration::from_millis(10) {
+            return Err(format!(
+                "storage.ping_interval: must be at least 0.01 s (10 ms), got {:?}",
+                self.ping_interval
+            ));
         }
         if self.failure_threshold == 0 {
             return Err("storage.failure_threshold: must be at least 1".into());
