@@ -46,7 +46,10 @@ async fn raw_upstream(canned: Vec<(&'static str, &'static [u8])>) -> RawUpstream
                         _ => return,
                     }
                 }
-                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(buf.len());
+                let end = buf
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .unwrap_or(buf.len());
                 let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                 let path = head.split(' ').nth(1).unwrap_or("").to_owned();
                 if path != "/healthz" {
@@ -56,7 +59,9 @@ async fn raw_upstream(canned: Vec<(&'static str, &'static [u8])>) -> RawUpstream
                     .iter()
                     .find(|(p, _)| *p == path)
                     .map(|(_, r)| *r)
-                    .unwrap_or(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                    .unwrap_or(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    );
                 let _ = s.write_all(resp).await;
                 let _ = s.shutdown().await;
             });

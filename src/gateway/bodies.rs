@@ -376,9 +376,7 @@ where
             Poll::Pending => {
                 if this.timer.poll_expired(cx) {
                     tracing::debug!(idle = ?this.timer.idle, "upstream body stalled: cut off");
-                    return Poll::Ready(Some(Err(Box::new(UpstreamBodyTimeout(
-                        this.timer.idle,
-                    )))));
+                    return Poll::Ready(Some(Err(Box::new(UpstreamBodyTimeout(this.timer.idle)))));
                 }
                 Poll::Pending
             }

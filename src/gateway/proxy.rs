@@ -16,6 +16,7 @@
 //!   its `failures`. `upstream_timeout` starts once the request body has been sent, so a slow
 //!   upload is never blamed on the upstream.
 
+use super::bodies::{BodyOutcome, BodyWatch, ClientBody, UpstreamBody};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -23,7 +24,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use super::bodies::{BodyOutcome, BodyWatch, ClientBody, UpstreamBody};
 use portcullis_core::Rejection;
 use std::cell::RefCell;
 use std::convert::Infallible;
