@@ -234,16 +234,20 @@ pub(crate) struct Inner<T> {
 impl<T> Inner<T> {
     /// Rebuilds the view; concurrent callers combine (one rebuilds until nothing changed).
     fn refresh(&self) {
+        // All four accesses are SeqCst: with a Release store of `rebuilding` the rebuilder's
+        // re-read of `dirty` could miss a caller's increment while that caller's CAS still saw
+        // `rebuilding == true` (the store-buffering pattern), and both would leave the view
+        // stale.
         self.dirty.fetch_add(1, Ordering::SeqCst);
         while self
             .rebuilding
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
             let seen = self.dirty.load(Ordering::SeqCst);
             let view = View::build(&self.members.load(), self.panic_threshold);
             self.view.store(Arc::new(view));
-            self.rebuilding.store(false, Ordering::Release);
+            self.rebuilding.store(false, Ordering::SeqCst);
             if self.dirty.load(Ordering::SeqCst) == seen {
                 break;
             }
