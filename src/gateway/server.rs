@@ -59,6 +59,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -345,30 +346,59 @@ async fn accept_loop(
         let _ = stopping.wait_for(|s| *s).await;
     };
     tokio::pin!(stopped);
+    // Readiness first, then a slot, then the accept: a worker whose listener has nothing
+    // pending holds no slot (with SO_REUSEPORT the kernel picks the listener), and at the
+    // limit a pending connection stays in the kernel's backlog, not accepted.
+    // `AsyncFd::new` is deprecated because a `T: AsRawFd` may not own its descriptor; here
+    // it owns it (a std TcpListener moved in), which is the sound case, and its replacement
+    // `register` is `unsafe` (forbidden in this crate).
+    #[allow(deprecated)]
+    let watched = listener.into_std().and_then(AsyncFd::new);
+    let listener = match watched {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the listener");
+            return;
+        }
+    };
     loop {
-        // At the limit, stop accepting: new connections wait in the kernel's backlog.
+        let mut ready = tokio::select! {
+            r = listener.readable() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "listener failed");
+                    break;
+                }
+            },
+            () = &mut stopped => break,
+        };
         let permit = tokio::select! {
             p = permits.acquire() => p,
             () = &mut stopped => break,
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    drop(permit);
-                    if accept_error_is_fatal_to_the_loop(&e) {
-                        // Out of file descriptors (or similar): let connections close
-                        // before trying again, instead of spinning on the error.
-                        tracing::error!(error = %e, "accept failed; retrying in 1 s");
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            () = &mut stopped => break,
-                        }
+        let accepted = match ready.try_io(|l| l.get_ref().accept()) {
+            Ok(r) => r.and_then(|(s, peer)| {
+                s.set_nonblocking(true)?;
+                Ok((TcpStream::from_std(s)?, peer))
+            }),
+            // Nothing pending after all (another thread took it): wait again.
+            Err(_would_block) => continue,
+        };
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                drop(permit);
+                if accept_error_is_fatal_to_the_loop(&e) {
+                    // Out of file descriptors (or similar): let connections close before
+                    // trying again, instead of spinning on the error.
+                    tracing::error!(error = %e, "accept failed; retrying in 1 s");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = &mut stopped => break,
                     }
-                    continue;
                 }
-            },
-            () = &mut stopped => break,
+                continue;
+            }
         };
         let conn = serve_connection(
             stream,
