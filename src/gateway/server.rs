@@ -38,7 +38,7 @@
 //! starts when the connection begins waiting for a head, which includes the idle time
 //! between keep-alive requests (`Conn::poll_read_head` arms it right after the previous
 //! response), so it cannot tell a slow head from an idle connection, and it closes without
-//! an answer. The connection state machine here ([`ConnState`]) tells the two apart.
+//! an answer. The connection state machine here (`ConnState`) tells the two apart.
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
