@@ -966,6 +966,26 @@ mod tests {
             ),
             ("queue_timeout: -1\n", "queue_timeout", Some(1)),
             (
+                "upstreams:\n  - {url: http://a:1}\nclient_body_timeout: 0\n",
+                "client_body_timeout",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nupstream_body_timeout: -2\n",
+                "upstream_body_timeout",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nupstream_idle_timeout: .nan\n",
+                "upstream_idle_timeout",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nupstream_max_idle: -1\n",
+                "upstream_max_idle",
+                Some(3),
+            ),
+            (
                 "upstreams:\n  - {url: http://a:1, weight: 3}\n",
                 "upstreams[0].weight",
                 Some(2),
