@@ -45,6 +45,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+pub use portcullis_admission::OnClientCancel;
 pub use portcullis_balance::RoutingStrategy;
 
 /// One upstream replica.
@@ -192,6 +193,13 @@ pub struct GatewayConfig {
     /// Client connections served at once by this process (0 = unlimited); beyond it the
     /// gateway stops accepting and new connections wait in the kernel's accept backlog.
     pub max_connections: usize,
+    /// `hold` (default): a watched request whose client goes away keeps its slot while its
+    /// upstream request runs to its end in the background; `release`: free the slot at once.
+    pub on_client_cancel: OnClientCancel,
+    /// Seconds a held request may run on after its client went away before it is dropped
+    /// and its slot freed; absent = `connect_timeout + upstream_timeout +
+    /// upstream_body_timeout`.
+    pub client_cancel_hold_timeout: Option<f64>,
 }
 
 impl Default for GatewayConfig {
@@ -238,6 +246,8 @@ impl Default for GatewayConfig {
             client_header_timeout: 10.0,
             client_idle_timeout: 75.0,
             max_connections: 10_000,
+            on_client_cancel: OnClientCancel::Hold,
+            client_cancel_hold_timeout: None,
         }
     }
 }
@@ -411,6 +421,16 @@ impl GatewayConfig {
         })
     }
 
+    /// How long a request held after its client went away may run on
+    /// (`client_cancel_hold_timeout`, or the sum of the upstream timeouts).
+    pub fn client_cancel_hold_limit(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.client_cancel_hold_timeout.unwrap_or(
+                self.connect_timeout + self.upstream_timeout + self.upstream_body_timeout,
+            ),
+        )
+    }
+
     /// `upstream_timeout` as a duration.
     pub fn upstream_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.upstream_timeout)
@@ -447,6 +467,15 @@ impl GatewayConfig {
         ];
         for (name, v) in positive {
             check_seconds(v).map_err(|m| err(name, name, m))?;
+        }
+        if let Some(v) = self.client_cancel_hold_timeout {
+            check_seconds(v).map_err(|m| {
+                err(
+                    "client_cancel_hold_timeout",
+                    "client_cancel_hold_timeout",
+                    m,
+                )
+            })?;
         }
         if !(self.health_check_jitter.is_finite() && self.health_check_jitter >= 0.0) {
             return Err(err(
@@ -965,6 +994,16 @@ mod tests {
                 Some(1),
             ),
             ("queue_timeout: -1\n", "queue_timeout", Some(1)),
+            (
+                "upstreams:\n  - {url: http://a:1}\non_client_cancel: sometimes\n",
+                "on_client_cancel",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nclient_cancel_hold_timeout: 0\n",
+                "client_cancel_hold_timeout",
+                Some(3),
+            ),
             (
                 "upstreams:\n  - {url: http://a:1}\nclient_body_timeout: 0\n",
                 "client_body_timeout",

@@ -116,6 +116,7 @@ pub mod admission;
 mod admit;
 pub mod config;
 mod error;
+pub mod hold;
 pub mod http;
 mod limiter;
 pub mod local;
@@ -123,6 +124,7 @@ pub mod source;
 mod stats;
 mod sync;
 
+pub use crate::hold::OnClientCancel;
 pub use crate::http::{AdmissionBody, Endpoints, HttpAdmission, HttpAdmissionLayer};
 pub use admission::{Admission, AdmissionLayer};
 pub use config::{Config, EndpointConfig};
