@@ -52,7 +52,7 @@ pub struct Config {
     /// Consecutive failed live responses that eject a replica; 0 turns passive ejection off
     /// (5).
     pub eject_after: u32,
-    /// Seconds of the first ejection (30); each consecutive re-ejection lasts `eject_for × k`.
+    /// Seconds of the first ejection (30); it doubles on each consecutive re-ejection.
     pub eject_for: f64,
     /// Cap, in seconds, of the growing ejection time (300).
     pub eject_max: f64,

@@ -23,8 +23,10 @@
 //!   live responses eject a healthy replica for `eject_for`. When the cooldown has expired,
 //!   exactly one request is leased to it as a probe by a compare-and-swap
 //!   ([`HealthState::try_lease`]); its success reinstates the replica, its failure re-ejects
-//!   it for `eject_for × k` (k = consecutive ejections, capped at `eject_max`; Envoy's
-//!   `base_ejection_time × ejection count`).
+//!   it for `eject_for × 2^(k-1)` (k = consecutive ejections: the cooldown doubles on each
+//!   re-ejection, capped at `eject_max`). Envoy grows it linearly (`base_ejection_time ×
+//!   ejection count`); doubling reaches the cap in a few steps, so a replica that keeps
+//!   failing is soon tried only rarely.
 //! * Both signals drive the *same* status word, so a replica that active checks marked
 //!   unhealthy is never reinstated by one lucky live request (only a lease from `EJECTED` can
 //!   reinstate, and unhealthy replicas are never leased), and an ejected replica can also
@@ -107,7 +109,7 @@ pub struct HealthPolicy {
     pub eject_after: u32,
     /// The first ejection's cooldown.
     pub eject_for: Duration,
-    /// The cap of the growing cooldown (`eject_for × consecutive ejections`).
+    /// The cap of the growing cooldown (`eject_for`, doubled on each consecutive ejection).
     pub eject_max: Duration,
 }
 
@@ -124,10 +126,13 @@ impl Default for HealthPolicy {
 }
 
 impl HealthPolicy {
-    /// The cooldown of the `k`-th consecutive ejection (k ≥ 1): `eject_for × k`, at most
-    /// `eject_max` (and never below `eject_for` when `eject_max` is smaller).
+    /// The cooldown of the `k`-th consecutive ejection (k ≥ 1): `eject_for × 2^(k-1)`, so it
+    /// doubles on each consecutive re-ejection, at most `eject_max` (and never below
+    /// `eject_for` when `eject_max` is smaller).
     pub fn cooldown(&self, k: u32) -> Duration {
-        let grown = self.eject_for.saturating_mul(k.max(1));
+        let doublings = k.max(1) - 1;
+        let factor = 1u32.checked_shl(doublings).unwrap_or(u32::MAX);
+        let grown = self.eject_for.saturating_mul(factor);
         grown.min(self.eject_max.max(self.eject_for))
     }
 }
@@ -535,7 +540,7 @@ mod tests {
         assert!(s.try_lease(Instant::now()));
         assert!(!s.try_lease(Instant::now()), "only one lease");
         assert_eq!(s.status(), Status::Probing);
-        // The lease fails: re-ejected for 2 × 10 s.
+        // The lease fails: re-ejected for 10 s × 2.
         assert_eq!(
             s.record_response(false, true, Instant::now()),
             Some(Transition {
@@ -550,7 +555,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(20)).await;
         assert!(s.try_lease(Instant::now()));
         s.record_response(false, true, Instant::now());
-        // 3 × 10 = 30 s, capped at 25 s.
+        // 10 s × 4 = 40 s, capped at 25 s.
         assert_eq!(
             s.counters(Instant::now()).ejected_for,
             Duration::from_secs(25)
@@ -569,6 +574,51 @@ mod tests {
             })
         );
         assert_eq!(s.counters(Instant::now()).ejections, 0);
+    }
+
+    #[test]
+    fn cooldown_doubles_on_each_re_ejection_up_to_the_cap() {
+        let p = HealthPolicy {
+            eject_for: Duration::from_secs(2),
+            eject_max: Duration::from_secs(20),
+            ..HealthPolicy::default()
+        };
+        let secs: Vec<u64> = (1..=6).map(|k| p.cooldown(k).as_secs()).collect();
+        assert_eq!(secs, [2, 4, 8, 16, 20, 20]);
+        assert_eq!(
+            p.cooldown(0),
+            Duration::from_secs(2),
+            "k = 0 counts as the first"
+        );
+        assert_eq!(p.cooldown(u32::MAX), Duration::from_secs(20), "no overflow");
+        let small_cap = HealthPolicy {
+            eject_max: Duration::from_secs(1),
+            ..p
+        };
+        assert_eq!(
+            small_cap.cooldown(3),
+            Duration::from_secs(2),
+            "never below eject_for"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_failed_lease_doubles_the_ejection() {
+        let s = HealthState::new(Arc::new(HealthPolicy {
+            eject_after: 1,
+            eject_for: Duration::from_secs(2),
+            eject_max: Duration::from_secs(300),
+            ..HealthPolicy::default()
+        }));
+        s.record_response(false, false, Instant::now());
+        let mut seen = vec![s.counters(Instant::now()).ejected_for.as_secs()];
+        for _ in 0..3 {
+            tokio::time::advance(s.counters(Instant::now()).ejected_for).await;
+            assert!(s.try_lease(Instant::now()));
+            s.record_response(false, true, Instant::now());
+            seen.push(s.counters(Instant::now()).ejected_for.as_secs());
+        }
+        assert_eq!(seen, [2, 4, 8, 16], "2 s doubled on each re-ejection");
     }
 
     #[tokio::test(start_paused = true)]

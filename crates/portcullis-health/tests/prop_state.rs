@@ -4,8 +4,7 @@
 //! and clock advances.
 //!
 //! The model follows the state machine as the code implements it today. The cooldown growth
-//! is the one function [`growth`]: linear (`eject_for × k`, Envoy's) now; a change to
-//! doubling changes that function only.
+//! is the one function [`growth`]: `eject_for` doubled on each consecutive ejection.
 
 use portcullis_health::{HealthPolicy, HealthState, Status, Transition};
 use proptest::prelude::*;
@@ -15,7 +14,7 @@ use tokio::time::Instant;
 
 /// The uncapped cooldown of the `k`-th consecutive ejection (k ≥ 1).
 fn growth(eject_for: Duration, k: u32) -> Duration {
-    eject_for.saturating_mul(k)
+    (1..k).fold(eject_for, |d, _| d.saturating_mul(2))
 }
 
 fn cooldown(p: &HealthPolicy, k: u32) -> Duration {
