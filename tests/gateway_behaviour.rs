@@ -1,0 +1,150 @@
+//! Behaviours an operator relies on, through the whole gateway against real axum backends on
+//! 127.0.0.1: an upstream path prefix kept on every request and on the health check.
+
+mod support;
+
+use axum::body::Body;
+use axum::extract::Request as AxumRequest;
+use axum::http::StatusCode;
+use axum::Router;
+use http::Request;
+use http_body_util::BodyExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::{backend, client, Server, TestGateway};
+
+/// What a recording backend saw and how it answers.
+#[derive(Default)]
+struct Seen {
+    /// Every request's path and query, in arrival order.
+    paths: Mutex<Vec<String>>,
+    /// `/…/healthz` answers 503 while set.
+    sick: AtomicBool,
+    /// Every other path answers 500 while set.
+    failing: AtomicBool,
+    /// Requests other than health checks.
+    hits: AtomicUsize,
+}
+
+impl Seen {
+    fn paths(&self) -> Vec<String> {
+        self.paths.lock().unwrap().clone()
+    }
+}
+
+/// A backend answering `name` to everything (after `delay` for paths containing `slow`),
+/// recording each request's path and query.
+async fn recording(name: &'static str, delay: Duration) -> (Server, Arc<Seen>) {
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    let app = Router::new().fallback(move |req: AxumRequest| {
+        let s = s.clone();
+        async move {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map_or("/".to_owned(), |pq| pq.as_str().to_owned());
+            s.paths.lock().unwrap().push(pq.clone());
+            if pq.ends_with("/healthz") {
+                if s.sick.load(Ordering::SeqCst) {
+                    return (StatusCode::SERVICE_UNAVAILABLE, name);
+                }
+                return (StatusCode::OK, name);
+            }
+            s.hits.fetch_add(1, Ordering::SeqCst);
+            if pq.contains("slow") {
+                tokio::time::sleep(delay).await;
+            }
+            if s.failing.load(Ordering::SeqCst) {
+                return (StatusCode::INTERNAL_SERVER_ERROR, name);
+            }
+            (StatusCode::OK, name)
+        }
+    });
+    (backend(app).await, seen)
+}
+
+/// Sends `req`; the status, headers and body text.
+async fn send(req: Request<Body>) -> (StatusCode, http::HeaderMap, String) {
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .expect("answered within 10 s")
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn get(url: &str) -> (StatusCode, http::HeaderMap, String) {
+    send(Request::get(url).body(Body::empty()).unwrap()).await
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn eventually(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+fn upstreams_yaml(upstreams: &[(String, bool)]) -> String {
+    let mut y = String::from("upstreams:\n");
+    for (url, primary) in upstreams {
+        y.push_str(&format!("  - {{url: \"{url}\", primary: {primary}}}\n"));
+    }
+    y
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_path_prefix_is_kept_for_every_request_and_the_health_check() {
+    let (a, seen_a) = recording("a", Duration::ZERO).await;
+    let (b, seen_b) = recording("b", Duration::ZERO).await;
+    let gw = TestGateway::start(&format!(
+        "listen: 127.0.0.1:0\nhealth_check_interval: 0.1\nrouting_strategy: round-robin\n{}",
+        upstreams_yaml(&[
+            (format!("{}/prefix", a.url()), true),
+            // A trailing slash is the same prefix.
+            (format!("{}/deep/er/", b.url()), true),
+        ])
+    ))
+    .await;
+    let requests = ["/", "/x", "/x/y/", "/q?a=1&b=two", "/healthz-not"];
+    for path in requests {
+        for _ in 0..2 {
+            let (status, _, _) = get(&gw.url(path)).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+        }
+    }
+    for _ in 0..2 {
+        let post = Request::post(gw.url("/submit?id=7"))
+            .body(Body::from("body"))
+            .unwrap();
+        assert_eq!(send(post).await.0, StatusCode::OK);
+    }
+    eventually(
+        "both health checks seen",
+        Duration::from_secs(5),
+        async || {
+            seen_a.paths().contains(&"/prefix/healthz".to_owned())
+                && seen_b.paths().contains(&"/deep/er/healthz".to_owned())
+        },
+    )
+    .await;
+    for (seen, prefix) in [(&seen_a, "/prefix"), (&seen_b, "/deep/er")] {
+        let paths = seen.paths();
+        for p in &paths {
+            assert!(p.starts_with(&format!("{prefix}/")), "{p} lost {prefix}");
+        }
+        // Round robin over two replicas: every request path reached each of them once.
+        for path in requests.iter().chain(&["/submit?id=7"]) {
+            let want = format!("{prefix}{path}");
+            assert!(paths.contains(&want), "{want} not in {paths:?}");
+        }
+    }
+}
