@@ -28,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 mod body;
 pub mod codes;
 mod grpc;

@@ -9,6 +9,7 @@ use crate::scripts::{self, Keys};
 use arc_swap::ArcSwap;
 use futures_util::future::join_all;
 use futures_util::StreamExt;
+use portcullis_core::backoff::Backoff;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, ScriptInvocation, Value};
@@ -704,28 +705,37 @@ fn install_crypto_provider() {
 /// The longest wait between two recovery attempts of any process during an outage.
 pub(crate) const RECOVERY_BACKOFF_CAP: Duration = Duration::from_secs(1);
 
-/// The longest wait between two recovery attempts of this process: a third of `lease_ttl`,
-/// between 100 ms and [`RECOVERY_BACKOFF_CAP`].
-fn recovery_backoff_max(config: &StorageConfig) -> Duration {
-    (config.lease_ttl / 3).clamp(Duration::from_millis(100), RECOVERY_BACKOFF_CAP)
+/// The first wait between two recovery attempts.
+const RECOVERY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// The waits between two recovery attempts of this process: from 100 ms, doubling up to a
+/// third of `lease_ttl`, itself between 100 ms and [`RECOVERY_BACKOFF_CAP`].
+fn recovery_backoff(config: &StorageConfig) -> Backoff {
+    let max = (config.lease_ttl / 3).clamp(RECOVERY_BACKOFF_INITIAL, RECOVERY_BACKOFF_CAP);
+    Backoff::new(RECOVERY_BACKOFF_INITIAL, max, 2.0).expect("100 ms <= max, factor 2")
+}
+
+/// The waits between two pub/sub reconnection attempts: from 50 ms, doubling up to 1 s.
+fn pubsub_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(1), 2.0)
+        .expect("50 ms <= 1 s, factor 2")
 }
 
 /// Heartbeat and outage recovery.
 async fn heartbeat_loop(inner: Arc<Inner>) {
     let interval = inner.config.lease_ttl / 3;
-    let max_backoff = recovery_backoff_max(&inner.config);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = recovery_backoff(&inner.config).delays();
     loop {
         if inner.is_degraded() {
+            let wait = backoff.next_delay();
             // A successful readiness PING cuts the wait short.
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = inner.recover_kick.notified() => {}
             }
-            backoff = (backoff * 2).min(max_backoff);
             match inner.heartbeat_all().await {
                 Ok(()) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     #[cfg(test)]
                     {
                         let pause = inner.recovery_pause.lock().unwrap().take();
@@ -775,7 +785,7 @@ async fn ping_loop(inner: Arc<Inner>) {
 /// Pub/sub listener: release and capacity notifications, reconnecting by itself.
 async fn pubsub_loop(inner: Arc<Inner>, mut sub_rx: mpsc::UnboundedReceiver<String>) {
     let mut channels: Vec<String> = Vec::new();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = pubsub_backoff().delays();
     loop {
         while let Ok(ch) = sub_rx.try_recv() {
             channels.push(ch);
@@ -793,7 +803,7 @@ async fn pubsub_loop(inner: Arc<Inner>, mut sub_rx: mpsc::UnboundedReceiver<Stri
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!(error = %e, "redis pub/sub unavailable; polling until it is back");
-                let sleep = tokio::time::sleep(backoff);
+                let sleep = tokio::time::sleep(backoff.next_delay());
                 tokio::pin!(sleep);
                 loop {
                     tokio::select! {
@@ -804,11 +814,10 @@ async fn pubsub_loop(inner: Arc<Inner>, mut sub_rx: mpsc::UnboundedReceiver<Stri
                         },
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        backoff.reset();
         // Notifications may have been missed while disconnected.
         for ep in inner.live_endpoints() {
             ep.wake.notify_one();
