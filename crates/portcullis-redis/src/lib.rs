@@ -22,6 +22,16 @@
 //! * `testing` (feature `testing`): private `redis-server` and Redis Cluster processes for
 //!   tests.
 //!
+//! # Files
+//!
+//! Bottom to top (each file uses only those above it): `config`, `error`, [`scripts`],
+//! `slots` (an endpoint's slot accounting, pure), `outage` (the outage state machine),
+//! `connection` (connection and TLS setup, bounded calls), `process` (the process-wide
+//! state and the outage's start and end), `endpoint` (one endpoint's state and script
+//! calls), `dispatcher` (one endpoint's task), [`capacity`] (the source and its permit),
+//! `registry` (the live sources), `readiness`, `tasks` (heartbeat, PING, pub/sub),
+//! `storage` (the handle) and `capacity_store` (`get_or_probe`).
+//!
 //! # Example
 //!
 //! ```no_run
@@ -46,11 +56,20 @@
 #![forbid(unsafe_code)]
 
 pub mod capacity;
+mod capacity_store;
 mod config;
+mod connection;
+mod dispatcher;
+mod endpoint;
 mod error;
+mod outage;
+mod process;
 mod readiness;
+mod registry;
 pub mod scripts;
+mod slots;
 mod storage;
+mod tasks;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -64,8 +83,8 @@ pub use readiness::Readiness;
 pub use storage::RedisStorage;
 
 /// How often a process with queued waiters re-tries Redis without a notification.
-pub const POLL_INTERVAL: std::time::Duration = storage::POLL_INTERVAL;
+pub const POLL_INTERVAL: std::time::Duration = dispatcher::POLL_INTERVAL;
 
 /// How long a process's entry in an endpoint's cross-process queue lives without a retry
 /// (a process that dies while queued holds back one free slot for at most this long).
-pub const QUEUE_TTL: std::time::Duration = storage::QUEUE_TTL;
+pub const QUEUE_TTL: std::time::Duration = endpoint::QUEUE_TTL;

@@ -6,7 +6,7 @@
 //! pull the instance out of rotation) and true again on the first success. Probe handlers
 //! read the flag and never touch Redis.
 
-use crate::storage::TaskSet;
+use crate::process::TaskSet;
 use portcullis_core::HealthSource;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -202,6 +202,29 @@ end
 return 0
 "#;
 
+/// The answer of the acquire, release and heartbeat scripts: `{n, count, capacity}`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScriptReply {
+    /// Slots granted (acquire), or whether this process's lease was still there (sync).
+    pub(crate) n: usize,
+    /// The endpoint's global slot count after the call.
+    pub(crate) count: usize,
+    /// The endpoint's stored capacity.
+    pub(crate) capacity: usize,
+}
+
+impl ScriptReply {
+    /// The reply from the script's integers (a negative one reads as 0).
+    pub(crate) fn new(n: i64, count: i64, capacity: i64) -> Self {
+        let non_negative = |v: i64| usize::try_from(v).unwrap_or(0);
+        Self {
+            n: non_negative(n),
+            count: non_negative(count),
+            capacity: non_negative(capacity),
+        }
+    }
+}
+
 pub(crate) static ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{PROLOGUE}{ACQUIRE_BODY}")));
 pub(crate) static SYNC: LazyLock<Script> =
