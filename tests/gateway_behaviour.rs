@@ -1,5 +1,6 @@
 //! Behaviours an operator relies on, through the whole gateway against real axum backends on
-//! 127.0.0.1: an upstream path prefix kept on every request and on the health check.
+//! 127.0.0.1: an upstream path prefix kept on every request and on the health check, and a
+//! passive ejection that good health checks do not undo.
 
 mod support;
 
@@ -81,6 +82,19 @@ async fn get(url: &str) -> (StatusCode, http::HeaderMap, String) {
     send(Request::get(url).body(Body::empty()).unwrap()).await
 }
 
+async fn json(url: &str) -> serde_json::Value {
+    serde_json::from_str(&get(url).await.2).unwrap_or_default()
+}
+
+/// The `/balancer/stats` entry of the upstream `url`.
+async fn upstream_stats(gw: &TestGateway, url: &str) -> serde_json::Value {
+    let stats = json(&gw.url("/balancer/stats")).await;
+    stats["upstreams"]
+        .as_array()
+        .and_then(|all| all.iter().find(|u| u["url"] == url).cloned())
+        .unwrap_or_else(|| panic!("{url} not in {stats}"))
+}
+
 /// Waits (bounded) until `cond` holds.
 async fn eventually(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
@@ -147,4 +161,44 @@ async fn an_upstream_path_prefix_is_kept_for_every_request_and_the_health_check(
             assert!(paths.contains(&want), "{want} not in {paths:?}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passive_ejection_outlasts_passing_health_checks() {
+    let (a, seen_a) = recording("a", Duration::ZERO).await;
+    let (b, _) = recording("b", Duration::ZERO).await;
+    let gw = TestGateway::start(&format!(
+        "listen: 127.0.0.1:0\nhealth_check_interval: 0.1\nrecovery_threshold: 2\n\
+         routing_strategy: first-healthy\neject_after: 1\neject_for: 30\n{}",
+        upstreams_yaml(&[(a.url(), true), (b.url(), true)])
+    ))
+    .await;
+    assert_eq!(get(&gw.url("/work")).await.2, "a");
+    // `a` keeps answering its health check but fails one live request: ejected for 30 s.
+    seen_a.failing.store(true, Ordering::SeqCst);
+    assert_eq!(
+        get(&gw.url("/work")).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let hits = seen_a.hits.load(Ordering::SeqCst);
+    // Twenty check intervals later (ten times recovery_threshold), it is still out.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(get(&gw.url("/work")).await.2, "b");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen_a.hits.load(Ordering::SeqCst),
+        hits,
+        "no request reached a"
+    );
+    let checks = seen_a.paths().iter().filter(|p| *p == "/healthz").count();
+    assert!(checks >= 10, "only {checks} health checks of a");
+    let a_stats = upstream_stats(&gw, &a.url()).await;
+    assert_eq!(a_stats["status"], "ejected", "{a_stats}");
+    assert_eq!(a_stats["ejected"], true);
+    assert!(
+        a_stats["ejected_for_seconds"].as_f64().unwrap() > 25.0,
+        "{a_stats}"
+    );
 }

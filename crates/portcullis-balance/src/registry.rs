@@ -224,6 +224,9 @@ pub(crate) struct Inner<T> {
     dirty: AtomicU64,
     rebuilding: AtomicBool,
     seeded: AtomicBool,
+    /// Given to every replica's [`HealthState`] (see
+    /// [`ReplicaRegistry::set_uneject_on_active_check`]).
+    uneject_on_active_check: AtomicBool,
     rr: AtomicUsize,
     strategy: RoutingStrategy,
     panic_threshold: f64,
@@ -304,6 +307,7 @@ impl<T> ReplicaRegistry<T> {
                 dirty: AtomicU64::new(0),
                 rebuilding: AtomicBool::new(false),
                 seeded: AtomicBool::new(false),
+                uneject_on_active_check: AtomicBool::new(false),
                 rr: AtomicUsize::new(0),
                 strategy,
                 panic_threshold,
@@ -327,6 +331,28 @@ impl<T> ReplicaRegistry<T> {
         self.inner.admin.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// With `true`, `recovery_threshold` good active health checks also end a passive
+    /// ejection, as Envoy's `successful_active_health_check_uneject_host` does; with `false`
+    /// (the default) an ejected replica stays out until its cooldown ends and the one live
+    /// request leased to it succeeds (see
+    /// [`HealthState::set_uneject_on_active_check`]). Applies to every replica, present and
+    /// added later.
+    pub fn set_uneject_on_active_check(&self, on: bool) {
+        let _g = self.admin();
+        self.inner
+            .uneject_on_active_check
+            .store(on, Ordering::SeqCst);
+        for r in self.inner.members.load().iter() {
+            r.health.set_uneject_on_active_check(on);
+        }
+    }
+
+    /// [`set_uneject_on_active_check`](Self::set_uneject_on_active_check), builder style.
+    pub fn with_uneject_on_active_check(self, on: bool) -> Self {
+        self.set_uneject_on_active_check(on);
+        self
+    }
+
     /// Adds a replica at runtime (healthy, last of its tier). Returns `false` (and changes
     /// nothing) when `key` is already present. Marks the pool as seeded (see
     /// [`ensure`](Self::ensure)).
@@ -338,13 +364,16 @@ impl<T> ReplicaRegistry<T> {
         if members.iter().any(|r| r.key == key) {
             return false;
         }
+        let health = HealthState::new(self.inner.policy.clone());
+        health
+            .set_uneject_on_active_check(self.inner.uneject_on_active_check.load(Ordering::SeqCst));
         let mut next = Vec::with_capacity(members.len() + 1);
         next.extend(members.iter().cloned());
         next.push(Arc::new(Replica {
             key,
             tier,
             target,
-            health: Arc::new(HealthState::new(self.inner.policy.clone())),
+            health: Arc::new(health),
             inflight: AtomicUsize::new(0),
             removed: AtomicBool::new(false),
             registry: Arc::downgrade(&self.inner),

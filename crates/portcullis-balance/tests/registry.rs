@@ -354,3 +354,35 @@ fn snapshot_is_serializable_and_complete() {
     }
     assert_eq!(v["replicas"][1]["tier"], "secondary");
 }
+
+#[tokio::test]
+async fn good_health_checks_end_a_passive_ejection_only_when_asked_to() {
+    for uneject in [false, true] {
+        let r = ReplicaRegistry::new(&Config {
+            routing_strategy: RoutingStrategy::FirstHealthy,
+            eject_after: 1,
+            eject_for: 30.0,
+            recovery_threshold: 2,
+            ..Config::default()
+        })
+        .with_uneject_on_active_check(uneject);
+        r.add("a", Tier::Primary, "a".to_string());
+        r.add("b", Tier::Primary, "b".to_string());
+        // `a` answers its health check but failed a live request.
+        r.pick().unwrap().record(false);
+        assert_eq!(pick(&r), "b");
+        let probe = FlagProbe::default();
+        for _ in 0..5 {
+            cycle(&r, &probe).await;
+        }
+        let a = &r.snapshot().replicas[0];
+        if uneject {
+            assert_eq!(a.counters.status, Status::Healthy);
+            assert_eq!(pick(&r), "a", "back by its health checks");
+        } else {
+            assert_eq!(a.counters.status, Status::Ejected, "out for its cooldown");
+            assert!(a.counters.ejected_for > Duration::from_secs(29));
+            assert!((0..10).all(|_| pick(&r) == "b"));
+        }
+    }
+}

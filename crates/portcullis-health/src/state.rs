@@ -12,13 +12,18 @@
 //!      │  │                     one CAS lease    ▼   │ re-eject, longer           │
 //!      │  └────────(lease succeeded)─────────  PROBING                            │
 //!      │                                                                          │
-//!      └──────(recovery_threshold consecutive good probes, from any state)────────┘
+//!      └──(recovery_threshold consecutive good probes; from EJECTED/PROBING only──┘
+//!                  with uneject_on_active_check)
 //! ```
 //!
-//! * **Active checks** (HAProxy's `rise`/`fall`, the seed registry's N/M): `failure_threshold`
-//!   consecutive failed probes make the replica [`Status::Unhealthy`] from any state;
-//!   `recovery_threshold` consecutive good probes make it [`Status::Healthy`] again. Each
-//!   outcome resets the opposite counter.
+//! * **Active checks** (HAProxy's `rise`/`fall`): `failure_threshold` consecutive failed
+//!   probes make the replica [`Status::Unhealthy`] from any state; `recovery_threshold`
+//!   consecutive good probes make it [`Status::Healthy`] again. Each outcome resets the
+//!   opposite counter. Good probes do not end a passive ejection unless
+//!   [`set_uneject_on_active_check`](HealthState::set_uneject_on_active_check) is on
+//!   (Envoy's `successful_active_health_check_uneject_host`): a replica that answers its
+//!   health endpoint but fails live traffic would otherwise be back within
+//!   `recovery_threshold` probe intervals, whatever `eject_for` says.
 //! * **Passive outlier ejection** (Envoy's `consecutive_5xx`): `eject_after` consecutive failed
 //!   live responses eject a healthy replica for `eject_for`. When the cooldown has expired,
 //!   exactly one request is leased to it as a probe by a compare-and-swap
@@ -27,17 +32,21 @@
 //!   re-ejection, capped at `eject_max`). Envoy grows it linearly (`base_ejection_time ×
 //!   ejection count`); doubling reaches the cap in a few steps, so a replica that keeps
 //!   failing is soon tried only rarely.
+//! * **Flapping**: the ejection count survives a reinstatement. A replica ejected again
+//!   within `eject_max` (at least `eject_for`) of its last reinstatement gets the next,
+//!   doubled cooldown; one that stayed in that long starts over at `eject_for`.
 //! * Both signals drive the *same* status word, so a replica that active checks marked
 //!   unhealthy is never reinstated by one lucky live request (only a lease from `EJECTED` can
-//!   reinstate, and unhealthy replicas are never leased), and an ejected replica can also
-//!   earn its way back with `recovery_threshold` passing probes (counted from the ejection).
+//!   reinstate, and unhealthy replicas are never leased); with `uneject_on_active_check` an
+//!   ejected replica can also earn its way back with `recovery_threshold` passing probes
+//!   (counted from the ejection).
 //!
 //! The status and the ejection deadline are packed in one `AtomicU64` so that a transition
 //! and its deadline change together in one compare-and-swap; every other field is an atomic
 //! counter. Nothing here locks, allocates or does I/O, so the request path may call it.
 //! Time is `tokio::time::Instant`, so tests drive it with tokio's paused clock.
 
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,6 +144,12 @@ impl HealthPolicy {
         let grown = self.eject_for.saturating_mul(factor);
         grown.min(self.eject_max.max(self.eject_for))
     }
+
+    /// How long a reinstated replica remembers its ejection count: `eject_max`, at least
+    /// `eject_for`. Ejected again within it, the replica gets the next, doubled cooldown.
+    pub fn flap_window(&self) -> Duration {
+        self.eject_max.max(self.eject_for)
+    }
 }
 
 const STATUS_SHIFT: u32 = 62;
@@ -163,8 +178,12 @@ pub struct HealthCounters {
     pub consecutive_probe_successes: u32,
     /// Consecutive failed live responses.
     pub consecutive_response_failures: u32,
-    /// Consecutive ejections (the cooldown multiplier); 0 once reinstated.
+    /// Consecutive ejections (the cooldown multiplier) while ejected or probing; 0 otherwise.
     pub ejections: u32,
+    /// The ejection count the next cooldown grows from: `ejections` while ejected, and kept
+    /// after a reinstatement for [`HealthPolicy::flap_window`], so a replica that flaps gets
+    /// ever longer cooldowns; 0 once it stayed in that long.
+    pub recent_ejections: u32,
     /// Time left before an ejected replica may be probed (0 when not ejected or expired).
     #[serde(serialize_with = "ser_secs")]
     pub ejected_for: Duration,
@@ -192,7 +211,11 @@ pub struct HealthState {
     probe_failures: AtomicU32,
     probe_successes: AtomicU32,
     response_failures: AtomicU32,
+    /// Consecutive ejections, kept after a reinstatement (see `recent_ejections`).
     ejections: AtomicU32,
+    /// When the last ejection ended by a reinstatement (nanoseconds as the deadline; 0: never).
+    reinstated_at: AtomicU64,
+    uneject_on_active_check: AtomicBool,
     last_probe_latency_ns: AtomicU64,
     base: Instant,
     policy: Arc<HealthPolicy>,
@@ -211,6 +234,8 @@ impl HealthState {
             probe_successes: AtomicU32::new(0),
             response_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
+            reinstated_at: AtomicU64::new(0),
+            uneject_on_active_check: AtomicBool::new(false),
             last_probe_latency_ns: AtomicU64::new(NO_LATENCY),
             base: Instant::now(),
             policy,
@@ -220,6 +245,19 @@ impl HealthState {
     /// The policy this state runs under.
     pub fn policy(&self) -> &HealthPolicy {
         &self.policy
+    }
+
+    /// With `true`, `recovery_threshold` good active probes also end a passive ejection
+    /// (Envoy's `successful_active_health_check_uneject_host`). Off by default: an ejected
+    /// replica then stays out until its cooldown ends and a live request leased to it
+    /// succeeds, since a replica can answer its health endpoint and still fail real requests.
+    pub fn set_uneject_on_active_check(&self, on: bool) {
+        self.uneject_on_active_check.store(on, Ordering::Relaxed);
+    }
+
+    /// See [`set_uneject_on_active_check`](Self::set_uneject_on_active_check).
+    pub fn uneject_on_active_check(&self) -> bool {
+        self.uneject_on_active_check.load(Ordering::Relaxed)
     }
 
     /// The current status (one atomic load).
@@ -284,12 +322,18 @@ impl HealthState {
         }
     }
 
-    /// Moves to `to` from any status but `to`; returns the transition made.
-    fn force(&self, to: Status, deadline: u64) -> Option<Transition> {
+    /// Moves to `to` from any status but `to` that `from_ok` accepts; returns the transition
+    /// made.
+    fn force(
+        &self,
+        to: Status,
+        deadline: u64,
+        from_ok: impl Fn(Status) -> bool,
+    ) -> Option<Transition> {
         let mut cur = self.word.load(Ordering::Acquire);
         loop {
             let (from, _) = unpack(cur);
-            if from == to {
+            if from == to || !from_ok(from) {
                 return None;
             }
             match self.word.compare_exchange_weak(
@@ -304,12 +348,24 @@ impl HealthState {
         }
     }
 
-    /// Records one active probe outcome and its latency.
+    /// Records one active probe outcome and its latency, now.
     ///
     /// `failure_threshold` consecutive failures make the replica unhealthy (from any status);
-    /// `recovery_threshold` consecutive successes make it healthy (from any status). Each
-    /// outcome resets the opposite streak.
+    /// `recovery_threshold` consecutive successes make it healthy (from an ejection only with
+    /// [`uneject_on_active_check`](Self::set_uneject_on_active_check)). Each outcome resets
+    /// the opposite streak.
     pub fn record_probe(&self, healthy: bool, latency: Duration) -> Option<Transition> {
+        self.record_probe_at(healthy, latency, Instant::now())
+    }
+
+    /// [`record_probe`](Self::record_probe) at `now` (the time a reinstatement is
+    /// remembered at).
+    pub fn record_probe_at(
+        &self,
+        healthy: bool,
+        latency: Duration,
+        now: Instant,
+    ) -> Option<Transition> {
         self.last_probe_latency_ns.store(
             u64::try_from(latency.as_nanos()).unwrap_or(NO_LATENCY - 1),
             Ordering::Relaxed,
@@ -318,10 +374,13 @@ impl HealthState {
             self.probe_failures.store(0, Ordering::Release);
             let ok = bump(&self.probe_successes);
             if ok >= self.policy.recovery_threshold.max(1) {
-                let t = self.force(Status::Healthy, 0);
-                if t.is_some() {
+                let uneject = self.uneject_on_active_check();
+                let t = self.force(Status::Healthy, 0, |from| uneject || !from.is_ejected());
+                if let Some(t) = t {
                     self.response_failures.store(0, Ordering::Release);
-                    self.ejections.store(0, Ordering::Release);
+                    if t.from.is_ejected() {
+                        self.reinstated_at.store(self.nanos(now), Ordering::Release);
+                    }
                 }
                 return t;
             }
@@ -329,10 +388,22 @@ impl HealthState {
             self.probe_successes.store(0, Ordering::Release);
             let failed = bump(&self.probe_failures);
             if failed >= self.policy.failure_threshold.max(1) {
-                return self.force(Status::Unhealthy, 0);
+                return self.force(Status::Unhealthy, 0, |_| true);
             }
         }
         None
+    }
+
+    /// The ejection count a passive ejection at `now` grows from: the stored count while the
+    /// last reinstatement is within [`HealthPolicy::flap_window`], else 0.
+    fn recent_ejections(&self, now: Instant) -> u32 {
+        let at = self.reinstated_at.load(Ordering::Acquire);
+        let window = u64::try_from(self.policy.flap_window().as_nanos()).unwrap_or(u64::MAX);
+        if at != 0 && self.nanos(now).saturating_sub(at) < window {
+            self.ejections.load(Ordering::Acquire)
+        } else {
+            0
+        }
     }
 
     /// Records the outcome of one live response.
@@ -363,7 +434,7 @@ impl HealthState {
             }
             if success {
                 self.response_failures.store(0, Ordering::Release);
-                self.ejections.store(0, Ordering::Release);
+                self.reinstated_at.store(self.nanos(now), Ordering::Release);
                 return Some(Transition {
                     from: Status::Probing,
                     to: Status::Healthy,
@@ -392,7 +463,8 @@ impl HealthState {
         if unpack(cur).0 != Status::Healthy {
             return None;
         }
-        let deadline = self.nanos(now + self.policy.cooldown(1));
+        let k = self.recent_ejections(now).saturating_add(1);
+        let deadline = self.nanos(now + self.policy.cooldown(k));
         if self
             .word
             .compare_exchange(
@@ -405,7 +477,7 @@ impl HealthState {
         {
             return None;
         }
-        self.ejections.store(1, Ordering::Release);
+        self.ejections.store(k, Ordering::Release);
         self.response_failures.store(0, Ordering::Release);
         self.probe_successes.store(0, Ordering::Release);
         Some(Transition {
@@ -433,12 +505,22 @@ impl HealthState {
             Duration::ZERO
         };
         let lat = self.last_probe_latency_ns.load(Ordering::Relaxed);
+        let recent_ejections = if status.is_ejected() {
+            self.ejections.load(Ordering::Acquire)
+        } else {
+            self.recent_ejections(now)
+        };
         HealthCounters {
             status,
             consecutive_probe_failures: self.probe_failures.load(Ordering::Acquire),
             consecutive_probe_successes: self.probe_successes.load(Ordering::Acquire),
             consecutive_response_failures: self.response_failures.load(Ordering::Acquire),
-            ejections: self.ejections.load(Ordering::Acquire),
+            ejections: if status.is_ejected() {
+                self.ejections.load(Ordering::Acquire)
+            } else {
+                0
+            },
+            recent_ejections,
             ejected_for,
             last_probe_latency: (lat != NO_LATENCY).then(|| Duration::from_nanos(lat)),
         }
@@ -645,6 +727,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ejected_replica_recovers_by_m_good_probes() {
         let s = HealthState::new(policy(3, 2, 1));
+        s.set_uneject_on_active_check(true);
         // It was healthy for a long time: a high success streak must not count.
         for _ in 0..10 {
             s.record_probe(true, MS);
@@ -659,6 +742,70 @@ mod tests {
                 to: Status::Healthy
             })
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn good_probes_do_not_end_a_passive_ejection_by_default() {
+        let s = HealthState::new(policy(3, 2, 1));
+        assert!(!s.uneject_on_active_check());
+        s.record_response(false, false, Instant::now());
+        for _ in 0..20 {
+            assert_eq!(s.record_probe(true, MS), None);
+            tokio::time::advance(Duration::from_millis(500)).await;
+        }
+        // 10 s of passing probes: still ejected until the lease succeeds.
+        assert_eq!(s.status(), Status::Ejected);
+        assert!(s.try_lease(Instant::now()));
+        assert_eq!(s.record_probe(true, MS), None, "nor while its lease is out");
+        s.record_response(true, true, Instant::now());
+        assert_eq!(s.status(), Status::Healthy);
+        // Failed probes still mark an ejected replica down.
+        s.record_response(false, false, Instant::now());
+        for _ in 0..3 {
+            s.record_probe(false, MS);
+        }
+        assert_eq!(s.status(), Status::Unhealthy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_replica_keeps_its_ejection_count() {
+        // eject_for 10 s, cap 25 s: the count is kept for 25 s after a reinstatement.
+        for uneject in [false, true] {
+            let s = HealthState::new(policy(3, 1, 1));
+            s.set_uneject_on_active_check(uneject);
+            let mut cooldowns = Vec::new();
+            for _ in 0..3 {
+                s.record_response(false, false, Instant::now());
+                let c = s.counters(Instant::now());
+                cooldowns.push(c.ejected_for.as_secs());
+                assert_eq!(c.ejections, c.recent_ejections);
+                tokio::time::advance(c.ejected_for).await;
+                if uneject {
+                    assert!(s.record_probe(true, MS).is_some(), "a good check un-ejects");
+                } else {
+                    assert!(s.try_lease(Instant::now()));
+                    s.record_response(true, true, Instant::now());
+                }
+                assert_eq!(s.status(), Status::Healthy);
+                let c = s.counters(Instant::now());
+                assert_eq!(
+                    (c.ejections, c.recent_ejections),
+                    (0, cooldowns.len() as u32)
+                );
+                tokio::time::advance(Duration::from_secs(5)).await;
+            }
+            assert_eq!(
+                cooldowns,
+                [10, 20, 25],
+                "uneject_on_active_check: {uneject}"
+            );
+            // In for the whole window: the next ejection starts over.
+            tokio::time::advance(Duration::from_secs(25)).await;
+            assert_eq!(s.counters(Instant::now()).recent_ejections, 0);
+            s.record_response(false, false, Instant::now());
+            let c = s.counters(Instant::now());
+            assert_eq!((c.ejected_for.as_secs(), c.ejections), (10, 1));
+        }
     }
 
     #[test]

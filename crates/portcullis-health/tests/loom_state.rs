@@ -162,3 +162,30 @@ fn concurrent_failures_eject_once() {
         assert_eq!((c.status, c.ejections), (Status::Ejected, 1));
     });
 }
+
+/// With `uneject_on_active_check` off (the default), a good health check racing the lease
+/// never reinstates the replica: it stays ejected (re-ejected by the failed lease, with the
+/// next ejection count) whichever runs first.
+#[test]
+fn a_good_check_does_not_undo_an_ejection_racing_its_lease() {
+    loom::model(|| {
+        let s = ejected(3);
+        let lease = {
+            let s = s.clone();
+            thread::spawn(move || {
+                assert!(s.try_lease(Instant::now()));
+                s.record_response(false, true, Instant::now());
+            })
+        };
+        let checker = {
+            let s = s.clone();
+            thread::spawn(move || {
+                assert_eq!(s.record_probe(true, Duration::from_millis(1)), None);
+            })
+        };
+        lease.join().unwrap();
+        checker.join().unwrap();
+        let c = s.counters(Instant::now());
+        assert_eq!((c.status, c.ejections), (Status::Ejected, 2));
+    });
+}

@@ -1,7 +1,8 @@
 //! Property: [`HealthState`] (active thresholds, passive ejection, the recovery lease, the
-//! growing cooldown) behaves exactly as a small reference model written here, under random
-//! sequences of probe results, live responses, lease attempts and outcomes, lease give-backs
-//! and clock advances.
+//! growing cooldown, the ejection count kept across a reinstatement, both settings of
+//! `uneject_on_active_check`) behaves exactly as a small reference model written here, under
+//! random sequences of probe results, live responses, lease attempts and outcomes, lease
+//! give-backs and clock advances.
 //!
 //! The model follows the state machine as the code implements it today. The cooldown growth
 //! is the one function [`growth`]: `eject_for` doubled on each consecutive ejection.
@@ -52,6 +53,9 @@ struct Model {
     ejections: u32,
     deadline: Duration,
     lease_held: bool,
+    uneject_on_active_check: bool,
+    /// When the last ejection ended by a reinstatement.
+    reinstated_at: Option<Duration>,
 }
 
 impl Model {
@@ -65,15 +69,29 @@ impl Model {
         Some(Transition { from, to })
     }
 
-    fn probe(&mut self, ok: bool) -> Option<Transition> {
+    /// The count the next passive ejection grows from.
+    fn recent_ejections(&self, now: Duration) -> u32 {
+        let window = self.p.eject_max.max(self.p.eject_for);
+        match self.reinstated_at {
+            Some(at) if now - at < window => self.ejections,
+            _ => 0,
+        }
+    }
+
+    fn probe(&mut self, ok: bool, now: Duration) -> Option<Transition> {
         if ok {
             self.probe_failures = 0;
             self.probe_successes += 1;
             if self.probe_successes >= self.p.recovery_threshold.max(1) {
+                if self.status.is_ejected() && !self.uneject_on_active_check {
+                    return None;
+                }
                 let t = self.force(Status::Healthy);
-                if t.is_some() {
+                if let Some(t) = t {
                     self.response_failures = 0;
-                    self.ejections = 0;
+                    if t.from.is_ejected() {
+                        self.reinstated_at = Some(now);
+                    }
                 }
                 return t;
             }
@@ -99,9 +117,10 @@ impl Model {
         if self.response_failures < self.p.eject_after || self.status != Status::Healthy {
             return None;
         }
+        let k = self.recent_ejections(now) + 1;
         self.status = Status::Ejected;
-        self.deadline = now + cooldown(&self.p, 1);
-        self.ejections = 1;
+        self.deadline = now + cooldown(&self.p, k);
+        self.ejections = k;
         self.response_failures = 0;
         self.probe_successes = 0;
         Some(Transition {
@@ -128,7 +147,7 @@ impl Model {
             self.status = Status::Healthy;
             self.deadline = Duration::ZERO;
             self.response_failures = 0;
-            self.ejections = 0;
+            self.reinstated_at = Some(now);
             return Some(Transition {
                 from: Status::Probing,
                 to: Status::Healthy,
@@ -166,8 +185,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
 
     #[test]
-    fn health_state_matches_the_reference_model(p in policy(), ops in prop::collection::vec(op(), 1..80)) {
+    fn health_state_matches_the_reference_model(
+        p in policy(),
+        uneject in any::<bool>(),
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
         let s = HealthState::new(Arc::new(p.clone()));
+        s.set_uneject_on_active_check(uneject);
         let t0 = Instant::now();
         let mut now = Duration::ZERO;
         let mut m = Model {
@@ -179,12 +203,17 @@ proptest! {
             ejections: 0,
             deadline: Duration::ZERO,
             lease_held: false,
+            uneject_on_active_check: uneject,
+            reinstated_at: None,
         };
         for op in ops {
             let at = t0 + now;
             match op {
                 Op::Probe(ok) => {
-                    prop_assert_eq!(s.record_probe(ok, Duration::from_millis(1)), m.probe(ok));
+                    prop_assert_eq!(
+                        s.record_probe_at(ok, Duration::from_millis(1), at),
+                        m.probe(ok, now)
+                    );
                 }
                 Op::Response(ok) => {
                     prop_assert_eq!(s.record_response(ok, false, at), m.response(ok, now));
@@ -206,7 +235,10 @@ proptest! {
             prop_assert_eq!(c.consecutive_probe_failures, m.probe_failures);
             prop_assert_eq!(c.consecutive_probe_successes, m.probe_successes);
             prop_assert_eq!(c.consecutive_response_failures, m.response_failures);
-            prop_assert_eq!(c.ejections, m.ejections);
+            let ejected = m.status.is_ejected();
+            prop_assert_eq!(c.ejections, if ejected { m.ejections } else { 0 });
+            let recent = if ejected { m.ejections } else { m.recent_ejections(now) };
+            prop_assert_eq!(c.recent_ejections, recent);
             let left = if m.status == Status::Ejected {
                 m.deadline.saturating_sub(now)
             } else {
