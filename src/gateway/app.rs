@@ -26,8 +26,8 @@ use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
 use portcullis_admission::{
-    CapacitySource, EndpointConfig as AdmissionEndpoint, Endpoints, HttpAdmissionLayer,
-    LocalCapacity,
+    CapacitySource, EndpointConfig as AdmissionEndpoint, Endpoints, HoldOnCancelLayer,
+    HttpAdmissionLayer, LocalCapacity, OnClientCancel,
 };
 use portcullis_balance::{CheckerHandle, HttpBalance, ReplicaRegistry, Tier};
 use portcullis_breaker::{Breaker, HttpFallback};
@@ -206,7 +206,7 @@ impl Gateway {
                         LocalCapacity::new(initial(p, e))
                     })
                     .map_err(BuildError)?;
-                    let svc = admission_stack(&endpoints, &can_serve, primary.clone());
+                    let svc = admission_stack(&endpoints, &can_serve, &config, primary.clone());
                     if let Some(ready) = &startup_ready {
                         tasks.push(tokio::spawn(startup::probe_local(
                             Arc::clone(&config),
@@ -242,7 +242,7 @@ impl Gateway {
                             }
                         }
                     }
-                    let svc = admission_stack(&endpoints, &can_serve, primary.clone());
+                    let svc = admission_stack(&endpoints, &can_serve, &config, primary.clone());
                     if let Some(ready) = &startup_ready {
                         tasks.push(tokio::spawn(startup::probe_shared(
                             Arc::clone(&config),
@@ -439,8 +439,15 @@ impl Service<(ProxyTo, Request<Body>)> for Dispatch {
     }
 }
 
-/// The admission layer over `endpoints`, gated by `can_serve`, in front of `inner`.
-fn admission_stack<C, S>(endpoints: &Endpoints<C>, can_serve: &CanServe, inner: S) -> GatewayService
+/// The admission layer over `endpoints`, gated by `can_serve`, in front of `inner`; with
+/// `on_client_cancel: hold`, a [`HoldOnCancel`](portcullis_admission::HoldOnCancel) right
+/// below it keeps a cancelled request's slot until its upstream request has ended.
+fn admission_stack<C, S>(
+    endpoints: &Endpoints<C>,
+    can_serve: &CanServe,
+    config: &GatewayConfig,
+    inner: S,
+) -> GatewayService
 where
     C: CapacitySource,
     C::Permit: Send + Sync,
@@ -452,7 +459,16 @@ where
     S::Future: Send + 'static,
 {
     let layer = HttpAdmissionLayer::new(endpoints.clone()).with_health(can_serve.clone());
-    BoxCloneSyncService::new(layer.layer(inner).map_response(to_body))
+    match config.on_client_cancel {
+        OnClientCancel::Release => {
+            BoxCloneSyncService::new(layer.layer(inner).map_response(to_body))
+        }
+        OnClientCancel::Hold => {
+            let hold = HoldOnCancelLayer::new(config.client_cancel_hold_limit());
+            let layer = layer.hold_on_client_cancel(true);
+            BoxCloneSyncService::new(layer.layer(hold.layer(inner)).map_response(to_body))
+        }
+    }
 }
 
 fn to_body<B>(resp: Response<B>) -> Response<Body>

@@ -16,6 +16,7 @@
 //! The timer is created only when the first poll finds no slot, so admissions that do not
 //! wait never touch the timer wheel.
 
+use crate::hold::{HeldSlot, HoldCounter};
 use crate::limiter::Limiter;
 use crate::source::{AcquireError, CapacitySource};
 use crate::{QueueFull, QueueTimeout, StorageUnavailable, Unhealthy};
@@ -146,6 +147,88 @@ pub(crate) enum AdmitError<E, Req> {
     Inner(E),
 }
 
+/// An admitted request's slot: dropping it releases the slot (for a slot shared with a
+/// [`HoldOnCancel`](crate::hold::HoldOnCancel) below, when the last holder drops it).
+///
+/// While it lives, the request counts in its endpoint's `local_active`.
+pub struct AdmissionSlot<C: CapacitySource> {
+    inner: SlotRef<C>,
+}
+
+enum SlotRef<C: CapacitySource> {
+    Owned(Granted<C>),
+    Shared { _share: Arc<Granted<C>> },
+}
+
+/// A granted permit and the limiter that counts it.
+pub(crate) struct Granted<C: CapacitySource> {
+    _permit: C::Permit,
+    limiter: Arc<Limiter<C>>,
+}
+
+impl<C: CapacitySource> Granted<C> {
+    fn new(permit: C::Permit, limiter: Arc<Limiter<C>>) -> Self {
+        limiter.metrics.slot_taken();
+        Self {
+            _permit: permit,
+            limiter,
+        }
+    }
+}
+
+impl<C: CapacitySource> Drop for Granted<C> {
+    fn drop(&mut self) {
+        self.limiter.metrics.slot_returned();
+    }
+}
+
+impl<C: CapacitySource> HoldCounter for Granted<C> {
+    fn held(&self) {
+        self.limiter.metrics.held_after_cancel();
+    }
+
+    fn cut(&self) {
+        self.limiter.metrics.held_cut();
+    }
+}
+
+impl<C: CapacitySource> AdmissionSlot<C> {
+    /// Wraps `permit`; with `attach`, also hands a [`HeldSlot`] sharing it to `req`.
+    #[inline]
+    fn grant<Req>(
+        permit: C::Permit,
+        limiter: &Arc<Limiter<C>>,
+        attach: Option<Attach<Req>>,
+        req: &mut Req,
+    ) -> Self {
+        let granted = Granted::new(permit, Arc::clone(limiter));
+        let inner = match attach {
+            None => SlotRef::Owned(granted),
+            Some(attach) => {
+                let shared = Arc::new(granted);
+                attach(
+                    req,
+                    HeldSlot::new(Arc::clone(&shared) as Arc<dyn HoldCounter>),
+                );
+                SlotRef::Shared { _share: shared }
+            }
+        };
+        Self { inner }
+    }
+}
+
+impl<C: CapacitySource> fmt::Debug for AdmissionSlot<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = matches!(self.inner, SlotRef::Shared { .. });
+        f.debug_struct("AdmissionSlot")
+            .field("shared_with_hold", &shared)
+            .finish()
+    }
+}
+
+/// Hands a request's [`HeldSlot`] to it (the HTTP form puts it in the extensions).
+pub(crate) type Attach<Req> = fn(&mut Req, HeldSlot);
+
 pin_project! {
     /// Health gate + slot + inner call; yields the inner response and its permit.
     pub(crate) struct Admit<S: Service<Req>, Req, C: CapacitySource> {
@@ -167,11 +250,12 @@ pin_project! {
             wait: Pin<Box<WaitForSlot<C>>>,
             svc: Option<S>,
             req: Option<Req>,
+            attach: Option<Attach<Req>>,
         },
         Called {
             #[pin]
             fut: S::Future,
-            permit: Option<C::Permit>,
+            permit: Option<AdmissionSlot<C>>,
         },
         Done,
     }
@@ -185,21 +269,25 @@ where
     /// Starts admitting `req` to `inner`, which must be ready (its `poll_ready` returned
     /// `Ready(Ok)`). On the fast path `inner` is called now; otherwise the ready service is
     /// moved into the future (a fresh clone is left in its place) and called once admitted.
+    /// With `attach`, the granted slot is shared with the request through it (see
+    /// [`HoldOnCancel`](crate::hold::HoldOnCancel)).
     #[inline]
     pub(crate) fn start(
         limiter: &Arc<Limiter<C>>,
         health: Option<&dyn HealthSource>,
         inner: &mut S,
-        req: Req,
+        mut req: Req,
+        attach: Option<Attach<Req>>,
     ) -> Self {
         // Fast path, inlined into the caller: healthy and a slot free.
         if health.is_none_or(|h| h.can_serve()) {
             if let Some(permit) = limiter.source().try_acquire() {
                 limiter.metrics.admitted_now();
-                return Self::called(inner.call(req), Some(permit));
+                let slot = AdmissionSlot::grant(permit, limiter, attach, &mut req);
+                return Self::called(inner.call(req), Some(slot));
             }
         }
-        Self::start_slow(limiter, health, inner, req)
+        Self::start_slow(limiter, health, inner, req, attach)
     }
 
     /// The rest of [`start`](Self::start): refuse (unhealthy), or queue (no slot free).
@@ -211,6 +299,7 @@ where
         health: Option<&dyn HealthSource>,
         inner: &mut S,
         req: Req,
+        attach: Option<Attach<Req>>,
     ) -> Self {
         if let Some(h) = health {
             if !h.can_serve() {
@@ -225,6 +314,7 @@ where
                 wait: Box::pin(WaitForSlot::new(Arc::clone(limiter))),
                 svc: Some(svc),
                 req: Some(req),
+                attach,
             },
         }
     }
@@ -233,7 +323,7 @@ where
 impl<S: Service<Req>, Req, C: CapacitySource> Admit<S, Req, C> {
     /// A request that is not subject to admission (an unwatched path): no slot.
     #[inline]
-    pub(crate) fn called(fut: S::Future, permit: Option<C::Permit>) -> Self {
+    pub(crate) fn called(fut: S::Future, permit: Option<AdmissionSlot<C>>) -> Self {
         Self {
             state: State::Called { fut, permit },
         }
@@ -250,10 +340,7 @@ impl<S: Service<Req>, Req, C: CapacitySource> Admit<S, Req, C> {
 }
 
 type AdmitOutput<S, Req, C> = Result<
-    (
-        <S as Service<Req>>::Response,
-        Option<<C as CapacitySource>::Permit>,
-    ),
+    (<S as Service<Req>>::Response, Option<AdmissionSlot<C>>),
     AdmitError<<S as Service<Req>>::Error, Req>,
 >;
 
@@ -273,14 +360,21 @@ impl<S: Service<Req>, Req, C: CapacitySource> Future for Admit<S, Req, C> {
                     this.state.set(State::Done);
                     return Poll::Ready(Err(out));
                 }
-                StateProj::Waiting { wait, svc, req } => {
+                StateProj::Waiting {
+                    wait,
+                    svc,
+                    req,
+                    attach,
+                } => {
                     let granted = ready!(wait.as_mut().poll(cx));
-                    let (mut svc, req) = match (svc.take(), req.take()) {
+                    let (mut svc, mut req) = match (svc.take(), req.take()) {
                         (Some(s), Some(q)) => (s, q),
                         _ => panic!("admission future polled after completion"),
                     };
                     match granted {
                         Ok(permit) => {
+                            let permit =
+                                AdmissionSlot::grant(permit, &wait.limiter, *attach, &mut req);
                             // If `call` panics, unwinding drops `permit`: the slot is released.
                             let fut = svc.call(req);
                             this.state.set(State::Called {

@@ -124,7 +124,10 @@ pub mod source;
 mod stats;
 mod sync;
 
-pub use crate::hold::OnClientCancel;
+pub use crate::admit::AdmissionSlot;
+pub use crate::hold::{
+    HeldSlot, HoldBody, HoldFuture, HoldOnCancel, HoldOnCancelLayer, OnClientCancel,
+};
 pub use crate::http::{AdmissionBody, Endpoints, HttpAdmission, HttpAdmissionLayer};
 pub use admission::{Admission, AdmissionLayer};
 pub use config::{Config, EndpointConfig};

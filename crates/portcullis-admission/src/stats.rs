@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds, inclusive) of the queue-wait histogram buckets; a last, implicit
@@ -25,6 +25,12 @@ pub(crate) struct Metrics {
     pub(crate) rejected_503: AtomicU64,
     pub(crate) timed_out_504: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    /// Slots granted by this process and not yet released.
+    pub(crate) local_active: AtomicUsize,
+    /// Requests whose client went away and that were held to their end.
+    pub(crate) held_after_cancel: AtomicU64,
+    /// Held requests cut off at the hold time limit.
+    pub(crate) held_cut: AtomicU64,
     /// Waits of admitted requests that went through the queue, per bucket.
     waited: [AtomicU64; N_BUCKETS],
     waited_nanos: AtomicU64,
@@ -53,6 +59,24 @@ impl Metrics {
 
     pub(crate) fn timed_out(&self) {
         self.timed_out_504.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn slot_taken(&self) {
+        self.local_active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn slot_returned(&self) {
+        self.local_active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn held_after_cancel(&self) {
+        self.held_after_cancel.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn held_cut(&self) {
+        self.held_cut.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn cancelled(&self) {
@@ -95,8 +119,12 @@ impl Metrics {
 pub struct EndpointStats {
     /// The current capacity (maximum concurrent requests).
     pub capacity: usize,
-    /// Requests holding a slot now (until their response body ends).
+    /// Requests holding a slot now (until their response body ends). With shared (Redis)
+    /// storage this is the global count, the same in every process: do not sum it across
+    /// processes; `local_active` is this process's share.
     pub active_requests: usize,
+    /// Slots held by this process now (equals `active_requests` with in-process storage).
+    pub local_active: usize,
     /// `capacity - active_requests`, at least 0.
     pub available_slots: usize,
     /// Requests waiting in the FIFO queue now.
@@ -116,6 +144,12 @@ pub struct EndpointStats {
     pub timed_out_504: u64,
     /// Requests whose client went away while they were queued.
     pub cancelled: u64,
+    /// Admitted requests whose client went away and that kept their slot while their
+    /// upstream request ran to its end (`on_client_cancel: hold`).
+    pub held_after_cancel: u64,
+    /// Of those, the ones cut off at the hold time limit (slot freed, upstream request
+    /// dropped).
+    pub held_cut: u64,
     /// How long admitted requests waited for their slot.
     pub queue_wait: QueueWaitHistogram,
 }

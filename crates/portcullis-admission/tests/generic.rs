@@ -213,18 +213,20 @@ async fn storage_unavailable_becomes_a_typed_error_and_a_503() {
     assert_eq!(eps.stats().endpoints["/x"].rejected_503, 1);
 }
 
-fn http_svc(
-    layer: &HttpAdmissionLayer<LocalCapacity>,
-) -> impl Service<
-    Request<()>,
-    Response = Response<
-        portcullis_core::RejectionBody<
-            portcullis_admission::AdmissionBody<Full<Bytes>, portcullis_admission::LocalPermit>,
+/// The response of an admission-wrapped test service.
+type HttpSvcResponse = Response<
+    portcullis_core::RejectionBody<
+        portcullis_admission::AdmissionBody<
+            Full<Bytes>,
+            portcullis_admission::AdmissionSlot<LocalCapacity>,
         >,
     >,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone {
+>;
+
+fn http_svc(
+    layer: &HttpAdmissionLayer<LocalCapacity>,
+) -> impl Service<Request<()>, Response = HttpSvcResponse, Error = Infallible, Future = impl Send> + Clone
+{
     layer.layer(service_fn(|req: Request<()>| async move {
         let ms: u64 = req.uri().query().and_then(|q| q.parse().ok()).unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(ms)).await;

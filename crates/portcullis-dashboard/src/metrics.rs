@@ -11,6 +11,7 @@
 //! | `portcullis_live`, `portcullis_ready` | gauge (0/1) | |
 //! | `portcullis_endpoint_capacity` | gauge | `endpoint` |
 //! | `portcullis_endpoint_active_requests` | gauge | `endpoint` |
+//! | `portcullis_endpoint_local_active` | gauge | `endpoint` |
 //! | `portcullis_endpoint_available_slots` | gauge | `endpoint` |
 //! | `portcullis_endpoint_queue_depth` | gauge | `endpoint` |
 //! | `portcullis_endpoint_queue_timeout_seconds` | gauge | `endpoint` |
@@ -18,6 +19,7 @@
 //! | `portcullis_endpoint_rejected_503_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_timed_out_504_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_cancelled_total` | counter | `endpoint` |
+//! | `portcullis_endpoint_held_after_cancel_total`, `portcullis_endpoint_held_cut_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_queue_wait_seconds` | histogram | `endpoint` |
 //! | `portcullis_upstream_healthy`, `portcullis_upstream_ejected` | gauge (0/1) | `upstream`, `tier` |
 //! | `portcullis_upstream_inflight` | gauge | `upstream`, `tier` |
@@ -197,6 +199,12 @@ impl Collector for StatsCollector {
         )?;
         gauge_f64(
             e,
+            "endpoint_local_active",
+            "Slots held by this process (the global count is endpoint_active_requests).",
+            ep(|x| x.local_active as f64),
+        )?;
+        gauge_f64(
+            e,
             "endpoint_available_slots",
             "Free slots.",
             ep(|x| x.available_slots as f64),
@@ -241,6 +249,18 @@ impl Collector for StatsCollector {
             "endpoint_cancelled",
             "Requests whose client left while queued.",
             epc(|x| x.cancelled),
+        )?;
+        counter(
+            e,
+            "endpoint_held_after_cancel",
+            "Admitted requests held to their end after their client left.",
+            epc(|x| x.held_after_cancel),
+        )?;
+        counter(
+            e,
+            "endpoint_held_cut",
+            "Held requests cut off at the hold time limit.",
+            epc(|x| x.held_cut),
         )?;
         histogram(
             e,

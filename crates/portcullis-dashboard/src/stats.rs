@@ -96,6 +96,18 @@ pub struct EndpointStats {
     /// Requests whose client went away while queued.
     #[serde(default)]
     pub cancelled: u64,
+    /// Slots held by this process now. With shared (Redis) storage `active_requests` is the
+    /// global count, the same in every process; this is the process's own share, the one
+    /// to sum across processes.
+    #[serde(default)]
+    pub local_active: u64,
+    /// Admitted requests whose client went away and that kept their slot until their
+    /// upstream request ended (`on_client_cancel: hold`).
+    #[serde(default)]
+    pub held_after_cancel: u64,
+    /// Of those, the ones cut off at the hold time limit.
+    #[serde(default)]
+    pub held_cut: u64,
     /// How long admitted requests waited for their slot.
     #[serde(default)]
     pub queue_wait: Histogram,

@@ -91,6 +91,7 @@ where
             self.health.as_deref(),
             &mut self.inner,
             req,
+            None,
         ))
     }
 }

@@ -1,5 +1,5 @@
 use super::AdmissionBody;
-use crate::admit::{Admit, AdmitError};
+use crate::admit::{AdmissionSlot, Admit, AdmitError};
 use crate::source::CapacitySource;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -31,7 +31,8 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     C: CapacitySource,
 {
-    type Output = Result<Response<RejectionBody<AdmissionBody<ResBody, C::Permit>>>, S::Error>;
+    type Output =
+        Result<Response<RejectionBody<AdmissionBody<ResBody, AdmissionSlot<C>>>>, S::Error>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

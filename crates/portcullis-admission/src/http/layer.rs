@@ -26,6 +26,7 @@ use tower_layer::Layer;
 pub struct HttpAdmissionLayer<C = LocalCapacity> {
     endpoints: Endpoints<C>,
     health: Option<Arc<dyn HealthSource>>,
+    hold: bool,
 }
 
 impl HttpAdmissionLayer<LocalCapacity> {
@@ -42,7 +43,19 @@ impl<C: CapacitySource> HttpAdmissionLayer<C> {
         Self {
             endpoints,
             health: None,
+            hold: false,
         }
+    }
+
+    /// With `true`, every admitted watched request shares its slot with a
+    /// [`HoldOnCancel`](crate::HoldOnCancel) placed directly below this layer, so a request
+    /// whose client goes away keeps its slot until its upstream request has ended
+    /// ([`OnClientCancel::Hold`](crate::OnClientCancel::Hold)). Without a `HoldOnCancel`
+    /// below, the share is dropped with the request and the slot is released as with
+    /// `false` (the default: [`OnClientCancel::Release`](crate::OnClientCancel::Release)).
+    pub fn hold_on_client_cancel(mut self, hold: bool) -> Self {
+        self.hold = hold;
+        self
     }
 
     /// Refuses watched requests with 503 `backend_unhealthy` (and `Retry-After`) before
@@ -69,6 +82,7 @@ impl<C> Clone for HttpAdmissionLayer<C> {
         Self {
             endpoints: self.endpoints.clone(),
             health: self.health.clone(),
+            hold: self.hold,
         }
     }
 }
@@ -78,6 +92,7 @@ impl<C: CapacitySource + fmt::Debug> fmt::Debug for HttpAdmissionLayer<C> {
         f.debug_struct("HttpAdmissionLayer")
             .field("endpoints", &self.endpoints)
             .field("health_gate", &self.health.is_some())
+            .field("hold_on_client_cancel", &self.hold)
             .finish()
     }
 }
@@ -86,6 +101,11 @@ impl<S, C: CapacitySource> Layer<S> for HttpAdmissionLayer<C> {
     type Service = HttpAdmission<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HttpAdmission::from_parts(inner, self.endpoints.clone(), self.health.clone())
+        HttpAdmission::from_parts(
+            inner,
+            self.endpoints.clone(),
+            self.health.clone(),
+            self.hold,
+        )
     }
 }

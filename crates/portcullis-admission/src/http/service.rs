@@ -1,5 +1,6 @@
 use super::{Endpoints, ResponseFuture};
-use crate::admit::Admit;
+use crate::admit::{AdmissionSlot, Admit, Attach};
+use crate::hold::HeldSlot;
 use crate::local::LocalCapacity;
 use crate::source::CapacitySource;
 use http::{Request, Response};
@@ -20,6 +21,7 @@ pub struct HttpAdmission<S, C = LocalCapacity> {
     inner: S,
     endpoints: Endpoints<C>,
     health: Option<Arc<dyn HealthSource>>,
+    hold: bool,
 }
 
 impl<S, C> HttpAdmission<S, C> {
@@ -27,11 +29,13 @@ impl<S, C> HttpAdmission<S, C> {
         inner: S,
         endpoints: Endpoints<C>,
         health: Option<Arc<dyn HealthSource>>,
+        hold: bool,
     ) -> Self {
         Self {
             inner,
             endpoints,
             health,
+            hold,
         }
     }
 
@@ -47,6 +51,7 @@ impl<S: Clone, C> Clone for HttpAdmission<S, C> {
             inner: self.inner.clone(),
             endpoints: self.endpoints.clone(),
             health: self.health.clone(),
+            hold: self.hold,
         }
     }
 }
@@ -56,6 +61,7 @@ impl<S: fmt::Debug, C: CapacitySource + fmt::Debug> fmt::Debug for HttpAdmission
         f.debug_struct("HttpAdmission")
             .field("inner", &self.inner)
             .field("endpoints", &self.endpoints)
+            .field("hold_on_client_cancel", &self.hold)
             .finish()
     }
 }
@@ -65,7 +71,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     C: CapacitySource,
 {
-    type Response = Response<RejectionBody<AdmissionBody<ResBody, C::Permit>>>;
+    type Response = Response<RejectionBody<AdmissionBody<ResBody, AdmissionSlot<C>>>>;
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqBody, C>;
 
@@ -75,9 +81,23 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let admit = match self.endpoints.lookup(req.uri().path(), req.method()) {
-            Some(limiter) => Admit::start(limiter, self.health.as_deref(), &mut self.inner, req),
+            Some(limiter) => {
+                let attach = self.hold.then_some(attach_held::<ReqBody> as Attach<_>);
+                Admit::start(
+                    limiter,
+                    self.health.as_deref(),
+                    &mut self.inner,
+                    req,
+                    attach,
+                )
+            }
             None => Admit::called(self.inner.call(req), None),
         };
         ResponseFuture::new(admit)
     }
+}
+
+/// Shares a watched request's slot with a [`HoldOnCancel`](crate::HoldOnCancel) below.
+fn attach_held<B>(req: &mut Request<B>, slot: HeldSlot) {
+    req.extensions_mut().insert(slot);
 }

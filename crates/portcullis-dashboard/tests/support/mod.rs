@@ -35,6 +35,9 @@ pub fn sample_stats(active: u64, queue: u64) -> Stats {
             rejected_503: 2,
             timed_out_504: 1,
             cancelled: 0,
+            local_active: active,
+            held_after_cancel: 3,
+            held_cut: 0,
             queue_wait: Histogram::from_counts(&WAIT_BOUNDS, &waits, 42.5),
         },
     );
