@@ -1,6 +1,7 @@
 //! Behaviours an operator relies on, through the whole gateway against real axum backends on
-//! 127.0.0.1: an upstream path prefix kept on every request and on the health check, and a
-//! passive ejection that good health checks do not undo.
+//! 127.0.0.1: an upstream path prefix kept on every request and on the health check, a
+//! passive ejection that good health checks do not undo, and the breaker's route chosen
+//! after the admission queue.
 
 mod support;
 
@@ -200,5 +201,56 @@ async fn a_passive_ejection_outlasts_passing_health_checks() {
     assert!(
         a_stats["ejected_for_seconds"].as_f64().unwrap() > 25.0,
         "{a_stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waited_for_admission_follows_the_breaker_of_when_it_is_sent() {
+    let (primary, seen_p) = recording("primary", Duration::from_millis(1500)).await;
+    let (fallback, _) = recording("fallback", Duration::ZERO).await;
+    let gw = TestGateway::start(&format!(
+        "listen: 127.0.0.1:0\nhealth_check_interval: 0.1\neject_after: 0\nqueue_timeout: 20\n\
+         endpoints:\n  /slow: {{capacity: 1}}\n\
+         fallback: {{url: \"{}\", failure_threshold: 2, recheck_interval: 60, min_fallback_duration: 60}}\n{}",
+        fallback.url(),
+        upstreams_yaml(&[(primary.url(), true)])
+    ))
+    .await;
+    // The first request holds the only slot for 1.5 s; the second waits for it.
+    let url = gw.url("/slow");
+    let first = tokio::spawn(async move { get(&url).await });
+    eventually(
+        "the first request is in",
+        Duration::from_secs(5),
+        async || seen_p.hits.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    let url = gw.url("/slow");
+    let second = tokio::spawn(async move { get(&url).await });
+    eventually(
+        "the second request is queued",
+        Duration::from_secs(5),
+        async || json(&gw.url("/balancer/stats")).await["endpoints"]["/slow"]["queue_depth"] == 1,
+    )
+    .await;
+    // Meanwhile the primary fails twice on an unwatched path: the breaker trips.
+    seen_p.failing.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        assert_eq!(
+            get(&gw.url("/other")).await.0,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+    assert_eq!(
+        json(&gw.url("/balancer/stats")).await["fallback"]["engaged"],
+        true
+    );
+    first.await.unwrap();
+    let (status, _, body) = second.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "fallback"));
+    assert_eq!(
+        seen_p.hits.load(Ordering::SeqCst),
+        3,
+        "the queued request skipped the primary"
     );
 }

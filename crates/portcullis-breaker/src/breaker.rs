@@ -15,6 +15,7 @@ use portcullis_health::{HttpProbe, Probe};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -207,13 +208,43 @@ impl AtomicCounters {
     }
 }
 
-/// Where one request goes, decided in `poll_ready`.
+/// Where one request goes, decided in `call`.
 #[derive(Debug)]
 pub(crate) enum Route {
     Primary,
     Fallback,
     /// A half-open trial of the primary while the fallback is engaged.
     Trial(TrialGuard),
+}
+
+/// The readiness of a service that routes between the two sides (both `Fallback` forms):
+/// the primary's (`primary`, already polled) and, when a fallback is configured and has not
+/// already failed, the fallback's. A fallback `poll_ready` error goes to `failed`, to be
+/// answered to the next request routed there, and counts as ready: a broken fallback must
+/// not stop the primary's traffic.
+pub(crate) fn poll_both_ready<E>(
+    breaker: &Breaker,
+    primary: Poll<()>,
+    fallback_failed: bool,
+    poll_fallback: impl FnOnce() -> Poll<Result<(), E>>,
+    failed: impl FnOnce(E),
+) -> Poll<()> {
+    let fallback = if breaker.has_fallback() && !fallback_failed {
+        match poll_fallback() {
+            Poll::Ready(Err(e)) => {
+                failed(e);
+                Poll::Ready(())
+            }
+            ready => ready.map(drop),
+        }
+    } else {
+        Poll::Ready(())
+    };
+    if primary.is_ready() && fallback.is_ready() {
+        Poll::Ready(())
+    } else {
+        Poll::Pending
+    }
 }
 
 /// Holds the single half-open trial slot; released on drop (a cancelled trial counts for

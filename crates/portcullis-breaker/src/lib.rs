@@ -35,9 +35,12 @@
 //!
 //! # Cost on the NORMAL path
 //!
-//! Routing is one atomic load in `poll_ready`; a success is one atomic load (a store only if
-//! the streak was non-zero); a failure is one `fetch_add`. No lock, no allocation, only the
-//! active side's `poll_ready` is polled. See `BENCHMARKS.md`.
+//! Routing is one atomic load in `call`; a success is one atomic load (a store only if the
+//! streak was non-zero); a failure is one `fetch_add`. No lock, no allocation. `poll_ready`
+//! makes both sides ready (the primary alone when no fallback is configured), so that the
+//! route is chosen when the request is sent, not when its connection became ready: a request
+//! that waited in an admission queue meanwhile follows the breaker's state of that moment.
+//! See `BENCHMARKS.md`.
 //!
 //! # Example
 //!

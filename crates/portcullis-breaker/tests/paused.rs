@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{sleep, Instant};
-use tower::{service_fn, Layer, ServiceExt};
+use tower::{service_fn, Layer, Service, ServiceExt};
 
 /// A probe answering from a script (then `default`), recording when each attempt started
 /// and how many run at once.
@@ -427,6 +427,61 @@ async fn a_success_resets_the_failure_streak() {
     b.record_failure();
     assert_eq!(b.counters().fallback_engaged, 1);
     assert!(b.can_serve());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_route_is_chosen_when_the_request_is_sent_not_when_it_was_ready() {
+    let probe = Scripted::new(&[], false);
+    let b = breaker(config(0.0, 2), &probe);
+    let primary = service_fn(|_: u32| async { Ok::<_, BoxError>("primary") });
+    let fallback = service_fn(|_: u32| async { Ok::<_, BoxError>("fallback") });
+    let mut svc = FallbackLayer::new(fallback, b.clone()).layer(primary);
+    // Made ready while NORMAL (a connection's service, before its request waited in an
+    // admission queue), then the breaker trips, then the request is sent.
+    svc.ready().await.unwrap();
+    trip(&b);
+    assert_eq!(svc.call(1).await.unwrap(), "fallback");
+    assert_eq!(
+        svc.ready().await.unwrap().call(2).await.unwrap(),
+        "fallback"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fallback_not_ready_does_not_stop_the_primary() {
+    let probe = Scripted::new(&[], false);
+    let b = breaker(config(0.0, 2), &probe);
+    let primary = service_fn(|_: u32| async { Ok::<_, BoxError>("primary") });
+    let mut svc = FallbackLayer::new(Broken, b.clone()).layer(primary);
+    // The fallback's `poll_ready` fails: NORMAL traffic is served by the primary.
+    for i in 0..3 {
+        assert_eq!(svc.ready().await.unwrap().call(i).await.unwrap(), "primary");
+    }
+    trip(&b);
+    let e = svc.ready().await.unwrap().call(9).await.unwrap_err();
+    assert!(e.is::<FallbackUnavailable>(), "{e}");
+    assert_eq!(b.counters().fallback_failures, 1);
+}
+
+/// A service whose `poll_ready` always fails.
+#[derive(Clone)]
+struct Broken;
+
+impl tower::Service<u32> for Broken {
+    type Response = &'static str;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<&'static str, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Err("broken".into()))
+    }
+
+    fn call(&mut self, _: u32) -> Self::Future {
+        std::future::ready(Ok("broken fallback called"))
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -32,6 +32,10 @@ pin_project! {
             fut: FF,
             breaker: Breaker,
         },
+        /// The fallback was routed to but its `poll_ready` had failed.
+        Unavailable {
+            error: Option<BoxError>,
+        },
     }
 }
 
@@ -49,6 +53,12 @@ impl<PF, FF, C> ResponseFuture<PF, FF, C> {
     pub(crate) fn fallback(fut: FF, breaker: Breaker) -> Self {
         Self {
             kind: Kind::Fallback { fut, breaker },
+        }
+    }
+
+    pub(crate) fn unavailable(error: BoxError) -> Self {
+        Self {
+            kind: Kind::Unavailable { error: Some(error) },
         }
     }
 }
@@ -86,6 +96,12 @@ where
                 let out = ready!(fut.poll(cx));
                 breaker.record_fallback(out.is_ok());
                 Poll::Ready(out.map_err(|e| FallbackUnavailable::new(e.into()).into()))
+            }
+            KindProj::Unavailable { error } => {
+                let e = error
+                    .take()
+                    .expect("fallback response future polled after completion");
+                Poll::Ready(Err(FallbackUnavailable::new(e).into()))
             }
         }
     }

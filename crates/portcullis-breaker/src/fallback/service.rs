@@ -1,7 +1,6 @@
 use super::ResponseFuture;
-use crate::breaker::{Recorder, Route};
+use crate::breaker::{poll_both_ready, Recorder, Route};
 use crate::classify::{ClassifyOutcome, ErrorsAsFailures};
-use crate::error::FallbackUnavailable;
 use crate::Breaker;
 use portcullis_core::BoxError;
 use std::fmt;
@@ -11,15 +10,20 @@ use tower_service::Service;
 /// Routes each request to the primary (NORMAL) or to the fallback (while the breaker is
 /// tripped), and feeds the primary's outcomes to the [`Breaker`].
 ///
-/// The side is chosen in `poll_ready` (one atomic load in NORMAL) and only that side's
-/// readiness is polled; `call` uses the side that was made ready. Primary errors pass
-/// through (boxed); fallback errors become [`FallbackUnavailable`].
+/// `poll_ready` makes both sides ready (only the primary when no fallback is configured), as
+/// tower's `Steer` does, and `call` chooses the side from the breaker's state at that moment
+/// (one atomic load in NORMAL). So a request that waited between the two, in an admission
+/// queue say, goes where the breaker says when it is sent, not where it said when the
+/// request arrived. Primary errors pass through (boxed); fallback errors, including a
+/// fallback `poll_ready` error, become [`FallbackUnavailable`](crate::FallbackUnavailable) for the requests routed to
+/// the fallback.
 pub struct Fallback<P, F, C = ErrorsAsFailures> {
     primary: P,
     fallback: F,
     breaker: Breaker,
     classifier: C,
-    route: Option<Route>,
+    /// The fallback's `poll_ready` error, answered to the next request routed to it.
+    fallback_error: Option<BoxError>,
 }
 
 impl<P, F> Fallback<P, F> {
@@ -30,7 +34,7 @@ impl<P, F> Fallback<P, F> {
             fallback,
             breaker,
             classifier: ErrorsAsFailures,
-            route: None,
+            fallback_error: None,
         }
     }
 }
@@ -43,7 +47,7 @@ impl<P, F, C> Fallback<P, F, C> {
             fallback: self.fallback,
             breaker: self.breaker,
             classifier,
-            route: None,
+            fallback_error: None,
         }
     }
 
@@ -60,7 +64,7 @@ impl<P: Clone, F: Clone, C: Clone> Clone for Fallback<P, F, C> {
             fallback: self.fallback.clone(),
             breaker: self.breaker.clone(),
             classifier: self.classifier.clone(),
-            route: None,
+            fallback_error: None,
         }
     }
 }
@@ -89,24 +93,21 @@ where
     type Future = ResponseFuture<P::Future, F::Future, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // A trial slot already taken is kept across `Pending`; otherwise decide again.
-        let route = match self.route.take() {
-            Some(r @ Route::Trial(_)) => r,
-            _ => self.breaker.route(),
-        };
-        let ready = match route {
-            Route::Primary | Route::Trial(_) => self.primary.poll_ready(cx).map_err(Into::into),
-            Route::Fallback => self
-                .fallback
-                .poll_ready(cx)
-                .map_err(|e| FallbackUnavailable::new(e.into()).into()),
-        };
-        self.route = Some(route);
-        ready
+        // Both sides, so that `call` may route to either (see the type's docs).
+        let primary = self.primary.poll_ready(cx).map_err(Into::into)?;
+        let fallback_error = &mut self.fallback_error;
+        poll_both_ready(
+            &self.breaker,
+            primary,
+            fallback_error.is_some(),
+            || self.fallback.poll_ready(cx),
+            |e| *fallback_error = Some(e.into()),
+        )
+        .map(Ok)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.route.take().unwrap_or_else(|| self.breaker.route()) {
+        match self.breaker.route() {
             Route::Primary => ResponseFuture::primary(
                 self.primary.call(req),
                 Recorder::Normal(self.breaker.clone()),
@@ -117,9 +118,13 @@ where
                 Recorder::Trial(guard),
                 self.classifier.clone(),
             ),
-            Route::Fallback => {
-                ResponseFuture::fallback(self.fallback.call(req), self.breaker.clone())
-            }
+            Route::Fallback => match self.fallback_error.take() {
+                Some(e) => {
+                    self.breaker.record_fallback(false);
+                    ResponseFuture::unavailable(e)
+                }
+                None => ResponseFuture::fallback(self.fallback.call(req), self.breaker.clone()),
+            },
         }
     }
 }

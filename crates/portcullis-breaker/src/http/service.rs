@@ -1,5 +1,5 @@
 use super::{FallbackBody, HttpResponseFuture};
-use crate::breaker::{Recorder, Route};
+use crate::breaker::{poll_both_ready, Recorder, Route};
 use crate::Breaker;
 use http::{Request, Response};
 use portcullis_core::{is_grpc_request, RejectionBody};
@@ -20,12 +20,17 @@ pub type DefaultClassifier = SharedClassifier<ServerErrorsAsFailures>;
 /// fallback response classified as a failure, or a fallback error, is replaced by
 /// `fallback_unavailable` (503 when the fallback said 503, 502 otherwise; JSON, or gRPC
 /// trailers-only for gRPC requests).
+///
+/// `poll_ready` makes both sides ready (only the primary when no fallback is configured), as
+/// tower's `Steer` does, and `call` chooses the side from the breaker's state at that moment.
+/// So a request that waited in the admission queue goes where the breaker says when it is
+/// sent, not where it said when the request arrived.
 pub struct HttpFallback<P, F, M = DefaultClassifier> {
     primary: P,
     fallback: F,
     breaker: Breaker,
     classifier: M,
-    route: Option<Route>,
+    /// The fallback's `poll_ready` failed: the next request routed to it is refused.
     fallback_broken: bool,
 }
 
@@ -37,7 +42,6 @@ impl<P, F> HttpFallback<P, F> {
             fallback,
             breaker,
             classifier: SharedClassifier::new(ServerErrorsAsFailures::new()),
-            route: None,
             fallback_broken: false,
         }
     }
@@ -51,7 +55,6 @@ impl<P, F, M> HttpFallback<P, F, M> {
             fallback: self.fallback,
             breaker: self.breaker,
             classifier,
-            route: None,
             fallback_broken: false,
         }
     }
@@ -69,7 +72,6 @@ impl<P: Clone, F: Clone, M: Clone> Clone for HttpFallback<P, F, M> {
             fallback: self.fallback.clone(),
             breaker: self.breaker.clone(),
             classifier: self.classifier.clone(),
-            route: None,
             fallback_broken: false,
         }
     }
@@ -100,29 +102,25 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        let route = match self.route.take() {
-            Some(r @ Route::Trial(_)) => r,
-            _ => self.breaker.route(),
-        };
-        let ready = match route {
-            Route::Primary | Route::Trial(_) => self.primary.poll_ready(cx),
-            Route::Fallback => match self.fallback.poll_ready(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
-                Poll::Ready(Err(e)) => {
-                    tracing::debug!(error = %e, "fallback not ready");
-                    self.fallback_broken = true;
-                    Poll::Ready(Ok(()))
-                }
+        // Both sides, so that `call` may route to either (see the type's docs).
+        let primary = self.primary.poll_ready(cx)?;
+        let broken = &mut self.fallback_broken;
+        poll_both_ready(
+            &self.breaker,
+            primary,
+            *broken,
+            || self.fallback.poll_ready(cx),
+            |e| {
+                tracing::debug!(error = %e, "fallback not ready");
+                *broken = true;
             },
-        };
-        self.route = Some(route);
-        ready
+        )
+        .map(Ok)
     }
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let route = self.route.take().unwrap_or_else(|| self.breaker.route());
+        let route = self.breaker.route();
         let classifier = self.classifier.make_classifier(&req);
         match route {
             Route::Primary => HttpResponseFuture::primary(
