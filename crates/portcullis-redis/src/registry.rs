@@ -10,6 +10,7 @@ use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// A registered endpoint source, held weakly.
 #[derive(Clone)]
@@ -42,16 +43,31 @@ impl Registered {
     }
 }
 
-/// The live endpoint sources of a storage, read without a lock (`ArcSwap`).
+/// The live endpoint sources of a storage, read without a lock (`ArcSwap`), and the
+/// channels the pub/sub listener is to subscribe to.
 pub(crate) struct Registry {
     endpoints: ArcSwap<HashMap<String, Registered>>,
+    /// Unbounded: one message per endpoint of the process, sent once when its source is
+    /// built. Lives as long as the registry, so the listener's receiver never closes while a
+    /// source (and so the tasks) is alive.
+    subscribe: mpsc::UnboundedSender<String>,
 }
 
 impl Registry {
-    pub(crate) fn new() -> Self {
-        Self {
+    /// An empty registry, and the receiver of the pub/sub listener.
+    pub(crate) fn new() -> (Self, mpsc::UnboundedReceiver<String>) {
+        let (subscribe, subscriptions) = mpsc::unbounded_channel();
+        let registry = Self {
             endpoints: ArcSwap::from_pointee(HashMap::new()),
-        }
+            subscribe,
+        };
+        (registry, subscriptions)
+    }
+
+    /// Asks the pub/sub listener to subscribe to `channel`.
+    pub(crate) fn subscribe(&self, channel: String) {
+        // Fails only once the listener is gone with the storage's tasks.
+        let _ = self.subscribe.send(channel);
     }
 
     /// The source registered on `channel`, if any.

@@ -12,7 +12,6 @@ use crate::scripts::Keys;
 use crate::tasks::{self, RecoveryHook};
 use std::fmt;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 /// One process's handle on the shared Redis storage.
 ///
@@ -36,8 +35,6 @@ pub struct RedisStorage {
     pub(crate) process: Arc<Process>,
     registry: Arc<Registry>,
     ready: Arc<ReadyState>,
-    /// Channels for the pub/sub listener to subscribe to.
-    subscribe: mpsc::UnboundedSender<String>,
     tasks: Arc<TaskSet>,
 }
 
@@ -79,10 +76,10 @@ impl RedisStorage {
             .map_err(|e| StorageError::Config(e.to_string()))?;
         let redis = RedisClient::connect(config).await?;
         let cluster = redis.is_cluster();
-        let registry = Arc::new(Registry::new());
+        let (registry, subscriptions) = Registry::new();
+        let registry = Arc::new(registry);
         let process = Arc::new(Process::new(config.clone(), redis, registry.clone()));
         let ready = Arc::new(ReadyState::new(config.failure_threshold));
-        let (subscribe, subscriptions) = mpsc::unbounded_channel();
         let tasks = tasks::spawn(&process, &registry, &ready, subscriptions, hook);
         tracing::info!(
             url = %config.redacted_url().unwrap_or_default(),
@@ -94,7 +91,6 @@ impl RedisStorage {
             process,
             registry,
             ready,
-            subscribe,
             tasks: Arc::new(tasks),
         })
     }
@@ -128,7 +124,7 @@ impl RedisStorage {
         self.registry.register(&cap);
         // After `register`: an outage starting meanwhile either fits it or is seen here.
         cap.shared().fit_fallback();
-        let _ = self.subscribe.send(channel);
+        self.registry.subscribe(channel);
         cap
     }
 

@@ -1020,3 +1020,40 @@ async fn outage_start_counts_what_other_processes_held() {
         .unwrap();
     drop((qa, qb));
 }
+
+/// A source outlives the storage handle that built it: the pub/sub listener keeps running
+/// for it, so a capacity stored by another process reaches it by notification, long before
+/// its next heartbeat (every 10 s here) would read it.
+///
+/// Regression: the listener's subscription channel closed with the last storage handle,
+/// and the listener stopped while its sources were still serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_reach_a_source_whose_storage_was_dropped() {
+    let Some(server) = RedisServer::start("notifications_reach_a_source_whose_storage_was_dropped")
+    else {
+        return;
+    };
+    let slow_heartbeat = |c: &mut StorageConfig| c.lease_ttl = Duration::from_secs(30);
+    let a = storage(&server.url(), slow_heartbeat).await;
+    let src = a.capacity_source("/notified", 3);
+    drop(a);
+    let channel = "{portcullis:/notified}:events";
+    let subscribed = || {
+        let out = server.cli(&["PUBSUB", "NUMSUB", channel]);
+        out.lines().nth(1).map(str::trim) == Some("1")
+    };
+    assert!(
+        eventually(Duration::from_secs(5), subscribed).await,
+        "the listener subscribed"
+    );
+    assert!(eventually(Duration::from_secs(2), || src.capacity() == 3).await);
+
+    let b = storage(&server.url(), slow_heartbeat).await;
+    b.store_capacity("/notified", 7).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || src.capacity() == 7).await,
+        "the capacity change reached the source (capacity {})",
+        src.capacity()
+    );
+    assert!(subscribed(), "still subscribed");
+}
