@@ -1,7 +1,7 @@
 //! Behaviours an operator relies on, through the whole gateway against real axum backends on
 //! 127.0.0.1: an upstream path prefix kept on every request and on the health check, a
-//! passive ejection that good health checks do not undo, and the breaker's route chosen
-//! after the admission queue.
+//! passive ejection that good health checks do not undo, the breaker's route chosen after the
+//! admission queue, and the forced breaker check counted as primary evidence.
 
 mod support;
 
@@ -253,4 +253,40 @@ async fn a_request_that_waited_for_admission_follows_the_breaker_of_when_it_is_s
         3,
         "the queued request skipped the primary"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_forced_breaker_check_counts_as_a_primary_failure() {
+    let (fallback, _) = recording("fallback", Duration::ZERO).await;
+    let dead = format!("http://127.0.0.1:{}", support::closed_port().await);
+    let gw = TestGateway::start(&format!(
+        "listen: 127.0.0.1:0\nfallback: {{url: \"{}\", failure_threshold: 3, probe_max_retries: 0, \
+         recheck_interval: 60}}\n{}",
+        fallback.url(),
+        upstreams_yaml(&[(dead, true)])
+    ))
+    .await;
+    let check = async || {
+        let req = Request::post(gw.url("/balancer/fallback/check"))
+            .header("content-type", "application/json")
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, body) = send(req).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    for n in 1..=2 {
+        let report = check().await;
+        assert_eq!(report["primary"]["healthy"], false, "{report}");
+        assert_eq!(report["fallback"]["healthy"], true, "{report}");
+        assert_eq!(report["state"], "normal");
+        assert_eq!(report["consecutive_failures"], n);
+        assert_eq!(report["counters"]["primary_failures"], n, "{report}");
+        assert_eq!(report["counters"]["forced_checks"], n);
+    }
+    // The third failed check trips the breaker, as a third failed request would.
+    let report = check().await;
+    assert_eq!(report["state"], "fallback", "{report}");
+    assert_eq!(report["counters"]["primary_failures"], 3);
+    assert_eq!(get(&gw.url("/x")).await.2, "fallback");
 }

@@ -181,6 +181,7 @@ struct AtomicCounters {
     probes: AtomicU64,
     probe_failures: AtomicU64,
     probe_attempts: AtomicU64,
+    forced_checks: AtomicU64,
     half_open_trials: AtomicU64,
     half_open_failures: AtomicU64,
 }
@@ -202,6 +203,7 @@ impl AtomicCounters {
             probes: r(&self.probes),
             probe_failures: r(&self.probe_failures),
             probe_attempts: r(&self.probe_attempts),
+            forced_checks: r(&self.forced_checks),
             half_open_trials: r(&self.half_open_trials),
             half_open_failures: r(&self.half_open_failures),
         }
@@ -647,9 +649,15 @@ impl Breaker {
     }
 
     /// Probes both sides now (concurrently, each with its retries), applies the primary's
-    /// result to the state machine as the seed does (a success counts toward recovery, a
-    /// failure toward the failure streak or resets the recovery count), and returns the
-    /// status plus both probe results.
+    /// result to the state machine, and returns the status plus both probe results.
+    ///
+    /// The forced check is evidence like any other, counted the same way: in NORMAL a failed
+    /// check is a primary failure (counted in `primary_failures` and toward
+    /// `failure_threshold`, so repeated failed checks trip the breaker as failed requests
+    /// would) and a good one resets the failure streak; while tripped a good check counts
+    /// toward recovery (still gated by `min_fallback_duration`) and a failed one resets the
+    /// recovery count. So the status a check returns is the one the next request meets.
+    /// Each call is counted in `forced_checks`.
     ///
     /// Bounded: at most `(probe_max_retries + 1) × probe_timeout` plus the back-off delays.
     /// It runs in the caller's task, independently of the background prober.
@@ -667,6 +675,10 @@ impl Breaker {
             s.counters
                 .probe_attempts
                 .fetch_add(u64::from(f.attempts), Ordering::Relaxed);
+        }
+        inc(&s.counters.forced_checks);
+        if !primary.healthy {
+            inc(&s.counters.primary_failures);
         }
         s.last_probe.store(Some(Arc::new(primary.clone())));
         s.apply_primary_probe(&primary);

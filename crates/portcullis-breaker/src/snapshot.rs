@@ -70,7 +70,9 @@ pub struct Counters {
     pub primary_unhealthy: u64,
     /// PRIMARY_UNHEALTHY -> NORMAL transitions.
     pub primary_unhealthy_cleared: u64,
-    /// Primary responses classified as failures.
+    /// Primary failures: responses classified as failures, and failed forced checks
+    /// ([`Breaker::force_health_check`](crate::Breaker::force_health_check)), both of which
+    /// count toward `failure_threshold` in NORMAL.
     pub primary_failures: u64,
     /// Fallback responses or errors classified as failures.
     pub fallback_failures: u64,
@@ -80,6 +82,9 @@ pub struct Counters {
     pub probe_failures: u64,
     /// Probe attempts (retries included), background and forced.
     pub probe_attempts: u64,
+    /// Forced checks run ([`Breaker::force_health_check`](crate::Breaker::force_health_check),
+    /// `POST /balancer/fallback/check`).
+    pub forced_checks: u64,
     /// Half-open trial requests sent to the primary.
     pub half_open_trials: u64,
     /// Half-open trial requests that failed.

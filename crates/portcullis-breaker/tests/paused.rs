@@ -606,6 +606,42 @@ async fn force_health_check_probes_both_sides_and_applies_the_result() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_failed_forced_check_counts_as_a_primary_failure() {
+    let probe = Scripted::new(&[], false);
+    let cfg = Config {
+        recheck_interval: Duration::from_secs(1000),
+        ..config(0.0, 1)
+    };
+    let b = breaker(cfg, &probe);
+    let report = b.force_health_check().await;
+    assert!(!report.primary.healthy);
+    assert_eq!(report.status.state, BreakerState::Normal);
+    assert_eq!(report.status.consecutive_failures, 1);
+    assert_eq!(report.status.counters.primary_failures, 1);
+    // A failed request and a failed check make the same streak.
+    b.record_failure();
+    assert_eq!(b.state(), BreakerState::Fallback);
+    let c = b.counters();
+    assert_eq!(
+        (c.primary_failures, c.forced_checks, c.fallback_engaged),
+        (2, 1, 1)
+    );
+    // While tripped, a failed check is still counted, and changes no state.
+    let report = b.force_health_check().await;
+    assert_eq!(report.status.state, BreakerState::Fallback);
+    assert_eq!(report.status.counters.primary_failures, 3);
+    assert_eq!(report.status.counters.forced_checks, 2);
+    // Two failed checks alone trip a fresh breaker, as two failed requests would.
+    let b = breaker(config(0.0, 1), &Scripted::new(&[], false));
+    b.force_health_check().await;
+    assert_eq!(
+        b.force_health_check().await.status.state,
+        BreakerState::Fallback
+    );
+    assert_eq!(b.counters().primary_failures, 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_prober_stops_when_the_breaker_is_dropped() {
     let probe = Scripted::new(&[], false);
     let b = breaker(config(0.0, 2), &probe);
