@@ -1,7 +1,8 @@
 //! Behaviours an operator relies on, through the whole gateway against real axum backends on
 //! 127.0.0.1: an upstream path prefix kept on every request and on the health check, a
 //! passive ejection that good health checks do not undo, the breaker's route chosen after the
-//! admission queue, and the forced breaker check counted as primary evidence.
+//! admission queue, the forced breaker check counted as primary evidence, and the
+//! `Retry-After` of the 503s.
 
 mod support;
 
@@ -289,4 +290,33 @@ async fn a_failed_forced_breaker_check_counts_as_a_primary_failure() {
     assert_eq!(report["state"], "fallback", "{report}");
     assert_eq!(report["counters"]["primary_failures"], 3);
     assert_eq!(get(&gw.url("/x")).await.2, "fallback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_503s_carry_the_documented_retry_after() {
+    let (be, seen) = recording("be", Duration::ZERO).await;
+    seen.sick.store(true, Ordering::SeqCst);
+    let gw = TestGateway::start(&format!(
+        "listen: 127.0.0.1:0\nhealth_check_interval: 1.5\nfailure_threshold: 1\n\
+         endpoints:\n  /work: {{capacity: 2}}\n{}",
+        upstreams_yaml(&[(be.url(), true)])
+    ))
+    .await;
+    eventually(
+        "the upstream is marked down",
+        Duration::from_secs(5),
+        async || upstream_stats(&gw, &be.url()).await["healthy"] == false,
+    )
+    .await;
+    // An unwatched path: the next health check is the soonest a replica can return,
+    // health_check_interval rounded up to whole seconds.
+    let (status, headers, body) = get(&gw.url("/other")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("no_healthy_upstream"), "{body}");
+    assert_eq!(headers["retry-after"], "2");
+    // A watched endpoint refuses before queueing: 1 s.
+    let (status, headers, body) = get(&gw.url("/work")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("backend_unhealthy"), "{body}");
+    assert_eq!(headers["retry-after"], "1");
 }
