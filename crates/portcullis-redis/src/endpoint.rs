@@ -1,13 +1,14 @@
 //! [`EndpointShared`]: one endpoint's state, shared by its source, its permits and its
 //! task; the endpoint's script calls; and [`Slot`], the RAII slot a permit holds.
 
+use crate::capacity_cell::CapacityCell;
 use crate::config::OnError;
 use crate::error::StorageError;
 use crate::process::Process;
 use crate::scripts::{self, Keys, ScriptReply};
 use crate::slots::Slots;
 use portcullis_admission::{AcquireError, CapacitySource, LocalCapacity};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -47,14 +48,10 @@ pub(crate) struct EndpointShared {
     pub(crate) keys: Keys,
     pub(crate) endpoint: String,
     pub(crate) process: Arc<Process>,
-    capacity: AtomicUsize,
+    capacity: CapacityCell,
     pub(crate) slots: Slots,
     /// Acquire futures waiting for the task.
     pub(crate) queued: AtomicUsize,
-    /// A local `set_capacity` not yet stored in Redis (while set, Redis's value is ignored).
-    capacity_dirty: AtomicBool,
-    /// The capacity last set locally, to store.
-    desired_capacity: AtomicUsize,
     pub(crate) wake: Notify,
     /// Live sources of this endpoint, or [`STOPPED`] once its task has stopped.
     sources: AtomicUsize,
@@ -87,11 +84,9 @@ impl EndpointShared {
             // endpoint is registered, in case the storage is in an outage already).
             fallback: LocalCapacity::new(0),
             process,
-            capacity: AtomicUsize::new(capacity),
+            capacity: CapacityCell::new(capacity),
             slots: Slots::new(),
             queued: AtomicUsize::new(0),
-            capacity_dirty: AtomicBool::new(false),
-            desired_capacity: AtomicUsize::new(capacity),
             wake: Notify::new(),
             sources: AtomicUsize::new(1),
             req_tx,
@@ -106,7 +101,7 @@ impl EndpointShared {
 
     /// The capacity as last learnt from Redis or set locally.
     pub(crate) fn capacity(&self) -> usize {
-        self.capacity.load(Ordering::Acquire)
+        self.capacity.get()
     }
 
     /// This process's share of the capacity during an outage.
@@ -116,22 +111,21 @@ impl EndpointShared {
 
     fn observe(&self, r: &ScriptReply) {
         self.slots.observe_global(r.count);
-        if !self.capacity_dirty.load(Ordering::Acquire) && r.capacity != self.capacity() {
-            self.apply_capacity(r.capacity);
+        if self.capacity.learned(r.capacity) {
+            self.fit_fallback();
         }
     }
 
     /// Applies a capacity learnt from Redis (or set locally): cache and fallback limit.
     pub(crate) fn apply_capacity(&self, capacity: usize) {
-        self.capacity.store(capacity, Ordering::Release);
+        self.capacity.apply(capacity);
         self.fit_fallback();
     }
 
     /// A capacity set locally: stored in Redis by the task, Redis's value ignored until then.
     pub(crate) fn set_capacity(&self, capacity: usize) {
-        self.desired_capacity.store(capacity, Ordering::Release);
-        self.capacity_dirty.store(true, Ordering::Release);
-        self.apply_capacity(capacity);
+        self.capacity.set_local(capacity);
+        self.fit_fallback();
         let _ = self.cmd_tx.send(Cmd::SetCapacity);
         self.wake.notify_one();
     }
@@ -142,7 +136,7 @@ impl EndpointShared {
         if self.process.is_degraded() {
             return Ok(false);
         }
-        let c = self.desired_capacity.load(Ordering::Acquire);
+        let c = self.capacity.to_store();
         self.process
             .redis
             .invoke::<i64>(
@@ -152,10 +146,7 @@ impl EndpointShared {
                     .arg(&self.keys.channel),
             )
             .await?;
-        // A newer set_capacity keeps the flag (and is stored next).
-        if self.desired_capacity.load(Ordering::Acquire) == c {
-            self.capacity_dirty.store(false, Ordering::Release);
-        }
+        self.capacity.stored(c);
         Ok(true)
     }
 
@@ -230,7 +221,7 @@ impl EndpointShared {
 
     /// After an outage: store a capacity changed meanwhile, wake the task.
     pub(crate) fn after_recovery(&self) {
-        if self.capacity_dirty.load(Ordering::Acquire) {
+        if self.capacity.is_pending() {
             let _ = self.cmd_tx.send(Cmd::SetCapacity);
         }
         self.wake.notify_one();

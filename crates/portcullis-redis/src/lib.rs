@@ -25,7 +25,8 @@
 //! # Files
 //!
 //! Bottom to top (each file uses only those above it): `config`, `error`, [`scripts`],
-//! `slots` (an endpoint's slot accounting, pure), `outage` (the outage state machine),
+//! `slots` (an endpoint's slot accounting, pure), `capacity_cell` (an endpoint's capacity
+//! and a local change not stored yet), `outage` (the outage state machine),
 //! `connection` (connection and TLS setup, bounded calls), `process` (the process-wide
 //! state and the outage's start and end), `endpoint` (one endpoint's state and script
 //! calls), `dispatcher` (one endpoint's task), [`capacity`] (the source and its permit),
@@ -56,6 +57,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capacity;
+mod capacity_cell;
 mod capacity_store;
 mod config;
 mod connection;
