@@ -11,29 +11,11 @@ use axum::Router;
 use portcullis::gateway::server::ConnectionLimits;
 use portcullis::gateway::{app::serve_with_limits, Gateway, GatewayConfig};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{backend, gateway_binary};
+use support::backend;
+use support::gateway_process::GatewayProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn app() -> Router {
     Router::new()
@@ -41,59 +23,15 @@ fn app() -> Router {
         .route("/hello", get(|| async { "hello" }))
 }
 
-/// Starts the gateway binary with `extra` YAML lines; returns it and its base address.
-async fn start_binary(be: &support::Server, extra: &str) -> (Proc, String) {
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("portcullis-limits-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("gw.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen: 127.0.0.1:{port}\nworkers: 2\ndrain_timeout: 2\n{extra}upstreams:\n  - {{url: \"{}\"}}\n",
-            be.url()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(gateway_binary())
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let base = format!("127.0.0.1:{port}");
-    let start = Instant::now();
-    loop {
-        if ready(&base).await {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "gateway never ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (proc, base)
-}
-
-/// `GET /readyz` on a fresh connection the gateway closes after answering (so it holds no
-/// `max_connections` slot afterwards).
-async fn ready(addr: &str) -> bool {
-    let attempt = async {
-        let mut c = TcpStream::connect(addr).await.ok()?;
-        c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut got = Vec::new();
-        c.read_to_end(&mut got).await.ok()?;
-        Some(got.starts_with(b"HTTP/1.1 200"))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Some(true))
-    )
+/// Starts the gateway binary with `extra` YAML lines; returns it (ready) and its address.
+async fn start_binary(be: &support::Server, extra: &str) -> (GatewayProcess, String) {
+    let yaml = format!(
+        "workers: 2\ndrain_timeout: 2\n{extra}upstreams:\n  - {{url: \"{}\"}}\n",
+        be.url()
+    );
+    let proc = GatewayProcess::start("limits", &yaml).await;
+    let addr = proc.addr();
+    (proc, addr)
 }
 
 /// One raw `GET /hello` on `conn`; the bytes of the response head and body (read until the
