@@ -147,7 +147,7 @@ async fn run(cli: Cli) -> ExitCode {
     let limits = ConnectionLimits::from_config(gateway.config());
     let served = serve_sharded_watched(
         listeners,
-        gateway.router(),
+        gateway.app(),
         shutdown_signal(),
         drain,
         health,

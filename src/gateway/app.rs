@@ -4,13 +4,20 @@
 //! The request path, outermost first:
 //!
 //! ```text
-//! axum Router ── /healthz /readyz /balancer/stats /metrics /balancer/ui   (operator routes)
-//!      └─ fallback: HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
+//! App: one path check (see super::front)
+//!  ├─ operator prefix → axum Router ── /healthz /readyz /balancer/... /metrics /balancer/ui
+//!  │                        └─ (no route matched) → the data path below
+//!  └─ any other path → the data path:
+//!       HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
 //!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
 //!                  ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
-//!                  │              └─ Proxy to the picked upstream (pooled hyper client)
+//!                  │              └─ Proxy to the picked upstream (per-thread pool)
 //!                  └─ fallback: Proxy to `fallback.url`
 //! ```
+//!
+//! The response body is one concrete type from the proxy up to the admission layer (each
+//! layer wraps it, `http_body_util::Either` joins the branches) and is boxed once, at the
+//! top ([`GatewayService`]).
 //!
 //! The admission layer's capacity source is in-process ([`LocalCapacity`]) with
 //! `storage: {type: memory}` and Redis-shared ([`RedisCapacity`]) with `storage: {type:
@@ -18,7 +25,8 @@
 //! `probe_on_startup` is set (see [`super::startup`]).
 
 use super::config::{GatewayConfig, StorageType};
-use super::proxy::{Proxy, ProxySettings, ProxyTo, Upstream};
+use super::front::App;
+use super::proxy::{Proxy, ProxyBody, ProxySettings, ProxyTo, Upstream};
 use super::startup;
 use super::stats::GatewayStats;
 use axum::body::Body;
@@ -59,6 +67,8 @@ const READINESS_REFRESH: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Gateway {
     router: Router,
+    app: App,
+    proxy: Proxy,
     config: Arc<GatewayConfig>,
     registry: ReplicaRegistry<ProxyTo>,
     breaker: Option<Breaker>,
@@ -71,6 +81,7 @@ pub struct Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        self.proxy.close_idle_connections();
         for t in &self.tasks {
             t.abort();
         }
@@ -125,12 +136,12 @@ impl Gateway {
         let checker = registry.spawn_http_checker(&balance_config);
         // The request path is one concrete type down to the proxy (no boxing per layer);
         // only the top of it is boxed, below.
-        let pool = HttpBalance::new(Dispatch, registry.clone()).map_response(to_body);
+        let pool = HttpBalance::new(Dispatch, registry.clone());
 
         // Optional circuit-breaker fallback around the pool.
         let mut fallback_to: Option<ProxyTo> = None;
         let (primary, breaker) = match &config.fallback {
-            None => (Either::Left(pool.clone()), None),
+            None => (Either::Left(pool.clone().map_response(either_left)), None),
             Some(fallback) => {
                 let fallback_proxy = match &fallback.url {
                     Some(url) => Some(
@@ -156,11 +167,11 @@ impl Gateway {
                 }
                 fallback_to = fallback_proxy.map(|u| proxy.to(u));
                 let fallback_svc = match &fallback_to {
-                    Some(to) => Either::Left(to.clone()),
-                    None => Either::Right(pool.clone()),
+                    Some(to) => Either::Left(to.clone().map_response(either_left)),
+                    None => Either::Right(pool.clone().map_response(either_right)),
                 };
                 let svc = HttpFallback::new(pool.clone(), fallback_svc, breaker.clone())
-                    .map_response(to_body);
+                    .map_response(either_right);
                 (Either::Right(svc), Some(breaker))
             }
         };
@@ -279,7 +290,8 @@ impl Gateway {
             .merge(operator)
             .merge(fallback_check_route(&config, breaker.clone()))
             .merge(admin_routes(&config, &registry, &proxy))
-            .fallback_service(admitted);
+            .fallback_service(admitted.clone());
+        let app = App::with_data_path(router.clone(), admitted, operator_prefixes(&config));
 
         let health_server = if config.health_server.enable {
             let mut server = HealthServer::from_config(&config.health_server, health.clone());
@@ -297,6 +309,8 @@ impl Gateway {
 
         Ok(Self {
             router,
+            app,
+            proxy,
             config,
             registry,
             breaker,
@@ -311,6 +325,13 @@ impl Gateway {
     /// The router serving everything (proxy and operator routes).
     pub fn router(&self) -> Router {
         self.router.clone()
+    }
+
+    /// What the servers serve: the router for operator paths, the data path directly for
+    /// every other (one path check per request instead of a route lookup; see
+    /// [`front`](super::front)). Serves the same responses as [`Gateway::router`].
+    pub fn app(&self) -> App {
+        self.app.clone()
     }
 
     /// The config the gateway was built with.
@@ -423,7 +444,7 @@ fn fallback_check_route(config: &GatewayConfig, breaker: Option<Breaker>) -> Rou
 struct Dispatch;
 
 impl Service<(ProxyTo, Request<Body>)> for Dispatch {
-    type Response = Response<Body>;
+    type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = <ProxyTo as Service<Request<Body>>>::Future;
 
@@ -442,7 +463,7 @@ impl Service<(ProxyTo, Request<Body>)> for Dispatch {
 /// The admission layer over `endpoints`, gated by `can_serve`, in front of `inner`; with
 /// `on_client_cancel: hold`, a [`HoldOnCancel`](portcullis_admission::HoldOnCancel) right
 /// below it keeps a cancelled request's slot until its upstream request has ended.
-fn admission_stack<C, S>(
+fn admission_stack<C, S, B>(
     endpoints: &Endpoints<C>,
     can_serve: &CanServe,
     config: &GatewayConfig,
@@ -451,12 +472,14 @@ fn admission_stack<C, S>(
 where
     C: CapacitySource,
     C::Permit: Send + Sync,
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + Sync
         + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError> + Send,
 {
     let layer = HttpAdmissionLayer::new(endpoints.clone()).with_health(can_serve.clone());
     match config.on_client_cancel {
@@ -469,6 +492,28 @@ where
             BoxCloneSyncService::new(layer.layer(hold.layer(inner)).map_response(to_body))
         }
     }
+}
+
+/// The first branch of a response body that can come from two services.
+fn either_left<L, R>(resp: Response<L>) -> Response<http_body_util::Either<L, R>> {
+    resp.map(http_body_util::Either::Left)
+}
+
+/// The second branch of a response body that can come from two services.
+fn either_right<L, R>(resp: Response<R>) -> Response<http_body_util::Either<L, R>> {
+    resp.map(http_body_util::Either::Right)
+}
+
+/// Every path prefix the operator router may answer (see [`App::with_data_path`]): the
+/// health routes, `/metrics`, everything under `/balancer` and the dashboard's path.
+fn operator_prefixes(config: &GatewayConfig) -> Vec<String> {
+    vec![
+        portcullis_health::HEALTHZ_PATH.to_owned(),
+        portcullis_health::READYZ_PATH.to_owned(),
+        portcullis_dashboard::METRICS_PATH.to_owned(),
+        "/balancer".to_owned(),
+        config.ui.normalized_path(),
+    ]
 }
 
 fn to_body<B>(resp: Response<B>) -> Response<Body>
@@ -555,7 +600,7 @@ impl std::fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
-/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and gives
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and gives
 /// in-flight requests up to `drain` to finish. Connections get the default
 /// [`ConnectionLimits`](super::server::ConnectionLimits); [`serve_with_limits`] takes a
 /// config's.
@@ -564,13 +609,13 @@ impl std::error::Error for BuildError {}
 /// timeout cut some off.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<bool> {
     serve_with_limits(
         listener,
-        router,
+        app,
         shutdown,
         drain,
         super::server::ConnectionLimits::default(),
@@ -583,12 +628,12 @@ pub async fn serve(
 /// and `max_connections`. See [`server`](super::server) for the behaviour.
 pub async fn serve_with_limits(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
     limits: super::server::ConnectionLimits,
 ) -> std::io::Result<bool> {
-    super::server::serve_listener(listener, router, shutdown, drain, limits).await
+    super::server::serve_listener(listener, app, shutdown, drain, limits).await
 }
 
 /// Converts any response into an axum response (used to unify the layers' body types).

@@ -9,11 +9,14 @@
 //! * [`UpstreamBody`] wraps the upstream's response body on its way to the client and ends it
 //!   with an error when the upstream sends nothing for `upstream_body_timeout`, so a trickling
 //!   upstream cannot hold an admission slot forever. The client sees the truncation: hyper
-//!   aborts the connection (or resets the HTTP/2 stream) on a body error.
+//!   aborts the connection (or resets the HTTP/2 stream) on a body error. It also holds the
+//!   pooled upstream connection of the exchange and gives it back to the pool the moment the
+//!   body ends cleanly (see [`super::pool`]); on any other end the connection is dropped.
 //!
 //! Both timers are armed lazily, only when a read would wait, and re-armed after each frame:
 //! a body that is already buffered costs no timer.
 
+use super::pool::PooledConn;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -321,6 +324,7 @@ pin_project! {
         inner: B,
         timer: IdleTimer,
         request: Option<Arc<BodyWatch>>,
+        conn: Option<PooledConn>,
     }
 }
 
@@ -338,6 +342,28 @@ impl<B> UpstreamBody<B> {
             inner,
             timer: IdleTimer::new(idle),
             request,
+            conn: None,
+        }
+    }
+}
+
+impl<B: Body> UpstreamBody<B> {
+    /// Gives `conn` back to its pool when the body ends cleanly (at once for an empty body).
+    pub(crate) fn with_connection(mut self, conn: Option<PooledConn>) -> Self {
+        self.conn = conn;
+        if self.inner.is_end_stream() {
+            release(&mut self.conn, self.request.as_deref());
+        }
+        self
+    }
+}
+
+/// Gives the connection back once the response ended, when the request body went out whole
+/// too (a request body still streaming would hold the connection).
+fn release(conn: &mut Option<PooledConn>, request: Option<&BodyWatch>) {
+    if let Some(conn) = conn.take() {
+        if request.is_none_or(|w| w.outcome() == BodyOutcome::Complete) {
+            conn.release();
         }
     }
 }
@@ -354,13 +380,18 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timer.progress();
+                if this.conn.is_some() && this.inner.is_end_stream() {
+                    release(this.conn, this.request.as_deref());
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
+                // The connection is broken: never reused.
+                this.conn.take();
                 if this
                     .request
                     .as_ref()
@@ -372,9 +403,13 @@ where
                 }
                 Poll::Ready(Some(Err(e.into())))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                release(this.conn, this.request.as_deref());
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 if this.timer.poll_expired(cx) {
+                    this.conn.take();
                     tracing::debug!(idle = ?this.timer.idle, "upstream body stalled: cut off");
                     return Poll::Ready(Some(Err(Box::new(UpstreamBodyTimeout(this.timer.idle)))));
                 }

@@ -8,6 +8,8 @@ pub mod admin;
 pub mod app;
 pub mod bodies;
 pub mod config;
+pub mod front;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod startup;
@@ -16,5 +18,6 @@ pub mod upstream_url;
 
 pub use app::{serve, BuildError, Gateway, GatewayService};
 pub use config::{ConfigError, GatewayConfig};
-pub use proxy::{Proxy, ProxySettings, ProxyTo, Upstream};
+pub use front::App;
+pub use proxy::{Proxy, ProxyBody, ProxySettings, ProxyTo, Upstream};
 pub use server::{bind_reuseport, serve_sharded, serve_sharded_watched};

@@ -1,10 +1,13 @@
-//! The reverse-proxy core of the gateway: one shared, pooled `hyper-util` client.
+//! The reverse-proxy core of the gateway.
 //!
-//! * One client (and so one keep-alive connection pool) for the whole process; [`Proxy`] is
-//!   cheap to clone and every clone shares it.
+//! * HTTP/1 upstreams are reached through the proxy's own per-thread connection pool on
+//!   `hyper::client::conn::http1` ([`super::pool`]): LIFO idle stacks, a connection back in
+//!   its stack the moment its response body ends, no lock. HTTP/2 upstreams (gRPC, which
+//!   needs HTTP/2 end to end) go through a per-thread pooled `hyper-util` client.
 //! * Request and response bodies are streamed through, never buffered whole.
 //! * Hop-by-hop headers (RFC 9110 §7.6.1, plus every header named in `Connection`) are removed
-//!   both ways; `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are added.
+//!   both ways; `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are added. The
+//!   request's header map is moved upstream and edited in place, never rebuilt.
 //! * A connect error (or a connection the upstream broke) answers 502 `bad_gateway`; no
 //!   response headers within `upstream_timeout` answers 504 `upstream_timeout`. The JSON body
 //!   never names the upstream: internal addresses stay internal (they are logged instead).
@@ -17,12 +20,14 @@
 //!   upload is never blamed on the upstream.
 
 use super::bodies::{BodyOutcome, BodyWatch, ClientBody, UpstreamBody};
+use super::pool::{ConnectError, PooledConn, Pools, UpstreamPool, UpstreamRequestBody};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper_util::client::legacy::{connect::HttpConnector, Client, ResponseFuture};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use portcullis_core::Rejection;
 use std::cell::RefCell;
@@ -35,6 +40,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+/// The response body the proxy hands to the layers above: the upstream's body (watched,
+/// and giving its pooled connection back when it ends), or the JSON / gRPC body of a
+/// rejection. One concrete type: nothing is boxed on the way up.
+pub type ProxyBody = http_body_util::Either<UpstreamBody<Incoming>, Body>;
 
 /// A parsed upstream base URL (`http://host:port[/prefix]`).
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -95,6 +105,7 @@ impl Upstream {
         if uri.query().is_some() {
             return Err(InvalidUpstream(format!("`{url}` must not have a query")));
         }
+        super::upstream_url::validate_upstream_url(url).map_err(|e| InvalidUpstream(e.0))?;
         let prefix = uri.path().trim_end_matches('/');
         let canonical = format!("{scheme}://{authority}{prefix}");
         Ok(Self {
@@ -110,24 +121,29 @@ impl Upstream {
         &self.url
     }
 
-    /// Builds the upstream URI for a request path and query.
-    fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(match (self.prefix.is_empty(), pq) {
+    /// The upstream path and query for a request's: the prefix, then the request's.
+    fn path_for(&self, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, http::Error> {
+        Ok(match (self.prefix.is_empty(), pq) {
             (true, Some(pq)) => pq.clone(),
             (true, None) => PathAndQuery::from_static("/"),
             (false, pq) => {
                 let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
                 PathAndQuery::try_from(format!("{}{}", self.prefix, pq))?
             }
-        });
+        })
+    }
+
+    /// Builds the absolute upstream URI for a request path and query (HTTP/2 requests).
+    fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(self.path_for(pq)?);
         Ok(Uri::from_parts(parts)?)
     }
 }
 
-/// Settings of the shared proxy client.
+/// Settings of the proxy client.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     /// Time allowed for the upstream's response headers (504 `upstream_timeout` after it).
@@ -136,7 +152,7 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// Idle keep-alive connections are closed after this long.
     pub pool_idle_timeout: Duration,
-    /// At most this many idle connections are kept per upstream.
+    /// At most this many idle connections are kept per upstream (and serving thread).
     pub pool_max_idle_per_host: usize,
     /// Longest pause allowed between two reads of a client's request body (408
     /// `client_timeout` after it).
@@ -162,46 +178,37 @@ impl Default for ProxySettings {
 /// The reverse-proxy client. Clone it: clones share one configuration and one set of
 /// connection pools.
 ///
-/// Pools are per thread: each thread that forwards a request gets its own pooled
-/// `hyper-util` client (HTTP/1 and, for gRPC, HTTP/2) the first time. With the
-/// thread-per-core server ([`serve_sharded`](super::server::serve_sharded)) a request and
-/// its upstream connection then live on one thread: no pool lock shared between cores and no
-/// cross-thread wake-up to reach the connection task. On a multi-thread runtime it costs at
-/// most one idle pool per worker thread.
+/// Pools are per thread (see [`super::pool`]): with the thread-per-core server
+/// ([`serve_sharded`](super::server::serve_sharded)) a request and its upstream connection
+/// live on one thread: no pool lock shared between cores and no cross-thread wake-up to
+/// reach the connection task. On a multi-thread runtime it costs at most one idle pool per
+/// worker thread.
 #[derive(Clone)]
 pub struct Proxy {
     settings: Arc<ProxySettings>,
-}
-
-/// One thread's clients of one [`Proxy`].
-#[derive(Clone)]
-struct Clients {
-    http1: Client<HttpConnector, Body>,
-    /// HTTP/2 (prior knowledge) client for gRPC requests, which need HTTP/2 end to end.
-    h2: Client<HttpConnector, Body>,
-}
-
-impl Clients {
-    fn new(settings: &ProxySettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        let http1 = builder.build(connector.clone());
-        let h2 = builder.http2_only(true).build(connector);
-        Self { http1, h2 }
-    }
+    pools: Arc<Pools>,
 }
 
 thread_local! {
-    /// This thread's clients, per live [`Proxy`] (keyed by its settings' allocation).
-    static CLIENTS: RefCell<Vec<(Weak<ProxySettings>, Clients)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's HTTP/2 client, per live [`Proxy`] (keyed by its settings' allocation).
+    static H2_CLIENTS: RefCell<Vec<(Weak<ProxySettings>, H2Client)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The HTTP/2 (prior knowledge) client for gRPC requests.
+type H2Client = Client<HttpConnector, UpstreamRequestBody>;
+
+fn h2_client(settings: &ProxySettings) -> H2Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(settings.connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(settings.pool_idle_timeout)
+        .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(true)
+        .build(connector)
 }
 
 impl fmt::Debug for Proxy {
@@ -215,33 +222,32 @@ impl fmt::Debug for Proxy {
 impl Proxy {
     /// A proxy client with the given settings.
     pub fn new(settings: ProxySettings) -> Self {
+        let pools = Pools::new(
+            settings.pool_max_idle_per_host,
+            settings.pool_idle_timeout,
+            settings.connect_timeout,
+        );
         Self {
             settings: Arc::new(settings),
+            pools: Arc::new(pools),
         }
     }
 
-    /// Sends `req` on this thread's pooled client (created on first use).
-    fn request(&self, req: Request<Body>, grpc: bool) -> ResponseFuture {
-        CLIENTS.with(|cell| {
+    /// This thread's HTTP/2 client (created on first use).
+    fn h2(&self) -> H2Client {
+        H2_CLIENTS.with(|cell| {
             let mut clients = cell.borrow_mut();
-            let pos = clients
+            let found = clients
                 .iter()
-                .position(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(&self.settings)));
-            let pos = match pos {
-                Some(p) => p,
-                None => {
-                    // Forget the clients of proxies that are gone, then add ours.
-                    clients.retain(|(s, _)| s.strong_count() > 0);
-                    clients.push((Arc::downgrade(&self.settings), Clients::new(&self.settings)));
-                    clients.len() - 1
-                }
-            };
-            let c = &clients[pos].1;
-            if grpc {
-                c.h2.request(req)
-            } else {
-                c.http1.request(req)
+                .find(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(&self.settings)));
+            if let Some((_, c)) = found {
+                return c.clone();
             }
+            // Forget the clients of proxies that are gone, then add ours.
+            clients.retain(|(s, _)| s.strong_count() > 0);
+            let client = h2_client(&self.settings);
+            clients.push((Arc::downgrade(&self.settings), client.clone()));
+            client
         })
     }
 
@@ -250,89 +256,197 @@ impl Proxy {
         &self.settings
     }
 
+    /// Closes every idle pooled HTTP/1 connection now and every busy one when its exchange
+    /// ends; nothing is pooled afterwards. Called when the gateway shuts down.
+    pub fn close_idle_connections(&self) {
+        self.pools.close_idle();
+    }
+
     /// A tower service that forwards every request to `upstream`, counting its requests,
     /// failures and response-header latency in [`ProxyTo::metrics`].
     pub fn to(&self, upstream: Upstream) -> ProxyTo {
+        let pool = Arc::new(UpstreamPool::new(
+            Arc::clone(&self.pools),
+            &upstream.authority,
+        ));
         ProxyTo {
-            proxy: self.clone(),
-            upstream,
-            metrics: Arc::new(UpstreamMetrics::default()),
+            target: Arc::new(Target {
+                proxy: self.clone(),
+                upstream,
+                pool,
+                metrics: UpstreamMetrics::default(),
+            }),
         }
     }
+}
 
-    /// Forwards `req` to `upstream`; every failure becomes a [`Rejection`].
+/// Why the upstream exchange failed (before any response header).
+#[derive(Debug)]
+enum UpstreamError {
+    /// No connection could be opened.
+    Connect(String),
+    /// The connection failed or was closed before the response headers.
+    Exchange(String),
+}
+
+impl From<ConnectError> for UpstreamError {
+    fn from(e: ConnectError) -> Self {
+        Self::Connect(e.to_string())
+    }
+}
+
+impl From<hyper_util::client::legacy::Error> for UpstreamError {
+    fn from(e: hyper_util::client::legacy::Error) -> Self {
+        if e.is_connect() {
+            Self::Connect(e.to_string())
+        } else {
+            Self::Exchange(e.to_string())
+        }
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Connect(e) | Self::Exchange(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Sends `req` on a pooled HTTP/1 connection: the most recently idle one, else a new one.
+///
+/// An idle connection that turns out to be closed (the upstream closed it while it was idle,
+/// so the request was never written) is skipped and the request goes to the next one; a
+/// request that was written is never sent twice.
+async fn send_http1(
+    pool: &Arc<UpstreamPool>,
+    mut req: Request<UpstreamRequestBody>,
+) -> Result<(Response<Incoming>, PooledConn), UpstreamError> {
+    loop {
+        let mut conn = match pool.checkout() {
+            Some(c) => c,
+            None => pool.connect().await?,
+        };
+        // A connection just given back may still be reading the end of its previous
+        // exchange: wait for it rather than open another.
+        if let Err(e) = std::future::poll_fn(|cx| conn.sender().poll_ready(cx)).await {
+            if conn.is_reused() {
+                continue;
+            }
+            return Err(UpstreamError::Exchange(e.to_string()));
+        }
+        match conn.sender().try_send_request(req).await {
+            Ok(resp) => return Ok((resp, conn)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if conn.is_reused() => req = unsent,
+                _ => return Err(UpstreamError::Exchange(e.into_error().to_string())),
+            },
+        }
+    }
+}
+
+/// What one [`ProxyTo`] and its clones share.
+#[derive(Debug)]
+struct Target {
+    proxy: Proxy,
+    upstream: Upstream,
+    pool: Arc<UpstreamPool>,
+    metrics: UpstreamMetrics,
+}
+
+impl Target {
+    /// Forwards `req`; every failure becomes a [`Rejection`].
     ///
     /// A failure caused by the client's request body (see [`super::bodies`]) becomes the
     /// client's rejection (400 / 408 / 499), never a 502: it does not count against the
     /// upstream. `upstream_timeout` runs from the moment the request body was sent.
-    pub fn forward(
+    async fn forward(
         &self,
-        upstream: &Upstream,
         req: Request<Body>,
-    ) -> impl Future<Output = Result<Response<Body>, Rejection>> + Send + 'static {
-        let grpc = portcullis_core::is_grpc_request(req.headers());
-        let prepared = prepare_request(upstream, req, grpc, self.settings.client_body_timeout);
-        let (sent, watch) = match prepared {
-            Ok((req, watch)) => (Ok(self.request(req, grpc)), watch),
-            Err(rej) => (Err(rej), None),
+        grpc: bool,
+    ) -> Result<Response<ProxyBody>, Rejection> {
+        let settings = &*self.proxy.settings;
+        let (req, watch) = prepare_request(
+            &self.upstream,
+            &self.pool,
+            req,
+            grpc,
+            settings.client_body_timeout,
+        )?;
+        let timeout = settings.upstream_timeout;
+        let sent = async {
+            if grpc {
+                let resp = self.proxy.h2().request(req).await?;
+                Ok::<_, UpstreamError>((resp, None))
+            } else {
+                let (resp, conn) = send_http1(&self.pool, req).await?;
+                Ok((resp, Some(conn)))
+            }
         };
-        let timeout = self.settings.upstream_timeout;
-        let body_timeout = self.settings.upstream_body_timeout;
-        let upstream_url = upstream.url.clone();
-        async move {
-            let sent = sent?;
-            let outcome = match &watch {
-                None => tokio::time::timeout(timeout, sent).await.ok(),
-                Some(watch) => wait_headers(sent, timeout, watch).await,
-            };
-            match outcome {
-                Some(Ok(resp)) => {
-                    let (mut parts, body) = resp.into_parts();
-                    // An upgrade was never asked for (`Upgrade` is stripped), and a status
-                    // outside 100..=599 is not HTTP: relaying either would confuse the client.
-                    let status = parts.status.as_u16();
-                    if status == 101 || !(100..=599).contains(&status) {
-                        tracing::debug!(upstream = %upstream_url, status, "upstream answered an invalid status");
-                        return Err(Rejection::new(
-                            http::StatusCode::BAD_GATEWAY,
-                            portcullis_core::codes::BAD_GATEWAY,
-                            "the upstream sent an invalid response",
-                        ));
-                    }
-                    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; the body is
-                    // re-framed for the client, so the stale length must go.
-                    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-                        parts.headers.remove(header::CONTENT_LENGTH);
-                    }
-                    strip_hop_by_hop(&mut parts.headers);
-                    let body = UpstreamBody::new(body, body_timeout, watch);
-                    Ok(Response::from_parts(parts, Body::new(body)))
+        let outcome = match &watch {
+            None => tokio::time::timeout(timeout, sent).await.ok(),
+            Some(watch) => wait_headers(sent, timeout, watch).await,
+        };
+        let upstream_url = &self.upstream.url;
+        match outcome {
+            Some(Ok((resp, conn))) => {
+                let (mut parts, body) = resp.into_parts();
+                // An upgrade was never asked for (`Upgrade` is stripped), and a status
+                // outside 100..=599 is not HTTP: relaying either would confuse the client.
+                let status = parts.status.as_u16();
+                if status == 101 || !(100..=599).contains(&status) {
+                    tracing::debug!(upstream = %upstream_url, status, "upstream answered an invalid status");
+                    return Err(Rejection::new(
+                        http::StatusCode::BAD_GATEWAY,
+                        portcullis_core::codes::BAD_GATEWAY,
+                        "the upstream sent an invalid response",
+                    ));
                 }
-                Some(Err(e)) => {
-                    if let Some(rej) = watch.as_deref().and_then(client_rejection) {
-                        tracing::debug!(upstream = %upstream_url, error = %e, code = rej.code(), "request body failed on the client's side");
-                        return Err(rej);
-                    }
-                    tracing::debug!(upstream = %upstream_url, error = %e, connect = e.is_connect(), "upstream request failed");
-                    Err(if e.is_connect() {
-                        Rejection::bad_gateway()
-                    } else {
-                        Rejection::new(
-                            http::StatusCode::BAD_GATEWAY,
-                            portcullis_core::codes::BAD_GATEWAY,
-                            "the upstream closed the connection without a response",
-                        )
-                    })
+                // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; the body is
+                // re-framed for the client, so the stale length must go.
+                if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                    parts.headers.remove(header::CONTENT_LENGTH);
                 }
-                None => {
-                    if let Some(rej) = watch.as_deref().and_then(client_rejection) {
-                        return Err(rej);
-                    }
-                    tracing::debug!(upstream = %upstream_url, ?timeout, "upstream timed out");
-                    Err(Rejection::upstream_timeout(timeout))
+                strip_hop_by_hop(&mut parts.headers);
+                let body = UpstreamBody::new(body, settings.upstream_body_timeout, watch)
+                    .with_connection(conn);
+                Ok(Response::from_parts(parts, ProxyBody::Left(body)))
+            }
+            Some(Err(e)) => {
+                if let Some(rej) = watch.as_deref().and_then(client_rejection) {
+                    tracing::debug!(upstream = %upstream_url, error = %e, code = rej.code(), "request body failed on the client's side");
+                    return Err(rej);
                 }
+                tracing::debug!(upstream = %upstream_url, error = %e, "upstream request failed");
+                Err(match e {
+                    UpstreamError::Connect(_) => Rejection::bad_gateway(),
+                    UpstreamError::Exchange(_) => Rejection::new(
+                        http::StatusCode::BAD_GATEWAY,
+                        portcullis_core::codes::BAD_GATEWAY,
+                        "the upstream closed the connection without a response",
+                    ),
+                })
+            }
+            None => {
+                if let Some(rej) = watch.as_deref().and_then(client_rejection) {
+                    return Err(rej);
+                }
+                tracing::debug!(upstream = %upstream_url, ?timeout, "upstream timed out");
+                Err(Rejection::upstream_timeout(timeout))
             }
         }
+    }
+
+    /// Forwards `req` and records the outcome in the metrics.
+    async fn serve(self: Arc<Self>, req: Request<Body>) -> Result<Response<ProxyBody>, Infallible> {
+        let grpc = portcullis_core::is_grpc_request(req.headers());
+        let started = Instant::now();
+        let resp = match self.forward(req, grpc).await {
+            Ok(resp) => resp,
+            Err(rej) => rejection_response(&rej, grpc).map(ProxyBody::Right),
+        };
+        self.metrics.record(started.elapsed(), resp.status());
+        Ok(resp)
     }
 }
 
@@ -350,11 +464,11 @@ fn client_rejection(watch: &BodyWatch) -> Option<Rejection> {
 /// of the request body (a slow upload is the client's time, bounded by
 /// `client_body_timeout`), and a failed request body ends the wait at once. `None` on
 /// timeout.
-async fn wait_headers(
-    sent: ResponseFuture,
+async fn wait_headers<T>(
+    sent: impl Future<Output = T>,
     timeout: Duration,
     watch: &BodyWatch,
-) -> Option<Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>> {
+) -> Option<T> {
     tokio::pin!(sent);
     let mut deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -420,15 +534,18 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Rewrites a client request for `upstream`: absolute URI, no hop-by-hop headers, the
-/// upstream's own `Host`, and the `X-Forwarded-*` headers.
+/// upstream's own `Host`, and the `X-Forwarded-*` headers. HTTP/1 requests get the
+/// origin form (`/path?query`) and an explicit `Host`; gRPC (HTTP/2) requests the absolute
+/// URI, from which the client derives `:authority`.
 ///
 /// A request body that is not empty is wrapped in a [`ClientBody`]; its watch is returned.
 fn prepare_request(
     upstream: &Upstream,
+    pool: &UpstreamPool,
     req: Request<Body>,
     grpc: bool,
     client_body_timeout: Duration,
-) -> Result<(Request<Body>, Option<Arc<BodyWatch>>), Rejection> {
+) -> Result<(Request<UpstreamRequestBody>, Option<Arc<BodyWatch>>), Rejection> {
     let (mut parts, body) = req.into_parts();
     // CONNECT asks for a tunnel, which this proxy does not open: never forward it.
     if parts.method == http::Method::CONNECT {
@@ -447,14 +564,19 @@ fn prepare_request(
         ));
     }
     let (body, watch) = if http_body::Body::is_end_stream(&body) {
-        (body, None)
+        (UpstreamRequestBody::Right(body), None)
     } else {
         let (body, watch) = ClientBody::new(body, client_body_timeout);
-        (Body::new(body), Some(watch))
+        (UpstreamRequestBody::Left(body), Some(watch))
     };
     // HTTP/2 clients send the authority in the URI, not in `Host`.
     let uri_authority = parts.uri.authority().cloned();
-    parts.uri = upstream.uri_for(parts.uri.path_and_query()).map_err(|_| {
+    let uri = if grpc {
+        upstream.uri_for(parts.uri.path_and_query())
+    } else {
+        upstream.path_for(parts.uri.path_and_query()).map(Uri::from)
+    };
+    parts.uri = uri.map_err(|_| {
         Rejection::new(
             http::StatusCode::BAD_REQUEST,
             portcullis_core::codes::BAD_REQUEST,
@@ -487,6 +609,9 @@ fn prepare_request(
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
     }
+    if !grpc {
+        headers.insert(header::HOST, pool.host_header().clone());
+    }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
@@ -515,23 +640,27 @@ pub struct OriginalAuthority(pub Authority);
 /// A tower service that forwards every request to one upstream (see [`Proxy::to`]).
 ///
 /// Failures are answered as responses (502/504 JSON, or gRPC trailers-only for gRPC
-/// requests), so the error type is `Infallible`.
+/// requests), so the error type is `Infallible`. Clones share one upstream pool, one set of
+/// metrics and one `Arc`.
 #[derive(Clone, Debug)]
 pub struct ProxyTo {
-    proxy: Proxy,
-    upstream: Upstream,
-    metrics: Arc<UpstreamMetrics>,
+    target: Arc<Target>,
 }
 
 impl ProxyTo {
     /// The upstream this service forwards to.
     pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+        &self.target.upstream
     }
 
     /// This upstream's request counters and latency histogram (clones share them).
     pub fn metrics(&self) -> &UpstreamMetrics {
-        &self.metrics
+        &self.target.metrics
+    }
+
+    /// HTTP/1 connections opened to this upstream so far, by every thread.
+    pub fn connections_opened(&self) -> u64 {
+        self.target.pool.opened()
     }
 }
 
@@ -606,27 +735,18 @@ impl UpstreamMetrics {
 }
 
 impl tower::Service<Request<Body>> for ProxyTo {
-    type Response = Response<Body>;
+    type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
+    /// One allocation per request: the future of the whole exchange (hyper's HTTP/1 send
+    /// future has no nameable type).
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let grpc = portcullis_core::is_grpc_request(req.headers());
-        let fut = self.proxy.forward(&self.upstream, req);
-        let metrics = Arc::clone(&self.metrics);
-        let started = Instant::now();
-        Box::pin(async move {
-            let resp = match fut.await {
-                Ok(resp) => resp,
-                Err(rej) => rejection_response(&rej, grpc),
-            };
-            metrics.record(started.elapsed(), resp.status());
-            Ok(resp)
-        })
+        Box::pin(Arc::clone(&self.target).serve(req))
     }
 }
 

@@ -40,9 +40,9 @@
 //! response), so it cannot tell a slow head from an idle connection, and it closes without
 //! an answer. The connection state machine here (`ConnState`) tells the two apart.
 
+use super::front::{App, AppConn, AppFuture};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::Router;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::{Request, Response};
@@ -90,7 +90,8 @@ pub fn bind_reuseport(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::n
     Ok(out)
 }
 
-/// Serves `router` on `listeners`, one thread and one current-thread runtime per listener,
+/// Serves `app` (a [`Router`](axum::Router), or [`Gateway::app`](super::Gateway::app)) on
+/// `listeners`, one thread and one current-thread runtime per listener,
 /// until `shutdown` resolves; then every thread stops accepting and in-flight requests get
 /// up to `drain` to finish.
 ///
@@ -99,13 +100,13 @@ pub fn bind_reuseport(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::n
 /// running the gateway's background tasks meanwhile.
 pub async fn serve_sharded(
     listeners: Vec<std::net::TcpListener>,
-    router: Router,
+    app: impl Into<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> io::Result<bool> {
     serve_sharded_watched(
         listeners,
-        router,
+        app,
         shutdown,
         drain,
         None,
@@ -129,7 +130,7 @@ pub const WEDGED_AFTER: Duration = Duration::from_secs(5);
 /// the workers together.
 pub async fn serve_sharded_watched(
     listeners: Vec<std::net::TcpListener>,
-    router: Router,
+    app: impl Into<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
     health: Option<HealthRegistry>,
@@ -142,7 +143,7 @@ pub async fn serve_sharded_watched(
         let component = h.register_ready("event_loop");
         tokio::spawn(watch_workers(epoch, Arc::clone(&beats), component))
     });
-    let result = serve_inner(listeners, router, shutdown, drain, epoch, beats, limits).await;
+    let result = serve_inner(listeners, app.into(), shutdown, drain, epoch, beats, limits).await;
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -184,7 +185,7 @@ async fn watch_workers(epoch: Instant, beats: Arc<Vec<AtomicU64>>, component: Co
 
 async fn serve_inner(
     listeners: Vec<std::net::TcpListener>,
-    router: Router,
+    app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
     epoch: Instant,
@@ -196,7 +197,7 @@ async fn serve_inner(
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<io::Result<bool>>(listeners.len());
     let mut threads = Vec::with_capacity(listeners.len());
     for (i, std_listener) in listeners.into_iter().enumerate() {
-        let router = router.clone();
+        let app = app.clone();
         let stop = stop_rx.clone();
         let permits = permits.clone();
         let done = done_tx.clone();
@@ -218,7 +219,7 @@ async fn serve_inner(
                         let _stop_heartbeat = AbortOnDrop(heartbeat);
                         std_listener.set_nonblocking(true)?;
                         let listener = TcpListener::from_std(std_listener)?;
-                        accept_loop(listener, router, limits, permits, stop).await;
+                        accept_loop(listener, app, limits, permits, stop).await;
                         Ok(true)
                     })
                 })();
@@ -333,7 +334,7 @@ impl ConnectionPermits {
 /// returns once all of them have ended. The caller bounds that wait (the drain timeout).
 async fn accept_loop(
     listener: TcpListener,
-    router: Router,
+    app: App,
     limits: ConnectionLimits,
     permits: ConnectionPermits,
     stop: watch::Receiver<bool>,
@@ -403,7 +404,7 @@ async fn accept_loop(
         let conn = serve_connection(
             stream,
             peer,
-            router.clone(),
+            app.connection(),
             limits,
             permit,
             stop.clone(),
@@ -434,7 +435,7 @@ fn accept_error_is_fatal_to_the_loop(e: &io::Error) -> bool {
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    router: Router,
+    app: AppConn,
     limits: ConnectionLimits,
     permit: Option<OwnedSemaphorePermit>,
     mut stop: watch::Receiver<bool>,
@@ -443,7 +444,7 @@ async fn serve_connection(
     let state = Arc::new(ConnState::new());
     let io = TokioIo::new(TimedIo::new(stream, Arc::clone(&state), permit));
     let service = ConnService {
-        router,
+        app,
         peer,
         state: Arc::clone(&state),
     };
@@ -843,12 +844,12 @@ impl AsyncWrite for TimedIo {
     }
 }
 
-/// The router as one connection's hyper service: each request gets the client's address as
+/// The app as one connection's hyper service: each request gets the client's address as
 /// `ConnectInfo<SocketAddr>` (as `into_make_service_with_connect_info` gives it) and a
 /// [`RequestGuard`] that keeps the connection busy until its response body ends.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct ConnService {
-    router: Router,
+    app: AppConn,
     peer: SocketAddr,
     state: Arc<ConnState>,
 }
@@ -861,8 +862,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(ConnectInfo(self.peer));
         let guard = RequestGuard::new(Arc::clone(&self.state));
-        // Router is always ready (its poll_ready returns Ready at once).
-        let inner = tower::Service::call(&mut self.router.clone(), req);
+        let inner = self.app.call(req.map(Body::new));
         ConnFuture {
             inner,
             guard: Some(guard),
@@ -888,10 +888,10 @@ impl Drop for RequestGuard {
 }
 
 pin_project_lite::pin_project! {
-    /// The router's response future; hands its [`RequestGuard`] to the response body.
+    /// The app's response future; hands its [`RequestGuard`] to the response body.
     struct ConnFuture {
         #[pin]
-        inner: axum::routing::future::RouteFuture<Infallible>,
+        inner: AppFuture,
         guard: Option<RequestGuard>,
     }
 }
@@ -901,10 +901,7 @@ impl Future for ConnFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = match ready!(this.inner.poll(cx)) {
-            Ok(r) => r,
-            Err(never) => match never {},
-        };
+        let response = ready!(this.inner.poll(cx));
         let guard = this.guard.take();
         Poll::Ready(Ok(response.map(|body| GuardedBody {
             body,
@@ -941,7 +938,7 @@ impl http_body::Body for GuardedBody {
     }
 }
 
-/// Serves `router` on one `listener` (on the current runtime) until `shutdown` resolves,
+/// Serves `app` on one `listener` (on the current runtime) until `shutdown` resolves,
 /// then stops accepting and gives the open connections up to `drain` to finish; every
 /// connection is bounded by `limits`.
 ///
@@ -949,14 +946,14 @@ impl http_body::Body for GuardedBody {
 /// timeout cut some off.
 pub async fn serve_listener(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
     limits: ConnectionLimits,
 ) -> io::Result<bool> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = ConnectionPermits::new(limits.max_connections);
-    let server = accept_loop(listener, router, limits, permits, stop_rx);
+    let server = accept_loop(listener, app.into(), limits, permits, stop_rx);
     tokio::pin!(server);
     tokio::select! {
         () = &mut server => return Ok(true),

@@ -64,10 +64,10 @@ impl TestGateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
-        let router = gateway.router();
+        let app = gateway.app();
         let task = tokio::spawn(serve(
             listener,
-            router,
+            app,
             async move {
                 let _ = rx.await;
             },

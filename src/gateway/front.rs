@@ -1,0 +1,168 @@
+//! The first decision about a request: an operator route, or the data path.
+//!
+//! The operator routes (`/healthz`, `/readyz`, `/metrics`, `/balancer/...`, the dashboard)
+//! live in an axum [`Router`]; proxied requests do not need one. [`App`] therefore looks at
+//! the path once: a path that starts with one of the operator prefixes goes to the router
+//! (whose fallback is the data path, so a path that only looks like an operator route, such
+//! as `/balancer-x` or `/healthz/deep`, still reaches the upstream exactly as before), and
+//! every other path goes straight to the data-path service, with no route lookup, no
+//! per-request clone of a boxed service and no second boxed future.
+//!
+//! The per-connection half (`AppConn`) keeps one clone of the data-path service for the
+//! whole connection and calls it in place: `poll_ready` then `call` on the same instance, as
+//! tower's contract asks (the breaker decides a request's route in `poll_ready`). Should that
+//! `poll_ready` ever not be ready at once, the request waits on a fresh clone instead
+//! (`oneshot`), as the router would.
+
+use super::app::GatewayService;
+use axum::body::Body;
+use axum::Router;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Waker};
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
+
+/// What a server serves: an axum router, or the gateway's router plus its data path behind
+/// one path check (see the [module docs](self)).
+#[derive(Debug, Clone)]
+pub struct App {
+    router: Router,
+    data: Option<DataPath>,
+}
+
+#[derive(Debug, Clone)]
+struct DataPath {
+    service: GatewayService,
+    /// A path starting with one of these may be an operator route.
+    operator_prefixes: Arc<[Box<str>]>,
+}
+
+impl From<Router> for App {
+    /// Every request goes through `router`.
+    fn from(router: Router) -> Self {
+        Self { router, data: None }
+    }
+}
+
+impl App {
+    /// `router` for the paths that start with one of `operator_prefixes`, `data` for every
+    /// other. `router` must send what it does not match to `data` (its fallback), and the
+    /// prefixes must cover every route of `router`.
+    pub fn with_data_path(
+        router: Router,
+        data: GatewayService,
+        operator_prefixes: impl IntoIterator<Item = String>,
+    ) -> Self {
+        let prefixes: Vec<Box<str>> = operator_prefixes.into_iter().map(Into::into).collect();
+        Self {
+            router,
+            data: Some(DataPath {
+                service: data,
+                operator_prefixes: prefixes.into(),
+            }),
+        }
+    }
+
+    /// The router (operator routes, with the data path as its fallback).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The state one connection serves its requests with.
+    pub(crate) fn connection(&self) -> AppConn {
+        AppConn {
+            router: self.router.clone(),
+            data: self.data.as_ref().map(|d| ConnData {
+                service: RefCell::new(d.service.clone()),
+                operator_prefixes: Arc::clone(&d.operator_prefixes),
+            }),
+        }
+    }
+}
+
+/// One connection's [`App`].
+#[derive(Debug)]
+pub(crate) struct AppConn {
+    router: Router,
+    data: Option<ConnData>,
+}
+
+#[derive(Debug)]
+struct ConnData {
+    /// Borrowed only inside `call`, never across an await.
+    service: RefCell<GatewayService>,
+    operator_prefixes: Arc<[Box<str>]>,
+}
+
+impl AppConn {
+    /// Dispatches `req`.
+    pub(crate) fn call(&self, req: Request<Body>) -> AppFuture {
+        let data = match &self.data {
+            Some(d) if !d.is_operator_path(req.uri().path()) => d,
+            _ => {
+                return AppFuture::Router {
+                    fut: self.router.clone().call(req),
+                }
+            }
+        };
+        let mut service = data.service.borrow_mut();
+        let mut cx = Context::from_waker(Waker::noop());
+        match service.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => AppFuture::Data {
+                fut: service.call(req),
+            },
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => {
+                // Not ready at once: leave this instance (and any state its poll_ready
+                // took) for a fresh clone, and wait on one of our own.
+                let fresh = service.clone();
+                let waiting = std::mem::replace(&mut *service, fresh);
+                AppFuture::Waiting {
+                    fut: waiting.oneshot(req),
+                }
+            }
+        }
+    }
+}
+
+impl ConnData {
+    fn is_operator_path(&self, path: &str) -> bool {
+        self.operator_prefixes
+            .iter()
+            .any(|p| path.starts_with(&**p))
+    }
+}
+
+type DataFuture = <GatewayService as Service<Request<Body>>>::Future;
+
+pin_project! {
+    /// The response future of [`AppConn::call`].
+    #[project = AppFutureProj]
+    pub(crate) enum AppFuture {
+        Router { #[pin] fut: axum::routing::future::RouteFuture<Infallible> },
+        Data { fut: DataFuture },
+        Waiting { #[pin] fut: Oneshot<GatewayService, Request<Body>> },
+    }
+}
+
+impl Future for AppFuture {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        let out = match self.project() {
+            AppFutureProj::Router { fut } => ready!(fut.poll(cx)),
+            AppFutureProj::Data { fut } => ready!(fut.as_mut().poll(cx)),
+            AppFutureProj::Waiting { fut } => ready!(fut.poll(cx)),
+        };
+        Poll::Ready(match out {
+            Ok(r) => r,
+            Err(never) => match never {},
+        })
+    }
+}
