@@ -5,6 +5,9 @@
 //! the proxies' CPU is measured apart from the backends'. The process prints
 //! `PORTS <p1> <p2> ...` on stdout once every listener is bound, and exits when its stdin
 //! closes (the harness died), on SIGINT or on SIGTERM.
+//!
+//! `GET /__loadbench/accepted` answers the number of TCP connections all the backends of
+//! the process accepted so far (the proxies' upstream connections, counted per run).
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -55,32 +59,43 @@ pub(crate) fn run(count: usize, latency: Duration, threads: usize) -> ExitCode {
             return ExitCode::FAILURE;
         }
         drop(out);
-        let stdin_closed = tokio::task::spawn_blocking(|| {
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-            }
-        });
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = stdin_closed => {}
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
+        until_stdin_closes_or_signal().await;
         // Do not wait for the blocked stdin reader: exit now.
         std::process::exit(0)
     })
 }
+
+/// Returns when stdin closes (the harness died), on SIGINT or on SIGTERM.
+pub(crate) async fn until_stdin_closes_or_signal() {
+    let stdin_closed = tokio::task::spawn_blocking(|| {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = stdin_closed => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// The path that answers [`ACCEPTED`].
+pub(crate) const ACCEPTED_PATH: &str = "/__loadbench/accepted";
+
+/// Connections accepted by every backend of this process.
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 
 pub(crate) async fn accept_loop(listener: TcpListener, latency: Duration) {
     loop {
@@ -92,9 +107,14 @@ pub(crate) async fn accept_loop(listener: TcpListener, latency: Duration) {
                 continue;
             }
         };
+        ACCEPTED.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let svc = service_fn(move |_req: Request<hyper::body::Incoming>| async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                if req.uri().path() == ACCEPTED_PATH {
+                    let n = ACCEPTED.load(Ordering::Relaxed).to_string();
+                    return Ok(Response::new(Full::new(Bytes::from(n))));
+                }
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }

@@ -13,13 +13,17 @@
 //! `wrk --latency` at every connection count for a fixed duration, alternating the targets
 //! round after round (A B A B) so machine drift affects all of them alike. It reports req/s,
 //! p50, p99 and max latency, the proxy's CPU seconds per 10k requests (utime + stime of its
-//! process tree) and its peak RSS, and the ratios gateway ÷ nginx and gateway ÷ HAProxy.
+//! process tree, and each of the two), the upstream connections it opened per 10k requests
+//! (counted by the backends), its peak RSS, and the ratios gateway ÷ nginx and gateway ÷
+//! HAProxy. The `hyper-bare` target (`bare.rs`) is the smallest hyper server plus hyper-util
+//! client proxy: the cost of the hyper stack alone.
 //!
 //! Everything binds 127.0.0.1; every process it starts is stopped by pid when the harness ends,
 //! panics or gets SIGINT/SIGTERM; every wait is bounded.
 #![forbid(unsafe_code)]
 
 mod backend;
+mod bare;
 mod procfs;
 mod procs;
 mod report;
@@ -105,6 +109,19 @@ enum Sub {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// (internal) Run the `hyper-bare` proxy on 127.0.0.1:PORT until stdin closes.
+    #[command(hide = true)]
+    HyperBare {
+        /// Port to listen on.
+        #[arg(long)]
+        port: u16,
+        /// Backend ports, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        backends: Vec<u16>,
+        /// Runtime worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 /// The resolved plan of a run.
@@ -120,13 +137,18 @@ struct Plan {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Sub::Backend {
-        count,
-        latency_ms,
-        threads,
-    }) = cli.command
-    {
-        return backend::run(count, ms(latency_ms), threads);
+    match &cli.command {
+        Some(Sub::Backend {
+            count,
+            latency_ms,
+            threads,
+        }) => return backend::run(*count, ms(*latency_ms), *threads),
+        Some(Sub::HyperBare {
+            port,
+            backends,
+            threads,
+        }) => return bare::run(*port, backends.clone(), *threads),
+        None => {}
     }
     procs::install_signal_handler();
     match bench(&cli) {
@@ -264,6 +286,7 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
                 Some(bin) => start_proxy(mode, bin, &dir, &backend_ports),
                 None => continue,
             },
+            Mode::HyperBare => start_bare(&dir, &backend_ports),
             Mode::GatewayRedis => match (&redis, &gateway_bin) {
                 (Some((_, rp)), Some(bin)) => {
                     start_gateway(mode, bin, &dir, &backend_ports, Some(*rp))
@@ -308,7 +331,16 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
     if plan.warmup > 0 {
         let c = plan.connections.iter().copied().max().unwrap_or(64);
         for t in &mut targets {
-            if let Err(e) = drive(t, &wrk, c, plan.warmup, cli.wrk_threads, &dir, clk) {
+            if let Err(e) = drive(
+                t,
+                &wrk,
+                c,
+                plan.warmup,
+                cli.wrk_threads,
+                &dir,
+                clk,
+                backend_ports[0],
+            ) {
                 let msg = format!("{}: warm-up failed — {e}", t.mode.label());
                 println!("{msg}");
                 failed.push(msg);
@@ -332,18 +364,31 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
                     incomplete = true;
                     break 'rounds;
                 }
-                match drive(t, &wrk, c, plan.duration, cli.wrk_threads, &dir, clk) {
+                match drive(
+                    t,
+                    &wrk,
+                    c,
+                    plan.duration,
+                    cli.wrk_threads,
+                    &dir,
+                    clk,
+                    backend_ports[0],
+                ) {
                     Ok(run) => {
                         let w = &run.wrk;
+                        let per_10k = |v: f64| v / (w.requests.max(1) as f64) * 10_000.0;
                         println!(
-                            "[round {round}/{}] c{c:<4} {:<18} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.1} ms  cpu {:.3} s/10k  rss {:.1} MiB{}",
+                            "[round {round}/{}] c{c:<4} {:<18} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.1} ms  cpu {:.3} s/10k (user {:.3}, sys {:.3})  upstream conns {}  rss {:.1} MiB{}",
                             plan.rounds,
                             t.mode.label(),
                             w.rps,
                             w.p50_ms,
                             w.p99_ms,
                             w.max_ms,
-                            run.cpu_s / (w.requests.max(1) as f64) * 10_000.0,
+                            per_10k(run.cpu_s),
+                            per_10k(run.user_s),
+                            per_10k(run.cpu_s - run.user_s),
+                            run.upstream_conns.map_or("?".into(), |n| n.to_string()),
                             t.peak_rss_kib as f64 / 1024.0,
                             if w.non_2xx + w.socket_errors > 0 {
                                 format!("  ({} non-2xx, {} socket errors)", w.non_2xx, w.socket_errors)
@@ -448,7 +493,9 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
     })
 }
 
-/// One wrk run against `t`, measuring the target's CPU and sampling its RSS meanwhile.
+/// One wrk run against `t`, measuring the target's CPU and sampling its RSS meanwhile; the
+/// backends (any of them answers, on `backend_port`) count the upstream connections.
+#[allow(clippy::too_many_arguments)]
 fn drive(
     t: &mut Target,
     wrk: &Path,
@@ -457,6 +504,7 @@ fn drive(
     threads: u32,
     dir: &Path,
     clk: f64,
+    backend_port: u16,
 ) -> Result<Run, String> {
     if let Some(status) = t.proc.exited() {
         return Err(format!(
@@ -477,6 +525,7 @@ fn drive(
         .arg("5s")
         .arg("--latency")
         .arg(&url);
+    let accepted0 = backends_accepted(backend_port);
     let cpu0 = procfs::cpu_ticks(&pids);
     let mut w = Proc::spawn("wrk", &mut cmd, dir).map_err(|e| format!("cannot run wrk: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(secs + 20);
@@ -492,6 +541,7 @@ fn drive(
         std::thread::sleep(Duration::from_millis(100));
     };
     let cpu1 = procfs::cpu_ticks(&pids);
+    let accepted1 = backends_accepted(backend_port);
     t.sample_rss(&pids);
     let out = std::fs::read_to_string(dir.join("wrk.log")).unwrap_or_default();
     if !status.success() {
@@ -502,8 +552,44 @@ fn drive(
         mode: t.mode,
         conns,
         wrk: parsed,
-        cpu_s: cpu1.saturating_sub(cpu0) as f64 / clk,
+        cpu_s: cpu1.1.saturating_sub(cpu0.1) as f64 / clk,
+        user_s: cpu1.0.saturating_sub(cpu0.0) as f64 / clk,
+        // The second read's own connection is counted too.
+        upstream_conns: accepted0
+            .zip(accepted1)
+            .map(|(a, b)| b.saturating_sub(a).saturating_sub(1)),
     })
+}
+
+/// Connections the backends accepted so far.
+fn backends_accepted(port: u16) -> Option<u64> {
+    http_body(port, backend::ACCEPTED_PATH)?.trim().parse().ok()
+}
+
+/// Starts the `hyper-bare` proxy (this binary's `hyper-bare` subcommand).
+fn start_bare(dir: &Path, backends: &[u16]) -> Result<Target, StartError> {
+    let port = free_port().map_err(StartError::Other)?;
+    let exe = std::env::current_exe()
+        .map_err(|e| StartError::Other(format!("cannot find my own binary: {e}")))?;
+    let list: Vec<String> = backends.iter().map(u16::to_string).collect();
+    let mut cmd = Command::new(exe);
+    cmd.arg("hyper-bare")
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--backends")
+        .arg(list.join(","))
+        .arg("--threads")
+        .arg("2");
+    // Its stdin stays open while the harness lives: it exits when the pipe closes.
+    let log = dir.join("hyper-bare.log");
+    let out = std::fs::File::create(&log).map_err(|e| StartError::Other(e.to_string()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    cmd.stdin(Stdio::piped()).stdout(out).stderr(err);
+    let proc = Proc::spawn_with(Mode::HyperBare.label(), &mut cmd, log)
+        .map_err(|e| StartError::Other(format!("cannot run hyper-bare: {e}")))?;
+    wait_ready(Mode::HyperBare, port, proc)
 }
 
 /// Why a target did not start.
@@ -713,6 +799,20 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     }
     let head = std::str::from_utf8(&buf[..got]).ok()?;
     head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// The body of `GET path` (read to the end; the server closes the connection).
+fn http_body(port: u16, path: &str) -> Option<String> {
+    let mut s = connect(port)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 fn redis_ping(port: u16) -> bool {

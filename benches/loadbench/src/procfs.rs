@@ -1,7 +1,7 @@
 //! Reading CPU time and memory of a process tree from `/proc` (Linux).
 //!
-//! CPU is `utime + stime` of `/proc/<pid>/stat` (process-wide, all threads), summed over the
-//! process and its descendants (nginx's workers). Memory is `VmRSS` / `VmHWM` of
+//! CPU is `utime` (user) and `stime` (system) of `/proc/<pid>/stat` (process-wide, all
+//! threads), summed over the process and its descendants (nginx's workers). Memory is `VmRSS` / `VmHWM` of
 //! `/proc/<pid>/status`.
 
 use std::fs;
@@ -13,6 +13,8 @@ pub(crate) struct Stat {
     pub(crate) ppid: u32,
     /// `utime + stime`, in clock ticks.
     pub(crate) cpu_ticks: u64,
+    /// `utime` (user space), in clock ticks.
+    pub(crate) user_ticks: u64,
     /// Start time after boot, in clock ticks (tells a reused pid apart).
     pub(crate) start_time: u64,
 }
@@ -27,6 +29,7 @@ pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat {
         ppid: u32::try_from(num(4)?).ok()?,
         cpu_ticks: num(14)? + num(15)?,
+        user_ticks: num(14)?,
         start_time: num(22)?,
     })
 }
@@ -72,12 +75,11 @@ pub(crate) fn tree(root: u32) -> Vec<u32> {
     t
 }
 
-/// Summed CPU ticks of `pids` (processes that are gone count 0).
-pub(crate) fn cpu_ticks(pids: &[u32]) -> u64 {
+/// Summed CPU ticks of `pids` (processes that are gone count 0): `(user, user + system)`.
+pub(crate) fn cpu_ticks(pids: &[u32]) -> (u64, u64) {
     pids.iter()
         .filter_map(|&p| stat(p))
-        .map(|s| s.cpu_ticks)
-        .sum()
+        .fold((0, 0), |(u, t), s| (u + s.user_ticks, t + s.cpu_ticks))
 }
 
 /// A `kB` field of `/proc/<pid>/status` (e.g. `VmRSS`, `VmHWM`), in KiB.
@@ -124,6 +126,7 @@ mod tests {
         let s = parse_stat(text).unwrap();
         assert_eq!(s.ppid, 4241);
         assert_eq!(s.cpu_ticks, 49);
+        assert_eq!(s.user_ticks, 37);
         assert_eq!(s.start_time, 987654);
         assert!(parse_stat("garbage").is_none());
     }

@@ -23,6 +23,11 @@ pub(crate) struct Run {
     pub(crate) wrk: WrkResult,
     /// CPU seconds the proxy's process tree used during the run.
     pub(crate) cpu_s: f64,
+    /// Of those, user-space seconds (the rest is system time).
+    pub(crate) user_s: f64,
+    /// TCP connections the backends accepted during the run (the proxy's upstream
+    /// connections, its health checks included); `None` when they could not be read.
+    pub(crate) upstream_conns: Option<u64>,
 }
 
 /// A target × connection-count row: the rounds combined.
@@ -44,6 +49,12 @@ pub(crate) struct Row {
     pub(crate) max_ms: f64,
     /// CPU seconds per 10k requests (all rounds).
     pub(crate) cpu_per_10k: f64,
+    /// User-space CPU seconds per 10k requests.
+    pub(crate) user_per_10k: f64,
+    /// System CPU seconds per 10k requests.
+    pub(crate) sys_per_10k: f64,
+    /// Upstream connections opened per 10k requests (NaN when unknown).
+    pub(crate) conns_per_10k: f64,
     /// Peak RSS of the target's process tree over the whole benchmark, MiB.
     pub(crate) peak_rss_mib: f64,
     /// Non-2xx/3xx responses plus socket errors, all rounds.
@@ -63,6 +74,15 @@ pub(crate) fn aggregate(runs: &[Run], peak_rss_kib: &BTreeMap<Mode, u64>) -> Vec
             let n = rs.len() as f64;
             let requests: u64 = rs.iter().map(|r| r.wrk.requests).sum();
             let cpu: f64 = rs.iter().map(|r| r.cpu_s).sum();
+            let user: f64 = rs.iter().map(|r| r.user_s).sum();
+            let opened: Option<u64> = rs.iter().map(|r| r.upstream_conns).sum();
+            let per_10k = |v: f64| {
+                if requests == 0 {
+                    f64::NAN
+                } else {
+                    v / requests as f64 * 10_000.0
+                }
+            };
             Row {
                 mode,
                 conns,
@@ -71,11 +91,10 @@ pub(crate) fn aggregate(runs: &[Run], peak_rss_kib: &BTreeMap<Mode, u64>) -> Vec
                 p50_ms: rs.iter().map(|r| r.wrk.p50_ms).sum::<f64>() / n,
                 p99_ms: rs.iter().map(|r| r.wrk.p99_ms).sum::<f64>() / n,
                 max_ms: rs.iter().map(|r| r.wrk.max_ms).fold(0.0, f64::max),
-                cpu_per_10k: if requests == 0 {
-                    f64::NAN
-                } else {
-                    cpu / requests as f64 * 10_000.0
-                },
+                cpu_per_10k: per_10k(cpu),
+                user_per_10k: per_10k(user),
+                sys_per_10k: per_10k(cpu - user),
+                conns_per_10k: opened.map_or(f64::NAN, |n| per_10k(n as f64)),
                 peak_rss_mib: peak_rss_kib.get(&mode).copied().unwrap_or(0) as f64 / 1024.0,
                 bad: rs.iter().map(|r| r.wrk.non_2xx + r.wrk.socket_errors).sum(),
             }
@@ -105,11 +124,13 @@ fn krps(v: f64) -> String {
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut t = String::new();
     t.push_str(
-        "| target | conns | req/s | req/s per round | p50 ms | p99 ms | max ms | CPU s / 10k req | peak RSS MiB | req/s ÷ nginx | req/s ÷ HAProxy | p99 ÷ nginx | errors |\n",
+        "| target | conns | req/s | req/s per round | p50 ms | p99 ms | max ms | CPU s / 10k req | user s / 10k | sys s / 10k | upstream conns / 10k | peak RSS MiB | req/s ÷ nginx | req/s ÷ HAProxy | p99 ÷ nginx | CPU ÷ nginx | errors |\n",
     );
-    t.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    t.push_str(
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     for r in rows {
-        let (vs_n, vs_h, p99_n) = if r.mode.is_gateway() {
+        let (vs_n, vs_h, p99_n, cpu_n) = if r.mode.is_gateway() || r.mode == Mode::HyperBare {
             let n = find(rows, Mode::Nginx, r.conns);
             let h = find(rows, Mode::Haproxy, r.conns);
             (
@@ -117,14 +138,16 @@ pub(crate) fn table(rows: &[Row]) -> String {
                 h.map(|h| ratio(r.rps, h.rps)).unwrap_or_else(|| "–".into()),
                 n.map(|n| ratio(r.p99_ms, n.p99_ms))
                     .unwrap_or_else(|| "–".into()),
+                n.map(|n| ratio(r.cpu_per_10k, n.cpu_per_10k))
+                    .unwrap_or_else(|| "–".into()),
             )
         } else {
-            ("".into(), "".into(), "".into())
+            ("".into(), "".into(), "".into(), "".into())
         };
         let rounds: Vec<String> = r.rps_rounds.iter().map(|&v| krps(v)).collect();
         let _ = writeln!(
             t,
-            "| {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.1} | {:.3} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
             r.mode.label(),
             r.conns,
             r.rps,
@@ -133,10 +156,14 @@ pub(crate) fn table(rows: &[Row]) -> String {
             r.p99_ms,
             r.max_ms,
             r.cpu_per_10k,
+            r.user_per_10k,
+            r.sys_per_10k,
+            r.conns_per_10k,
             r.peak_rss_mib,
             vs_n,
             vs_h,
             p99_n,
+            cpu_n,
             r.bad
         );
     }
@@ -204,6 +231,19 @@ pub(crate) fn check_targets(rows: &[Row], redis_used: bool) -> Vec<TargetCheck> 
         redis.map(|r| r.rps),
         adm.map(|r| r.rps),
         |x| x >= 0.7,
+    );
+    ratio_check(
+        "gateway CPU per request ≤ 1.0× nginx",
+        gw.map(|r| r.cpu_per_10k),
+        ng.map(|r| r.cpu_per_10k),
+        |x| x <= 1.0,
+    );
+    ratio_check(
+        "gateway upstream connections opened ≤ nginx's",
+        gw.map(|r| r.conns_per_10k).filter(|v| v.is_finite()),
+        ng.map(|r| r.conns_per_10k)
+            .filter(|v| v.is_finite() && *v > 0.0),
+        |x| x <= 1.0,
     );
     let peak = rows
         .iter()
@@ -303,6 +343,8 @@ mod tests {
                 socket_errors: 0,
             },
             cpu_s: rps * 2.0 / 20_000.0,
+            user_s: rps * 2.0 / 40_000.0,
+            upstream_conns: Some(64),
         }
     }
 
@@ -336,7 +378,10 @@ mod tests {
         assert_eq!(checks[3].measured, "0.97×"); // 31k / 32k
         assert_eq!(checks[3].met, Some(true));
         assert_eq!(checks[4].met, None);
-        assert_eq!(checks[5].met, Some(false));
+        assert_eq!(checks[5].measured, "1.00×"); // CPU per request
+        assert_eq!(checks[5].met, Some(true));
+        assert_eq!(checks[6].measured, "0.62×"); // upstream connections per request
+        assert_eq!(checks[7].met, Some(false));
         let t = table(&rows);
         assert!(t.contains("| gateway | 64 | 32000 | 30.0k / 34.0k |"));
         assert!(t.contains("1.60×"));

@@ -32,14 +32,18 @@ pub(crate) enum Mode {
     Nginx,
     /// HAProxy, 2 threads.
     Haproxy,
+    /// The smallest correct hyper server plus hyper-util client proxy, written in the
+    /// harness (`bare.rs`): what the hyper stack costs without Portcullis.
+    HyperBare,
 }
 
 impl Mode {
     /// Every mode, in measuring order.
-    pub(crate) const ALL: [Mode; 6] = [
+    pub(crate) const ALL: [Mode; 7] = [
         Mode::Gateway,
         Mode::Nginx,
         Mode::Haproxy,
+        Mode::HyperBare,
         Mode::GatewayAdmission,
         Mode::GatewayP2c,
         Mode::GatewayRedis,
@@ -54,12 +58,13 @@ impl Mode {
             Mode::GatewayRedis => "gateway-redis",
             Mode::Nginx => "nginx",
             Mode::Haproxy => "haproxy",
+            Mode::HyperBare => "hyper-bare",
         }
     }
 
     /// Whether this target is our gateway.
     pub(crate) fn is_gateway(self) -> bool {
-        !matches!(self, Mode::Nginx | Mode::Haproxy)
+        !matches!(self, Mode::Nginx | Mode::Haproxy | Mode::HyperBare)
     }
 }
 
