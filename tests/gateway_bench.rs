@@ -312,12 +312,31 @@ async fn bench_finds_the_knees_and_writes_a_config_that_loads_back() {
     // The written config loads back with the probed capacities and nothing else changed.
     let written = GatewayConfig::load(&out).expect("the written config loads");
     let mut expected = GatewayConfig::load(&config).unwrap();
-    expected.endpoints.get_mut("/work").unwrap().capacity = Some(work as i64);
-    expected.endpoints.get_mut("/batch").unwrap().capacity = Some(batch as i64);
+    expected
+        .admission
+        .endpoints
+        .get_mut("/work")
+        .unwrap()
+        .capacity = Some(work as usize);
+    expected
+        .admission
+        .endpoints
+        .get_mut("/batch")
+        .unwrap()
+        .capacity = Some(batch as usize);
     assert_eq!(written, expected);
-    assert_eq!(written.queue_timeout, 7.0);
-    assert_eq!(written.endpoints["/work"].headers["x-api-key"], "secret");
-    assert_eq!(written.endpoints["/work"].queue_timeout, Some(3.0));
+    assert_eq!(written.admission.queue_timeout, Duration::from_secs(7));
+    assert_eq!(
+        written.admission.endpoints["/work"]
+            .headers
+            .as_ref()
+            .unwrap()["x-api-key"],
+        "secret"
+    );
+    assert_eq!(
+        written.admission.endpoints["/work"].queue_timeout,
+        Some(Duration::from_secs(3))
+    );
 
     // Comments and layout are kept: only the capacity lines differ.
     let text = std::fs::read_to_string(&out).unwrap();
@@ -371,12 +390,14 @@ async fn bench_without_out_prints_the_updated_yaml_and_a_table() {
     // stdout is exactly the updated YAML; the table goes to stderr.
     let cfg = GatewayConfig::from_yaml(&run.stdout, Path::new("stdout.yml"))
         .unwrap_or_else(|e| panic!("stdout does not load ({e}):\n{run:#?}"));
-    let cap = cfg.endpoints["/batch"].capacity.expect("a capacity") as usize;
+    let cap = cfg.admission.endpoints["/batch"]
+        .capacity
+        .expect("a capacity");
     assert!(near(cap, 4), "capacity {cap}:\n{run:#?}");
     assert!(run.stdout.contains("# no method: POST"), "{run:#?}");
     assert!(run.stderr.contains("max_concurrency"), "{run:#?}");
     assert!(run.stderr.contains("best req/s"), "{run:#?}");
-    assert_eq!(cfg.endpoints["/batch"].method, None);
+    assert_eq!(cfg.admission.endpoints["/batch"].method, None);
     let _ = std::fs::remove_file(&config);
 }
 

@@ -164,6 +164,68 @@ fn bad_configs_exit_2_naming_file_and_field() {
     assert!(text.contains("line 1"), "{text}");
 }
 
+/// `--check` refuses what `Gateway::build` would: a config that parses but has no upstream to
+/// serve (an empty file is one) exits 2 naming `upstreams`, with or without `--check`.
+#[test]
+fn configs_without_upstreams_exit_2_naming_upstreams() {
+    for yaml in [
+        "",
+        "\n# only a comment line, no keys\n\n",
+        "listen: 127.0.0.1:0\n",
+        "upstreams: []\nendpoints:\n  /work: {capacity: 2}\n",
+    ] {
+        for extra in [&["--check"][..], &[][..]] {
+            let (code, text) = run_with(Some(yaml), extra);
+            assert_eq!(code, 2, "{yaml:?} {extra:?}: {text}");
+            assert!(text.contains("FILE"), "{yaml:?} {extra:?}: {text}");
+            assert!(
+                text.contains("field `upstreams`"),
+                "{yaml:?} {extra:?}: {text}"
+            );
+            assert!(!text.contains("config OK"), "{yaml:?} {extra:?}: {text}");
+        }
+    }
+}
+
+/// The crates' sections read from the same flat mapping: a balance, admission and probe
+/// field refused by its own crate is named by its path from the top, with its line.
+#[test]
+fn section_fields_are_named_with_their_line() {
+    let cases = [
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\neject_for: 0\n",
+            "line 3",
+            "`eject_for`",
+        ),
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\nendpoints:\n  /a: {}\n  /b: {queue_timeout: -1}\n",
+            "line 5",
+            "`endpoints./b.queue_timeout`",
+        ),
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\n  - {url: http://127.0.0.1:2, weight: 1}\n",
+            "line 3",
+            "`upstreams[1].weight`",
+        ),
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\nerror_threshold: 2\n",
+            "line 3",
+            "`error_threshold`",
+        ),
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\nfallback:\n  half_open: {one_in: 0}\n",
+            "line 4",
+            "`fallback.half_open.one_in`",
+        ),
+    ];
+    for (yaml, line, field) in cases {
+        let (code, text) = run_with(Some(yaml), &["--check"]);
+        assert_eq!(code, 2, "{yaml:?}: {text}");
+        assert!(text.contains(line), "{yaml:?} should say {line}: {text}");
+        assert!(text.contains(field), "{yaml:?} should name {field}: {text}");
+    }
+}
+
 /// The file size and nesting limits: `/dev/zero` and an 80,000-deep file are refused at once
 /// (exit 2), by `--check` and at startup alike.
 #[test]

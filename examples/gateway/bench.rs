@@ -142,7 +142,7 @@ struct EndpointResult {
     /// The capacity found (`max_concurrency`), when `status` is `ok`.
     capacity: Option<usize>,
     /// The `capacity` the config had before.
-    previous_capacity: Option<i64>,
+    previous_capacity: Option<usize>,
     /// The passing level with the best requests/s.
     best_rps_level: Option<usize>,
     /// Requests/s at `best_rps_level`.
@@ -202,7 +202,7 @@ async fn bench(args: &BenchArgs, progress: &Progress) -> Result<(), Failure> {
     let config = GatewayConfig::load(path).map_err(|e| Failure::input(e.to_string()))?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::input(format!("cannot read the config {}: {e}", path.display())))?;
-    if config.endpoints.is_empty() {
+    if config.admission.endpoints.is_empty() {
         return Err(Failure::input(format!(
             "{} has no `endpoints`: nothing to probe (add e.g. `endpoints: {{/work: {{method: POST}}}}`)",
             path.display()
@@ -210,7 +210,7 @@ async fn bench(args: &BenchArgs, progress: &Progress) -> Result<(), Failure> {
     }
     check_base_url(&args.base_url)?;
 
-    let prober = Prober::new(config.probe_config()).with_request_timeout(config.upstream_timeout());
+    let prober = Prober::new(config.probe.clone()).with_request_timeout(config.upstream_timeout());
     let started = std::time::Instant::now();
     let results = probe_all(&prober, &config, &args.base_url, progress).await;
     let elapsed_secs = started.elapsed().as_secs_f64();
@@ -345,8 +345,8 @@ fn capacities(results: &[EndpointResult]) -> BTreeMap<String, i64> {
 fn with_capacities(config: &GatewayConfig, caps: &BTreeMap<String, i64>) -> GatewayConfig {
     let mut expected = config.clone();
     for (path, cap) in caps {
-        if let Some(ep) = expected.endpoints.get_mut(path) {
-            ep.capacity = Some(*cap);
+        if let Some(ep) = expected.admission.endpoints.get_mut(path) {
+            ep.capacity = usize::try_from(*cap).ok();
         }
     }
     expected
@@ -360,6 +360,7 @@ async fn probe_all(
     progress: &Progress,
 ) -> Vec<EndpointResult> {
     let targets: Vec<(String, &EndpointConfig, ProbeTarget)> = config
+        .admission
         .endpoints
         .iter()
         .map(|(path, ep)| (path.clone(), ep, target_for(base_url, path, ep)))
@@ -443,7 +444,7 @@ fn target_for(base_url: &str, path: &str, ep: &EndpointConfig) -> ProbeTarget {
     if let Some(m) = &ep.method {
         target = target.with_method(m.clone());
     }
-    for (name, value) in &ep.headers {
+    for (name, value) in ep.headers.iter().flatten() {
         target = target.with_header(name.clone(), value.clone());
     }
     if let Some(body) = &ep.body {
@@ -495,13 +496,13 @@ fn warnings(report: &ProbeReport, config: &GatewayConfig) -> Vec<String> {
                 "latency, not errors, bound the capacity: past {} the endpoint still answered but \
                  its p99 exceeded latency_threshold_ms = {}{detail}; raise latency_threshold_ms \
                  if slower answers are acceptable",
-                report.max_concurrency, config.latency_threshold_ms
+                report.max_concurrency, config.probe.latency_threshold_ms
             ));
         }
         ProbeBound::MaxConcurrency => w.push(format!(
             "every level passed up to max_probe_concurrency = {}: the endpoint may take more; \
              raise max_probe_concurrency to probe further",
-            config.max_probe_concurrency
+            config.probe.max_probe_concurrency
         )),
         ProbeBound::Errors => {}
     }
@@ -570,10 +571,10 @@ fn tables(results: &[EndpointResult], config: &GatewayConfig) -> String {
     let _ = writeln!(
         s,
         "(thresholds: errors {:.1}%, p99 {} ms; max_probe_concurrency {}; upstream_timeout {} s)",
-        config.error_threshold * 100.0,
-        config.latency_threshold_ms,
-        config.max_probe_concurrency,
-        config.upstream_timeout
+        config.probe.error_threshold * 100.0,
+        config.probe.latency_threshold_ms,
+        config.probe.max_probe_concurrency,
+        config.upstream_timeout.as_secs_f64()
     );
     s
 }
@@ -1288,7 +1289,10 @@ mod tests {
             "# top\nendpoints:\n  /work: {method: POST, capacity: 8, queue_timeout: 5}  # the work\n  \"/b\": {capacity: 9}\n  /c: {capacity: 1}\n  /d: { capacity: 2, headers: {x: \"a,b}\"} }\nlisten: 127.0.0.1:1 # end\n"
         );
         let cfg = load(&out);
-        assert_eq!(cfg.endpoints["/d"].headers["x"], "a,b}");
+        assert_eq!(
+            cfg.admission.endpoints["/d"].headers.as_ref().unwrap()["x"],
+            "a,b}"
+        );
     }
 
     #[test]
@@ -1301,8 +1305,8 @@ mod tests {
             "endpoints:\r\n  /a:\r\n    # comment\r\n    method: POST\r\n    capacity: 5\r\n    body:\r\n      x: 1\r\n  /b:\r\n    capacity: 6   # old\r\n    queue_timeout: 2\r\n  /c: {capacity: 7}\r\n  /d: {capacity: 8}\r\nqueue_timeout: 3"
         );
         let cfg = load(&out);
-        assert_eq!(cfg.endpoints["/a"].capacity, Some(5));
-        assert_eq!(cfg.endpoints["/d"].capacity, Some(8));
+        assert_eq!(cfg.admission.endpoints["/a"].capacity, Some(5));
+        assert_eq!(cfg.admission.endpoints["/d"].capacity, Some(8));
     }
 
     #[test]
@@ -1324,7 +1328,7 @@ mod tests {
             let config = load(text);
             let (yaml, layout) = updated_yaml(text, &config, &c, Path::new("t.yml")).unwrap();
             assert_eq!(layout, YamlLayout::Rewritten);
-            assert_eq!(load(&yaml).endpoints["/w"].capacity, Some(12));
+            assert_eq!(load(&yaml).admission.endpoints["/w"].capacity, Some(12));
             assert_eq!(load(&yaml).endpoints["/w"].method.as_deref(), Some("POST"));
         }
     }
@@ -1340,7 +1344,7 @@ mod tests {
             updated_yaml(text, &config, &caps(&[("/w", 4)]), Path::new("t.yml")).unwrap();
         assert_eq!(layout, YamlLayout::Edited);
         let mut expected = config.clone();
-        expected.endpoints.get_mut("/w").unwrap().capacity = Some(4);
+        expected.admission.endpoints.get_mut("/w").unwrap().capacity = Some(4);
         assert_eq!(load(&yaml), expected);
     }
 
@@ -1367,13 +1371,20 @@ mod tests {
             let Ok(config) = GatewayConfig::from_yaml(text, Path::new("t.yml")) else {
                 continue;
             };
-            let c: BTreeMap<String, i64> =
-                config.endpoints.keys().map(|k| (k.clone(), 7)).collect();
+            let c: BTreeMap<String, i64> = config
+                .admission
+                .endpoints
+                .keys()
+                .map(|k| (k.clone(), 7))
+                .collect();
             let (yaml, _) = updated_yaml(text, &config, &c, Path::new("t.yml"))
                 .unwrap_or_else(|e| panic!("{text:?}: {}", e.message));
             let back = load(&yaml);
             assert!(
-                back.endpoints.values().all(|e| e.capacity == Some(7)),
+                back.admission
+                    .endpoints
+                    .values()
+                    .all(|e| e.capacity == Some(7)),
                 "{yaml}"
             );
         }

@@ -25,7 +25,6 @@ use portcullis::gateway::server::ConnectionLimits;
 use portcullis::gateway::{serve_sharded_watched, ConfigError, Gateway};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -113,9 +112,14 @@ async fn run(cli: Cli) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let listen = config.listen_addr();
-    let drain = Duration::from_secs_f64(config.drain_timeout);
-    let upstreams: Vec<String> = config.upstreams.iter().map(|u| u.url.clone()).collect();
-    let watched: Vec<String> = config.endpoints.keys().cloned().collect();
+    let drain = config.drain_timeout;
+    let upstreams: Vec<String> = config
+        .balance
+        .upstreams
+        .iter()
+        .map(|u| u.url.clone())
+        .collect();
+    let watched: Vec<String> = config.admission.endpoints.keys().cloned().collect();
     let gateway = match Gateway::build(config).await {
         Ok(g) => g,
         Err(e) => {
@@ -171,7 +175,18 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Loads the config and checks everything `Gateway::build` would refuse, so that `--check`
+/// and a start refuse the same configs (exit 2).
 async fn load_config(path: Option<&Path>) -> Result<GatewayConfig, ConfigError> {
+    let config = read_config(path).await?;
+    let file = path.unwrap_or(Path::new("<embedded>"));
+    config
+        .check_servable()
+        .map_err(|e| ConfigError::from_field(file, e))?;
+    Ok(config)
+}
+
+async fn read_config(path: Option<&Path>) -> Result<GatewayConfig, ConfigError> {
     match path {
         Some(p) => GatewayConfig::load(p),
         None => {

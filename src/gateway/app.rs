@@ -116,24 +116,24 @@ impl Gateway {
         let started = Instant::now();
         let proxy = Proxy::new(ProxySettings {
             upstream_timeout: config.upstream_timeout(),
-            connect_timeout: Duration::from_secs_f64(config.connect_timeout),
-            pool_idle_timeout: Duration::from_secs_f64(config.upstream_idle_timeout),
+            connect_timeout: config.connect_timeout,
+            pool_idle_timeout: config.upstream_idle_timeout,
             pool_max_idle_per_host: config.upstream_max_idle,
-            client_body_timeout: Duration::from_secs_f64(config.client_body_timeout),
-            upstream_body_timeout: Duration::from_secs_f64(config.upstream_body_timeout),
+            client_body_timeout: config.client_body_timeout,
+            upstream_body_timeout: config.upstream_body_timeout,
         });
-        if config.upstreams.is_empty() {
-            return Err(BuildError("no upstreams configured".into()));
-        }
+        config
+            .check_servable()
+            .map_err(|e| BuildError(e.to_string()))?;
 
         // Health-gated balance over the upstreams.
-        let balance_config = config.balance_config();
-        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(&balance_config);
+        let balance_config = &config.balance;
+        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(balance_config);
         for (upstream, primary) in config.parsed_upstreams() {
             let key = upstream.url().to_owned();
             registry.add(key, Tier::from_primary(primary), proxy.to(upstream));
         }
-        let checker = registry.spawn_http_checker(&balance_config);
+        let checker = registry.spawn_http_checker(balance_config);
         // The request path is one concrete type down to the proxy (no boxing per layer);
         // only the top of it is boxed, below.
         let pool = HttpBalance::new(Dispatch, registry.clone());
@@ -151,13 +151,16 @@ impl Gateway {
                     None => None,
                 };
                 let probe = PoolProbe {
-                    http: HttpProbe::new(config.health_endpoint.clone(), fallback.probe_timeout),
+                    http: HttpProbe::new(
+                        config.balance.health_endpoint.clone(),
+                        fallback.probe_timeout,
+                    ),
                     registry: registry.clone(),
                 };
                 let breaker = Breaker::builder(fallback.clone())
                     .primary_target(POOL_TARGET)
                     .fallback_target(fallback_proxy.as_ref().map(|u| u.url().to_owned()))
-                    .health_endpoint(config.health_endpoint.clone())
+                    .health_endpoint(config.balance.health_endpoint.clone())
                     .probe(probe)
                     .build();
                 if fallback_proxy.is_none() {
@@ -186,9 +189,9 @@ impl Gateway {
         let upstreams_ready = health.register("upstreams");
 
         // Admission over the chosen storage.
-        let admission = config.admission_config();
-        let to_probe: Vec<String> = if config.probe_on_startup {
-            config
+        let admission = &config.admission;
+        let to_probe: Vec<String> = if config.probe.probe_on_startup {
+            admission
                 .endpoints
                 .iter()
                 .filter(|(_, e)| e.capacity.is_none())
@@ -213,7 +216,7 @@ impl Gateway {
         let (admitted, stats, storage): (GatewayService, GatewayStats, Option<RedisStorage>) =
             match config.storage.kind {
                 StorageType::Memory => {
-                    let endpoints = Endpoints::from_config_with(&admission, |p, e| {
+                    let endpoints = Endpoints::from_config_with(admission, |p, e| {
                         LocalCapacity::new(initial(p, e))
                     })
                     .map_err(BuildError)?;
@@ -241,15 +244,15 @@ impl Gateway {
                         .await
                         .map_err(|e| BuildError(format!("storage: {e}")))?;
                     let endpoints =
-                        Endpoints::<RedisCapacity>::from_config_with(&admission, |p, e| {
+                        Endpoints::<RedisCapacity>::from_config_with(admission, |p, e| {
                             storage.capacity_source(p, initial(p, e))
                         })
                         .map_err(BuildError)?;
                     // A configured capacity is the truth: store it for every process.
-                    for (path, ep) in &config.endpoints {
+                    for (path, ep) in &admission.endpoints {
                         if let Some(c) = ep.capacity {
                             if let Some(l) = endpoints.get(path) {
-                                l.set_capacity(c as usize);
+                                l.set_capacity(c);
                             }
                         }
                     }

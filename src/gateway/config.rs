@@ -4,14 +4,24 @@
 //! users can bring their file. Durations are seconds (integer or float). Every field is
 //! documented in the README's config reference.
 //!
+//! [`GatewayConfig`] composes the crates' own configs, flattened into one flat YAML mapping:
+//! [`portcullis_balance::Config`] (`upstreams`, `routing_strategy`, health checks, ejection),
+//! [`portcullis_admission::Config`] (`queue_timeout`, `max_queue`, `endpoints`) and
+//! [`ProbeConfig`] (`probe_on_startup`, the probe's thresholds); `storage` and `fallback` are
+//! the Redis and breaker crates' sections. Each crate validates its own config; the gateway
+//! adds the rules that span them and names the field by its path from the top.
+//!
 //! Loading never panics: a bad file is reported as a [`ConfigError`] that names the file, the
 //! field and, where the parser knows it, the line. The gateway exits with status 2 on it.
 
+mod sections;
+
 use super::proxy::Upstream;
-use super::upstream_url::{parse_cidr, validate_upstream_url, AdminAllowlist};
+use super::upstream_url::{parse_cidr, AdminAllowlist};
+use portcullis_core::ConfigError as FieldError;
 use portcullis_probe::ProbeConfig;
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use serde::Deserialize;
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +40,30 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// The error of `file` for a field refused by a check that has no text to look the
+    /// line up in ([`GatewayConfig::check_servable`]).
+    pub fn from_field(file: &Path, e: FieldError) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            field: Some(e.field),
+            line: None,
+            message: e.message,
+        }
+    }
+
+    /// The error for a field refused by a `validate()` of `text`, read from `file`: the line
+    /// is where the text shows the field's path.
+    fn at_field(e: FieldError, text: &str, file: &Path) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            line: find_path_line(text, &e.field),
+            field: Some(e.field),
+            message: e.message,
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invalid config {}", self.file.display())?;
@@ -45,123 +79,48 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-pub use portcullis_admission::OnClientCancel;
-pub use portcullis_balance::RoutingStrategy;
-
-/// One upstream replica.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Base URL, `http://host:port[/prefix]`.
-    pub url: String,
-    /// Primary tier (preferred while any primary is healthy).
-    #[serde(default)]
-    pub primary: bool,
-}
-
+pub use portcullis_admission::{EndpointConfig, OnClientCancel};
+pub use portcullis_balance::{RoutingStrategy, UpstreamConfig};
 pub use portcullis_breaker::Config as FallbackConfig;
 pub use portcullis_dashboard::UiConfig;
 pub use portcullis_health::HealthServerConfig;
 pub use portcullis_redis::{OnError, StorageConfig, StorageType};
 
-/// One watched endpoint under `endpoints`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EndpointConfig {
-    /// Only requests with this method are admitted through the queue (others pass through).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    /// Maximum concurrent requests; absent means "probe it" (or the default capacity).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capacity: Option<i64>,
-    /// Overrides the global `queue_timeout` for this endpoint.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue_timeout: Option<f64>,
-    /// Headers sent by the prober.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
-    /// JSON body sent by the prober.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<serde_json::Value>,
-    /// The path the prober sends to (default: the endpoint's key). Required to probe a
-    /// prefix pattern (`/v1/models/*`) that has no `capacity`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub probe_path: Option<String>,
-}
-
-impl EndpointConfig {
-    /// The path probed for the endpoint under `key`: `probe_path`, else `key` itself;
-    /// `None` for a prefix pattern without `probe_path`.
-    pub fn probe_path<'a>(&'a self, key: &'a str) -> Option<&'a str> {
-        match &self.probe_path {
-            Some(p) => Some(p),
-            None if key.ends_with("/*") => None,
-            None => Some(key),
-        }
-    }
-}
-
-/// The whole gateway configuration.
+/// The whole gateway configuration: its own settings, and the crates' configs flattened
+/// into the same top-level mapping (see the [module docs](self)).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// Address to listen on.
     pub listen: String,
-    /// Seconds allowed for an upstream's response headers (504 after).
-    pub upstream_timeout: f64,
-    /// Seconds allowed to open a connection to an upstream (502 after).
-    pub connect_timeout: f64,
-    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
-    pub drain_timeout: f64,
+    /// Time allowed for an upstream's response headers (504 after).
+    #[serde(with = "portcullis_core::seconds")]
+    pub upstream_timeout: Duration,
+    /// Time allowed to open a connection to an upstream (502 after).
+    #[serde(with = "portcullis_core::seconds")]
+    pub connect_timeout: Duration,
+    /// Time in-flight requests get to finish on SIGINT/SIGTERM.
+    #[serde(with = "portcullis_core::seconds")]
+    pub drain_timeout: Duration,
     /// Serving threads, each with its own runtime and `SO_REUSEPORT` listener (0 = one per
     /// core).
     pub workers: usize,
     /// Where admission counters live.
     pub storage: StorageConfig,
-    /// The replicas.
-    pub upstreams: Vec<UpstreamConfig>,
-    /// `p2c` | `round-robin` | `first-healthy`.
-    pub routing_strategy: RoutingStrategy,
-    /// Path probed on every upstream.
-    pub health_endpoint: String,
-    /// Seconds between health-check cycles.
-    pub health_check_interval: f64,
-    /// Seconds a health probe may take.
-    pub health_check_timeout: f64,
-    /// Consecutive failed probes that mark a replica unhealthy.
-    pub failure_threshold: u32,
-    /// Consecutive good probes that mark it healthy again.
-    pub recovery_threshold: u32,
-    /// Seconds of random jitter added to each health-check cycle.
-    pub health_check_jitter: f64,
-    /// Consecutive failed live responses that eject a replica (0 = passive ejection off).
-    pub eject_after: u32,
-    /// Seconds a replica stays ejected the first time.
-    pub eject_for: f64,
-    /// Upper bound, in seconds, of the growing ejection time.
-    pub eject_max: f64,
-    /// Below this percentage of healthy replicas, route to all of them (0 = off).
-    pub panic_threshold: f64,
-    /// Seconds a request may wait in an admission queue (504 after).
-    pub queue_timeout: f64,
-    /// Bound of each admission queue (503 `queue_full` beyond); absent = unbounded.
-    pub max_queue: Option<i64>,
+    /// The balancer: `upstreams`, `routing_strategy`, the health checks and passive
+    /// ejection (top-level keys).
+    #[serde(flatten)]
+    pub balance: portcullis_balance::Config,
+    /// Admission control: `queue_timeout`, `max_queue` and the watched `endpoints`
+    /// (top-level keys).
+    #[serde(flatten)]
+    pub admission: portcullis_admission::Config,
     /// Capacity of a watched endpoint with no `capacity` while it is not probed.
     pub default_capacity: i64,
-    /// Watched paths: admission control applies to these.
-    pub endpoints: BTreeMap<String, EndpointConfig>,
-    /// Probe watched endpoints without a manual `capacity` before admitting traffic.
-    pub probe_on_startup: bool,
-    /// Probe again at startup even when a capacity is stored (Redis storage).
-    pub force_reprobe: bool,
-    /// A probe level fails above this fraction of failed requests.
-    pub error_threshold: f64,
-    /// A probe level fails when its p99 latency exceeds this many milliseconds.
-    pub latency_threshold_ms: f64,
-    /// Upper bound of the probed concurrency.
-    pub max_probe_concurrency: usize,
-    /// Minimum requests per probe level.
-    pub probe_min_requests: usize,
+    /// Capacity probing: `probe_on_startup`, `force_reprobe` and the probe's thresholds
+    /// (top-level keys).
+    #[serde(flatten)]
+    pub probe: ProbeConfig,
     /// Circuit-breaker fallback (absent: no breaker).
     pub fallback: Option<FallbackConfig>,
     /// The dashboard page and operator-route credentials.
@@ -173,78 +132,65 @@ pub struct GatewayConfig {
     /// CIDRs an admin-added upstream must resolve into (every address it resolves to);
     /// absent = any address.
     pub upstream_admin_allow: Option<Vec<String>>,
-    /// Seconds a client may pause between two reads of its request body (408
+    /// Time a client may pause between two reads of its request body (408
     /// `client_timeout` after it).
-    pub client_body_timeout: f64,
-    /// Seconds an upstream may pause between two reads of its response body (the body is cut
+    #[serde(with = "portcullis_core::seconds")]
+    pub client_body_timeout: Duration,
+    /// Time an upstream may pause between two reads of its response body (the body is cut
     /// off after it and the slots it held are freed).
-    pub upstream_body_timeout: f64,
+    #[serde(with = "portcullis_core::seconds")]
+    pub upstream_body_timeout: Duration,
     /// Idle keep-alive connections kept per upstream (per serving thread).
     pub upstream_max_idle: usize,
-    /// Seconds an idle upstream keep-alive connection is kept.
-    pub upstream_idle_timeout: f64,
-    /// Seconds a client has to send a complete HTTP/1 request head, counted from the
+    /// Time an idle upstream keep-alive connection is kept.
+    #[serde(with = "portcullis_core::seconds")]
+    pub upstream_idle_timeout: Duration,
+    /// Time a client has to send a complete HTTP/1 request head, counted from the
     /// connection's accept or from its first byte after an idle keep-alive pause (408
     /// `client_timeout` and close after it).
-    pub client_header_timeout: f64,
-    /// Seconds a client connection may stay open with no request in flight (HTTP/1 keep-alive
+    #[serde(with = "portcullis_core::seconds")]
+    pub client_header_timeout: Duration,
+    /// Time a client connection may stay open with no request in flight (HTTP/1 keep-alive
     /// or HTTP/2 with no open stream) before the gateway closes it.
-    pub client_idle_timeout: f64,
+    #[serde(with = "portcullis_core::seconds")]
+    pub client_idle_timeout: Duration,
     /// Client connections served at once by this process (0 = unlimited); beyond it the
     /// gateway stops accepting and new connections wait in the kernel's accept backlog.
     pub max_connections: usize,
     /// `hold` (default): a watched request whose client goes away keeps its slot while its
     /// upstream request runs to its end in the background; `release`: free the slot at once.
     pub on_client_cancel: OnClientCancel,
-    /// Seconds a held request may run on after its client went away before it is dropped
+    /// How long a held request may run on after its client went away before it is dropped
     /// and its slot freed; absent = `connect_timeout + upstream_timeout +
     /// upstream_body_timeout`.
-    pub client_cancel_hold_timeout: Option<f64>,
+    #[serde(with = "portcullis_core::seconds::option")]
+    pub client_cancel_hold_timeout: Option<Duration>,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        let probe = ProbeConfig::default();
         Self {
             listen: "127.0.0.1:8080".into(),
-            upstream_timeout: 30.0,
-            connect_timeout: 5.0,
-            drain_timeout: 30.0,
+            upstream_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
             workers: 0,
             storage: StorageConfig::default(),
-            upstreams: Vec::new(),
-            routing_strategy: RoutingStrategy::P2c,
-            health_endpoint: "/healthz".into(),
-            health_check_interval: 1.0,
-            health_check_timeout: 1.0,
-            failure_threshold: 3,
-            recovery_threshold: 2,
-            health_check_jitter: 0.0,
-            eject_after: 5,
-            eject_for: 30.0,
-            eject_max: 300.0,
-            panic_threshold: 0.0,
-            queue_timeout: 30.0,
-            max_queue: None,
+            balance: portcullis_balance::Config::default(),
+            admission: portcullis_admission::Config::default(),
             default_capacity: 64,
-            endpoints: BTreeMap::new(),
-            probe_on_startup: probe.probe_on_startup,
-            force_reprobe: probe.force_reprobe,
-            error_threshold: probe.error_threshold,
-            latency_threshold_ms: probe.latency_threshold_ms,
-            max_probe_concurrency: probe.max_probe_concurrency,
-            probe_min_requests: probe.probe_min_requests,
+            probe: ProbeConfig::default(),
             fallback: None,
             ui: UiConfig::default(),
             health_server: HealthServerConfig::default(),
             upstream_admin: false,
             upstream_admin_allow: None,
-            client_body_timeout: 60.0,
-            upstream_body_timeout: 60.0,
+            client_body_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
             upstream_max_idle: 64,
-            upstream_idle_timeout: 60.0,
-            client_header_timeout: 10.0,
-            client_idle_timeout: 75.0,
+            upstream_idle_timeout: Duration::from_secs(60),
+            client_header_timeout: Duration::from_secs(10),
+            client_idle_timeout: Duration::from_secs(75),
             max_connections: 10_000,
             on_client_cancel: OnClientCancel::Hold,
             client_cancel_hold_timeout: None,
@@ -299,6 +245,9 @@ impl GatewayConfig {
     /// Text over [`MAX_CONFIG_BYTES`] or nested deeper than [`MAX_CONFIG_DEPTH`] is refused
     /// before it reaches the YAML parser (whose cost grows faster than linearly with the
     /// depth of flow collections: 80,000 `[` took over 30 s).
+    ///
+    /// A config without upstreams is valid here (the `bench` command needs none); whether
+    /// the gateway can serve it is [`check_servable`](Self::check_servable).
     pub fn from_yaml(text: &str, file: &Path) -> Result<Self, ConfigError> {
         let refuse = |line: Option<usize>, message: String| ConfigError {
             file: file.to_path_buf(),
@@ -324,10 +273,25 @@ impl GatewayConfig {
         let cfg: GatewayConfig = if text.trim().is_empty() {
             GatewayConfig::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|e| yaml_error(e, text, file))?
+            sections::from_yaml(text).map_err(|e| yaml_error(e, text, file))?
         };
-        cfg.validate(text, file)?;
+        cfg.validate()
+            .map_err(|e| ConfigError::at_field(e, text, file))?;
         Ok(cfg)
+    }
+
+    /// What [`Gateway::build`](super::Gateway::build) refuses beyond [`from_yaml`]'s
+    /// checks: a config with no upstreams (an empty file is one). `--check` runs it too.
+    ///
+    /// [`from_yaml`]: Self::from_yaml
+    pub fn check_servable(&self) -> Result<(), FieldError> {
+        if self.balance.upstreams.is_empty() {
+            return Err(FieldError::new(
+                "upstreams",
+                "at least one upstream is needed to serve (upstreams: [{url: \"http://host:port\"}])",
+            ));
+        }
+        Ok(())
     }
 
     /// The listen address.
@@ -340,57 +304,11 @@ impl GatewayConfig {
 
     /// The parsed upstreams.
     pub fn parsed_upstreams(&self) -> Vec<(Upstream, bool)> {
-        self.upstreams
+        self.balance
+            .upstreams
             .iter()
             .filter_map(|u| Upstream::parse(&u.url).ok().map(|p| (p, u.primary)))
             .collect()
-    }
-
-    /// The balancer's settings (upstreams, policy, health checks, ejection).
-    pub fn balance_config(&self) -> portcullis_balance::Config {
-        portcullis_balance::Config {
-            upstreams: self
-                .upstreams
-                .iter()
-                .map(|u| portcullis_balance::UpstreamConfig {
-                    url: u.url.clone(),
-                    primary: u.primary,
-                })
-                .collect(),
-            routing_strategy: self.routing_strategy,
-            health_endpoint: self.health_endpoint.clone(),
-            health_check_interval: self.health_check_interval,
-            health_check_timeout: self.health_check_timeout,
-            failure_threshold: self.failure_threshold,
-            recovery_threshold: self.recovery_threshold,
-            health_check_jitter: self.health_check_jitter,
-            eject_after: self.eject_after,
-            eject_for: self.eject_for,
-            eject_max: self.eject_max,
-            panic_threshold: self.panic_threshold,
-        }
-    }
-
-    /// The admission settings (`queue_timeout`, `max_queue`, `endpoints`).
-    pub fn admission_config(&self) -> portcullis_admission::Config {
-        portcullis_admission::Config {
-            queue_timeout: Duration::from_secs_f64(self.queue_timeout),
-            max_queue: self.max_queue.map(|q| q.max(0) as usize),
-            endpoints: self
-                .endpoints
-                .iter()
-                .map(|(path, e)| {
-                    let ep = portcullis_admission::EndpointConfig {
-                        method: e.method.clone(),
-                        capacity: e.capacity.map(|c| c.max(1) as usize),
-                        queue_timeout: e.queue_timeout.map(Duration::from_secs_f64),
-                        headers: (!e.headers.is_empty()).then(|| e.headers.clone()),
-                        body: e.body.clone(),
-                    };
-                    (path.clone(), ep)
-                })
-                .collect(),
-        }
     }
 
     /// The number of serving threads: `workers`, or one per core when 0.
@@ -399,18 +317,6 @@ impl GatewayConfig {
             self.workers
         } else {
             std::thread::available_parallelism().map_or(1, usize::from)
-        }
-    }
-
-    /// The probe settings (`probe_on_startup`, thresholds, limits).
-    pub fn probe_config(&self) -> ProbeConfig {
-        ProbeConfig {
-            probe_on_startup: self.probe_on_startup,
-            force_reprobe: self.force_reprobe,
-            error_threshold: self.error_threshold,
-            latency_threshold_ms: self.latency_threshold_ms,
-            max_probe_concurrency: self.max_probe_concurrency,
-            probe_min_requests: self.probe_min_requests,
         }
     }
 
@@ -424,28 +330,20 @@ impl GatewayConfig {
     /// How long a request held after its client went away may run on
     /// (`client_cancel_hold_timeout`, or the sum of the upstream timeouts).
     pub fn client_cancel_hold_limit(&self) -> Duration {
-        Duration::from_secs_f64(
-            self.client_cancel_hold_timeout.unwrap_or(
-                self.connect_timeout + self.upstream_timeout + self.upstream_body_timeout,
-            ),
-        )
+        self.client_cancel_hold_timeout
+            .unwrap_or(self.connect_timeout + self.upstream_timeout + self.upstream_body_timeout)
     }
 
-    /// `upstream_timeout` as a duration.
+    /// `upstream_timeout`.
     pub fn upstream_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.upstream_timeout)
+        self.upstream_timeout
     }
 
-    fn validate(&self, text: &str, file: &Path) -> Result<(), ConfigError> {
-        let err = |field: &str, key: &str, message: String| ConfigError {
-            file: file.to_path_buf(),
-            field: Some(field.to_string()),
-            line: find_line(text, key),
-            message,
-        };
+    /// Checks the gateway's own fields, each crate's config (its errors prefixed with the
+    /// section it sits under) and the rules that span them. Field paths are from the top.
+    fn validate(&self) -> Result<(), FieldError> {
         if self.listen.parse::<SocketAddr>().is_err() {
-            return Err(err(
-                "listen",
+            return Err(FieldError::new(
                 "listen",
                 format!("`{}` is not an address like 127.0.0.1:8080", self.listen),
             ));
@@ -454,11 +352,6 @@ impl GatewayConfig {
             ("upstream_timeout", self.upstream_timeout),
             ("connect_timeout", self.connect_timeout),
             ("drain_timeout", self.drain_timeout),
-            ("health_check_interval", self.health_check_interval),
-            ("health_check_timeout", self.health_check_timeout),
-            ("eject_for", self.eject_for),
-            ("eject_max", self.eject_max),
-            ("queue_timeout", self.queue_timeout),
             ("client_body_timeout", self.client_body_timeout),
             ("upstream_body_timeout", self.upstream_body_timeout),
             ("upstream_idle_timeout", self.upstream_idle_timeout),
@@ -466,47 +359,13 @@ impl GatewayConfig {
             ("client_idle_timeout", self.client_idle_timeout),
         ];
         for (name, v) in positive {
-            check_seconds(v).map_err(|m| err(name, name, m))?;
+            FieldError::require_positive(name, v)?;
         }
         if let Some(v) = self.client_cancel_hold_timeout {
-            check_seconds(v).map_err(|m| {
-                err(
-                    "client_cancel_hold_timeout",
-                    "client_cancel_hold_timeout",
-                    m,
-                )
-            })?;
-        }
-        if !(self.health_check_jitter.is_finite() && self.health_check_jitter >= 0.0) {
-            return Err(err(
-                "health_check_jitter",
-                "health_check_jitter",
-                "must be zero or a positive number of seconds".into(),
-            ));
-        }
-        if self.health_check_interval < MIN_CHECK_INTERVAL {
-            return Err(err(
-                "health_check_interval",
-                "health_check_interval",
-                format!(
-                    "must be at least {MIN_CHECK_INTERVAL} s (10 ms), got {}",
-                    self.health_check_interval
-                ),
-            ));
-        }
-        if self.health_check_jitter > self.health_check_interval {
-            return Err(err(
-                "health_check_jitter",
-                "health_check_jitter",
-                format!(
-                    "must not exceed health_check_interval ({} s), got {}",
-                    self.health_check_interval, self.health_check_jitter
-                ),
-            ));
+            FieldError::require_positive("client_cancel_hold_timeout", v)?;
         }
         if self.workers > MAX_WORKERS {
-            return Err(err(
-                "workers",
+            return Err(FieldError::new(
                 "workers",
                 format!(
                     "must be 0 (one per core) or 1..={MAX_WORKERS}, got {}",
@@ -515,144 +374,51 @@ impl GatewayConfig {
             ));
         }
         if self.upstream_admin && self.ui.credentials().is_none() {
-            return Err(err(
+            return Err(FieldError::new(
                 "upstream_admin",
-                "upstream_admin",
-                "needs ui.username and ui.password: without them anyone who reaches the gateway could change where its traffic goes".into(),
+                "needs ui.username and ui.password: without them anyone who reaches the gateway could change where its traffic goes",
             ));
         }
-        if let Some(list) = &self.upstream_admin_allow {
-            for (i, cidr) in list.iter().enumerate() {
-                parse_cidr(cidr)
-                    .map_err(|m| err(&format!("upstream_admin_allow[{i}]"), cidr, m))?;
-            }
-        }
-        if !(0.0..=100.0).contains(&self.panic_threshold) {
-            return Err(err(
-                "panic_threshold",
-                "panic_threshold",
-                "must be a percentage between 0 and 100".into(),
-            ));
-        }
-        for (name, v) in [
-            ("failure_threshold", self.failure_threshold),
-            ("recovery_threshold", self.recovery_threshold),
-        ] {
-            if v == 0 {
-                return Err(err(name, name, "must be at least 1".into()));
-            }
-        }
-        if let Some(q) = self.max_queue {
-            if q < 0 {
-                return Err(err(
-                    "max_queue",
-                    "max_queue",
-                    format!("must be zero or positive, got {q}"),
-                ));
-            }
+        for (i, cidr) in self.upstream_admin_allow.iter().flatten().enumerate() {
+            parse_cidr(cidr)
+                .map_err(|m| FieldError::new(format!("upstream_admin_allow[{i}]"), m))?;
         }
         if self.default_capacity <= 0 {
-            return Err(err(
-                "default_capacity",
+            return Err(FieldError::new(
                 "default_capacity",
                 format!("must be at least 1, got {}", self.default_capacity),
             ));
         }
-        if !self.health_endpoint.starts_with('/') {
-            return Err(err(
-                "health_endpoint",
-                "health_endpoint",
-                "must be a path starting with `/`".into(),
-            ));
-        }
+        self.balance.validate()?;
         let mut seen = HashSet::new();
-        for (i, u) in self.upstreams.iter().enumerate() {
+        for (i, u) in self.balance.upstreams.iter().enumerate() {
             let field = format!("upstreams[{i}].url");
-            let parsed = Upstream::parse(&u.url).map_err(|e| err(&field, &u.url, e.0))?;
-            validate_upstream_url(&u.url).map_err(|e| err(&field, &u.url, e.0))?;
+            let parsed = Upstream::parse(&u.url).map_err(|e| FieldError::new(&field, e.0))?;
             if !seen.insert(parsed.url().to_string()) {
-                return Err(err(
-                    &field,
-                    &u.url,
+                return Err(FieldError::new(
+                    field,
                     format!("duplicate upstream `{}`", parsed.url()),
                 ));
             }
         }
-        for (path, ep) in &self.endpoints {
-            let field = format!("endpoints.{path}");
-            if !path.starts_with('/') {
-                return Err(err(
-                    &field,
-                    path,
-                    "an endpoint must be a path starting with `/`".into(),
+        self.admission.validate()?;
+        for (path, ep) in &self.admission.endpoints {
+            if ep.capacity.is_none() && self.probe.probe_on_startup && ep.probe_path(path).is_none()
+            {
+                return Err(FieldError::new(
+                    format!("endpoints.{path}.probe_path"),
+                    "a prefix pattern without `capacity` needs `probe_path` (a concrete path under it) to be probed at startup",
                 ));
             }
-            if let Some(c) = ep.capacity {
-                if c <= 0 {
-                    return Err(err(
-                        &format!("{field}.capacity"),
-                        path,
-                        format!("must be at least 1, got {c}"),
-                    ));
-                }
-            }
-            if let Some(p) = &ep.probe_path {
-                if !p.starts_with('/') || p.contains('*') {
-                    return Err(err(
-                        &format!("{field}.probe_path"),
-                        path,
-                        "must be a concrete path starting with `/`".into(),
-                    ));
-                }
-            }
-            if ep.capacity.is_none() && self.probe_on_startup && ep.probe_path(path).is_none() {
-                return Err(err(
-                    &format!("{field}.probe_path"),
-                    path,
-                    "a prefix pattern without `capacity` needs `probe_path` (a concrete path under it) to be probed at startup".into(),
-                ));
-            }
-            if let Some(t) = ep.queue_timeout {
-                check_seconds(t).map_err(|m| err(&format!("{field}.queue_timeout"), path, m))?;
-            }
-            if let Some(m) = &ep.method {
-                if http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() {
-                    return Err(err(
-                        &format!("{field}.method"),
-                        path,
-                        format!("`{m}` is not an HTTP method"),
-                    ));
-                }
-            }
         }
-        let nested = [
-            ("endpoints", self.admission_config().validate()),
-            ("storage", self.storage.validate()),
-            (
-                "fallback",
-                self.fallback.as_ref().map_or(Ok(()), |f| f.validate()),
-            ),
-        ];
-        for (section, res) in nested {
-            if let Err(m) = res {
-                let (field, message) = match m.split_once(": ") {
-                    Some((f, rest)) if f.starts_with(section) => (f.to_string(), rest.to_string()),
-                    _ => (section.to_string(), m.clone()),
-                };
-                let key = field.rsplit('.').next().unwrap_or(section).to_string();
-                return Err(err(&field, &key, message));
-            }
-        }
+        self.storage.validate().map_err(|e| e.within("storage"))?;
         if let Some(f) = &self.fallback {
+            f.validate().map_err(|e| e.within("fallback"))?;
             if let Some(url) = &f.url {
-                Upstream::parse(url).map_err(|e| err("fallback.url", "url", e.0))?;
-                validate_upstream_url(url).map_err(|e| err("fallback.url", "url", e.0))?;
+                Upstream::parse(url).map_err(|e| FieldError::new("fallback.url", e.0))?;
             }
         }
-        self.probe_config()
-            .validate()
-            .map_err(|e| err(e.field, e.field, e.message))?;
-        Ok(())
+        self.probe.validate()
     }
 }
 
@@ -661,10 +427,6 @@ pub const MAX_CONFIG_BYTES: usize = 16 << 20;
 
 /// The deepest YAML nesting accepted (collections inside collections).
 pub const MAX_CONFIG_DEPTH: usize = 128;
-
-/// The shortest `health_check_interval`, in seconds: 10 ms (`storage.ping_interval` has
-/// the same floor, checked by `portcullis_redis`).
-pub const MIN_CHECK_INTERVAL: f64 = 0.010;
 
 /// The most serving threads `workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
@@ -814,24 +576,66 @@ fn starts_token(bytes: &[u8], pos: usize, flow: usize) -> bool {
     }
 }
 
-fn check_seconds(v: f64) -> Result<(), String> {
-    if !v.is_finite() || v <= 0.0 {
-        Err(format!("must be a positive number of seconds, got {v}"))
-    } else if v > 1.0e9 {
-        Err(format!("{v} seconds is too large"))
-    } else {
-        Ok(())
+/// The line of the field at `path` (`upstreams[1].url`, `endpoints./w.capacity`,
+/// `storage.url`), for error messages: the first key at the top level (else the first line
+/// that shows it), each later key on or after its parent's line, each `[i]` the i-th `- `
+/// entry after its parent. A part the text does not show (a default, a flow sequence)
+/// leaves the parent's line.
+fn find_path_line(text: &str, path: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut at: Option<usize> = None;
+    let mut rest = path;
+    while !rest.is_empty() {
+        let (part, index, tail) = split_path(rest);
+        rest = tail;
+        if !part.is_empty() {
+            let from = at.unwrap_or(0);
+            let top_level = |l: &&str| {
+                l.strip_prefix(part)
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            };
+            let hit = match at {
+                None => lines.iter().position(top_level),
+                Some(_) => None,
+            }
+            .or_else(|| {
+                lines[from..]
+                    .iter()
+                    .position(|l| l.contains(part))
+                    .map(|i| from + i)
+            });
+            if hit.is_some() {
+                at = hit;
+            }
+        }
+        if let (Some(i), Some(from)) = (index, at) {
+            let entry = lines[from + 1..]
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.trim_start().starts_with("- ") || l.trim() == "-")
+                .nth(i);
+            if let Some((offset, _)) = entry {
+                at = Some(from + 1 + offset);
+            }
+        }
     }
+    at.map(|i| i + 1)
 }
 
-/// The first line where `key` appears as a YAML key or value, for error messages.
-fn find_line(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            let t = l.trim_start().trim_start_matches("- ");
-            t.starts_with(&format!("{key}:")) || l.contains(key)
-        })
-        .map(|i| i + 1)
+/// The first part of a field path: its key, the index that follows it (`upstreams[1]`)
+/// and the rest after the next `.`.
+fn split_path(path: &str) -> (&str, Option<usize>, &str) {
+    let end = path.find(['.', '[']).unwrap_or(path.len());
+    let key = &path[..end];
+    let mut rest = &path[end..];
+    let mut index = None;
+    if let Some(inner) = rest.strip_prefix('[') {
+        if let Some(close) = inner.find(']') {
+            index = inner[..close].parse().ok();
+            rest = &inner[close + 1..];
+        }
+    }
+    (key, index, rest.strip_prefix('.').unwrap_or(rest))
 }
 
 fn yaml_error(e: serde_yaml_ng::Error, text: &str, file: &Path) -> ConfigError {
@@ -845,21 +649,24 @@ fn yaml_error(e: serde_yaml_ng::Error, text: &str, file: &Path) -> ConfigError {
         _ => (None, msg.clone()),
     };
     // Unknown fields: name the field itself.
+    let mut top_level_key = false;
     if let Some(start) = rest.find("unknown field `") {
         let tail = &rest[start + "unknown field `".len()..];
         if let Some(end) = tail.find('`') {
             let name = &tail[..end];
+            top_level_key = field.is_none();
             field = Some(match field {
                 Some(p) if p != "." => format!("{p}.{name}"),
                 _ => name.to_string(),
             });
         }
     }
-    let line = line.or_else(|| {
-        field
-            .as_deref()
-            .and_then(|f| find_line(text, f.rsplit('.').next().unwrap_or(f)))
-    });
+    // A top-level unknown key is found once the whole mapping was read (the sections are
+    // flattened), so the parser's position is the mapping's: look the key up instead.
+    let line = match top_level_key {
+        true => field.as_deref().and_then(|f| find_path_line(text, f)),
+        false => line.or_else(|| field.as_deref().and_then(|f| find_path_line(text, f))),
+    };
     // Strip the trailing " at line N column M" the parser adds; we print the line ourselves.
     let message = match rest.find(" at line ") {
         Some(i) => rest[..i].to_string(),
@@ -951,8 +758,8 @@ mod tests {
     #[test]
     fn embedded_default_loads() {
         let cfg = load(&embedded_default([9001, 9002])).unwrap();
-        assert_eq!(cfg.upstreams.len(), 2);
-        assert_eq!(cfg.endpoints["/work"].capacity, Some(8));
+        assert_eq!(cfg.balance.upstreams.len(), 2);
+        assert_eq!(cfg.admission.endpoints["/work"].capacity, Some(8));
     }
 
     #[test]
@@ -960,7 +767,7 @@ mod tests {
         let text = "listen: 127.0.0.1:8080\nupstream_timeout: 30\nstorage: {type: redis, url: redis://127.0.0.1:6379}\nupstreams:\n  - {url: http://127.0.0.1:9001, primary: true}\n  - {url: http://127.0.0.1:9002}\nrouting_strategy: p2c\nhealth_endpoint: /healthz\nhealth_check_interval: 1\nhealth_check_timeout: 1\nfailure_threshold: 3\nrecovery_threshold: 2\nqueue_timeout: 30\nendpoints:\n  /work: {method: POST, capacity: 8, queue_timeout: 5}\n";
         let cfg = load(text).unwrap();
         assert_eq!(cfg.storage.kind, StorageType::Redis);
-        assert_eq!(cfg.routing_strategy, RoutingStrategy::P2c);
+        assert_eq!(cfg.balance.routing_strategy, RoutingStrategy::P2c);
     }
 
     #[test]

@@ -295,8 +295,8 @@ impl ConnectionLimits {
     /// The limits of `config`.
     pub fn from_config(config: &GatewayConfig) -> Self {
         Self {
-            header_timeout: Duration::from_secs_f64(config.client_header_timeout),
-            idle_timeout: Duration::from_secs_f64(config.client_idle_timeout),
+            header_timeout: config.client_header_timeout,
+            idle_timeout: config.client_idle_timeout,
             max_connections: config.max_connections,
         }
     }

@@ -45,7 +45,12 @@ impl std::fmt::Debug for BalancedTransport {
 impl BalancedTransport {
     /// The transport for the watched endpoint `path` of `config`.
     pub fn new(config: &GatewayConfig, path: &str, registry: ReplicaRegistry<ProxyTo>) -> Self {
-        let ep = config.endpoints.get(path).cloned().unwrap_or_default();
+        let ep = config
+            .admission
+            .endpoints
+            .get(path)
+            .cloned()
+            .unwrap_or_default();
         let body = ep
             .body
             .as_ref()
@@ -65,7 +70,7 @@ impl BalancedTransport {
             registry,
             method,
             path: probed,
-            headers: ep.headers.into_iter().collect(),
+            headers: ep.headers.unwrap_or_default().into_iter().collect(),
             body,
         }
     }
@@ -117,7 +122,7 @@ async fn probe_one(
     registry: &ReplicaRegistry<ProxyTo>,
     path: &str,
 ) -> Result<ProbeReport, portcullis_probe::ProbeError> {
-    let prober = Prober::new(config.probe_config()).with_request_timeout(config.upstream_timeout());
+    let prober = Prober::new(config.probe.clone()).with_request_timeout(config.upstream_timeout());
     let transport = BalancedTransport::new(config, path, registry.clone());
     tracing::info!(endpoint = %path, "probing capacity");
     let report = prober.probe_transport(&transport, |_| {}).await?;
@@ -176,7 +181,7 @@ pub async fn probe_shared(
 ) {
     for path in &paths {
         let probed = storage
-            .get_or_probe(path, config.force_reprobe, || async {
+            .get_or_probe(path, config.probe.force_reprobe, || async {
                 probe_one(&config, &registry, path)
                     .await
                     .map(|r| r.max_concurrency.max(1))

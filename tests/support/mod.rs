@@ -8,7 +8,6 @@ use axum::Router;
 use portcullis::gateway::{serve, Gateway, GatewayConfig};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -59,7 +58,7 @@ impl TestGateway {
     pub async fn start(yaml: &str) -> Self {
         let config =
             GatewayConfig::from_yaml(yaml, Path::new("test.yml")).expect("valid test config");
-        let drain = Duration::from_secs_f64(config.drain_timeout);
+        let drain = config.drain_timeout;
         let gateway = Gateway::build(config).await.expect("gateway builds");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

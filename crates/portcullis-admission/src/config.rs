@@ -12,6 +12,7 @@
 //!     queue_timeout: 120   # optional; overrides the global one
 //!     headers: {Authorization: Bearer t}   # optional; used by the probe, kept as is
 //!     body: {input: sample}                 # optional; used by the probe, kept as is
+//!     probe_path: /predict   # optional; where the probe sends (needed for a `/*` pattern)
 //! ```
 //!
 //! # Endpoint keys
@@ -36,7 +37,8 @@
 //! at once instead of holding the memory (and the client) for a wait that is unlikely to
 //! end well.
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use portcullis_core::ConfigError;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -45,7 +47,7 @@ use std::time::Duration;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// How long a request may wait for a slot before a 504 `queue_timeout` (default 30 s).
-    #[serde(with = "secs")]
+    #[serde(with = "portcullis_core::seconds")]
     pub queue_timeout: Duration,
     /// Bound on queued requests per endpoint; beyond it, 503 `queue_full` at once. Default
     /// `None`: unbounded (see the [module docs](self) for the memory trade-off).
@@ -82,7 +84,10 @@ pub struct EndpointConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity: Option<usize>,
     /// Overrides the global `queue_timeout` for this endpoint.
-    #[serde(with = "opt_secs", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "portcullis_core::seconds::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub queue_timeout: Option<Duration>,
     /// Request headers the probe sends (not used by admission; kept as given).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +95,10 @@ pub struct EndpointConfig {
     /// Request body the probe sends (not used by admission; kept as given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<serde_json::Value>,
+    /// The concrete path the probe sends to (not used by admission). Default: the key
+    /// itself; required to probe a prefix pattern (`/v1/models/*`) that has no `capacity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_path: Option<String>,
 }
 
 impl EndpointConfig {
@@ -102,6 +111,37 @@ impl EndpointConfig {
                 .map_err(|_| format!("invalid method `{m}`")),
         }
     }
+
+    /// The path probed for the endpoint under `key`: `probe_path`, else `key` itself;
+    /// `None` for a prefix pattern without `probe_path`.
+    pub fn probe_path<'a>(&'a self, key: &'a str) -> Option<&'a str> {
+        match &self.probe_path {
+            Some(p) => Some(p),
+            None if key.ends_with("/*") => None,
+            None => Some(key),
+        }
+    }
+
+    /// The endpoint's own fields (paths relative to it: `capacity`, `method`).
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.capacity == Some(0) {
+            return Err(ConfigError::new("capacity", "must be at least 1, got 0"));
+        }
+        if let Some(t) = self.queue_timeout {
+            ConfigError::require_positive("queue_timeout", t)?;
+        }
+        self.parsed_method()
+            .map_err(|m| ConfigError::new("method", m))?;
+        if let Some(p) = &self.probe_path {
+            if !p.starts_with('/') || p.contains('*') {
+                return Err(ConfigError::new(
+                    "probe_path",
+                    "must be a concrete path starting with `/`",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -110,14 +150,17 @@ impl Config {
         endpoint.queue_timeout.unwrap_or(self.queue_timeout)
     }
 
-    /// Checks what serde cannot: paths start with `/`, a `*` only appears as a trailing
-    /// `/*` after a non-empty prefix, methods parse. The error names the offending field
-    /// (`endpoints./x.method: ...`).
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks what serde cannot: timeouts are positive, paths start with `/`, a `*` only
+    /// appears as a trailing `/*` after a non-empty prefix, capacities are at least 1,
+    /// methods parse, a `probe_path` is concrete. The error names the offending field
+    /// (`endpoints./x.method`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ConfigError::require_positive("queue_timeout", self.queue_timeout)?;
         for (path, ep) in &self.endpoints {
-            validate_key(path).map_err(|e| format!("endpoints.{path}: {e}"))?;
-            ep.parsed_method()
-                .map_err(|e| format!("endpoints.{path}.method: {e}"))?;
+            validate_key(path)
+                .map_err(|m| ConfigError::new(path.as_str(), m).within("endpoints"))?;
+            ep.validate()
+                .map_err(|e| e.within(path).within("endpoints"))?;
         }
         Ok(())
     }
@@ -144,45 +187,6 @@ fn validate_key(key: &str) -> Result<(), &'static str> {
         Err("a prefix pattern's prefix must not end with `/` (write `/v1/*`, not `/v1//*`)")
     } else {
         Ok(())
-    }
-}
-
-fn duration_from_secs<E: serde::de::Error>(s: f64) -> Result<Duration, E> {
-    Duration::try_from_secs_f64(s).map_err(|_| {
-        E::custom(format!(
-            "expected a non-negative number of seconds, got {s}"
-        ))
-    })
-}
-
-mod secs {
-    use super::*;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        duration_from_secs(f64::deserialize(d)?)
-    }
-}
-
-mod opt_secs {
-    use super::*;
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&d.as_secs_f64()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        Option::<f64>::deserialize(d)?
-            .map(duration_from_secs)
-            .transpose()
     }
 }
 
@@ -231,10 +235,10 @@ mod tests {
         assert!(e.to_string().contains("capacty"), "{e}");
         assert!(serde_json::from_str::<Config>(r#"{"queue_timeout": -1}"#).is_err());
         let c: Config = serde_json::from_str(r#"{"endpoints": {"a": {}}}"#).unwrap();
-        assert!(c.validate().unwrap_err().contains("endpoints.a"));
+        assert_eq!(c.validate().unwrap_err().field, "endpoints.a");
         let c: Config =
             serde_json::from_str(r#"{"endpoints": {"/a": {"method": "GE T"}}}"#).unwrap();
-        assert!(c.validate().unwrap_err().contains("endpoints./a.method"));
+        assert_eq!(c.validate().unwrap_err().field, "endpoints./a.method");
     }
 
     #[test]
@@ -257,9 +261,39 @@ mod tests {
             ("/*", "non-empty prefix"),
             ("/a//*", "must not end with `/`"),
         ] {
-            let e = validate(bad).unwrap_err();
+            let e = validate(bad).unwrap_err().to_string();
             assert!(e.starts_with(&format!("endpoints.{bad}: ")), "{bad}: {e}");
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn refuses_zero_capacities_and_timeouts_and_pattern_probe_paths() {
+        use serde_json::json;
+        let field = |v: serde_json::Value| {
+            let c: Config = serde_json::from_value(v).unwrap();
+            c.validate().unwrap_err().field
+        };
+        assert_eq!(field(json!({"queue_timeout": 0})), "queue_timeout");
+        assert_eq!(
+            field(json!({"endpoints": {"/w": {"capacity": 0}}})),
+            "endpoints./w.capacity"
+        );
+        assert_eq!(
+            field(json!({"endpoints": {"/w": {"queue_timeout": 0}}})),
+            "endpoints./w.queue_timeout"
+        );
+        assert_eq!(
+            field(json!({"endpoints": {"/v1/*": {"probe_path": "/v1/*"}}})),
+            "endpoints./v1/*.probe_path"
+        );
+        let c: Config = serde_json::from_value(
+            json!({"endpoints": {"/v1/*": {"probe_path": "/v1/models"}, "/w": {}}}),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.endpoints["/v1/*"].probe_path("/v1/*"), Some("/v1/models"));
+        assert_eq!(c.endpoints["/w"].probe_path("/w"), Some("/w"));
+        assert_eq!(EndpointConfig::default().probe_path("/v1/*"), None);
     }
 }

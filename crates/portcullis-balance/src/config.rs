@@ -1,5 +1,6 @@
 //! The balancer's serde configuration (part of the gateway's YAML contract).
 
+use portcullis_core::ConfigError;
 use portcullis_health::{CheckerConfig, HealthPolicy};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -29,7 +30,7 @@ pub struct UpstreamConfig {
     pub primary: bool,
 }
 
-/// The balancer and health-check settings. Durations are seconds (`f64`).
+/// The balancer and health-check settings. Durations are seconds in YAML (`0.5`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -39,27 +40,37 @@ pub struct Config {
     pub routing_strategy: RoutingStrategy,
     /// Path probed on every replica (`/healthz`).
     pub health_endpoint: String,
-    /// Seconds between the starts of two health-check cycles (1).
-    pub health_check_interval: f64,
-    /// Seconds a health probe may take (1).
-    pub health_check_timeout: f64,
+    /// Time between the starts of two health-check cycles (1 s; at least 10 ms).
+    #[serde(with = "portcullis_core::seconds")]
+    pub health_check_interval: Duration,
+    /// Time a health probe may take (1 s).
+    #[serde(with = "portcullis_core::seconds")]
+    pub health_check_timeout: Duration,
     /// Consecutive failed probes that mark a replica unhealthy (3).
     pub failure_threshold: u32,
     /// Consecutive good probes that mark it healthy again (2).
     pub recovery_threshold: u32,
-    /// Up to this many seconds of random delay added to each interval (0).
-    pub health_check_jitter: f64,
+    /// Up to this much random delay added to each interval (0; at most
+    /// `health_check_interval`).
+    #[serde(with = "portcullis_core::seconds")]
+    pub health_check_jitter: Duration,
     /// Consecutive failed live responses that eject a replica; 0 turns passive ejection off
     /// (5).
     pub eject_after: u32,
-    /// Seconds of the first ejection (30); it doubles on each consecutive re-ejection.
-    pub eject_for: f64,
-    /// Cap, in seconds, of the growing ejection time (300).
-    pub eject_max: f64,
+    /// The first ejection's cooldown (30 s); it doubles on each consecutive re-ejection.
+    #[serde(with = "portcullis_core::seconds")]
+    pub eject_for: Duration,
+    /// Cap of the growing ejection time (300 s).
+    #[serde(with = "portcullis_core::seconds")]
+    pub eject_max: Duration,
     /// Panic mode: when fewer than this percentage of replicas are healthy, route to all of
     /// them anyway (0 = off).
     pub panic_threshold: f64,
 }
+
+/// The shortest `health_check_interval`: 10 ms (a shorter one is a busy loop against the
+/// replicas).
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
 impl Default for Config {
     fn default() -> Self {
@@ -67,65 +78,74 @@ impl Default for Config {
             upstreams: Vec::new(),
             routing_strategy: RoutingStrategy::P2c,
             health_endpoint: "/healthz".into(),
-            health_check_interval: 1.0,
-            health_check_timeout: 1.0,
+            health_check_interval: Duration::from_secs(1),
+            health_check_timeout: Duration::from_secs(1),
             failure_threshold: 3,
             recovery_threshold: 2,
-            health_check_jitter: 0.0,
+            health_check_jitter: Duration::ZERO,
             eject_after: 5,
-            eject_for: 30.0,
-            eject_max: 300.0,
+            eject_for: Duration::from_secs(30),
+            eject_max: Duration::from_secs(300),
             panic_threshold: 0.0,
         }
     }
 }
 
-fn secs(v: f64) -> Duration {
-    Duration::try_from_secs_f64(v).unwrap_or(Duration::ZERO)
-}
-
 impl Config {
-    /// Checks the values; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        let positive = [
+    /// Checks what serde cannot; the error names the field. Upstream URLs are not checked
+    /// here (a replica key need not be a URL): the gateway checks them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, v) in [
             ("health_check_interval", self.health_check_interval),
             ("health_check_timeout", self.health_check_timeout),
-        ];
-        for (name, v) in positive {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(format!(
-                    "{name} must be a positive number of seconds, got {v}"
-                ));
-            }
-        }
-        let non_negative = [
-            ("health_check_jitter", self.health_check_jitter),
             ("eject_for", self.eject_for),
             ("eject_max", self.eject_max),
-        ];
-        for (name, v) in non_negative {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!(
-                    "{name} must be a non-negative number of seconds, got {v}"
-                ));
+        ] {
+            ConfigError::require_positive(name, v)?;
+        }
+        if self.health_check_interval < MIN_CHECK_INTERVAL {
+            return Err(ConfigError::new(
+                "health_check_interval",
+                format!(
+                    "must be at least 0.01 s (10 ms), got {}",
+                    self.health_check_interval.as_secs_f64()
+                ),
+            ));
+        }
+        if self.health_check_jitter > self.health_check_interval {
+            return Err(ConfigError::new(
+                "health_check_jitter",
+                format!(
+                    "must not exceed health_check_interval ({} s), got {}",
+                    self.health_check_interval.as_secs_f64(),
+                    self.health_check_jitter.as_secs_f64()
+                ),
+            ));
+        }
+        for (name, v) in [
+            ("failure_threshold", self.failure_threshold),
+            ("recovery_threshold", self.recovery_threshold),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(name, "must be at least 1"));
             }
         }
-        if self.failure_threshold == 0 {
-            return Err("failure_threshold must be at least 1".into());
-        }
-        if self.recovery_threshold == 0 {
-            return Err("recovery_threshold must be at least 1".into());
-        }
         if !(0.0..=100.0).contains(&self.panic_threshold) {
-            return Err(format!(
-                "panic_threshold is a percentage (0-100), got {}",
-                self.panic_threshold
+            return Err(ConfigError::new(
+                "panic_threshold",
+                format!(
+                    "must be a percentage between 0 and 100, got {}",
+                    self.panic_threshold
+                ),
             ));
         }
         if !self.health_endpoint.starts_with('/') {
-            return Err(format!(
-                "health_endpoint must start with `/`, got `{}`",
-                self.health_endpoint
+            return Err(ConfigError::new(
+                "health_endpoint",
+                format!(
+                    "must be a path starting with `/`, got `{}`",
+                    self.health_endpoint
+                ),
             ));
         }
         Ok(())
@@ -137,17 +157,17 @@ impl Config {
             failure_threshold: self.failure_threshold.max(1),
             recovery_threshold: self.recovery_threshold.max(1),
             eject_after: self.eject_after,
-            eject_for: secs(self.eject_for),
-            eject_max: secs(self.eject_max),
+            eject_for: self.eject_for,
+            eject_max: self.eject_max,
         }
     }
 
     /// The active checker's timing.
     pub fn checker_config(&self) -> CheckerConfig {
         CheckerConfig {
-            interval: secs(self.health_check_interval),
-            timeout: secs(self.health_check_timeout),
-            jitter: secs(self.health_check_jitter),
+            interval: self.health_check_interval,
+            timeout: self.health_check_timeout,
+            jitter: self.health_check_jitter,
         }
     }
 }
@@ -188,16 +208,38 @@ mod tests {
             failure_threshold: 0,
             ..Config::default()
         };
-        assert!(c.validate().unwrap_err().contains("failure_threshold"));
+        assert_eq!(c.validate().unwrap_err().field, "failure_threshold");
         let c = Config {
-            health_check_interval: 0.0,
+            health_check_interval: Duration::ZERO,
             ..Config::default()
         };
-        assert!(c.validate().unwrap_err().contains("health_check_interval"));
+        assert_eq!(c.validate().unwrap_err().field, "health_check_interval");
         let c = Config {
             panic_threshold: 150.0,
             ..Config::default()
         };
-        assert!(c.validate().is_err());
+        assert_eq!(c.validate().unwrap_err().field, "panic_threshold");
+        let c = Config {
+            health_check_interval: Duration::from_millis(5),
+            ..Config::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "health_check_interval");
+        let c = Config {
+            health_check_jitter: Duration::from_millis(1500),
+            ..Config::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "health_check_jitter");
+        let c = Config {
+            eject_for: Duration::ZERO,
+            ..Config::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "eject_for");
+        assert!(serde_json::from_str::<Config>(r#"{"eject_max": -1}"#).is_err());
+        let c = Config {
+            health_check_interval: Duration::from_millis(10),
+            health_check_jitter: Duration::from_millis(10),
+            ..Config::default()
+        };
+        c.validate().unwrap();
     }
 }

@@ -124,8 +124,8 @@ async fn send(
 fn fast_checks() -> Config {
     Config {
         routing_strategy: RoutingStrategy::RoundRobin,
-        health_check_interval: 0.1,
-        health_check_timeout: 0.1,
+        health_check_interval: Duration::from_millis(100),
+        health_check_timeout: Duration::from_millis(100),
         failure_threshold: 3,
         recovery_threshold: 2,
         eject_after: 0,
@@ -206,8 +206,8 @@ async fn consecutive_5xx_eject_and_one_probe_recovers() {
     let cfg = Config {
         routing_strategy: RoutingStrategy::FirstHealthy,
         eject_after: 3,
-        eject_for: 0.2,
-        eject_max: 1.0,
+        eject_for: Duration::from_millis(200),
+        eject_max: Duration::from_secs(1),
         ..Config::default()
     };
     let (registry, mut svc) = balancer(&cfg, &[(&a, true), (&b, false)]);

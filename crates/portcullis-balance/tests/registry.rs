@@ -201,8 +201,8 @@ fn ejection_then_exactly_one_recovery_probe_among_64_callers() {
     let r = ReplicaRegistry::new(&Config {
         routing_strategy: RoutingStrategy::FirstHealthy,
         eject_after: 3,
-        eject_for: 0.05,
-        eject_max: 1.0,
+        eject_for: Duration::from_millis(50),
+        eject_max: Duration::from_secs(1),
         ..Config::default()
     });
     r.add("a", Tier::Primary, "a".to_string());
@@ -254,8 +254,8 @@ fn failed_probe_re_ejects_and_unrelated_requests_do_not_reinstate() {
     let r = ReplicaRegistry::new(&Config {
         routing_strategy: RoutingStrategy::FirstHealthy,
         eject_after: 1,
-        eject_for: 0.03,
-        eject_max: 0.2,
+        eject_for: Duration::from_millis(30),
+        eject_max: Duration::from_millis(200),
         ..Config::default()
     });
     r.add("a", Tier::Primary, "a".to_string());
@@ -361,7 +361,7 @@ async fn good_health_checks_end_a_passive_ejection_only_when_asked_to() {
         let r = ReplicaRegistry::new(&Config {
             routing_strategy: RoutingStrategy::FirstHealthy,
             eject_after: 1,
-            eject_for: 30.0,
+            eject_for: Duration::from_secs(30),
             recovery_threshold: 2,
             ..Config::default()
         })

@@ -18,7 +18,8 @@
 //!
 //! The defaults are the seed's (`BACKEND_HEALTH_*` environment defaults).
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use portcullis_core::ConfigError;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// The breaker configuration (the gateway's `fallback:` section).
@@ -34,10 +35,10 @@ pub struct Config {
     pub failure_threshold: u32,
     /// Time between two background probes of the primary while the fallback is engaged
     /// (default 60 s). The first probe runs one interval after the fallback engaged.
-    #[serde(with = "secs")]
+    #[serde(with = "portcullis_core::seconds")]
     pub recheck_interval: Duration,
     /// Minimum time on the fallback before traffic may return to the primary (default 30 s).
-    #[serde(with = "secs")]
+    #[serde(with = "portcullis_core::seconds")]
     pub min_fallback_duration: Duration,
     /// Consecutive successful probes needed before traffic returns (default 2). A failed
     /// probe resets the count.
@@ -47,10 +48,10 @@ pub struct Config {
     pub probe_max_retries: u32,
     /// Base of the retry back-off: the delay before retry `n` (0-based) is
     /// `probe_backoff_base × 2^n` (default 0.5 s: 0.5, 1, 2, ...).
-    #[serde(with = "secs")]
+    #[serde(with = "portcullis_core::seconds")]
     pub probe_backoff_base: Duration,
     /// Timeout of one probe attempt (default 5 s).
-    #[serde(with = "secs")]
+    #[serde(with = "portcullis_core::seconds")]
     pub probe_timeout: Duration,
     /// Half-open by live traffic (off by default).
     pub half_open: HalfOpenConfig,
@@ -73,31 +74,33 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Checks what serde cannot: thresholds at least 1, a non-zero `recheck_interval`,
-    /// `half_open.one_in` at least 1, an `http://` fallback URL. The error names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.failure_threshold == 0 {
-            return Err("fallback.failure_threshold: must be at least 1".into());
+    /// Checks what serde cannot: thresholds at least 1, a non-zero `recheck_interval` and
+    /// `probe_timeout`, `half_open.one_in` at least 1, an `http://` fallback URL. The error
+    /// names the field relative to this section (`url`, `half_open.one_in`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at_least_one = [
+            ("failure_threshold", self.failure_threshold),
+            (
+                "recovery_success_threshold",
+                self.recovery_success_threshold,
+            ),
+            ("half_open.one_in", self.half_open.one_in),
+        ];
+        for (field, v) in at_least_one {
+            if v == 0 {
+                return Err(ConfigError::new(field, "must be at least 1"));
+            }
         }
-        if self.recovery_success_threshold == 0 {
-            return Err("fallback.recovery_success_threshold: must be at least 1".into());
-        }
-        if self.recheck_interval.is_zero() {
-            return Err("fallback.recheck_interval: must be greater than 0".into());
-        }
-        if self.probe_timeout.is_zero() {
-            return Err("fallback.probe_timeout: must be greater than 0".into());
-        }
-        if self.half_open.one_in == 0 {
-            return Err("fallback.half_open.one_in: must be at least 1".into());
-        }
+        ConfigError::require_positive("recheck_interval", self.recheck_interval)?;
+        ConfigError::require_positive("probe_timeout", self.probe_timeout)?;
         if let Some(url) = &self.url {
-            let uri: http::Uri = url
-                .parse()
-                .map_err(|e| format!("fallback.url: `{url}` is not a valid URL ({e})"))?;
+            let uri: http::Uri = url.parse().map_err(|e| {
+                ConfigError::new("url", format!("`{url}` is not a valid URL ({e})"))
+            })?;
             if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(format!(
-                    "fallback.url: `{url}` must be an http://host:port URL"
+                return Err(ConfigError::new(
+                    "url",
+                    format!("`{url}` must be an http://host:port URL"),
                 ));
             }
         }
@@ -134,23 +137,6 @@ impl Default for HalfOpenConfig {
     }
 }
 
-mod secs {
-    use super::*;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "expected a non-negative number of seconds, got {secs}"
-            ))
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,15 +169,22 @@ mod tests {
             failure_threshold: 0,
             ..Config::default()
         };
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .starts_with("fallback.failure_threshold"));
+        assert_eq!(c.validate().unwrap_err().field, "failure_threshold");
         let c = Config {
             url: Some("ftp://x".into()),
             ..Config::default()
         };
-        assert!(c.validate().unwrap_err().starts_with("fallback.url"));
+        let e = c.validate().unwrap_err().within("fallback");
+        assert_eq!(e.field, "fallback.url");
+        assert!(e.to_string().starts_with("fallback.url: "), "{e}");
+        let c = Config {
+            half_open: HalfOpenConfig {
+                enabled: true,
+                one_in: 0,
+            },
+            ..Config::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "half_open.one_in");
         assert!(Config::default().validate().is_ok());
     }
 }

@@ -13,7 +13,9 @@
 //! The crate also defines [`HealthSource`], the question "can anything serve right now?" that
 //! the admission layer asks the balancer or the fallback before it queues a request, and
 //! [`RejectionBody`], the response body type of the HTTP forms of the layers (either the inner
-//! service's body or a small rejection body).
+//! service's body or a small rejection body). [`ConfigError`] and [`seconds`] are the config
+//! contract every crate shares: the typed error of each `validate()`, and durations written
+//! as seconds.
 //!
 //! ```
 //! use portcullis_core::{Rejection, codes};
@@ -31,11 +33,13 @@
 pub mod backoff;
 mod body;
 pub mod codes;
+mod config;
 mod grpc;
 mod health;
 mod rejection;
 
 pub use body::RejectionBody;
+pub use config::{seconds, ConfigError};
 pub use grpc::{grpc_status_for, is_grpc_request, GrpcCode};
 pub use health::{AlwaysHealthy, HealthSource};
 pub use rejection::{IntoRejection, Rejection};

@@ -104,10 +104,10 @@ where
 #[serde(default, deny_unknown_fields)]
 pub struct CheckPolicy {
     /// Time between the starts of two checks (default 5 s, the seed's `ping_interval`).
-    #[serde(with = "secs")]
+    #[serde(deserialize_with = "portcullis_core::seconds::deserialize")]
     pub interval: Duration,
     /// Bound of one check; a check that takes longer failed (default 2 s).
-    #[serde(with = "secs")]
+    #[serde(deserialize_with = "portcullis_core::seconds::deserialize")]
     pub timeout: Duration,
     /// Consecutive failures that make the component not ready (default 3, at least 1).
     pub failure_threshold: u32,
@@ -124,16 +124,6 @@ impl Default for CheckPolicy {
             failure_threshold: 3,
             wedge_on_failure: false,
         }
-    }
-}
-
-mod secs {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom)
     }
 }
 

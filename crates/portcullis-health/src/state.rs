@@ -185,22 +185,11 @@ pub struct HealthCounters {
     /// ever longer cooldowns; 0 once it stayed in that long.
     pub recent_ejections: u32,
     /// Time left before an ejected replica may be probed (0 when not ejected or expired).
-    #[serde(serialize_with = "ser_secs")]
+    #[serde(serialize_with = "portcullis_core::seconds::serialize")]
     pub ejected_for: Duration,
     /// Latency of the last active probe, if any.
-    #[serde(serialize_with = "ser_opt_secs")]
+    #[serde(serialize_with = "portcullis_core::seconds::option::serialize")]
     pub last_probe_latency: Option<Duration>,
-}
-
-fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
-}
-
-fn ser_opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_some(&d.as_secs_f64()),
-        None => s.serialize_none(),
-    }
 }
 
 /// The lock-free health state machine of one replica (see the [module docs](self)).

@@ -1,5 +1,6 @@
 //! The probing configuration (`probe_on_startup`, thresholds, limits).
 
+use portcullis_core::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -59,13 +60,13 @@ impl ProbeConfig {
     /// Checks the ranges of every field; the error names the offending field.
     pub fn validate(&self) -> Result<(), InvalidProbeConfig> {
         if !(self.error_threshold.is_finite() && (0.0..1.0).contains(&self.error_threshold)) {
-            return Err(InvalidProbeConfig::new(
+            return Err(ConfigError::new(
                 "error_threshold",
                 format!("must be a fraction in [0, 1), got {}", self.error_threshold),
             ));
         }
         if !(self.latency_threshold_ms.is_finite() && self.latency_threshold_ms > 0.0) {
-            return Err(InvalidProbeConfig::new(
+            return Err(ConfigError::new(
                 "latency_threshold_ms",
                 format!(
                     "must be a positive number of milliseconds, got {}",
@@ -74,7 +75,7 @@ impl ProbeConfig {
             ));
         }
         if !(1..=MAX_PROBE_CONCURRENCY).contains(&self.max_probe_concurrency) {
-            return Err(InvalidProbeConfig::new(
+            return Err(ConfigError::new(
                 "max_probe_concurrency",
                 format!(
                     "must be between 1 and {MAX_PROBE_CONCURRENCY}, got {}",
@@ -83,7 +84,7 @@ impl ProbeConfig {
             ));
         }
         if !(1..=MAX_PROBE_MIN_REQUESTS).contains(&self.probe_min_requests) {
-            return Err(InvalidProbeConfig::new(
+            return Err(ConfigError::new(
                 "probe_min_requests",
                 format!(
                     "must be between 1 and {MAX_PROBE_MIN_REQUESTS}, got {}",
@@ -102,21 +103,9 @@ pub const MAX_PROBE_CONCURRENCY: usize = 10_000;
 /// The largest `probe_min_requests` accepted.
 pub const MAX_PROBE_MIN_REQUESTS: usize = 1_000_000;
 
-/// A [`ProbeConfig`] field out of range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid `{field}`: {message}")]
-pub struct InvalidProbeConfig {
-    /// The YAML field name.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl InvalidProbeConfig {
-    fn new(field: &'static str, message: String) -> Self {
-        Self { field, message }
-    }
-}
+/// A [`ProbeConfig`] field out of range: the shared [`ConfigError`], whose `field` is the
+/// YAML field name.
+pub type InvalidProbeConfig = ConfigError;
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,8 @@
 //!   tls_key_file: /etc/redis/client.key   # ... and its key (both or neither)
 //! ```
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use portcullis_core::ConfigError;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,7 +64,7 @@ pub struct StorageConfig {
     /// Prefix of every key (default `portcullis`).
     pub key_prefix: String,
     /// How long the slots of a process survive it when it stops heart-beating (default 10 s).
-    #[serde(with = "secs")]
+    #[serde(with = "portcullis_core::seconds")]
     pub lease_ttl: Duration,
     /// How many processes are expected to share the limit; sizes the per-process limit of
     /// `on_error: local` (default 1).
@@ -71,10 +72,10 @@ pub struct StorageConfig {
     /// Behaviour while Redis is unreachable (default `local`).
     pub on_error: OnError,
     /// Timeout of every Redis call (default 0.5 s).
-    #[serde(with = "secs")]
+    #[serde(with = "portcullis_core::seconds")]
     pub timeout: Duration,
     /// Interval of the readiness PING loop (default 5 s).
-    #[serde(with = "secs")]
+    #[serde(with = "portcullis_core::seconds")]
     pub ping_interval: Duration,
     /// Consecutive failed PINGs before readiness turns false (default 3).
     pub failure_threshold: u32,
@@ -131,12 +132,16 @@ impl StorageConfig {
         }
     }
 
-    /// Checks what serde cannot; the error names the field (`storage.url: ...`).
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks what serde cannot; the error names the field relative to the `storage`
+    /// section (`url`, `ping_interval`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.kind == StorageType::Redis {
             let url = self.url.as_deref().unwrap_or("").trim();
             if url.is_empty() {
-                return Err("storage.url: required when storage.type is redis".into());
+                return Err(ConfigError::new(
+                    "url",
+                    "required when storage.type is redis",
+                ));
             }
             for u in url.split(',') {
                 let u = u.trim();
@@ -145,40 +150,44 @@ impl StorageConfig {
                     || u.starts_with("redis+unix://")
                     || u.starts_with("unix://"))
                 {
-                    return Err(format!(
-                        "storage.url: `{}` is not a redis:// or rediss:// URL",
-                        redact_url(u)
+                    return Err(ConfigError::new(
+                        "url",
+                        format!("`{}` is not a redis:// or rediss:// URL", redact_url(u)),
                     ));
                 }
             }
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
-            return Err("storage.key_prefix: must be non-empty and contain no `{` or `}`".into());
+            return Err(ConfigError::new(
+                "key_prefix",
+                "must be non-empty and contain no `{` or `}`",
+            ));
         }
         if self.lease_ttl < Duration::from_millis(100) {
-            return Err("storage.lease_ttl: must be at least 0.1 s".into());
+            return Err(ConfigError::new("lease_ttl", "must be at least 0.1 s"));
         }
         if self.expected_workers == 0 {
-            return Err("storage.expected_workers: must be at least 1".into());
+            return Err(ConfigError::new("expected_workers", "must be at least 1"));
         }
-        if self.timeout.is_zero() {
-            return Err("storage.timeout: must be positive".into());
-        }
+        ConfigError::require_positive("timeout", self.timeout)?;
         // Below 10 ms the PING loop would be a busy loop against Redis.
         if self.ping_interval < Duration::from_millis(10) {
-            return Err(format!(
-                "storage.ping_interval: must be at least 0.01 s (10 ms), got {:?}",
-                self.ping_interval
+            return Err(ConfigError::new(
+                "ping_interval",
+                format!(
+                    "must be at least 0.01 s (10 ms), got {}",
+                    self.ping_interval.as_secs_f64()
+                ),
             ));
         }
         if self.failure_threshold == 0 {
-            return Err("storage.failure_threshold: must be at least 1".into());
+            return Err(ConfigError::new("failure_threshold", "must be at least 1"));
         }
         self.validate_tls()
     }
 
     /// The `tls_*` files: only with `rediss://`, readable, and a key with every certificate.
-    fn validate_tls(&self) -> Result<(), String> {
+    fn validate_tls(&self) -> Result<(), ConfigError> {
         let files = [
             ("tls_ca_file", &self.tls_ca_file),
             ("tls_cert_file", &self.tls_cert_file),
@@ -193,8 +202,9 @@ impl StorageConfig {
         for (field, path) in files {
             let Some(path) = path else { continue };
             if !tls {
-                return Err(format!(
-                    "storage.{field}: only used with a rediss:// url (storage.url is not TLS)"
+                return Err(ConfigError::new(
+                    field,
+                    "only used with a rediss:// url (storage.url is not TLS)",
                 ));
             }
             if let Err(e) = std::fs::metadata(path).and_then(|m| {
@@ -204,17 +214,17 @@ impl StorageConfig {
                     Err(std::io::Error::other("not a file"))
                 }
             }) {
-                return Err(format!(
-                    "storage.{field}: cannot read `{}`: {e}",
-                    path.display()
+                return Err(ConfigError::new(
+                    field,
+                    format!("cannot read `{}`: {e}", path.display()),
                 ));
             }
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            return Err(
-                "storage.tls_cert_file: a client certificate needs tls_key_file, and the key needs tls_cert_file"
-                    .into(),
-            );
+            return Err(ConfigError::new(
+                "tls_cert_file",
+                "a client certificate needs tls_key_file, and the key needs tls_cert_file",
+            ));
         }
         Ok(())
     }
@@ -284,26 +294,6 @@ pub fn redact_url(url: &str) -> String {
     )
 }
 
-fn duration_from_secs<E: serde::de::Error>(s: f64) -> Result<Duration, E> {
-    Duration::try_from_secs_f64(s).map_err(|_| {
-        E::custom(format!(
-            "expected a non-negative number of seconds, got {s}"
-        ))
-    })
-}
-
-mod secs {
-    use super::*;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        duration_from_secs(f64::deserialize(d)?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,10 +336,12 @@ mod tests {
         let e = serde_json::from_str::<StorageConfig>(r#"{"typ": "redis"}"#).unwrap_err();
         assert!(e.to_string().contains("typ"), "{e}");
         let c: StorageConfig = serde_json::from_str(r#"{"type": "redis"}"#).unwrap();
-        assert!(c.validate().unwrap_err().starts_with("storage.url"));
+        let e = c.validate().unwrap_err().within("storage");
+        assert!(e.to_string().starts_with("storage.url"), "{e}");
         let c = StorageConfig::redis("http://:secret@x");
         let e = c.validate().unwrap_err();
-        assert!(!e.contains("secret"), "{e}");
+        assert_eq!(e.field, "url");
+        assert!(!e.to_string().contains("secret"), "{e}");
         assert!(serde_json::from_str::<StorageConfig>(r#"{"on_error": "explode"}"#).is_err());
     }
 }

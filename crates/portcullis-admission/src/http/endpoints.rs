@@ -178,7 +178,7 @@ impl<C: CapacitySource> Endpoints<C> {
         config: &Config,
         mut make_source: impl FnMut(&str, &EndpointConfig) -> C,
     ) -> Result<Self, String> {
-        config.validate()?;
+        config.validate().map_err(|e| e.to_string())?;
         let mut eps = Self::new();
         for (path, ep) in &config.endpoints {
             let method = ep.parsed_method()?;
