@@ -106,7 +106,6 @@ impl Upstream {
             return Err(InvalidUpstream(format!("`{url}` must not have a query")));
         }
         super::upstream_url::validate_upstream_url(url).map_err(|e| InvalidUpstream(e.0))?;
-        super::upstream_url::validate_upstream_url(url).map_err(|e| InvalidUpstream(e.0))?;
         let prefix = uri.path().trim_end_matches('/');
         let canonical = format!("{scheme}://{authority}{prefix}");
         Ok(Self {
