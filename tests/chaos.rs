@@ -647,7 +647,7 @@ async fn soak(test: &str, gateways: usize, mut redis: Option<RedisServer>) {
         let storage = match &redis {
             Some(r) => format!(
                 "{{type: redis, url: \"{}\", lease_ttl: 3, expected_workers: {gateways}, \
-                 timeout: 0.5, ping_interval: 0.5}}",
+                 timeout: 1, ping_interval: 0.5}}",
                 r.url()
             ),
             None => "{type: memory}".to_owned(),
@@ -726,7 +726,7 @@ async fn soak(test: &str, gateways: usize, mut redis: Option<RedisServer>) {
              (seed {seed})\n  events: {events:?}\n  requests {}, answered by status {:?} \
              (bodies cut off {}), cancelled {}, lost {}\n  backend work started {}, max \
              concurrency {max}, still running after the settle {backend_running}\n  leaked \
-             {leaked:?}",
+             (active or queued after the settle, in the gateways and in Redis) {}",
             procs.len(),
             tally.requests,
             tally.by_status,
@@ -734,6 +734,11 @@ async fn soak(test: &str, gateways: usize, mut redis: Option<RedisServer>) {
             tally.cancelled,
             tally.lost.len(),
             counter.state.started.load(Ordering::SeqCst),
+            if leaked.is_empty() {
+                "0".to_owned()
+            } else {
+                leaked.join(", ")
+            },
         );
         for g in &procs {
             let stats = g.stats().await;
