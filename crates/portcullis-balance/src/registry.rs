@@ -163,8 +163,10 @@ fn changes_category(t: Transition) -> bool {
 struct View<T> {
     /// Healthy replicas per tier (primary, secondary), insertion order.
     healthy: [Vec<Arc<Replica<T>>>; 2],
-    /// Ejected (or probing) replicas: recovery-lease candidates.
+    /// Ejected (or probing) replicas, primaries first: recovery-lease candidates.
     ejected: Vec<Arc<Replica<T>>>,
+    /// How many of `ejected` are primaries.
+    ejected_primaries: usize,
     /// Every replica, primaries first, insertion order (panic mode).
     all: Vec<Arc<Replica<T>>>,
     /// Fewer than `panic_threshold` % healthy: route to `all`.
@@ -176,6 +178,7 @@ impl<T> View<T> {
         Self {
             healthy: [Vec::new(), Vec::new()],
             ejected: Vec::new(),
+            ejected_primaries: 0,
             all: Vec::new(),
             panic: false,
         }
@@ -193,6 +196,7 @@ impl<T> View<T> {
                     v.healthy[tier.index()].push(r.clone());
                 } else if status.is_ejected() {
                     v.ejected.push(r.clone());
+                    v.ejected_primaries += usize::from(tier == Tier::Primary);
                 }
                 v.all.push(r.clone());
             }
@@ -202,6 +206,18 @@ impl<T> View<T> {
             && !v.all.is_empty()
             && (healthy as f64) * 100.0 < panic_threshold * v.all.len() as f64;
         v
+    }
+
+    /// The ejected replicas a request may be leased to: those of the tier that would be
+    /// selected or a better one. While a primary is healthy (and no panic), only ejected
+    /// primaries: a secondary is not probed with live traffic that the primaries serve.
+    #[inline]
+    fn leasable(&self) -> &[Arc<Replica<T>>] {
+        if !self.panic && !self.healthy[0].is_empty() {
+            &self.ejected[..self.ejected_primaries]
+        } else {
+            &self.ejected
+        }
     }
 
     #[inline]
@@ -450,17 +466,20 @@ impl<T> ReplicaRegistry<T> {
     /// Picks a replica for one request and takes its in-flight slot.
     ///
     /// An ejected replica whose cooldown expired is leased first, to exactly one caller
-    /// (compare-and-swap); otherwise the routing strategy chooses among the healthy replicas
-    /// of the best tier with a healthy member (all replicas in panic mode). The slot is
+    /// (compare-and-swap), if its tier could serve this request: a primary always, a
+    /// secondary only while no primary is healthy (until then it stays ejected, and is leased
+    /// once its tier is selected). Otherwise the routing strategy chooses among the healthy
+    /// replicas of the best tier with a healthy member (all replicas in panic mode). The slot is
     /// released when the guard drops; report the outcome with
     /// [`InflightGuard::record`] to feed passive ejection.
     pub fn pick(&self) -> Result<InflightGuard<T>, NoHealthyReplica> {
         let inner = &*self.inner;
         for _ in 0..4 {
             let view = inner.view.load();
-            if !view.ejected.is_empty() {
+            let leasable = view.leasable();
+            if !leasable.is_empty() {
                 let now = Instant::now();
-                for r in view.ejected.iter() {
+                for r in leasable {
                     if r.health.try_lease(now) {
                         if r.acquire() {
                             return Ok(InflightGuard::new(r.clone(), true));

@@ -86,8 +86,9 @@ proptest! {
         prop_assert!(replicas.iter().all(|r| r.inflight() == 0));
     }
 
-    /// An ejected replica whose cooldown expired is leased to exactly one pick at a time; the
-    /// other picks go to the healthy replicas of the best tier.
+    /// An ejected replica whose cooldown expired is leased to exactly one pick at a time, and
+    /// only if its tier could serve (a primary, or a secondary while no primary is healthy);
+    /// the other picks go to the healthy replicas of the best tier.
     #[test]
     fn an_expired_ejection_is_leased_once(
         strategy in strategy(),
@@ -131,6 +132,15 @@ proptest! {
             }
             held.push(g);
         }
-        prop_assert_eq!(held.iter().filter(|g| g.is_probe()).count(), 1, "the first pick leases it");
+        let primary_healthy = reg
+            .replicas()
+            .iter()
+            .any(|r| r.tier() == Tier::Primary && r.health().is_healthy());
+        let leasable = victim.tier() == Tier::Primary || !primary_healthy;
+        prop_assert_eq!(
+            held.iter().filter(|g| g.is_probe()).count(),
+            usize::from(leasable),
+            "the first pick leases it when its tier could serve"
+        );
     }
 }

@@ -386,3 +386,45 @@ async fn good_health_checks_end_a_passive_ejection_only_when_asked_to() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_ejected_secondary_is_not_probed_while_a_primary_is_healthy() {
+    let r = ReplicaRegistry::new(&Config {
+        routing_strategy: RoutingStrategy::FirstHealthy,
+        failure_threshold: 1,
+        recovery_threshold: 1,
+        eject_after: 1,
+        eject_for: Duration::from_millis(20),
+        eject_max: Duration::from_millis(20),
+        ..Config::default()
+    });
+    r.add("p", Tier::Primary, "p".to_string());
+    r.add("s", Tier::Secondary, "s".to_string());
+    let probe = FlagProbe::default();
+    // The primary is down: the secondary serves, fails, and is ejected.
+    probe.down("p");
+    cycle(&r, &probe).await;
+    let mut g = r.pick().unwrap();
+    assert_eq!(g.target(), "s");
+    g.record(false);
+    drop(g);
+    assert_eq!(r.get("s").unwrap().health().status(), Status::Ejected);
+    // The primary is back, and the secondary's cooldown ends.
+    probe.up("p");
+    cycle(&r, &probe).await;
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    for _ in 0..20 {
+        let g = r.pick().unwrap();
+        assert_eq!((g.target().as_str(), g.is_probe()), ("p", false));
+    }
+    assert_eq!(r.get("s").unwrap().health().status(), Status::Ejected);
+    assert!(r.can_serve());
+    // Once no primary is healthy, the secondary's tier is selected: it gets its lease.
+    probe.down("p");
+    cycle(&r, &probe).await;
+    let mut g = r.pick().unwrap();
+    assert_eq!((g.target().as_str(), g.is_probe()), ("s", true));
+    g.record(true);
+    drop(g);
+    assert_eq!(pick(&r), "s");
+}
