@@ -217,12 +217,19 @@ fn section_fields_are_named_with_their_line() {
             "line 4",
             "`fallback.half_open.one_in`",
         ),
+        // A Redis URL that RedisStorage::connect could not parse is refused by --check too.
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\nstorage: {type: redis, url: \"redis://:pw@127.0.0.1:99999\"}\n",
+            "line 3",
+            "`storage.url`",
+        ),
     ];
     for (yaml, line, field) in cases {
         let (code, text) = run_with(Some(yaml), &["--check"]);
         assert_eq!(code, 2, "{yaml:?}: {text}");
         assert!(text.contains(line), "{yaml:?} should say {line}: {text}");
         assert!(text.contains(field), "{yaml:?} should name {field}: {text}");
+        assert!(!text.contains(":pw@"), "{yaml:?} shows a password: {text}");
     }
 }
 

@@ -155,6 +155,13 @@ impl StorageConfig {
                         format!("`{}` is not a redis:// or rediss:// URL", redact_url(u)),
                     ));
                 }
+                // What `RedisStorage::connect` would refuse, refused here (and by `--check`).
+                redis::IntoConnectionInfo::into_connection_info(u).map_err(|e| {
+                    ConfigError::new(
+                        "url",
+                        format!("`{}`: {}", redact_url(u), redact_url(&e.to_string())),
+                    )
+                })?;
             }
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
@@ -342,6 +349,17 @@ mod tests {
         let e = c.validate().unwrap_err();
         assert_eq!(e.field, "url");
         assert!(!e.to_string().contains("secret"), "{e}");
+        for bad in [
+            "redis://:secret@127.0.0.1:99999",
+            "redis://h:1,rediss://[::1",
+        ] {
+            let e = StorageConfig::redis(bad).validate().unwrap_err();
+            assert_eq!(e.field, "url", "{bad}: {e}");
+            assert!(!e.to_string().contains("secret"), "{e}");
+        }
+        StorageConfig::redis("redis://127.0.0.1:6379/2,redis://h:7000")
+            .validate()
+            .unwrap();
         assert!(serde_json::from_str::<StorageConfig>(r#"{"on_error": "explode"}"#).is_err());
     }
 }
