@@ -52,6 +52,20 @@ const KEYS: &[&str] = &[
     "health_server",
     "upstream_admin",
     "on_error",
+    "upstream_admin_allow",
+    "client_body_timeout",
+    "upstream_body_timeout",
+    "upstream_max_idle",
+    "upstream_idle_timeout",
+    "client_header_timeout",
+    "client_idle_timeout",
+    "max_connections",
+    "on_client_cancel",
+    "client_cancel_hold_timeout",
+    "lease_ttl",
+    "ping_interval",
+    "half_open",
+    "one_in",
 ];
 
 const VALID: &str = r#"

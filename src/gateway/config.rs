@@ -756,6 +756,27 @@ mod tests {
     }
 
     #[test]
+    fn field_paths_find_their_line() {
+        let text = "listen: 127.0.0.1:1\nupstreams:\n  - url: http://a:1\n  - url: http://b:1\nfallback:\n  failure_threshold: 2\nfailure_threshold: 0\nendpoints:\n  /a: {}\n  /b:\n    capacity: 0\n";
+        for (path, line) in [
+            ("listen", 1),
+            ("upstreams[0].url", 3),
+            ("upstreams[1].url", 4),
+            ("fallback.failure_threshold", 6),
+            ("failure_threshold", 7),
+            ("endpoints./b.capacity", 11),
+            ("upstream_admin_allow[1]", 0),
+        ] {
+            assert_eq!(find_path_line(text, path).unwrap_or(0), line, "{path}");
+        }
+        assert_eq!(split_path("a[2].b.c"), ("a", Some(2), "b.c"));
+        assert_eq!(
+            split_path("endpoints./v1/*.probe_path"),
+            ("endpoints", None, "/v1/*.probe_path")
+        );
+    }
+
+    #[test]
     fn embedded_default_loads() {
         let cfg = load(&embedded_default([9001, 9002])).unwrap();
         assert_eq!(cfg.balance.upstreams.len(), 2);
