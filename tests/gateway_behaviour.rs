@@ -1,8 +1,8 @@
 //! Behaviours an operator relies on, through the whole gateway against real axum backends on
 //! 127.0.0.1: an upstream path prefix kept on every request and on the health check, a
 //! passive ejection that good health checks do not undo, the breaker's route chosen after the
-//! admission queue, the forced breaker check counted as primary evidence, and the
-//! `Retry-After` of the 503s.
+//! admission queue, the forced breaker check counted as primary evidence, the `Retry-After`
+//! of the 503s, and a replica added at run time that waits for its first good health check.
 
 mod support;
 
@@ -319,4 +319,61 @@ async fn the_503s_carry_the_documented_retry_after() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("backend_unhealthy"), "{body}");
     assert_eq!(headers["retry-after"], "1");
+}
+
+const AUTH: &str = "Basic b3BzOnB3"; // ops:pw
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_at_run_time_gets_traffic_only_after_its_first_good_check() {
+    let (old, _) = recording("old", Duration::ZERO).await;
+    let (new, seen_new) = recording("new", Duration::ZERO).await;
+    // Still starting: its health check fails.
+    seen_new.sick.store(true, Ordering::SeqCst);
+    let gw = TestGateway::start(&format!(
+        "listen: 127.0.0.1:0\nhealth_check_interval: 0.1\nfailure_threshold: 3\n\
+         recovery_threshold: 3\nrouting_strategy: round-robin\nupstream_admin: true\n\
+         ui: {{username: ops, password: pw}}\nupstream_admin_allow: [127.0.0.0/8]\n{}",
+        upstreams_yaml(&[(old.url(), true)])
+    ))
+    .await;
+    let add = Request::post(gw.url("/balancer/upstreams"))
+        .header("authorization", AUTH)
+        .header("content-type", "application/json")
+        .body(Body::from(format!(
+            r#"{{"url": "{}", "primary": true}}"#,
+            new.url()
+        )))
+        .unwrap();
+    assert_eq!(send(add).await.0, StatusCode::CREATED);
+    let stats = async || {
+        let req = Request::get(gw.url("/balancer/stats"))
+            .header("authorization", AUTH)
+            .body(Body::empty())
+            .unwrap();
+        let all: serde_json::Value = serde_json::from_str(&send(req).await.2).unwrap();
+        all["upstreams"]
+            .as_array()
+            .and_then(|u| u.iter().find(|u| u["url"] == new.url()).cloned())
+            .unwrap()
+    };
+    let s = stats().await;
+    assert_eq!(
+        (s["status"].as_str(), s["healthy"].as_bool()),
+        (Some("unknown"), Some(false)),
+        "{s}"
+    );
+    // Round robin over two primaries, but the unchecked one gets nothing.
+    for _ in 0..20 {
+        assert_eq!(get(&gw.url("/work")).await.2, "old");
+    }
+    assert_eq!(seen_new.hits.load(Ordering::SeqCst), 0);
+    // One good check (of recovery_threshold 3) lets it in.
+    seen_new.sick.store(false, Ordering::SeqCst);
+    eventually(
+        "the new replica is served",
+        Duration::from_secs(5),
+        async || get(&gw.url("/work")).await.2 == "new",
+    )
+    .await;
+    assert_eq!(stats().await["status"], "healthy");
 }

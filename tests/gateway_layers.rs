@@ -563,6 +563,16 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
     let (code, body) = as_operator(Request::get(&url), "").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["replicas"].as_array().unwrap().len(), 2, "{body}");
+    // b starts unknown: it gets traffic once its first health check passed (0.1 s interval).
+    eventually(
+        "b passes its first check",
+        Duration::from_secs(5),
+        async || {
+            let (_, s) = as_operator(Request::get(gw.url("/balancer/stats")), "").await;
+            s["upstreams"][1]["healthy"] == true
+        },
+    )
+    .await;
     // b is primary, a is not: new requests go to b.
     let before = mb.hits.load(Ordering::SeqCst);
     for _ in 0..5 {

@@ -6,7 +6,8 @@
 //! * `DELETE /balancer/upstreams?url=http://host:port`: removes one (200; 404 `not_found`).
 //!   Requests already sent to it finish normally; no new request picks it.
 //!
-//! New replicas start healthy and are probed by the health checker from its next cycle.
+//! New replicas start `unknown` and get no traffic (except in panic mode) until their first
+//! good health check, from the checker's next cycle.
 //! The routes are off by default (they change where traffic goes); when on, they sit behind
 //! the same Basic auth as the other operator routes (`ui.username` / `ui.password`), and
 //! the config is refused without those credentials.
@@ -212,7 +213,7 @@ pub fn routes(
                         Err(refused) => return refused,
                     };
                     let key = upstream.url().to_owned();
-                    let added = registry.add(
+                    let added = registry.add_awaiting_check(
                         key.clone(),
                         Tier::from_primary(req.primary),
                         proxy.to(upstream),

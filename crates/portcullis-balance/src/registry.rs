@@ -369,18 +369,36 @@ impl<T> ReplicaRegistry<T> {
         self
     }
 
-    /// Adds a replica at runtime (healthy, last of its tier). Returns `false` (and changes
-    /// nothing) when `key` is already present. Marks the pool as seeded (see
-    /// [`ensure`](Self::ensure)).
+    /// Adds a healthy replica, last of its tier (the configured replicas at start, whose
+    /// traffic should not wait for a check). Returns `false` (and changes nothing) when
+    /// `key` is already present. Marks the pool as seeded (see [`ensure`](Self::ensure)).
     pub fn add(&self, key: impl Into<Arc<str>>, tier: Tier, target: T) -> bool {
-        let key = key.into();
+        self.insert(key.into(), tier, target, HealthState::new)
+    }
+
+    /// Adds a replica at run time that is not checked yet
+    /// ([`Status::Unknown`](portcullis_health::Status::Unknown), last of its
+    /// tier): it gets no traffic, except in panic mode, until its first good health check
+    /// makes it healthy, so a replica still starting up (or a mistyped URL) never sees a
+    /// live request. Returns `false` (and changes nothing) when `key` is already present.
+    pub fn add_awaiting_check(&self, key: impl Into<Arc<str>>, tier: Tier, target: T) -> bool {
+        self.insert(key.into(), tier, target, HealthState::new_unknown)
+    }
+
+    fn insert(
+        &self,
+        key: Arc<str>,
+        tier: Tier,
+        target: T,
+        state: fn(Arc<HealthPolicy>) -> HealthState,
+    ) -> bool {
         let _g = self.admin();
         self.inner.seeded.store(true, Ordering::SeqCst);
         let members = self.inner.members.load_full();
         if members.iter().any(|r| r.key == key) {
             return false;
         }
-        let health = HealthState::new(self.inner.policy.clone());
+        let health = state(self.inner.policy.clone());
         health
             .set_uneject_on_active_check(self.inner.uneject_on_active_check.load(Ordering::SeqCst));
         let mut next = Vec::with_capacity(members.len() + 1);

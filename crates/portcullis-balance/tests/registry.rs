@@ -428,3 +428,69 @@ async fn an_ejected_secondary_is_not_probed_while_a_primary_is_healthy() {
     drop(g);
     assert_eq!(pick(&r), "s");
 }
+
+#[tokio::test]
+async fn a_replica_added_at_run_time_waits_for_its_first_good_check() {
+    let r = ReplicaRegistry::new(&Config {
+        routing_strategy: RoutingStrategy::RoundRobin,
+        failure_threshold: 2,
+        recovery_threshold: 3,
+        ..Config::default()
+    });
+    r.add("a", Tier::Primary, "a".to_string());
+    assert!(r.add_awaiting_check("b", Tier::Primary, "b".to_string()));
+    assert!(
+        !r.add_awaiting_check("b", Tier::Primary, "b2".to_string()),
+        "a duplicate"
+    );
+    let snap = r.snapshot();
+    let b = &snap.replicas[1];
+    assert_eq!(b.counters.status, Status::Unknown);
+    assert!(!b.healthy && !b.ejected);
+    assert_eq!((snap.healthy, snap.total), (1, 2));
+    let v = serde_json::to_value(&snap).unwrap();
+    assert_eq!(v["replicas"][1]["status"], "unknown");
+    assert!(
+        (0..10).all(|_| pick(&r) == "a"),
+        "no traffic before a check"
+    );
+    // A failed check (of failure_threshold 2) leaves it unknown, still without traffic.
+    let probe = FlagProbe::default();
+    probe.down("b");
+    cycle(&r, &probe).await;
+    assert_eq!(r.get("b").unwrap().health().status(), Status::Unknown);
+    assert!((0..10).all(|_| pick(&r) == "a"));
+    // Its first good check (not recovery_threshold of them) lets it in.
+    probe.up("b");
+    cycle(&r, &probe).await;
+    assert_eq!(r.get("b").unwrap().health().status(), Status::Healthy);
+    let picks: HashSet<String> = (0..4).map(|_| pick(&r)).collect();
+    assert_eq!(picks, HashSet::from(["a".to_string(), "b".to_string()]));
+}
+
+#[tokio::test]
+async fn an_unchecked_replica_that_fails_its_checks_is_unhealthy() {
+    let r = registry(RoutingStrategy::RoundRobin, &[("a", true)]);
+    r.add_awaiting_check("b", Tier::Primary, "b".to_string());
+    let probe = FlagProbe::default();
+    probe.down("b");
+    cycle(&r, &probe).await;
+    assert_eq!(r.get("b").unwrap().health().status(), Status::Unhealthy);
+    assert!((0..10).all(|_| pick(&r) == "a"));
+}
+
+#[test]
+fn panic_mode_routes_to_unchecked_replicas_too() {
+    let r = ReplicaRegistry::new(&Config {
+        routing_strategy: RoutingStrategy::RoundRobin,
+        panic_threshold: 50.0,
+        ..Config::default()
+    });
+    r.add("a", Tier::Primary, "a".to_string());
+    r.add_awaiting_check("b", Tier::Primary, "b".to_string());
+    r.add_awaiting_check("c", Tier::Primary, "c".to_string());
+    // 1 of 3 healthy is below 50 %: every replica gets traffic, checked or not.
+    assert!(r.snapshot().panic);
+    let picks: HashSet<String> = (0..6).map(|_| pick(&r)).collect();
+    assert_eq!(picks.len(), 3);
+}

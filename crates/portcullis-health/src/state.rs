@@ -1,6 +1,6 @@
 //! The health state machine of one replica, driven by active probes *and* live traffic.
 //!
-//! One [`HealthState`] per replica holds four statuses:
+//! One [`HealthState`] per replica holds five statuses:
 //!
 //! ```text
 //!                 failure_threshold failed probes
@@ -13,7 +13,16 @@
 //!      │  └────────(lease succeeded)─────────  PROBING                            │
 //!      │                                                                          │
 //!      └──(recovery_threshold consecutive good probes; from EJECTED/PROBING only──┘
-//!                  with uneject_on_active_check)
+//!      ▲           with uneject_on_active_check)
+//!      └──(its first good probe)── UNKNOWN ──(failure_threshold failed probes)──▶ UNHEALTHY
+//! ```
+//!
+//! * **Unknown** ([`HealthState::new_unknown`]): a replica added at run time has not been
+//!   checked yet. It gets no traffic (except in panic mode, which routes to every replica)
+//!   until its first good probe makes it healthy; `failure_threshold` failed probes make it
+//!   unhealthy. Live failures never eject it (only a healthy replica is ejected).
+//!
+//! ```text
 //! ```
 //!
 //! * **Active checks** (HAProxy's `rise`/`fall`): `failure_threshold` consecutive failed
@@ -65,6 +74,8 @@ pub enum Status {
     Ejected,
     /// Ejected, cooldown expired, and one request is out as the recovery probe.
     Probing,
+    /// Not checked yet (a replica added at run time): no traffic until its first good probe.
+    Unknown,
 }
 
 impl Status {
@@ -84,15 +95,17 @@ impl Status {
             Status::Unhealthy => 1,
             Status::Ejected => 2,
             Status::Probing => 3,
+            Status::Unknown => 4,
         }
     }
 
     const fn from_bits(b: u64) -> Self {
-        match b & 3 {
+        match b & 7 {
             0 => Status::Healthy,
             1 => Status::Unhealthy,
             2 => Status::Ejected,
-            _ => Status::Probing,
+            3 => Status::Probing,
+            _ => Status::Unknown,
         }
     }
 }
@@ -152,7 +165,9 @@ impl HealthPolicy {
     }
 }
 
-const STATUS_SHIFT: u32 = 62;
+/// The status takes the 3 high bits of the word, the deadline the 61 low ones (73 years of
+/// nanoseconds).
+const STATUS_SHIFT: u32 = 61;
 const DEADLINE_MASK: u64 = (1 << STATUS_SHIFT) - 1;
 const NO_LATENCY: u64 = u64::MAX;
 
@@ -195,7 +210,7 @@ pub struct HealthCounters {
 /// The lock-free health state machine of one replica (see the [module docs](self)).
 #[derive(Debug)]
 pub struct HealthState {
-    /// Status (2 high bits) and ejection deadline (nanoseconds since `base`, 62 low bits).
+    /// Status (3 high bits) and ejection deadline (nanoseconds since `base`, 61 low bits).
     word: AtomicU64,
     probe_failures: AtomicU32,
     probe_successes: AtomicU32,
@@ -217,8 +232,18 @@ fn bump(c: &AtomicU32) -> u32 {
 impl HealthState {
     /// A healthy replica under `policy`.
     pub fn new(policy: Arc<HealthPolicy>) -> Self {
+        Self::with_status(Status::Healthy, policy)
+    }
+
+    /// A replica that is not checked yet ([`Status::Unknown`]): it becomes healthy with its
+    /// first good probe.
+    pub fn new_unknown(policy: Arc<HealthPolicy>) -> Self {
+        Self::with_status(Status::Unknown, policy)
+    }
+
+    fn with_status(status: Status, policy: Arc<HealthPolicy>) -> Self {
         Self {
-            word: AtomicU64::new(pack(Status::Healthy, 0)),
+            word: AtomicU64::new(pack(status, 0)),
             probe_failures: AtomicU32::new(0),
             probe_successes: AtomicU32::new(0),
             response_failures: AtomicU32::new(0),
@@ -341,8 +366,8 @@ impl HealthState {
     ///
     /// `failure_threshold` consecutive failures make the replica unhealthy (from any status);
     /// `recovery_threshold` consecutive successes make it healthy (from an ejection only with
-    /// [`uneject_on_active_check`](Self::set_uneject_on_active_check)). Each outcome resets
-    /// the opposite streak.
+    /// [`uneject_on_active_check`](Self::set_uneject_on_active_check)), and so does the first
+    /// success of a [`Status::Unknown`] replica. Each outcome resets the opposite streak.
     pub fn record_probe(&self, healthy: bool, latency: Duration) -> Option<Transition> {
         self.record_probe_at(healthy, latency, Instant::now())
     }
@@ -362,17 +387,18 @@ impl HealthState {
         if healthy {
             self.probe_failures.store(0, Ordering::Release);
             let ok = bump(&self.probe_successes);
-            if ok >= self.policy.recovery_threshold.max(1) {
-                let uneject = self.uneject_on_active_check();
-                let t = self.force(Status::Healthy, 0, |from| uneject || !from.is_ejected());
-                if let Some(t) = t {
-                    self.response_failures.store(0, Ordering::Release);
-                    if t.from.is_ejected() {
-                        self.reinstated_at.store(self.nanos(now), Ordering::Release);
-                    }
+            let enough = ok >= self.policy.recovery_threshold.max(1);
+            let uneject = self.uneject_on_active_check();
+            let t = self.force(Status::Healthy, 0, |from| {
+                from == Status::Unknown || (enough && (uneject || !from.is_ejected()))
+            });
+            if let Some(t) = t {
+                self.response_failures.store(0, Ordering::Release);
+                if t.from.is_ejected() {
+                    self.reinstated_at.store(self.nanos(now), Ordering::Release);
                 }
-                return t;
             }
+            return t;
         } else {
             self.probe_successes.store(0, Ordering::Release);
             let failed = bump(&self.probe_failures);

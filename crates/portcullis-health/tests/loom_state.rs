@@ -189,3 +189,48 @@ fn a_good_check_does_not_undo_an_ejection_racing_its_lease() {
         assert_eq!((c.status, c.ejections), (Status::Ejected, 2));
     });
 }
+
+/// A replica added unchecked: its first good check races a live failure (panic mode sends it
+/// traffic). The check always admits it from `Unknown`; the failure ejects it only if it
+/// came after (only a healthy replica is ejected); nothing ever leases an unknown replica.
+#[test]
+fn an_unknown_replica_is_admitted_by_its_first_good_check() {
+    loom::model(|| {
+        let policy = std::sync::Arc::new(HealthPolicy {
+            failure_threshold: 3,
+            recovery_threshold: 3,
+            eject_after: 1,
+            eject_for: Duration::ZERO,
+            eject_max: Duration::ZERO,
+        });
+        let s = Arc::new(HealthState::new_unknown(policy));
+        let checker = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let t = s.record_probe(true, Duration::from_millis(1));
+                assert_eq!(
+                    t.map(|t| (t.from, t.to)),
+                    Some((Status::Unknown, Status::Healthy))
+                );
+            })
+        };
+        let traffic = {
+            let s = s.clone();
+            thread::spawn(move || {
+                assert!(
+                    !s.try_lease(Instant::now()),
+                    "an unknown replica is never leased"
+                );
+                s.record_response(false, false, Instant::now()).is_some()
+            })
+        };
+        checker.join().unwrap();
+        let ejected = traffic.join().unwrap();
+        let want = if ejected {
+            Status::Ejected
+        } else {
+            Status::Healthy
+        };
+        assert_eq!(s.status(), want);
+    });
+}

@@ -1,6 +1,6 @@
 //! Property: [`HealthState`] (active thresholds, passive ejection, the recovery lease, the
 //! growing cooldown, the ejection count kept across a reinstatement, both settings of
-//! `uneject_on_active_check`) behaves exactly as a small reference model written here, under
+//! `uneject_on_active_check`, a replica that starts unchecked) behaves exactly as a small reference model written here, under
 //! random sequences of probe results, live responses, lease attempts and outcomes, lease
 //! give-backs and clock advances.
 //!
@@ -82,10 +82,10 @@ impl Model {
         if ok {
             self.probe_failures = 0;
             self.probe_successes += 1;
-            if self.probe_successes >= self.p.recovery_threshold.max(1) {
-                if self.status.is_ejected() && !self.uneject_on_active_check {
-                    return None;
-                }
+            let enough = self.probe_successes >= self.p.recovery_threshold.max(1);
+            let allowed = self.status == Status::Unknown
+                || (enough && (self.uneject_on_active_check || !self.status.is_ejected()));
+            if allowed {
                 let t = self.force(Status::Healthy);
                 if let Some(t) = t {
                     self.response_failures = 0;
@@ -188,15 +188,20 @@ proptest! {
     fn health_state_matches_the_reference_model(
         p in policy(),
         uneject in any::<bool>(),
+        unchecked in any::<bool>(),
         ops in prop::collection::vec(op(), 1..80),
     ) {
-        let s = HealthState::new(Arc::new(p.clone()));
+        let s = if unchecked {
+            HealthState::new_unknown(Arc::new(p.clone()))
+        } else {
+            HealthState::new(Arc::new(p.clone()))
+        };
         s.set_uneject_on_active_check(uneject);
         let t0 = Instant::now();
         let mut now = Duration::ZERO;
         let mut m = Model {
             p,
-            status: Status::Healthy,
+            status: if unchecked { Status::Unknown } else { Status::Healthy },
             probe_failures: 0,
             probe_successes: 0,
             response_failures: 0,
