@@ -395,7 +395,10 @@ async fn drive(
             Some(since) => epoch + Duration::from_millis(since) + idle_timeout,
             None => Instant::now() + idle_timeout,
         };
+        // Biased: the connection first (it is what wakes this task on every exchange), and no
+        // random branch order to draw on each wake.
         tokio::select! {
+            biased;
             r = &mut conn => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "upstream connection ended with an error");
