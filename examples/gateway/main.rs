@@ -16,6 +16,12 @@
 //!
 //! A bad config exits with status 2 and a message naming the file, the field and the line.
 
+/// The process's allocator: jemalloc with its background purging threads, which return the
+/// memory a burst of connections freed to the system within seconds (glibc malloc kept all of
+/// it: 9.9 -> 99 -> 99 MiB for 5,000 held connections; BENCHMARKS.md, "Memory after a burst").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod bench;
 mod demo;
 
