@@ -784,6 +784,20 @@ mod tests {
     }
 
     #[test]
+    fn hold_and_uneject_settings_load() {
+        let base = "upstreams:\n  - {url: http://a:1}\n";
+        let cfg = load(base).unwrap();
+        assert!(!cfg.balance.uneject_on_active_check);
+        assert_eq!(cfg.on_client_cancel, OnClientCancel::Hold);
+        let cfg = load(&format!(
+            "{base}uneject_on_active_check: true\non_client_cancel: release\n"
+        ))
+        .unwrap();
+        assert!(cfg.balance.uneject_on_active_check);
+        assert_eq!(cfg.on_client_cancel, OnClientCancel::Release);
+    }
+
+    #[test]
     fn issue_example_loads() {
         let text = "listen: 127.0.0.1:8080\nupstream_timeout: 30\nstorage: {type: redis, url: redis://127.0.0.1:6379}\nupstreams:\n  - {url: http://127.0.0.1:9001, primary: true}\n  - {url: http://127.0.0.1:9002}\nrouting_strategy: p2c\nhealth_endpoint: /healthz\nhealth_check_interval: 1\nhealth_check_timeout: 1\nfailure_threshold: 3\nrecovery_threshold: 2\nqueue_timeout: 30\nendpoints:\n  /work: {method: POST, capacity: 8, queue_timeout: 5}\n";
         let cfg = load(text).unwrap();

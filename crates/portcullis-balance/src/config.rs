@@ -66,6 +66,12 @@ pub struct Config {
     /// Panic mode: when fewer than this percentage of replicas are healthy, route to all of
     /// them anyway (0 = off).
     pub panic_threshold: f64,
+    /// With `true`, `recovery_threshold` good active health checks also end a passive
+    /// ejection (Envoy's `successful_active_health_check_uneject_host`). With `false` (the
+    /// default) a passively ejected replica stays out until its cooldown ends and the one live
+    /// request leased to it succeeds: a replica that passes `/healthz` but fails live traffic
+    /// would otherwise be back within a check or two and its cooldown would never grow.
+    pub uneject_on_active_check: bool,
 }
 
 /// The shortest `health_check_interval`: 10 ms (a shorter one is a busy loop against the
@@ -87,6 +93,7 @@ impl Default for Config {
             eject_for: Duration::from_secs(30),
             eject_max: Duration::from_secs(300),
             panic_threshold: 0.0,
+            uneject_on_active_check: false,
         }
     }
 }

@@ -297,8 +297,9 @@ impl<T> fmt::Debug for ReplicaRegistry<T> {
 }
 
 impl<T> ReplicaRegistry<T> {
-    /// An empty pool with the strategy, thresholds and panic mode of `config` (its
-    /// `upstreams` are not added: the caller adds them with their payload).
+    /// An empty pool with the strategy, thresholds, panic mode and
+    /// `uneject_on_active_check` of `config` (its `upstreams` are not added: the caller adds
+    /// them with their payload).
     pub fn new(config: &Config) -> Self {
         Self::with_policy(
             config.routing_strategy,
@@ -306,6 +307,7 @@ impl<T> ReplicaRegistry<T> {
             config.panic_threshold,
             config.checker_config().interval,
         )
+        .with_uneject_on_active_check(config.uneject_on_active_check)
     }
 
     /// An empty pool; `retry_after` is the `Retry-After` hint of "no healthy replica".

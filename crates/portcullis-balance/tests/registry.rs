@@ -363,9 +363,9 @@ async fn good_health_checks_end_a_passive_ejection_only_when_asked_to() {
             eject_after: 1,
             eject_for: Duration::from_secs(30),
             recovery_threshold: 2,
+            uneject_on_active_check: uneject,
             ..Config::default()
-        })
-        .with_uneject_on_active_check(uneject);
+        });
         r.add("a", Tier::Primary, "a".to_string());
         r.add("b", Tier::Primary, "b".to_string());
         // `a` answers its health check but failed a live request.
