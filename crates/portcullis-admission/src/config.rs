@@ -28,8 +28,8 @@
 //!
 //! # `max_queue` and memory
 //!
-//! The seed never refuses a request for being queued: its queue is unbounded and requests
-//! only fail after `queue_timeout`. That is the default here too. Each queued request costs
+//! By default a request is never refused for being queued: the queue is unbounded and
+//! requests only fail after `queue_timeout`. Each queued request costs
 //! its connection, its request head (the body is not read while queued), the response
 //! future and a waiter node: a few KiB per waiter. A burst of N requests therefore holds
 //! about N × (a few KiB) for up to `queue_timeout`. Under a sustained overload that arrival

@@ -23,8 +23,8 @@
 //!   [`Rejection::to_response`](portcullis_core::Rejection::to_response) (JSON, or gRPC
 //!   trailers-only), and the slot held by the response body ([`AdmissionBody`]).
 //! * [`AdmissionStats`] / [`EndpointStats`]: live, I/O-free, serde-serializable stats in the
-//!   seed's `/balancer/stats` shape, extended with queue depth, counters and a queue-wait
-//!   histogram.
+//!   `/balancer/stats` shape (capacity, active, available), with queue depth, counters and a
+//!   queue-wait histogram.
 //! * [`Config`] / [`EndpointConfig`]: the serde configuration.
 //!
 //! # Which endpoint a request belongs to

@@ -22,7 +22,7 @@ pub struct Limiter<C = LocalCapacity> {
     pub(crate) metrics: Metrics,
 }
 
-/// The default `queue_timeout`: 30 seconds (the seed's).
+/// The default `queue_timeout`: 30 seconds.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Limiter<LocalCapacity> {

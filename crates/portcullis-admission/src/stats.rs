@@ -113,7 +113,7 @@ impl Metrics {
 
 /// A snapshot of one watched endpoint (one limiter).
 ///
-/// Serializes to the seed's `/balancer/stats` entry, extended:
+/// Serializes to one endpoint entry of `/balancer/stats`:
 /// `{"capacity": 8, "active_requests": 3, "available_slots": 5, "queue_depth": 0, ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EndpointStats {

@@ -1,7 +1,7 @@
 //! The `GET /balancer/stats` document and the [`StatsSource`] that fills it.
 //!
-//! The shape is the seed's (`{"endpoints": {"/predict": {"capacity": 50, "active_requests":
-//! 12, "available_slots": 38}}}`), extended with the queue, counters and a queue-wait
+//! The core shape is `{"endpoints": {"/predict": {"capacity": 50, "active_requests":
+//! 12, "available_slots": 38}}}`, extended with the queue, counters and a queue-wait
 //! histogram per endpoint, the upstream pool, the circuit-breaker fallback, the storage,
 //! and the gateway's readiness, uptime and version. `docs/stats.schema.json` at the
 //! repository root is its JSON schema (draft 2020-12); a test validates live output

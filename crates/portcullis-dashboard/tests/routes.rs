@@ -87,7 +87,7 @@ async fn stats_document_is_live_and_matches_the_committed_schema() {
     let doc = r.json();
     let v = schema();
     assert_valid(&v, &doc);
-    // The seed's shape is still there.
+    // The core shape (capacity, active, available per endpoint) is still there.
     assert_eq!(doc["endpoints"]["/work"]["capacity"], 8);
     assert_eq!(doc["endpoints"]["/work"]["active_requests"], 6);
     assert_eq!(doc["endpoints"]["/work"]["available_slots"], 2);

@@ -11,8 +11,8 @@
 //!
 //! The task is owned by its [`CheckerHandle`]: dropping the handle stops it, as does
 //! [`CheckerHandle::stop`] or the optional shutdown future given to
-//! [`HealthChecker::spawn_until`]. This is the seed registry's `run_health_check_loop`
-//! (probes gathered concurrently per cycle, pluggable probe, shared client) with an owner.
+//! [`HealthChecker::spawn_until`]. Each cycle probes every replica concurrently, with a
+//! pluggable probe and one shared client.
 
 use crate::probe::{Probe, ProbeResult};
 use crate::state::{HealthState, Transition};

@@ -103,7 +103,7 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckPolicy {
-    /// Time between the starts of two checks (default 5 s, the seed's `ping_interval`).
+    /// Time between the starts of two checks (default 5 s, as the storage's `ping_interval`).
     #[serde(deserialize_with = "portcullis_core::seconds::deserialize")]
     pub interval: Duration,
     /// Bound of one check; a check that takes longer failed (default 2 s).
@@ -112,7 +112,7 @@ pub struct CheckPolicy {
     /// Consecutive failures that make the component not ready (default 3, at least 1).
     pub failure_threshold: u32,
     /// When `true`, reaching the threshold also marks the component *wedged*, so that
-    /// `/healthz` fails too (the seed's behaviour); default `false`: readiness only.
+    /// `/healthz` fails too; default `false`: readiness only.
     pub wedge_on_failure: bool,
 }
 

@@ -2,8 +2,7 @@
 //! `GET /healthz` / `GET /readyz` routes that read them.
 //!
 //! This is the Kubernetes probe model (liveness: "restart me", readiness: "send me traffic")
-//! and the seed `HealthServer`'s cached-flag design: nothing is checked while a probe
-//! request is answered. Components (the balancer, the storage, the startup prober, ...)
+//! with cached flags: nothing is checked while a probe request is answered. Components (the balancer, the storage, the startup prober, ...)
 //! push their state into a [`Component`] handle when it changes — or a
 //! [`Check`](crate::Check) loop does it for them — and a probe request only loads a few
 //! atomics. A probe can therefore never hammer Redis or a backend, and it answers as long
@@ -192,7 +191,7 @@ impl HealthRegistry {
     }
 
     /// Registers a component that starts **ready** (e.g. a storage whose ping loop only
-    /// turns it not ready after several failures, as in the seed). Registering a name twice
+    /// turns it not ready after several failures). Registering a name twice
     /// returns the existing component, unchanged.
     pub fn register_ready(&self, name: impl Into<String>) -> Component {
         self.register_with(name.into(), true)

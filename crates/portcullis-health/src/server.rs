@@ -1,6 +1,6 @@
 //! [`HealthServer`]: a small standalone server answering `/healthz` and `/readyz`.
 //!
-//! The seed's `HealthServer`, in Rust: its own listener, bound to `127.0.0.1` by default
+//! Its own listener, bound to `127.0.0.1` by default
 //! (probes are for the local orchestrator, not the internet), port 9090 by default, serving
 //! the [`HealthRegistry`] routes, and owning the [`CheckSet`] loops that keep the registry's
 //! flags fresh. [`start`](HealthServer::start) binds and spawns the loops;
@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
-/// The default port of the health server (the seed's).
+/// The default port of the health server.
 pub const DEFAULT_HEALTH_PORT: u16 = 9090;
 
 /// `health_server:` in the gateway config.
@@ -101,8 +101,8 @@ impl HealthServer {
         Self::new(registry, config.listen)
     }
 
-    /// Adds a check updating the component `name` (registered ready, as in the seed, if it
-    /// does not exist yet). Checks added while running start with the next `start`.
+    /// Adds a check updating the component `name` (registered ready if it does not
+    /// exist yet). Checks added while running start with the next `start`.
     pub fn with_check(
         mut self,
         name: impl Into<String>,

@@ -4,7 +4,7 @@
 //! `max_probe_concurrency`) until a level fails, then search between the last passing level
 //! `lo` and the first failing level `hi`. The result is the highest passing level found.
 //!
-//! * [`Schedule::Plain`] is the seed's schedule: every level sends its whole plan, and the
+//! * [`Schedule::Plain`] is the plain binary search: every level sends its whole plan, and the
 //!   search halves `[lo, hi]` until `hi - lo == 1`.
 //! * [`Schedule::Adaptive`] (the default) finds the same knee to within a relative
 //!   `tolerance` (10%) with fewer requests:

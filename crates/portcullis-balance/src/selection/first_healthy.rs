@@ -1,5 +1,5 @@
 //! `first-healthy`: the first healthy primary, else the first healthy non-primary, in
-//! insertion order (the seed registry's behaviour). The candidates are already the healthy
+//! insertion order. The candidates are already the healthy
 //! members of the best tier, in insertion order, so this is the first of them.
 
 use crate::registry::Replica;
