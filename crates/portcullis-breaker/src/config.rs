@@ -18,6 +18,7 @@
 //!
 //! The defaults are the seed's (`BACKEND_HEALTH_*` environment defaults).
 
+use portcullis_core::backoff::Backoff;
 use portcullis_core::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -47,7 +48,8 @@ pub struct Config {
     /// probe fails only when every attempt failed.
     pub probe_max_retries: u32,
     /// Base of the retry back-off: the delay before retry `n` (0-based) is
-    /// `probe_backoff_base × 2^n` (default 0.5 s: 0.5, 1, 2, ...).
+    /// `probe_backoff_base × 2^n` (default 0.5 s: 0.5, 1, 2, ...); 0 retries without a wait.
+    /// See [`Config::probe_backoff`].
     #[serde(with = "portcullis_core::seconds")]
     pub probe_backoff_base: Duration,
     /// Timeout of one probe attempt (default 5 s).
@@ -107,12 +109,33 @@ impl Config {
         Ok(())
     }
 
-    /// The back-off delay before retry `attempt` (0-based): `probe_backoff_base × 2^attempt`.
+    /// The back-off delay before retry `attempt` (0-based): `probe_backoff_base × 2^attempt`
+    /// (the doubling stops at `2^31`), zero with a zero base. The waits of
+    /// [`probe_backoff`](Self::probe_backoff).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        self.probe_backoff_base
-            .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        self.probe_backoff().map_or(Duration::ZERO, |b| {
+            b.delays()
+                .nth(attempt.min(MAX_DOUBLINGS) as usize)
+                .unwrap_or(b.max())
+        })
+    }
+
+    /// The probe retry back-off as the shared [`Backoff`] policy: starts at
+    /// `probe_backoff_base`, doubles, and stops doubling at `probe_backoff_base × 2^31`.
+    ///
+    /// `None` when `probe_backoff_base` is zero. A zero base is a valid setting (the retries
+    /// of one probe follow each other without a wait, each still bounded by `probe_timeout`),
+    /// which a `Backoff` cannot express, so `validate` accepts it and the prober then does not
+    /// wait. Any other base gives a valid policy (its cap is never below it).
+    pub fn probe_backoff(&self) -> Option<Backoff> {
+        let base = self.probe_backoff_base;
+        let cap = base.saturating_mul(1u32 << MAX_DOUBLINGS);
+        Backoff::new(base, cap, 2.0).ok()
     }
 }
+
+/// The number of doublings after which the probe retry back-off stays constant.
+const MAX_DOUBLINGS: u32 = 31;
 
 /// Half-open by live traffic: once `min_fallback_duration` has passed, a bounded trickle of
 /// real requests tries the primary (at most one at a time, one request in `one_in`). A
@@ -161,6 +184,60 @@ mod tests {
         let d: Vec<f64> = (0..4).map(|a| c.backoff(a).as_secs_f64()).collect();
         assert_eq!(d, [0.5, 1.0, 2.0, 4.0]);
         assert!(c.backoff(200) >= c.backoff(31));
+    }
+
+    /// The shared `Backoff` gives the waits of `probe_backoff_base × 2^min(n, 31)`
+    /// (saturating), the breaker's documented formula, for small, odd and huge bases: to the
+    /// nanosecond below 2^53 ns (about 104 days, where an f64 of seconds still holds every
+    /// nanosecond), within one part in 10^15 above.
+    #[test]
+    fn probe_backoff_is_base_times_two_to_the_n() {
+        const EXACT: Duration = Duration::from_nanos(1 << 53);
+        let bases = [
+            Duration::from_nanos(1),
+            Duration::from_millis(20),
+            Duration::from_millis(250),
+            Duration::from_nanos(333_333_333),
+            Duration::from_secs_f64(0.3),
+            Duration::from_secs(7),
+            Duration::from_secs(u64::MAX / 2),
+        ];
+        for base in bases {
+            let c = Config {
+                probe_backoff_base: base,
+                ..Config::default()
+            };
+            let mut delays = c
+                .probe_backoff()
+                .expect("a non-zero base is valid")
+                .delays();
+            for n in 0..40u32 {
+                let expected = base.saturating_mul(1u32 << n.min(31));
+                for got in [delays.next_delay(), c.backoff(n)] {
+                    if expected < EXACT {
+                        assert_eq!(got, expected, "base {base:?}, retry {n}");
+                    } else {
+                        let off = got.abs_diff(expected).as_secs_f64();
+                        assert!(
+                            off <= expected.as_secs_f64() * 1e-15,
+                            "base {base:?}, retry {n}: {got:?} against {expected:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_backoff_base_is_valid_and_does_not_wait() {
+        let c = Config {
+            probe_backoff_base: Duration::ZERO,
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        assert!(c.probe_backoff().is_none());
+        assert_eq!(c.backoff(0), Duration::ZERO);
+        assert_eq!(c.backoff(5), Duration::ZERO);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use crate::breaker::Shared;
 use crate::snapshot::ProbeReport;
 use crate::Config;
+use portcullis_core::backoff::{Backoff, Delays};
 use portcullis_health::Probe;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -19,7 +20,8 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RetryPolicy {
     pub(crate) max_retries: u32,
-    pub(crate) backoff_base: Duration,
+    /// The waits between attempts; `None` when `probe_backoff_base` is zero (retry at once).
+    pub(crate) backoff: Option<Backoff>,
     pub(crate) timeout: Duration,
 }
 
@@ -27,21 +29,16 @@ impl RetryPolicy {
     pub(crate) fn of(cfg: &Config) -> Self {
         Self {
             max_retries: cfg.probe_max_retries,
-            backoff_base: cfg.probe_backoff_base,
+            backoff: cfg.probe_backoff(),
             timeout: cfg.probe_timeout,
         }
     }
-
-    fn backoff(&self, retry: u32) -> Duration {
-        self.backoff_base
-            .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX))
-    }
 }
 
-/// Probes `target` with up to `max_retries` retries, waiting `backoff_base × 2^n` before
-/// retry `n` (0-based): 0.5 s, 1 s, 2 s, ... with the seed's defaults. Each attempt is bounded
-/// by `timeout` (on top of the probe's own), so the whole call is bounded. The probe fails
-/// only when every attempt failed.
+/// Probes `target` with up to `max_retries` retries, waiting `probe_backoff_base × 2^n`
+/// before retry `n` (0-based): 0.5 s, 1 s, 2 s, ... with the default 0.5 s base, no wait
+/// with a zero base. Each attempt is bounded by `timeout` (on top of the probe's own), so the
+/// whole call is bounded. The probe fails only when every attempt failed.
 pub(crate) async fn probe_with_retries(
     probe: &dyn Probe,
     target: &str,
@@ -50,9 +47,10 @@ pub(crate) async fn probe_with_retries(
     let start = Instant::now();
     let mut attempts = 0;
     let mut last = None;
+    let mut delays = policy.backoff.map(|b| b.delays());
     for attempt in 0..=policy.max_retries {
         if attempt > 0 {
-            let delay = policy.backoff(attempt - 1);
+            let delay = delays.as_mut().map_or(Duration::ZERO, Delays::next_delay);
             tracing::debug!(
                 target = %target,
                 retry = attempt,
