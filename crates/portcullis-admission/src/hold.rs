@@ -171,9 +171,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ResBody: Body + Send + 'static,
-    ResBody::Data: Send,
-    ResBody::Error: Send,
+    ResBody: HoldableBody,
 {
     type Response = Response<HoldBody<ResBody>>;
     type Error = S::Error;
@@ -203,6 +201,18 @@ where
     }
 }
 
+/// A response body a background task can own and read to its end: `Send + 'static`, with
+/// `Send` frames and errors.
+pub trait HoldableBody: Body<Data: Send, Error: Send> + Send + 'static {}
+
+impl<B> HoldableBody for B
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Send,
+{
+}
+
 /// A held request's future, with its slot share.
 struct Held<F> {
     fut: Pin<Box<F>>,
@@ -219,11 +229,7 @@ pin_project! {
         F: Future<Output = Result<Response<B>, E>>,
         F: Send,
         F: 'static,
-        B: Body,
-        B: Send,
-        B: 'static,
-        B::Data: Send,
-        B::Error: Send,
+        B: HoldableBody,
         E: Send,
         E: 'static,
     {
@@ -237,11 +243,7 @@ pin_project! {
         F: Future<Output = Result<Response<B>, E>>,
         F: Send,
         F: 'static,
-        B: Body,
-        B: Send,
-        B: 'static,
-        B::Data: Send,
-        B::Error: Send,
+        B: HoldableBody,
         E: Send,
         E: 'static,
     {
@@ -262,9 +264,7 @@ pin_project! {
 impl<F, B, E> Future for HoldFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Send,
+    B: HoldableBody,
     E: Send + 'static,
 {
     type Output = Result<Response<HoldBody<B>>, E>;
@@ -296,9 +296,7 @@ where
 impl<F, B, E> fmt::Debug for HoldFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Send,
+    B: HoldableBody,
     E: Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -321,11 +319,7 @@ pin_project! {
     /// slot share is released when the body ends there, or at the hold time limit.
     pub struct HoldBody<B>
     where
-        B: Body,
-        B: Send,
-        B: 'static,
-        B::Data: Send,
-        B::Error: Send,
+        B: HoldableBody,
     {
         #[pin]
         plain: Option<B>,
@@ -334,11 +328,7 @@ pin_project! {
 
     impl<B> PinnedDrop for HoldBody<B>
     where
-        B: Body,
-        B: Send,
-        B: 'static,
-        B::Data: Send,
-        B::Error: Send,
+        B: HoldableBody,
     {
         fn drop(this: Pin<&mut Self>) {
             if let Some(held) = this.project().held.take() {
@@ -355,9 +345,7 @@ pin_project! {
 
 impl<B> HoldBody<B>
 where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Send,
+    B: HoldableBody,
 {
     fn plain(body: B) -> Self {
         Self {
@@ -374,9 +362,7 @@ where
 
 impl<B> Body for HoldBody<B>
 where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Send,
+    B: HoldableBody,
 {
     type Data = B::Data;
     type Error = B::Error;
@@ -424,9 +410,7 @@ where
 
 impl<B> fmt::Debug for HoldBody<B>
 where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Send,
+    B: HoldableBody,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HoldBody")

@@ -126,7 +126,7 @@ mod sync;
 
 pub use crate::admit::AdmissionSlot;
 pub use crate::hold::{
-    HeldSlot, HoldBody, HoldFuture, HoldOnCancel, HoldOnCancelLayer, OnClientCancel,
+    HeldSlot, HoldBody, HoldFuture, HoldOnCancel, HoldOnCancelLayer, HoldableBody, OnClientCancel,
 };
 pub use crate::http::{AdmissionBody, Endpoints, HttpAdmission, HttpAdmissionLayer};
 pub use admission::{Admission, AdmissionLayer};
