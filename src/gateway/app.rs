@@ -7,7 +7,7 @@
 //! App: one path check (see super::front)
 //!  ├─ operator prefix → axum Router ── /healthz /readyz /balancer/... /metrics /balancer/ui
 //!  │                        └─ (no route matched) → the data path below
-//!  └─ any other path → the data path:
+//!  └─ any other path → the data path (built in super::stack):
 //!       HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
 //!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
 //!                  ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
@@ -23,35 +23,32 @@
 //! `storage: {type: memory}` and Redis-shared ([`RedisCapacity`]) with `storage: {type:
 //! redis}`. Watched endpoints without a `capacity` are probed at startup when
 //! `probe_on_startup` is set (see [`super::startup`]).
+//!
+//! [`RedisCapacity`]: portcullis_redis::RedisCapacity
 
 use super::config::{GatewayConfig, StorageType};
 use super::front::App;
-use super::proxy::{Proxy, ProxyBody, ProxySettings, ProxyTo, Upstream};
+use super::proxy::{Proxy, ProxySettings, ProxyTo};
+use super::stack::{self, CanServe};
 use super::startup;
-use super::stats::GatewayStats;
+use super::stats::{AdmissionStatsFn, GatewayStats};
 use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
-use portcullis_admission::{
-    CapacitySource, EndpointConfig as AdmissionEndpoint, Endpoints, HoldOnCancelLayer,
-    HttpAdmissionLayer, LocalCapacity, OnClientCancel,
-};
-use portcullis_balance::{CheckerHandle, HttpBalance, ReplicaRegistry, Tier};
-use portcullis_breaker::{Breaker, HttpFallback};
+use portcullis_admission::{EndpointConfig as AdmissionEndpoint, Endpoints, LocalCapacity};
+use portcullis_balance::{CheckerHandle, ReplicaRegistry, Tier};
+use portcullis_breaker::Breaker;
 use portcullis_core::HealthSource;
-use portcullis_health::{
-    Component, HealthRegistry, HealthServer, HttpProbe, Probe, ProbeFuture, ProbeResult,
-};
-use portcullis_redis::{RedisCapacity, RedisStorage};
+use portcullis_health::{HealthRegistry, HealthServer};
+use portcullis_redis::RedisStorage;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tower::util::{BoxCloneSyncService, Either};
-use tower::{Layer, Service, ServiceExt};
+use tower::util::BoxCloneSyncService;
 
 /// The type-erased request path below the router (admission and everything under it).
 pub type GatewayService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -88,22 +85,6 @@ impl Drop for Gateway {
     }
 }
 
-/// What the admission layer and `/readyz` ask: can anything serve a request right now?
-///
-/// A healthy replica can; so can a configured fallback (the breaker routes to it once the
-/// pool fails, and a broken fallback answers `fallback_unavailable` itself).
-#[derive(Debug, Clone)]
-struct CanServe {
-    registry: ReplicaRegistry<ProxyTo>,
-    has_fallback: bool,
-}
-
-impl HealthSource for CanServe {
-    fn can_serve(&self) -> bool {
-        self.has_fallback || self.registry.can_serve()
-    }
-}
-
 impl Gateway {
     /// Builds the gateway for `config` (already validated).
     ///
@@ -126,59 +107,15 @@ impl Gateway {
             .check_servable()
             .map_err(|e| BuildError(e.to_string()))?;
 
-        // Health-gated balance over the upstreams.
-        let balance_config = &config.balance;
-        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(balance_config);
+        // Health-gated balance over the upstreams, and the optional breaker around them.
+        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(&config.balance);
         for (upstream, primary) in config.parsed_upstreams() {
             let key = upstream.url().to_owned();
             registry.add(key, Tier::from_primary(primary), proxy.to(upstream));
         }
-        let checker = registry.spawn_http_checker(balance_config);
-        // The request path is one concrete type down to the proxy (no boxing per layer);
-        // only the top of it is boxed, below.
-        let pool = HttpBalance::new(Dispatch, registry.clone());
-
-        // Optional circuit-breaker fallback around the pool.
-        let mut fallback_to: Option<ProxyTo> = None;
-        let (primary, breaker) = match &config.fallback {
-            None => (Either::Left(pool.clone().map_response(either_left)), None),
-            Some(fallback) => {
-                let fallback_proxy = match &fallback.url {
-                    Some(url) => Some(
-                        Upstream::parse(url)
-                            .map_err(|e| BuildError(format!("fallback.url: {}", e.0)))?,
-                    ),
-                    None => None,
-                };
-                let probe = PoolProbe {
-                    http: HttpProbe::new(
-                        config.balance.health_endpoint.clone(),
-                        fallback.probe_timeout,
-                    ),
-                    registry: registry.clone(),
-                };
-                let breaker = Breaker::builder(fallback.clone())
-                    .primary_target(POOL_TARGET)
-                    .fallback_target(fallback_proxy.as_ref().map(|u| u.url().to_owned()))
-                    .health_endpoint(config.balance.health_endpoint.clone())
-                    .probe(probe)
-                    .build();
-                if fallback_proxy.is_none() {
-                    tracing::warn!(
-                        "fallback: no url configured; the breaker only reports primary_unhealthy"
-                    );
-                }
-                fallback_to = fallback_proxy.map(|u| proxy.to(u));
-                let fallback_svc = match &fallback_to {
-                    Some(to) => Either::Left(to.clone().map_response(either_left)),
-                    None => Either::Right(pool.clone().map_response(either_right)),
-                };
-                let svc = HttpFallback::new(pool.clone(), fallback_svc, breaker.clone())
-                    .map_response(either_right);
-                (Either::Right(svc), Some(breaker))
-            }
-        };
-
+        let checker = registry.spawn_http_checker(&config.balance);
+        let fallback = stack::fallback_breaker(&config, &registry, &proxy)?;
+        let breaker = fallback.as_ref().map(|(b, _)| b.clone());
         let can_serve = CanServe {
             registry: registry.clone(),
             has_fallback: breaker.as_ref().is_some_and(Breaker::has_fallback),
@@ -187,6 +124,10 @@ impl Gateway {
         // Readiness components.
         let health = HealthRegistry::new();
         let upstreams_ready = health.register("upstreams");
+        let ready_can_serve = can_serve.clone();
+        let mut tasks = vec![tokio::spawn(refresh_readiness(move || {
+            upstreams_ready.set_ready(ready_can_serve.can_serve());
+        }))];
 
         // Admission over the chosen storage.
         let admission = &config.admission;
@@ -211,88 +152,80 @@ impl Gateway {
                 None => config.default_capacity as usize,
             }
         };
-
-        let mut tasks = Vec::new();
-        let (admitted, stats, storage): (GatewayService, GatewayStats, Option<RedisStorage>) =
-            match config.storage.kind {
-                StorageType::Memory => {
-                    let endpoints = Endpoints::from_config_with(admission, |p, e| {
-                        LocalCapacity::new(initial(p, e))
-                    })
-                    .map_err(BuildError)?;
-                    let svc = admission_stack(&endpoints, &can_serve, &config, primary.clone());
-                    if let Some(ready) = &startup_ready {
-                        tasks.push(tokio::spawn(startup::probe_local(
-                            Arc::clone(&config),
-                            registry.clone(),
-                            endpoints.clone(),
-                            to_probe.clone(),
-                            ready.clone(),
-                        )));
-                    }
-                    let stats = GatewayStats::new(
-                        started,
+        let (admitted, admission_stats, storage) = match config.storage.kind {
+            StorageType::Memory => {
+                let endpoints = Endpoints::from_config_with(admission, |p, e| {
+                    LocalCapacity::new(initial(p, e))
+                })
+                .map_err(BuildError)?;
+                if let Some(ready) = startup_ready {
+                    tasks.push(tokio::spawn(startup::probe_local(
+                        Arc::clone(&config),
                         registry.clone(),
-                        breaker.clone().map(|b| (b, fallback_to.clone())),
-                        Arc::new(move || endpoints.stats()),
-                        None,
-                    );
-                    (svc, stats, None)
-                }
-                StorageType::Redis => {
-                    let storage = RedisStorage::connect(&config.storage)
-                        .await
-                        .map_err(|e| BuildError(format!("storage: {e}")))?;
-                    let endpoints =
-                        Endpoints::<RedisCapacity>::from_config_with(admission, |p, e| {
-                            storage.capacity_source(p, initial(p, e))
-                        })
-                        .map_err(BuildError)?;
-                    // A configured capacity is the truth: store it for every process.
-                    for (path, ep) in &admission.endpoints {
-                        if let Some(c) = ep.capacity {
-                            if let Some(l) = endpoints.get(path) {
-                                l.set_capacity(c);
-                            }
-                        }
-                    }
-                    let svc = admission_stack(&endpoints, &can_serve, &config, primary.clone());
-                    if let Some(ready) = &startup_ready {
-                        tasks.push(tokio::spawn(startup::probe_shared(
-                            Arc::clone(&config),
-                            registry.clone(),
-                            endpoints.clone(),
-                            storage.clone(),
-                            to_probe.clone(),
-                            ready.clone(),
-                        )));
-                    }
-                    let storage_ready = health.register_ready("storage");
-                    tasks.push(tokio::spawn(refresh_storage(
-                        storage.readiness(),
-                        storage_ready,
+                        endpoints.clone(),
+                        to_probe,
+                        ready,
                     )));
-                    let stats = GatewayStats::new(
-                        started,
-                        registry.clone(),
-                        breaker.clone().map(|b| (b, fallback_to.clone())),
-                        Arc::new(move || endpoints.stats()),
-                        Some(storage.clone()),
-                    );
-                    (svc, stats, Some(storage))
                 }
-            };
-        tasks.push(tokio::spawn(refresh_upstreams(
-            can_serve.clone(),
-            upstreams_ready,
-        )));
+                let svc = stack::admission_over(&config, &endpoints, &can_serve, fallback.as_ref());
+                let stats: AdmissionStatsFn = Arc::new(move || endpoints.stats());
+                (svc, stats, None)
+            }
+            StorageType::Redis => {
+                let storage = RedisStorage::connect(&config.storage)
+                    .await
+                    .map_err(|e| BuildError(format!("storage: {e}")))?;
+                let endpoints = Endpoints::from_config_with(admission, |p, e| {
+                    storage.capacity_source(p, initial(p, e))
+                })
+                .map_err(BuildError)?;
+                // A configured capacity is the truth: store it for every process.
+                for (path, ep) in &admission.endpoints {
+                    if let Some(c) = ep.capacity {
+                        endpoints.set_capacity(path, c);
+                    }
+                }
+                if let Some(ready) = startup_ready {
+                    tasks.push(tokio::spawn(startup::probe_shared(
+                        Arc::clone(&config),
+                        registry.clone(),
+                        endpoints.clone(),
+                        storage.clone(),
+                        to_probe,
+                        ready,
+                    )));
+                }
+                let svc = stack::admission_over(&config, &endpoints, &can_serve, fallback.as_ref());
+                let stats: AdmissionStatsFn = Arc::new(move || endpoints.stats());
+                (svc, stats, Some(storage))
+            }
+        };
+        if let Some(storage) = &storage {
+            let (readiness, storage_ready) =
+                (storage.readiness(), health.register_ready("storage"));
+            tasks.push(tokio::spawn(refresh_readiness(move || {
+                storage_ready.set_ready(readiness.is_ready());
+                let n = readiness.consecutive_failures();
+                storage_ready.set_detail((n > 0).then(|| format!("{n} consecutive failed PINGs")));
+            })));
+        }
+        let stats = GatewayStats::new(
+            started,
+            registry.clone(),
+            fallback,
+            admission_stats,
+            storage.clone(),
+        );
 
         portcullis_dashboard::log_auth_mode(&config.ui);
-        let operator = portcullis_dashboard::router(&config.ui, stats, &health);
         let router = Router::new()
-            .merge(operator)
-            .merge(fallback_check_route(&config, breaker.clone()))
-            .merge(admin_routes(&config, &registry, &proxy))
+            .merge(portcullis_dashboard::router(&config.ui, stats, &health))
+            .merge(operator_actions(
+                &config,
+                breaker.clone(),
+                &registry,
+                &proxy,
+            ))
             .fallback_service(admitted.clone());
         let app = App::with_data_path(router.clone(), admitted, operator_prefixes(&config));
 
@@ -376,30 +309,38 @@ impl Gateway {
         }
     }
 }
-
-/// The upstream admin routes when `upstream_admin` is on, behind the operator auth (the
-/// same-site JSON check sits inside it). Without `ui` credentials the routes are not
-/// mounted at all: the config validation refuses that combination, and a config built in
-/// code that skipped validation gets no open admin routes either.
-fn admin_routes(
+/// The state-changing operator routes, behind one Basic auth when `ui` credentials are set:
+/// the on-demand breaker check, and the upstream admin routes when `upstream_admin` is on.
+/// Without credentials the admin routes are not mounted at all: the config validation
+/// refuses that combination, and a config built in code that skipped validation gets no
+/// open admin routes either.
+fn operator_actions(
     config: &GatewayConfig,
+    breaker: Option<Breaker>,
     registry: &ReplicaRegistry<ProxyTo>,
     proxy: &Proxy,
 ) -> Router {
-    if !config.upstream_admin {
-        return Router::new();
-    }
+    let router = fallback_check_route(breaker);
     let Some((user, pass)) = config.ui.credentials() else {
-        tracing::error!(
-            "upstream_admin is on without ui.username/ui.password: the admin routes are not served"
-        );
-        return Router::new();
+        if config.upstream_admin {
+            tracing::error!(
+                "upstream_admin is on without ui.username/ui.password: the admin routes are not served"
+            );
+        }
+        return router;
     };
-    super::admin::routes(registry.clone(), proxy.clone(), config.admin_allowlist()).route_layer(
-        portcullis_dashboard::BasicAuthLayer::new(portcullis_dashboard::Credentials::new(
-            user, pass,
-        )),
-    )
+    let router = if config.upstream_admin {
+        router.merge(super::admin::routes(
+            registry.clone(),
+            proxy.clone(),
+            config.admin_allowlist(),
+        ))
+    } else {
+        router
+    };
+    router.route_layer(portcullis_dashboard::BasicAuthLayer::new(
+        portcullis_dashboard::Credentials::new(user, pass),
+    ))
 }
 
 /// The path of the on-demand breaker probe.
@@ -408,10 +349,11 @@ pub const FALLBACK_CHECK_PATH: &str = "/balancer/fallback/check";
 /// `POST /balancer/fallback/check`: probes the primary pool and the fallback now (with the
 /// configured retries) and answers the breaker's status plus both probe results as JSON;
 /// 404 `not_found` without a `fallback:` section. Behind the same Basic auth as the other
-/// operator routes, and like every state-changing operator route it needs `Content-Type:
-/// application/json` and refuses cross-site requests ([`super::admin::same_site_json`]).
-fn fallback_check_route(config: &GatewayConfig, breaker: Option<Breaker>) -> Router {
-    let mut router = Router::new()
+/// operator routes ([`operator_actions`]), and like every state-changing operator route it
+/// needs `Content-Type: application/json` and refuses cross-site requests
+/// ([`super::admin::same_site_json`]).
+fn fallback_check_route(breaker: Option<Breaker>) -> Router {
+    Router::new()
         .route(
             FALLBACK_CHECK_PATH,
             axum::routing::post(move || {
@@ -433,78 +375,7 @@ fn fallback_check_route(config: &GatewayConfig, breaker: Option<Breaker>) -> Rou
                 }
             }),
         )
-        .route_layer(axum::middleware::from_fn(super::admin::same_site_json));
-    if let Some((user, pass)) = config.ui.credentials() {
-        router = router.route_layer(portcullis_dashboard::BasicAuthLayer::new(
-            portcullis_dashboard::Credentials::new(user, pass),
-        ));
-    }
-    router
-}
-
-/// Sends `(replica, request)` to the replica's proxy: the balancer's dispatch service.
-#[derive(Debug, Clone, Copy, Default)]
-struct Dispatch;
-
-impl Service<(ProxyTo, Request<Body>)> for Dispatch {
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = <ProxyTo as Service<Request<Body>>>::Future;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, (mut to, req): (ProxyTo, Request<Body>)) -> Self::Future {
-        to.call(req)
-    }
-}
-
-/// The admission layer over `endpoints`, gated by `can_serve`, in front of `inner`; with
-/// `on_client_cancel: hold`, a [`HoldOnCancel`](portcullis_admission::HoldOnCancel) right
-/// below it keeps a cancelled request's slot until its upstream request has ended.
-fn admission_stack<C, S, B>(
-    endpoints: &Endpoints<C>,
-    can_serve: &CanServe,
-    config: &GatewayConfig,
-    inner: S,
-) -> GatewayService
-where
-    C: CapacitySource,
-    C::Permit: Send + Sync,
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError> + Send,
-{
-    let layer = HttpAdmissionLayer::new(endpoints.clone()).with_health(can_serve.clone());
-    match config.on_client_cancel {
-        OnClientCancel::Release => {
-            BoxCloneSyncService::new(layer.layer(inner).map_response(to_body))
-        }
-        OnClientCancel::Hold => {
-            let hold = HoldOnCancelLayer::new(config.client_cancel_hold_limit());
-            let layer = layer.hold_on_client_cancel(true);
-            BoxCloneSyncService::new(layer.layer(hold.layer(inner)).map_response(to_body))
-        }
-    }
-}
-
-/// The first branch of a response body that can come from two services.
-fn either_left<L, R>(resp: Response<L>) -> Response<http_body_util::Either<L, R>> {
-    resp.map(http_body_util::Either::Left)
-}
-
-/// The second branch of a response body that can come from two services.
-fn either_right<L, R>(resp: Response<R>) -> Response<http_body_util::Either<L, R>> {
-    resp.map(http_body_util::Either::Right)
+        .route_layer(axum::middleware::from_fn(super::admin::same_site_json))
 }
 
 /// Every path prefix the operator router may answer (see [`App::with_data_path`]): the
@@ -519,75 +390,14 @@ fn operator_prefixes(config: &GatewayConfig) -> Vec<String> {
     ]
 }
 
-fn to_body<B>(resp: Response<B>) -> Response<Body>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
-{
-    resp.map(Body::new)
-}
-
-/// Keeps the `upstreams` readiness flag in step with the pool (atomics only, no I/O).
-async fn refresh_upstreams(can_serve: CanServe, component: Component) {
+/// Runs `step` every [`READINESS_REFRESH`], for ever: keeps a cached readiness flag in
+/// step with a layer's state (atomics only, no I/O). The task's owner aborts it.
+async fn refresh_readiness(mut step: impl FnMut()) {
     let mut tick = tokio::time::interval(READINESS_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        component.set_ready(can_serve.can_serve());
-    }
-}
-
-/// Keeps the `storage` readiness flag in step with the Redis PING loop's cached verdict.
-async fn refresh_storage(readiness: portcullis_redis::Readiness, component: Component) {
-    let mut tick = tokio::time::interval(READINESS_REFRESH);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        component.set_ready(readiness.is_ready());
-        let n = readiness.consecutive_failures();
-        component.set_detail((n > 0).then(|| format!("{n} consecutive failed PINGs")));
-    }
-}
-
-/// The breaker's name for the primary pool in its probes and snapshots.
-const POOL_TARGET: &str = "upstreams";
-
-/// The breaker's probe: the primary is the whole upstream pool, healthy when any replica's
-/// `health_endpoint` answers 2xx (all probed concurrently); any other target (the
-/// fallback) is probed over HTTP directly.
-#[derive(Debug, Clone)]
-struct PoolProbe {
-    http: HttpProbe,
-    registry: ReplicaRegistry<ProxyTo>,
-}
-
-impl Probe for PoolProbe {
-    fn probe(&self, target: &str) -> ProbeFuture {
-        if target != POOL_TARGET {
-            return self.http.probe(target);
-        }
-        // The live pool: replicas added or removed at runtime count.
-        let probes: Vec<ProbeFuture> = self
-            .registry
-            .replicas()
-            .iter()
-            .map(|r| self.http.probe(r.key()))
-            .collect();
-        Box::pin(async move {
-            let results = futures_util::future::join_all(probes).await;
-            let best = results
-                .iter()
-                .filter(|r| r.healthy)
-                .min_by_key(|r| r.latency)
-                .or_else(|| results.iter().max_by_key(|r| r.latency));
-            match best {
-                Some(r) if r.healthy => ProbeResult::healthy(r.latency, r.detail.clone()),
-                Some(r) => {
-                    ProbeResult::unhealthy(r.latency, format!("no healthy upstream ({})", r.detail))
-                }
-                None => ProbeResult::unhealthy(Duration::ZERO, "no upstream"),
-            }
-        })
+        step();
     }
 }
 
@@ -637,13 +447,4 @@ pub async fn serve_with_limits(
     limits: super::server::ConnectionLimits,
 ) -> std::io::Result<bool> {
     super::server::serve_listener(listener, app, shutdown, drain, limits).await
-}
-
-/// Converts any response into an axum response (used to unify the layers' body types).
-pub fn into_axum<B>(resp: Response<B>) -> Result<Response<Body>, Infallible>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
-{
-    Ok(resp.map(Body::new))
 }

@@ -12,6 +12,7 @@ pub mod front;
 pub mod pool;
 pub mod proxy;
 pub mod server;
+mod stack;
 pub mod startup;
 pub mod stats;
 pub mod upstream_url;

@@ -1,0 +1,213 @@
+//! The gateway's data path in one place, read outermost to innermost:
+//!
+//! ```text
+//! HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503; gated by CanServe)
+//!  └─ HoldOnCancel (only with `on_client_cancel: hold`)
+//!       └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
+//!            ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
+//!            │              └─ Dispatch → Proxy to the picked upstream
+//!            └─ fallback: Proxy to `fallback.url` (the pool again when none is set)
+//! ```
+//!
+//! [`admission_over`] builds that chain over either capacity source (in-process or
+//! Redis-shared); [`fallback_breaker`] builds the breaker it routes with.
+
+use super::app::{BuildError, GatewayService};
+use super::config::GatewayConfig;
+use super::proxy::{Proxy, ProxyBody, ProxyTo, Upstream};
+use axum::body::Body;
+use http::{Request, Response};
+use portcullis_admission::{
+    CapacitySource, Endpoints, HoldOnCancelLayer, HttpAdmissionLayer, OnClientCancel,
+};
+use portcullis_balance::{HttpBalance, ReplicaRegistry};
+use portcullis_breaker::{Breaker, HttpFallback};
+use portcullis_core::HealthSource;
+use portcullis_health::{HttpProbe, Probe, ProbeFuture, ProbeResult};
+use std::convert::Infallible;
+use std::time::Duration;
+use tower::util::{BoxCloneSyncService, Either};
+use tower::{Layer, Service, ServiceExt};
+
+/// The circuit breaker of a `fallback:` section and the proxy to its `url`, when one is set.
+pub(super) type Fallback = (Breaker, Option<ProxyTo>);
+
+/// What the admission layer and `/readyz` ask: can anything serve a request right now?
+///
+/// A healthy replica can; so can a configured fallback (the breaker routes to it once the
+/// pool fails, and a broken fallback answers `fallback_unavailable` itself).
+#[derive(Debug, Clone)]
+pub(super) struct CanServe {
+    pub(super) registry: ReplicaRegistry<ProxyTo>,
+    pub(super) has_fallback: bool,
+}
+
+impl HealthSource for CanServe {
+    fn can_serve(&self) -> bool {
+        self.has_fallback || self.registry.can_serve()
+    }
+}
+
+/// The whole data path over `endpoints`, outermost first (see the [module docs](self)).
+///
+/// The response body is one concrete type from the proxy up to the admission layer (each
+/// layer wraps it, `http_body_util::Either` joins the branches) and is boxed once, here.
+pub(super) fn admission_over<C>(
+    config: &GatewayConfig,
+    endpoints: &Endpoints<C>,
+    can_serve: &CanServe,
+    fallback: Option<&Fallback>,
+) -> GatewayService
+where
+    C: CapacitySource,
+    C::Permit: Send + Sync,
+{
+    let admission = HttpAdmissionLayer::new(endpoints.clone()).with_health(can_serve.clone());
+    let pool = HttpBalance::new(Dispatch, can_serve.registry.clone());
+    let primary = match fallback {
+        None => Either::Left(pool.map_response(either_left)),
+        Some((breaker, fallback_to)) => {
+            let fallback = match fallback_to {
+                Some(to) => Either::Left(to.clone().map_response(either_left)),
+                None => Either::Right(pool.clone().map_response(either_right)),
+            };
+            Either::Right(
+                HttpFallback::new(pool, fallback, breaker.clone()).map_response(either_right),
+            )
+        }
+    };
+    match config.on_client_cancel {
+        OnClientCancel::Release => {
+            BoxCloneSyncService::new(admission.layer(primary).map_response(to_body))
+        }
+        // Keeps a cancelled request's slot until its upstream request has ended.
+        OnClientCancel::Hold => {
+            let hold = HoldOnCancelLayer::new(config.client_cancel_hold_limit());
+            BoxCloneSyncService::new(
+                admission
+                    .hold_on_client_cancel(true)
+                    .layer(hold.layer(primary))
+                    .map_response(to_body),
+            )
+        }
+    }
+}
+
+/// The breaker of `config.fallback` (none without that section), probing the live pool of
+/// `registry` and the fallback's `url`; its proxy goes through `proxy`.
+pub(super) fn fallback_breaker(
+    config: &GatewayConfig,
+    registry: &ReplicaRegistry<ProxyTo>,
+    proxy: &Proxy,
+) -> Result<Option<Fallback>, BuildError> {
+    let Some(fallback) = &config.fallback else {
+        return Ok(None);
+    };
+    let fallback_url = match &fallback.url {
+        Some(url) => {
+            Some(Upstream::parse(url).map_err(|e| BuildError(format!("fallback.url: {}", e.0)))?)
+        }
+        None => {
+            tracing::warn!(
+                "fallback: no url configured; the breaker only reports primary_unhealthy"
+            );
+            None
+        }
+    };
+    let probe = PoolProbe {
+        http: HttpProbe::new(
+            config.balance.health_endpoint.clone(),
+            fallback.probe_timeout,
+        ),
+        registry: registry.clone(),
+    };
+    let breaker = Breaker::builder(fallback.clone())
+        .primary_target(POOL_TARGET)
+        .fallback_target(fallback_url.as_ref().map(|u| u.url().to_owned()))
+        .health_endpoint(config.balance.health_endpoint.clone())
+        .probe(probe)
+        .build();
+    Ok(Some((breaker, fallback_url.map(|u| proxy.to(u)))))
+}
+
+/// Sends `(replica, request)` to the replica's proxy: the balancer's dispatch service.
+#[derive(Debug, Clone, Copy, Default)]
+struct Dispatch;
+
+impl Service<(ProxyTo, Request<Body>)> for Dispatch {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = <ProxyTo as Service<Request<Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (mut to, req): (ProxyTo, Request<Body>)) -> Self::Future {
+        to.call(req)
+    }
+}
+
+/// The first branch of a response body that can come from two services.
+fn either_left<L, R>(resp: Response<L>) -> Response<http_body_util::Either<L, R>> {
+    resp.map(http_body_util::Either::Left)
+}
+
+/// The second branch of a response body that can come from two services.
+fn either_right<L, R>(resp: Response<R>) -> Response<http_body_util::Either<L, R>> {
+    resp.map(http_body_util::Either::Right)
+}
+
+/// Boxes the data path's one concrete body type into axum's.
+fn to_body<B>(resp: Response<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    resp.map(Body::new)
+}
+
+/// The breaker's name for the primary pool in its probes and snapshots.
+const POOL_TARGET: &str = "upstreams";
+
+/// The breaker's probe: the primary is the whole upstream pool, healthy when any replica's
+/// `health_endpoint` answers 2xx (all probed concurrently); any other target (the
+/// fallback) is probed over HTTP directly.
+#[derive(Debug, Clone)]
+struct PoolProbe {
+    http: HttpProbe,
+    registry: ReplicaRegistry<ProxyTo>,
+}
+
+impl Probe for PoolProbe {
+    fn probe(&self, target: &str) -> ProbeFuture {
+        if target != POOL_TARGET {
+            return self.http.probe(target);
+        }
+        // The live pool: replicas added or removed at runtime count.
+        let probes: Vec<ProbeFuture> = self
+            .registry
+            .replicas()
+            .iter()
+            .map(|r| self.http.probe(r.key()))
+            .collect();
+        Box::pin(async move {
+            let results = futures_util::future::join_all(probes).await;
+            let best = results
+                .iter()
+                .filter(|r| r.healthy)
+                .min_by_key(|r| r.latency)
+                .or_else(|| results.iter().max_by_key(|r| r.latency));
+            match best {
+                Some(r) if r.healthy => ProbeResult::healthy(r.latency, r.detail.clone()),
+                Some(r) => {
+                    ProbeResult::unhealthy(r.latency, format!("no healthy upstream ({})", r.detail))
+                }
+                None => ProbeResult::unhealthy(Duration::ZERO, "no upstream"),
+            }
+        })
+    }
+}
