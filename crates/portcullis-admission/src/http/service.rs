@@ -43,6 +43,24 @@ impl<S, C> HttpAdmission<S, C> {
     pub fn endpoints(&self) -> &Endpoints<C> {
         &self.endpoints
     }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably. Changing it does not change which requests are watched
+    /// or the slots already taken.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the admission service and returns the inner service. The watched endpoints
+    /// live on in the layer and in other clones; slots held by requests in flight are
+    /// released as those requests end.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: Clone, C> Clone for HttpAdmission<S, C> {
@@ -100,4 +118,20 @@ where
 /// Shares a watched request's slot with a [`HoldOnCancel`](crate::HoldOnCancel) below.
 fn attach_held<B>(req: &mut Request<B>, slot: HeldSlot) {
     req.extensions_mut().insert(slot);
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::HttpAdmissionLayer;
+    use tower_layer::Layer;
+
+    #[test]
+    fn hands_out_the_inner_service() {
+        let layer = HttpAdmissionLayer::from_config(&crate::Config::default(), 4).unwrap();
+        let mut svc = layer.layer(vec![1u32]);
+        assert_eq!(svc.get_ref(), &[1]);
+        svc.get_mut().push(2);
+        assert_eq!(svc.get_ref(), &[1, 2]);
+        assert_eq!(svc.into_inner(), [1, 2]);
+    }
 }

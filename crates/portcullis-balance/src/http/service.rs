@@ -52,6 +52,22 @@ impl<P, T, M> HttpBalance<P, T, M> {
     pub fn registry(&self) -> &ReplicaRegistry<T> {
         &self.registry
     }
+
+    /// The inner proxy service.
+    pub fn get_ref(&self) -> &P {
+        &self.proxy
+    }
+
+    /// The inner proxy service, mutably.
+    pub fn get_mut(&mut self) -> &mut P {
+        &mut self.proxy
+    }
+
+    /// Consumes the balancer and returns the inner proxy service. The registry lives on in
+    /// its other clones; requests in flight keep their replica's slot until they end.
+    pub fn into_inner(self) -> P {
+        self.proxy
+    }
 }
 
 impl<P: Clone, T, M: Clone> Clone for HttpBalance<P, T, M> {
@@ -103,5 +119,21 @@ where
                 HttpResponseFuture::rejected(rejection.to_response(req.headers()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HttpBalance;
+    use crate::{Config, ReplicaRegistry};
+
+    #[tokio::test]
+    async fn hands_out_the_inner_proxy() {
+        let registry: ReplicaRegistry<String> = ReplicaRegistry::new(&Config::default());
+        let mut svc = HttpBalance::new(vec![1u32], registry);
+        assert_eq!(svc.get_ref(), &[1]);
+        svc.get_mut().push(2);
+        assert_eq!(svc.get_ref(), &[1, 2]);
+        assert_eq!(svc.into_inner(), [1, 2]);
     }
 }

@@ -63,6 +63,39 @@ impl<P, F, M> HttpFallback<P, F, M> {
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
     }
+
+    /// The inner primary service (the one [`HttpFallbackLayer`](super::HttpFallbackLayer)
+    /// wraps).
+    pub fn get_ref(&self) -> &P {
+        &self.primary
+    }
+
+    /// The inner primary service, mutably.
+    pub fn get_mut(&mut self) -> &mut P {
+        &mut self.primary
+    }
+
+    /// Consumes the service and returns the inner primary service; the fallback service is
+    /// dropped (see [`into_parts`](Self::into_parts) to keep it). The breaker lives on in its
+    /// other clones.
+    pub fn into_inner(self) -> P {
+        self.primary
+    }
+
+    /// The fallback service.
+    pub fn fallback_ref(&self) -> &F {
+        &self.fallback
+    }
+
+    /// The fallback service, mutably.
+    pub fn fallback_mut(&mut self) -> &mut F {
+        &mut self.fallback
+    }
+
+    /// Consumes the service and returns the primary and fallback services.
+    pub fn into_parts(self) -> (P, F) {
+        (self.primary, self.fallback)
+    }
 }
 
 impl<P: Clone, F: Clone, M: Clone> Clone for HttpFallback<P, F, M> {
@@ -148,5 +181,35 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HttpFallback;
+    use crate::{Breaker, Config};
+
+    fn fallback_over(primary: Vec<u32>, fallback: Vec<u32>) -> HttpFallback<Vec<u32>, Vec<u32>> {
+        HttpFallback::new(
+            primary,
+            fallback,
+            Breaker::builder(Config::default()).build(),
+        )
+    }
+
+    #[tokio::test]
+    async fn hands_out_the_primary_and_the_fallback() {
+        let mut svc = fallback_over(vec![1], vec![10]);
+        assert_eq!(svc.get_ref(), &[1]);
+        assert_eq!(svc.fallback_ref(), &[10]);
+        svc.get_mut().push(2);
+        svc.fallback_mut().push(20);
+        assert_eq!(svc.get_ref(), &[1, 2]);
+        assert_eq!(svc.fallback_ref(), &[10, 20]);
+        assert_eq!(svc.into_parts(), (vec![1, 2], vec![10, 20]));
+
+        let mut svc = fallback_over(vec![3], vec![30]);
+        svc.get_mut().push(4);
+        assert_eq!(svc.into_inner(), [3, 4]);
     }
 }
