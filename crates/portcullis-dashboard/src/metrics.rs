@@ -180,88 +180,78 @@ impl Collector for StatsCollector {
             )?;
         }
 
-        let ep = |f: fn(&crate::EndpointStats) -> f64| {
-            s.endpoints
+        type Gauge = fn(&crate::EndpointStats) -> f64;
+        let gauges: [(&str, &str, Gauge); 6] = [
+            (
+                "endpoint_capacity",
+                "Maximum concurrent requests of the endpoint.",
+                |x| x.capacity as f64,
+            ),
+            (
+                "endpoint_active_requests",
+                "Requests holding a slot.",
+                |x| x.active_requests as f64,
+            ),
+            (
+                "endpoint_local_active",
+                "Slots held by this process (the global count is endpoint_active_requests).",
+                |x| x.local_active as f64,
+            ),
+            ("endpoint_available_slots", "Free slots.", |x| {
+                x.available_slots as f64
+            }),
+            (
+                "endpoint_queue_depth",
+                "Requests waiting for a slot.",
+                |x| x.queue_depth as f64,
+            ),
+            (
+                "endpoint_queue_timeout_seconds",
+                "How long a request may wait before a 504.",
+                |x| x.queue_timeout,
+            ),
+        ];
+        for (name, help, f) in gauges {
+            let rows = s
+                .endpoints
                 .iter()
-                .map(move |(path, st)| (vec![("endpoint", path.as_str())], f(st)))
-        };
-        gauge_f64(
-            e,
-            "endpoint_capacity",
-            "Maximum concurrent requests of the endpoint.",
-            ep(|x| x.capacity as f64),
-        )?;
-        gauge_f64(
-            e,
-            "endpoint_active_requests",
-            "Requests holding a slot.",
-            ep(|x| x.active_requests as f64),
-        )?;
-        gauge_f64(
-            e,
-            "endpoint_local_active",
-            "Slots held by this process (the global count is endpoint_active_requests).",
-            ep(|x| x.local_active as f64),
-        )?;
-        gauge_f64(
-            e,
-            "endpoint_available_slots",
-            "Free slots.",
-            ep(|x| x.available_slots as f64),
-        )?;
-        gauge_f64(
-            e,
-            "endpoint_queue_depth",
-            "Requests waiting for a slot.",
-            ep(|x| x.queue_depth as f64),
-        )?;
-        gauge_f64(
-            e,
-            "endpoint_queue_timeout_seconds",
-            "How long a request may wait before a 504.",
-            ep(|x| x.queue_timeout),
-        )?;
-        let epc = |f: fn(&crate::EndpointStats) -> u64| {
-            s.endpoints
+                .map(|(path, st)| (vec![("endpoint", path.as_str())], f(st)));
+            gauge_f64(e, name, help, rows)?;
+        }
+        type Count = fn(&crate::EndpointStats) -> u64;
+        let counters: [(&str, &str, Count); 6] = [
+            ("endpoint_admitted", "Requests admitted.", |x| x.admitted),
+            ("endpoint_rejected_503", "Requests refused with 503.", |x| {
+                x.rejected_503
+            }),
+            (
+                "endpoint_timed_out_504",
+                "Requests that waited queue_timeout and got 504.",
+                |x| x.timed_out_504,
+            ),
+            (
+                "endpoint_cancelled",
+                "Requests whose client left while queued.",
+                |x| x.cancelled,
+            ),
+            (
+                "endpoint_held_after_cancel",
+                "Admitted requests held to their end after their client left.",
+                |x| x.held_after_cancel,
+            ),
+            (
+                "endpoint_held_cut",
+                "Held requests cut off at the hold time limit.",
+                |x| x.held_cut,
+            ),
+        ];
+        for (name, help, f) in counters {
+            let rows = s
+                .endpoints
                 .iter()
-                .map(move |(path, st)| (vec![("endpoint", path.as_str())], f(st)))
-        };
-        counter(
-            e,
-            "endpoint_admitted",
-            "Requests admitted.",
-            epc(|x| x.admitted),
-        )?;
-        counter(
-            e,
-            "endpoint_rejected_503",
-            "Requests refused with 503.",
-            epc(|x| x.rejected_503),
-        )?;
-        counter(
-            e,
-            "endpoint_timed_out_504",
-            "Requests that waited queue_timeout and got 504.",
-            epc(|x| x.timed_out_504),
-        )?;
-        counter(
-            e,
-            "endpoint_cancelled",
-            "Requests whose client left while queued.",
-            epc(|x| x.cancelled),
-        )?;
-        counter(
-            e,
-            "endpoint_held_after_cancel",
-            "Admitted requests held to their end after their client left.",
-            epc(|x| x.held_after_cancel),
-        )?;
-        counter(
-            e,
-            "endpoint_held_cut",
-            "Held requests cut off at the hold time limit.",
-            epc(|x| x.held_cut),
-        )?;
+                .map(|(path, st)| (vec![("endpoint", path.as_str())], f(st)));
+            counter(e, name, help, rows)?;
+        }
         histogram(
             e,
             "endpoint_queue_wait_seconds",
