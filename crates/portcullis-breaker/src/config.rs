@@ -11,12 +11,13 @@
 //!   probe_max_retries: 2             # extra attempts per probe (0 = one attempt)
 //!   probe_backoff_base: 0.5          # retry delays: base × 2^attempt = 0.5, 1, 2, ...
 //!   probe_timeout: 5                 # per-attempt timeout
-//!   half_open:                       # optional (beyond the seed), off by default
+//!   half_open:                       # optional, off by default
 //!     enabled: true
 //!     one_in: 20                     # after the hold, 1 request in 20 tries the primary
 //! ```
 //!
-//! The defaults are the seed's (`BACKEND_HEALTH_*` environment defaults).
+//! Every field has a default (see [`Config::default`]); an empty section is a working
+//! breaker.
 
 use portcullis_core::backoff::Backoff;
 use portcullis_core::ConfigError;
@@ -165,7 +166,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_the_seeds() {
+    fn defaults_are_the_documented_ones() {
         let c = Config::default();
         assert_eq!(c.failure_threshold, 2);
         assert_eq!(c.recheck_interval, Duration::from_secs(60));

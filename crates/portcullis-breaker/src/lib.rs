@@ -1,8 +1,8 @@
 //! Circuit-breaker fallback layer: primary -> fallback after N failures, probed recovery.
 //!
-//! A tower reproduction of the "backend router v2" seed (primary/fallback with retrying
-//! probes, a minimum fallback duration and an N-consecutive-success recovery gate), made
-//! asynchronous and lock-free on the request path.
+//! A primary/fallback router as a tower layer: recovery checks retried with back-off, a
+//! minimum fallback duration and an N-consecutive-success recovery gate, asynchronous and
+//! lock-free on the request path.
 //!
 //! # State machine
 //!
@@ -18,7 +18,7 @@
 //!   and fails only when every attempt failed. Traffic returns to the primary only when
 //!   BOTH gates hold: `min_fallback_duration` has passed since the fallback engaged, and
 //!   `recovery_success_threshold` consecutive probes succeeded (a failed probe resets the
-//!   count). Optionally (beyond the seed) a half-open trickle of live requests — one in
+//!   count). Optionally a half-open trickle of live requests — one in
 //!   `half_open.one_in`, at most one at a time, only after the hold — tests the primary too.
 //! * **PRIMARY_UNHEALTHY** — the primary tripped but no fallback is configured: the breaker
 //!   logs it once and keeps routing to the primary; a live success or the probe gates clear
