@@ -16,8 +16,7 @@
 //!     one_in: 20                     # after the hold, 1 request in 20 tries the primary
 //! ```
 //!
-//! Every field has a default (see [`Config::default`]); an empty section is a working
-//! breaker.
+//! Every field has a default (see [`Config::default`]).
 
 use portcullis_core::backoff::Backoff;
 use portcullis_core::ConfigError;
