@@ -48,6 +48,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio_util::task::AbortOnDropHandle;
 use tower::util::BoxCloneSyncService;
 
 /// The type-erased request path below the router (admission and everything under it).
@@ -73,15 +74,12 @@ pub struct Gateway {
     storage: Option<RedisStorage>,
     health_server: Option<HealthServer>,
     _checker: CheckerHandle,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _tasks: Vec<AbortOnDropHandle<()>>,
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.proxy.close_idle_connections();
-        for t in &self.tasks {
-            t.abort();
-        }
     }
 }
 
@@ -125,7 +123,7 @@ impl Gateway {
         let health = HealthRegistry::new();
         let upstreams_ready = health.register("upstreams");
         let ready_can_serve = can_serve.clone();
-        let mut tasks = vec![tokio::spawn(refresh_readiness(move || {
+        let mut tasks = vec![spawn_owned(refresh_readiness(move || {
             upstreams_ready.set_ready(ready_can_serve.can_serve());
         }))];
 
@@ -159,7 +157,7 @@ impl Gateway {
                 })
                 .map_err(BuildError)?;
                 if let Some(ready) = startup_ready {
-                    tasks.push(tokio::spawn(startup::probe_local(
+                    tasks.push(spawn_owned(startup::probe_local(
                         Arc::clone(&config),
                         registry.clone(),
                         endpoints.clone(),
@@ -186,7 +184,7 @@ impl Gateway {
                     }
                 }
                 if let Some(ready) = startup_ready {
-                    tasks.push(tokio::spawn(startup::probe_shared(
+                    tasks.push(spawn_owned(startup::probe_shared(
                         Arc::clone(&config),
                         registry.clone(),
                         endpoints.clone(),
@@ -203,7 +201,7 @@ impl Gateway {
         if let Some(storage) = &storage {
             let (readiness, storage_ready) =
                 (storage.readiness(), health.register_ready("storage"));
-            tasks.push(tokio::spawn(refresh_readiness(move || {
+            tasks.push(spawn_owned(refresh_readiness(move || {
                 storage_ready.set_ready(readiness.is_ready());
                 let n = readiness.consecutive_failures();
                 storage_ready.set_detail((n > 0).then(|| format!("{n} consecutive failed PINGs")));
@@ -254,7 +252,7 @@ impl Gateway {
             storage,
             health_server,
             _checker: checker,
-            tasks,
+            _tasks: tasks,
         })
     }
 
@@ -388,6 +386,12 @@ fn operator_prefixes(config: &GatewayConfig) -> Vec<String> {
         "/balancer".to_owned(),
         config.ui.normalized_path(),
     ]
+}
+
+/// Spawns `task`, owned by the returned handle: dropping the handle aborts the task (so a
+/// build that fails half-way leaves no task behind).
+fn spawn_owned(task: impl Future<Output = ()> + Send + 'static) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(task))
 }
 
 /// Runs `step` every [`READINESS_REFRESH`], for ever: keeps a cached readiness flag in

@@ -64,6 +64,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_util::task::AbortOnDropHandle;
 
 use super::config::GatewayConfig;
 
@@ -216,7 +217,7 @@ async fn serve_inner(
                                 tokio::time::sleep(HEARTBEAT).await;
                             }
                         });
-                        let _stop_heartbeat = AbortOnDrop(heartbeat);
+                        let _stop_heartbeat = AbortOnDropHandle::new(heartbeat);
                         std_listener.set_nonblocking(true)?;
                         let listener = TcpListener::from_std(std_listener)?;
                         accept_loop(listener, app, limits, permits, stop).await;
@@ -268,15 +269,6 @@ async fn serve_inner(
     match first_error {
         Some(e) => Err(e),
         None => Ok(drained),
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
