@@ -36,7 +36,7 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
-use portcullis_admission::{EndpointConfig as AdmissionEndpoint, Endpoints, LocalCapacity};
+use portcullis_admission::{Endpoints, LocalCapacity};
 use portcullis_balance::{CheckerHandle, ReplicaRegistry, Tier};
 use portcullis_breaker::Breaker;
 use portcullis_core::HealthSource;
@@ -129,31 +129,12 @@ impl Gateway {
 
         // Admission over the chosen storage.
         let admission = &config.admission;
-        let to_probe: Vec<String> = if config.probe.probe_on_startup {
-            admission
-                .endpoints
-                .iter()
-                .filter(|(_, e)| e.capacity.is_none())
-                .map(|(p, _)| p.clone())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let startup_ready = (!to_probe.is_empty()).then(|| health.register("startup_probe"));
-        let initial = |path: &str, ep: &AdmissionEndpoint| -> usize {
-            match ep.capacity {
-                Some(c) => c,
-                // Probed endpoints admit nothing until their capacity is known: requests
-                // wait in the FIFO queue (bounded by queue_timeout) instead of overloading
-                // the backend while it is being measured.
-                None if to_probe.iter().any(|p| p == path) => 0,
-                None => config.default_capacity as usize,
-            }
-        };
+        let plan = startup::StartupPlan::new(&config);
+        let startup_ready = (!plan.paths().is_empty()).then(|| health.register("startup_probe"));
         let (admitted, admission_stats, storage) = match config.storage.kind {
             StorageType::Memory => {
                 let endpoints = Endpoints::from_config_with(admission, |p, e| {
-                    LocalCapacity::new(initial(p, e))
+                    LocalCapacity::new(plan.initial_capacity(p, e))
                 })
                 .map_err(BuildError)?;
                 if let Some(ready) = startup_ready {
@@ -161,7 +142,7 @@ impl Gateway {
                         Arc::clone(&config),
                         registry.clone(),
                         endpoints.clone(),
-                        to_probe,
+                        plan.paths().to_vec(),
                         ready,
                     )));
                 }
@@ -174,7 +155,7 @@ impl Gateway {
                     .await
                     .map_err(|e| BuildError(format!("storage: {e}")))?;
                 let endpoints = Endpoints::from_config_with(admission, |p, e| {
-                    storage.capacity_source(p, initial(p, e))
+                    storage.capacity_source(p, plan.initial_capacity(p, e))
                 })
                 .map_err(BuildError)?;
                 // A configured capacity is the truth: store it for every process.
@@ -189,7 +170,7 @@ impl Gateway {
                         registry.clone(),
                         endpoints.clone(),
                         storage.clone(),
-                        to_probe,
+                        plan.paths().to_vec(),
                         ready,
                     )));
                 }
@@ -227,19 +208,7 @@ impl Gateway {
             .fallback_service(admitted.clone());
         let app = App::with_data_path(router.clone(), admitted, operator_prefixes(&config));
 
-        let health_server = if config.health_server.enable {
-            let mut server = HealthServer::from_config(&config.health_server, health.clone());
-            let addr = server.start().await.map_err(|e| {
-                BuildError(format!(
-                    "health_server.listen: cannot bind {}: {e}",
-                    config.health_server.listen
-                ))
-            })?;
-            tracing::info!(%addr, "health server listening");
-            Some(server)
-        } else {
-            None
-        };
+        let health_server = start_health_server(&config, &health).await?;
 
         Ok(Self {
             router,
@@ -374,6 +343,25 @@ fn fallback_check_route(breaker: Option<Breaker>) -> Router {
             }),
         )
         .route_layer(axum::middleware::from_fn(super::admin::same_site_json))
+}
+
+/// Starts the standalone health server when `health_server.enable` is set.
+async fn start_health_server(
+    config: &GatewayConfig,
+    health: &HealthRegistry,
+) -> Result<Option<HealthServer>, BuildError> {
+    if !config.health_server.enable {
+        return Ok(None);
+    }
+    let mut server = HealthServer::from_config(&config.health_server, health.clone());
+    let addr = server.start().await.map_err(|e| {
+        BuildError(format!(
+            "health_server.listen: cannot bind {}: {e}",
+            config.health_server.listen
+        ))
+    })?;
+    tracing::info!(%addr, "health server listening");
+    Ok(Some(server))
 }
 
 /// Every path prefix the operator router may answer (see [`App::with_data_path`]): the

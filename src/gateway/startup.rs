@@ -12,13 +12,59 @@ use super::proxy::ProxyTo;
 use axum::body::Body;
 use http::{Method, Request};
 use http_body_util::BodyExt;
-use portcullis_admission::{CapacitySource, Endpoints};
+use portcullis_admission::{CapacitySource, EndpointConfig, Endpoints};
 use portcullis_balance::ReplicaRegistry;
 use portcullis_health::Component;
 use portcullis_probe::{ProbeReport, ProbeTransport, Prober, RequestOutcome, SendFuture};
 use portcullis_redis::{RedisCapacity, RedisStorage};
 use std::sync::Arc;
 use tower::Service;
+
+/// Which watched endpoints `probe_on_startup` probes (those without a `capacity`), and the
+/// capacity each watched endpoint starts with.
+#[derive(Debug, Clone)]
+pub(super) struct StartupPlan {
+    paths: Vec<String>,
+    default_capacity: usize,
+}
+
+impl StartupPlan {
+    /// The plan for `config`: no path at all without `probe_on_startup`.
+    pub(super) fn new(config: &GatewayConfig) -> Self {
+        let paths = if config.probe.probe_on_startup {
+            config
+                .admission
+                .endpoints
+                .iter()
+                .filter(|(_, e)| e.capacity.is_none())
+                .map(|(p, _)| p.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            paths,
+            default_capacity: config.default_capacity as usize,
+        }
+    }
+
+    /// The paths to probe, in config order.
+    pub(super) fn paths(&self) -> &[String] {
+        &self.paths
+    }
+
+    /// The capacity the endpoint watching `path` starts with: its configured one, else 0
+    /// while it is probed (its requests wait in the FIFO queue, bounded by
+    /// `queue_timeout`, instead of overloading the backend while it is being measured),
+    /// else `default_capacity`.
+    pub(super) fn initial_capacity(&self, path: &str, ep: &EndpointConfig) -> usize {
+        match ep.capacity {
+            Some(c) => c,
+            None if self.paths.iter().any(|p| p == path) => 0,
+            None => self.default_capacity,
+        }
+    }
+}
 
 /// Sends the endpoint's probe request (method, headers, JSON body from its `endpoints`
 /// entry) to the upstream pool, bypassing admission.
