@@ -9,6 +9,7 @@
 //!  │                        └─ (no route matched) → the data path below
 //!  └─ any other path → the data path (built in super::stack):
 //!       HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
+//!        └─ HoldOnCancel (`on_client_cancel: hold`: a cancelled request keeps its slot)
 //!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
 //!                  ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
 //!                  │              └─ Proxy to the picked upstream (per-thread pool)
