@@ -48,7 +48,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
 use tokio_util::task::AbortOnDropHandle;
 use tower::util::BoxCloneSyncService;
 
@@ -406,38 +405,6 @@ impl std::fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
-/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and gives
-/// in-flight requests up to `drain` to finish. Connections get the default
-/// [`ConnectionLimits`](super::server::ConnectionLimits); [`serve_with_limits`] takes a
-/// config's.
-///
-/// Returns `Ok(true)` when every connection drained in time, `Ok(false)` when the drain
-/// timeout cut some off.
-pub async fn serve(
-    listener: TcpListener,
-    app: impl Into<App>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    drain: Duration,
-) -> std::io::Result<bool> {
-    serve_with_limits(
-        listener,
-        app,
-        shutdown,
-        drain,
-        super::server::ConnectionLimits::default(),
-    )
-    .await
-}
-
-/// [`serve`] with every client connection bounded by `limits`
-/// (`ConnectionLimits::from_config(gateway.config())`): the request-head and idle timeouts
-/// and `max_connections`. See [`server`](super::server) for the behaviour.
-pub async fn serve_with_limits(
-    listener: TcpListener,
-    app: impl Into<App>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    drain: Duration,
-    limits: super::server::ConnectionLimits,
-) -> std::io::Result<bool> {
-    super::server::serve_listener(listener, app, shutdown, drain, limits).await
-}
+/// The in-process server loops, kept under their old path (`gateway::app::serve`); they
+/// live in [`server`](super::server) with the sharded loop.
+pub use super::server::{serve, serve_with_limits};

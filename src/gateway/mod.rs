@@ -17,8 +17,8 @@ pub mod startup;
 pub mod stats;
 pub mod upstream_url;
 
-pub use app::{serve, BuildError, Gateway, GatewayService};
+pub use app::{BuildError, Gateway, GatewayService};
 pub use config::{ConfigError, GatewayConfig};
 pub use front::App;
 pub use proxy::{Proxy, ProxyBody, ProxySettings, ProxyTo, Upstream};
-pub use server::{bind_reuseport, serve_sharded, serve_sharded_watched};
+pub use server::{bind_reuseport, serve, serve_sharded, serve_sharded_watched};

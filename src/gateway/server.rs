@@ -930,6 +930,34 @@ impl http_body::Body for GuardedBody {
     }
 }
 
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and gives
+/// in-flight requests up to `drain` to finish. Connections get the default
+/// [`ConnectionLimits`]; [`serve_with_limits`] takes a config's.
+///
+/// Returns `Ok(true)` when every connection drained in time, `Ok(false)` when the drain
+/// timeout cut some off.
+pub async fn serve(
+    listener: TcpListener,
+    app: impl Into<App>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> std::io::Result<bool> {
+    serve_with_limits(listener, app, shutdown, drain, ConnectionLimits::default()).await
+}
+
+/// [`serve`] with every client connection bounded by `limits`
+/// (`ConnectionLimits::from_config(gateway.config())`): the request-head and idle timeouts
+/// and `max_connections`. See [`server`](self) for the behaviour.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    app: impl Into<App>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
+    limits: ConnectionLimits,
+) -> std::io::Result<bool> {
+    serve_listener(listener, app, shutdown, drain, limits).await
+}
+
 /// Serves `app` on one `listener` (on the current runtime) until `shutdown` resolves,
 /// then stops accepting and gives the open connections up to `drain` to finish; every
 /// connection is bounded by `limits`.
