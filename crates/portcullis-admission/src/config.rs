@@ -157,35 +157,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         ConfigError::require_positive("queue_timeout", self.queue_timeout)?;
         for (path, ep) in &self.endpoints {
-            validate_key(path)
+            crate::pattern::validate_key(path)
                 .map_err(|m| ConfigError::new(path.as_str(), m).within("endpoints"))?;
             ep.validate()
                 .map_err(|e| e.within(path).within("endpoints"))?;
         }
-        Ok(())
-    }
-}
-
-/// An endpoint key: an exact path or a `/*` prefix pattern.
-fn validate_key(key: &str) -> Result<(), &'static str> {
-    if !key.starts_with('/') {
-        return Err("a path must start with `/`");
-    }
-    let Some(prefix) = crate::http::pattern_prefix(key) else {
-        return match key.contains('*') {
-            true => Err(
-                "`*` is only allowed as a trailing `/*` (a prefix pattern such as `/v1/models/*`)",
-            ),
-            false => Ok(()),
-        };
-    };
-    if prefix.contains('*') {
-        Err("`*` is only allowed as a trailing `/*` (a prefix pattern such as `/v1/models/*`)")
-    } else if prefix.is_empty() {
-        Err("a prefix pattern needs a non-empty prefix before `/*` (such as `/v1/*`)")
-    } else if prefix.ends_with('/') {
-        Err("a prefix pattern's prefix must not end with `/` (write `/v1/*`, not `/v1//*`)")
-    } else {
         Ok(())
     }
 }

@@ -120,6 +120,7 @@ pub mod hold;
 pub mod http;
 mod limiter;
 pub mod local;
+mod pattern;
 pub mod source;
 mod stats;
 mod sync;

@@ -1,6 +1,7 @@
 use crate::config::{Config, EndpointConfig};
 use crate::limiter::Limiter;
 use crate::local::LocalCapacity;
+use crate::pattern::{pattern_prefix, under};
 use crate::source::CapacitySource;
 use crate::stats::AdmissionStats;
 use http::Method;
@@ -89,17 +90,6 @@ impl<C> Watched<C> {
     fn accepts(&self, method: &Method) -> bool {
         self.method.as_ref().is_none_or(|m| m == method)
     }
-}
-
-/// The prefix of a pattern key (`/v1/models/*` → `/v1/models`), `None` for an exact key.
-pub(crate) fn pattern_prefix(key: &str) -> Option<&str> {
-    key.strip_suffix("/*")
-}
-
-/// Whether `path` is `prefix` itself or a path under it (on a `/` boundary).
-fn under(path: &str, prefix: &str) -> bool {
-    path.strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 impl<C> Clone for Watched<C> {

@@ -23,7 +23,6 @@ mod layer;
 mod service;
 
 pub use body::AdmissionBody;
-pub(crate) use endpoints::pattern_prefix;
 pub use endpoints::Endpoints;
 pub use future::ResponseFuture;
 pub use layer::HttpAdmissionLayer;
