@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::Router;
 use http::Request;
 use http_body_util::BodyExt;
+use portcullis_testkit::eventually_async;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -97,18 +98,6 @@ async fn upstream_stats(gw: &TestGateway, url: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("{url} not in {stats}"))
 }
 
-/// Waits (bounded) until `cond` holds.
-async fn eventually(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{what}: not within {limit:?}");
-}
-
 fn upstreams_yaml(upstreams: &[(String, bool)]) -> String {
     let mut y = String::from("upstreams:\n");
     for (url, primary) in upstreams {
@@ -143,15 +132,14 @@ async fn an_upstream_path_prefix_is_kept_for_every_request_and_the_health_check(
             .unwrap();
         assert_eq!(send(post).await.0, StatusCode::OK);
     }
-    eventually(
-        "both health checks seen",
-        Duration::from_secs(5),
-        async || {
+    assert!(
+        eventually_async(Duration::from_secs(5), async || {
             seen_a.paths().contains(&"/prefix/healthz".to_owned())
                 && seen_b.paths().contains(&"/deep/er/healthz".to_owned())
-        },
-    )
-    .await;
+        })
+        .await,
+        "both health checks seen: not within 5s"
+    );
     for (seen, prefix) in [(&seen_a, "/prefix"), (&seen_b, "/deep/er")] {
         let paths = seen.paths();
         for p in &paths {
@@ -220,20 +208,22 @@ async fn a_request_that_waited_for_admission_follows_the_breaker_of_when_it_is_s
     // The first request holds the only slot for 1.5 s; the second waits for it.
     let url = gw.url("/slow");
     let first = tokio::spawn(async move { get(&url).await });
-    eventually(
-        "the first request is in",
-        Duration::from_secs(5),
-        async || seen_p.hits.load(Ordering::SeqCst) == 1,
-    )
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(5), async || {
+            seen_p.hits.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "the first request is in: not within 5s"
+    );
     let url = gw.url("/slow");
     let second = tokio::spawn(async move { get(&url).await });
-    eventually(
-        "the second request is queued",
-        Duration::from_secs(5),
-        async || json(&gw.url("/balancer/stats")).await["endpoints"]["/slow"]["queue_depth"] == 1,
-    )
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(5), async || {
+            json(&gw.url("/balancer/stats")).await["endpoints"]["/slow"]["queue_depth"] == 1
+        })
+        .await,
+        "the second request is queued: not within 5s"
+    );
     // Meanwhile the primary fails twice on an unwatched path: the breaker trips.
     seen_p.failing.store(true, Ordering::SeqCst);
     for _ in 0..2 {
@@ -302,12 +292,13 @@ async fn the_503s_carry_the_documented_retry_after() {
         upstreams_yaml(&[(be.url(), true)])
     ))
     .await;
-    eventually(
-        "the upstream is marked down",
-        Duration::from_secs(5),
-        async || upstream_stats(&gw, &be.url()).await["healthy"] == false,
-    )
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(5), async || {
+            upstream_stats(&gw, &be.url()).await["healthy"] == false
+        })
+        .await,
+        "the upstream is marked down: not within 5s"
+    );
     // An unwatched path: the next health check is the soonest a replica can return,
     // health_check_interval rounded up to whole seconds.
     let (status, headers, body) = get(&gw.url("/other")).await;
@@ -369,11 +360,12 @@ async fn a_replica_added_at_run_time_gets_traffic_only_after_its_first_good_chec
     assert_eq!(seen_new.hits.load(Ordering::SeqCst), 0);
     // One good check (of recovery_threshold 3) lets it in.
     seen_new.sick.store(false, Ordering::SeqCst);
-    eventually(
-        "the new replica is served",
-        Duration::from_secs(5),
-        async || get(&gw.url("/work")).await.2 == "new",
-    )
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(5), async || {
+            get(&gw.url("/work")).await.2 == "new"
+        })
+        .await,
+        "the new replica is served: not within 5s"
+    );
     assert_eq!(stats().await["status"], "healthy");
 }

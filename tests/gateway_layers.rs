@@ -12,6 +12,7 @@ use axum::routing::{any, get};
 use axum::Router;
 use http::Request;
 use http_body_util::BodyExt;
+use portcullis_testkit::eventually_async;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,18 +95,6 @@ async fn stats(gw: &TestGateway) -> serde_json::Value {
     get_status(&gw.url("/balancer/stats")).await.1
 }
 
-/// Waits (bounded) until `cond` holds.
-async fn eventually(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{what}: not within {limit:?}");
-}
-
 /// One client task per URL, each sending `per_client` requests one after the other; every
 /// status, in no particular order.
 async fn concurrent_clients(urls: Vec<String>, per_client: usize) -> Vec<StatusCode> {
@@ -164,12 +153,13 @@ async fn queue_timeout_answers_504_json_and_unwatched_paths_pass_uncounted() {
         let url = gw.url("/work");
         async move { get_status(&url).await.0 }
     });
-    eventually(
-        "the first request holds the slot",
-        Duration::from_secs(5),
-        async || meter.now.load(Ordering::SeqCst) == 1,
-    )
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(5), async || {
+            meter.now.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "the first request holds the slot: not within 5s"
+    );
     let t0 = Instant::now();
     let (code, body, _) = get_status(&gw.url("/work")).await;
     let waited = t0.elapsed();
@@ -200,19 +190,23 @@ async fn sick_replica_stops_getting_traffic_and_all_sick_is_503_and_not_ready() 
     let cfg = yaml(&[&a, &b], "endpoints:\n  /work: {capacity: 4}\n")
         .replace("primary: false", "primary: true");
     let gw = TestGateway::start(&cfg).await;
-    eventually("ready", Duration::from_secs(5), async || {
-        get_status(&gw.url("/readyz")).await.0 == StatusCode::OK
-    })
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(5), async || {
+            get_status(&gw.url("/readyz")).await.0 == StatusCode::OK
+        })
+        .await,
+        "ready: not within 5s"
+    );
 
     ma.sick.store(true, Ordering::SeqCst);
     // failure_threshold × interval + timeout + interval = 0.2 + 0.5 + 0.1 s.
-    eventually(
-        "a is marked unhealthy",
-        Duration::from_secs(3),
-        async || stats(&gw).await["upstreams"][0]["healthy"] == false,
-    )
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(3), async || {
+            stats(&gw).await["upstreams"][0]["healthy"] == false
+        })
+        .await,
+        "a is marked unhealthy: not within 3s"
+    );
     let before = ma.hits.load(Ordering::SeqCst);
     for _ in 0..20 {
         assert_eq!(get_status(&gw.url("/work")).await.0, StatusCode::OK);
@@ -225,10 +219,13 @@ async fn sick_replica_stops_getting_traffic_and_all_sick_is_503_and_not_ready() 
     assert!(mb.hits.load(Ordering::SeqCst) >= 20);
 
     mb.sick.store(true, Ordering::SeqCst);
-    eventually("not ready", Duration::from_secs(3), async || {
-        get_status(&gw.url("/readyz")).await.0 == StatusCode::SERVICE_UNAVAILABLE
-    })
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(3), async || {
+            get_status(&gw.url("/readyz")).await.0 == StatusCode::SERVICE_UNAVAILABLE
+        })
+        .await,
+        "not ready: not within 3s"
+    );
     let (_, body, _) = get_status(&gw.url("/readyz")).await;
     assert_eq!(body["status"], "not_ready");
     assert_eq!(body["failing"], serde_json::json!(["upstreams"]));
@@ -247,10 +244,13 @@ async fn sick_replica_stops_getting_traffic_and_all_sick_is_503_and_not_ready() 
 
     // Recovery after recovery_threshold good probes.
     ma.sick.store(false, Ordering::SeqCst);
-    eventually("ready again", Duration::from_secs(3), async || {
-        get_status(&gw.url("/readyz")).await.0 == StatusCode::OK
-    })
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(3), async || {
+            get_status(&gw.url("/readyz")).await.0 == StatusCode::OK
+        })
+        .await,
+        "ready again: not within 3s"
+    );
     let before = ma.hits.load(Ordering::SeqCst);
     assert_eq!(get_status(&gw.url("/work")).await.0, StatusCode::OK);
     assert_eq!(ma.hits.load(Ordering::SeqCst), before + 1);
@@ -415,10 +415,13 @@ async fn credentials_protect_stats_metrics_and_ui_but_not_probes() {
     }
     for path in ["/healthz", "/readyz"] {
         let url = gw.url(path);
-        eventually(path, Duration::from_secs(3), async || {
-            get_status(&url).await.0 == StatusCode::OK
-        })
-        .await;
+        assert!(
+            eventually_async(Duration::from_secs(3), async || {
+                get_status(&url).await.0 == StatusCode::OK
+            })
+            .await,
+            "{path}: not within 3s"
+        );
     }
 }
 
@@ -459,10 +462,13 @@ async fn probe_on_startup_sets_the_capacity_and_gates_readiness() {
             "{body}"
         );
     }
-    eventually("startup probe done", Duration::from_secs(30), async || {
-        get_status(&gw.url("/readyz")).await.0 == StatusCode::OK
-    })
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(30), async || {
+            get_status(&gw.url("/readyz")).await.0 == StatusCode::OK
+        })
+        .await,
+        "startup probe done: not within 30s"
+    );
     let s = stats(&gw).await;
     let cap = s["endpoints"]["/work"]["capacity"].as_u64().unwrap();
     assert!((5..=7).contains(&cap), "probed capacity {cap}, knee 6");
@@ -491,27 +497,27 @@ async fn standalone_health_server_serves_the_same_probes() {
         .expect("health server running");
     assert!(addr.ip().is_loopback());
     let ready = format!("http://{addr}/readyz");
-    eventually(
-        "ready on the health server",
-        Duration::from_secs(3),
-        async || get_status(&ready).await.0 == StatusCode::OK,
-    )
-    .await;
+    assert!(
+        eventually_async(Duration::from_secs(3), async || {
+            get_status(&ready).await.0 == StatusCode::OK
+        })
+        .await,
+        "ready on the health server: not within 3s"
+    );
     assert_eq!(
         get_status(&format!("http://{addr}/healthz")).await.0,
         StatusCode::OK
     );
     meter.sick.store(true, Ordering::SeqCst);
-    eventually(
-        "not ready on the health server",
-        Duration::from_secs(3),
-        async || {
+    assert!(
+        eventually_async(Duration::from_secs(3), async || {
             let (code, body, _) = get_status(&ready).await;
             code == StatusCode::SERVICE_UNAVAILABLE
                 && body["failing"] == serde_json::json!(["upstreams"])
-        },
-    )
-    .await;
+        })
+        .await,
+        "not ready on the health server: not within 3s"
+    );
     // Only the probe routes live there.
     assert_eq!(
         get_status(&format!("http://{addr}/balancer/stats")).await.0,
@@ -564,15 +570,14 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["replicas"].as_array().unwrap().len(), 2, "{body}");
     // b starts unknown: it gets traffic once its first health check passed (0.1 s interval).
-    eventually(
-        "b passes its first check",
-        Duration::from_secs(5),
-        async || {
+    assert!(
+        eventually_async(Duration::from_secs(5), async || {
             let (_, s) = as_operator(Request::get(gw.url("/balancer/stats")), "").await;
             s["upstreams"][1]["healthy"] == true
-        },
-    )
-    .await;
+        })
+        .await,
+        "b passes its first check: not within 5s"
+    );
     // b is primary, a is not: new requests go to b.
     let before = mb.hits.load(Ordering::SeqCst);
     for _ in 0..5 {

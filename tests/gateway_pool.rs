@@ -8,6 +8,7 @@ use axum::body::{Body, Bytes};
 use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use portcullis_testkit::eventually;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -160,17 +161,6 @@ async fn get(gw: &TestGateway, path: &str) -> (u16, Result<Bytes, String>) {
     (status, body)
 }
 
-/// Waits up to 5 s for `cond`.
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    for _ in 0..100 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("not within 5 s: {what}");
-}
-
 #[tokio::test]
 async fn pooled_connections_are_reused_up_to_the_concurrency() {
     let be = CountingBackend::start().await;
@@ -228,7 +218,10 @@ async fn a_broken_connection_is_never_reused() {
     // The upstream drops its idle connections: the next request is not sent on a dead one
     // (no 502), it opens a new connection.
     be.kill_connections();
-    eventually("the backend dropped its connections", || be.open() == 0).await;
+    assert!(
+        eventually(Duration::from_secs(5), || be.open() == 0).await,
+        "not within 5 s: the backend dropped its connections"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(get(&gw, "/ok").await, (200, Ok(Bytes::from_static(b"ok"))));
     assert_eq!(be.proxied(), 3);
@@ -245,7 +238,10 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(get(&gw, "/ok").await.0, 200);
     assert_eq!((be.proxied(), be.open()), (1, 1));
     // Closed by the gateway once idle for 0.3 s.
-    eventually("the idle connection was closed", || be.open() == 0).await;
+    assert!(
+        eventually(Duration::from_secs(5), || be.open() == 0).await,
+        "not within 5 s: the idle connection was closed"
+    );
     assert_eq!(get(&gw, "/ok").await.0, 200);
     assert_eq!((be.proxied(), be.open()), (2, 1));
 }
@@ -268,10 +264,10 @@ async fn upstream_max_idle_bounds_the_idle_connections() {
         5,
         "five concurrent requests, five connections"
     );
-    eventually("only upstream_max_idle connections stay open", || {
-        be.open() == 2
-    })
-    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || be.open() == 2).await,
+        "not within 5 s: only upstream_max_idle connections stay open"
+    );
 }
 
 #[tokio::test]
@@ -306,5 +302,8 @@ async fn drain_finishes_requests_on_pooled_connections_then_closes_them() {
     // The gateway going away closes its pooled upstream connections.
     let TestGateway { gateway, .. } = gw;
     drop(gateway);
-    eventually("the pooled connections were closed", || be.open() == 0).await;
+    assert!(
+        eventually(Duration::from_secs(5), || be.open() == 0).await,
+        "not within 5 s: the pooled connections were closed"
+    );
 }

@@ -23,6 +23,7 @@ use axum::routing::{any, get};
 use axum::Router;
 use http_body_util::BodyExt;
 use portcullis_redis::testing::RedisServer;
+use portcullis_testkit::eventually_async;
 use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -510,24 +511,6 @@ fn holders_sum(redis: &RedisServer) -> u64 {
         .sum()
 }
 
-/// Polls `check` every 50 ms until it holds or `limit` passes; returns whether it held.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// After the load: every process reports no active or queued request, and Redis holds no
 /// slot (the global count is back to 0).
 async fn assert_settled(
@@ -536,7 +519,7 @@ async fn assert_settled(
     gateways: &[&GatewayProcess],
     limit: Duration,
 ) {
-    let settled = eventually(limit, || async {
+    let settled = eventually_async(limit, || async {
         for g in gateways {
             if g.work_stat(client, "active_requests").await != 0
                 || g.work_stat(client, "queue_depth").await != 0
@@ -680,7 +663,7 @@ async fn sigkill_reclaims_slots_within_lease_ttl() {
             })
             .collect();
         assert!(
-            eventually(Duration::from_secs(10), || async {
+            eventually_async(Duration::from_secs(10), || async {
                 backend.counters.holding.load(Ordering::SeqCst) == CAPACITY
             })
             .await,
@@ -704,7 +687,7 @@ async fn sigkill_reclaims_slots_within_lease_ttl() {
         let killed = Instant::now();
         gateways[0].kill();
         let bound = lease_ttl + heartbeat + margin;
-        let full = eventually(bound, || async {
+        let full = eventually_async(bound, || async {
             backend.counters.inflight.load(Ordering::SeqCst) >= CAPACITY
         })
         .await;
@@ -995,7 +978,7 @@ async fn probe_on_startup_late_process_waits_for_the_probe() {
         let template = probe_config(&backend, &redis);
         let mut first = GatewayProcess::spawn(&dir, "first", &template);
         assert!(
-            eventually(READY_LIMIT, || async {
+            eventually_async(READY_LIMIT, || async {
                 first.log().contains("probing capacity")
             })
             .await,

@@ -5,6 +5,7 @@ mod support;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use portcullis_admission::HttpAdmissionLayer;
+use portcullis_testkit::eventually;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;

@@ -161,6 +161,7 @@ mod tests {
     use crate::config::OnError;
     use crate::testing::RedisServer;
     use portcullis_admission::CapacitySource;
+    use portcullis_testkit::eventually;
     use std::time::Duration;
 
     fn holders(server: &RedisServer, endpoint: &str) -> usize {
@@ -168,16 +169,6 @@ mod tests {
         out.lines()
             .filter_map(|l| l.trim().parse::<usize>().ok())
             .sum()
-    }
-
-    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
-        for _ in 0..200 {
-            if f() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        f()
     }
 
     /// Runs `during` inside the window between the recovery's re-register and the end of an
@@ -198,10 +189,12 @@ mod tests {
         assert!(src.is_degraded());
         during.await;
         resume.send(()).unwrap();
-        assert!(eventually(|| !src.is_degraded()).await);
+        assert!(eventually(Duration::from_secs(2), || !src.is_degraded()).await);
         let endpoint = src.endpoint().to_owned();
         assert!(
-            eventually(|| holders(server, &endpoint) == src.held_locally()).await,
+            eventually(Duration::from_secs(2), || holders(server, &endpoint)
+                == src.held_locally())
+            .await,
             "redis counts {} slots, this process holds {}",
             holders(server, &endpoint),
             src.held_locally()
@@ -235,7 +228,7 @@ mod tests {
         let settled = Arc::clone(src.shared());
         in_recovery_window(&server, &storage, &hook, &src, async move {
             drop(p1);
-            assert!(eventually(|| settled.slots.held() == 1).await);
+            assert!(eventually(Duration::from_secs(2), || settled.slots.held() == 1).await);
         })
         .await;
         assert_eq!(holders(&server, "/window"), 1);
@@ -252,7 +245,7 @@ mod tests {
         assert_eq!(holders(&server, "/window"), 2);
 
         drop((p2, p3));
-        assert!(eventually(|| holders(&server, "/window") == 0).await);
+        assert!(eventually(Duration::from_secs(2), || holders(&server, "/window") == 0).await);
         assert_eq!(src.held_locally(), 0);
     }
 }

@@ -6,6 +6,7 @@
 use portcullis_admission::{AcquireError, CapacitySource};
 use portcullis_redis::testing::{RedisCluster, RedisServer};
 use portcullis_redis::{OnError, RedisCapacity, RedisStorage, StorageConfig};
+use portcullis_testkit::eventually;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,18 +15,6 @@ async fn storage(url: &str, tweak: impl FnOnce(&mut StorageConfig)) -> RedisStor
     let mut c = StorageConfig::redis(url);
     tweak(&mut c);
     RedisStorage::connect(&c).await.expect("connect")
-}
-
-/// Waits until `f` holds, up to `within`.
-async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
 }
 
 /// Waits (up to `within`) until Redis counts no slot of `endpoint`.

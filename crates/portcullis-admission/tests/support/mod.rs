@@ -210,20 +210,6 @@ pub async fn get_full(
     (status, headers, body)
 }
 
-/// Polls `cond` every 5 ms for up to `within`.
-pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if cond() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 pub fn config(json: serde_json::Value) -> portcullis_admission::Config {
     serde_json::from_value(json).unwrap()
 }
