@@ -149,37 +149,21 @@ pub(crate) enum AdmitError<E, Req> {
 
 /// An admitted request's slot: dropping it releases the slot (for a slot shared with a
 /// [`HoldOnCancel`](crate::hold::HoldOnCancel) below, when the last holder drops it).
-///
-/// While it lives, the request counts in its endpoint's `local_active`.
 pub struct AdmissionSlot<C: CapacitySource> {
     inner: SlotRef<C>,
 }
 
 enum SlotRef<C: CapacitySource> {
-    Owned(Granted<C>),
-    Shared { _share: Arc<Granted<C>> },
+    /// The common case: the permit alone, no allocation.
+    Owned(#[allow(dead_code)] C::Permit),
+    /// Shared with the request's [`HeldSlot`].
+    Shared(#[allow(dead_code)] Arc<Granted<C>>),
 }
 
-/// A granted permit and the limiter that counts it.
+/// A permit shared with a [`HeldSlot`], and the limiter whose hold counters it reports to.
 pub(crate) struct Granted<C: CapacitySource> {
     _permit: C::Permit,
     limiter: Arc<Limiter<C>>,
-}
-
-impl<C: CapacitySource> Granted<C> {
-    fn new(permit: C::Permit, limiter: Arc<Limiter<C>>) -> Self {
-        limiter.metrics.slot_taken();
-        Self {
-            _permit: permit,
-            limiter,
-        }
-    }
-}
-
-impl<C: CapacitySource> Drop for Granted<C> {
-    fn drop(&mut self) {
-        self.limiter.metrics.slot_returned();
-    }
 }
 
 impl<C: CapacitySource> HoldCounter for Granted<C> {
@@ -201,16 +185,18 @@ impl<C: CapacitySource> AdmissionSlot<C> {
         attach: Option<Attach<Req>>,
         req: &mut Req,
     ) -> Self {
-        let granted = Granted::new(permit, Arc::clone(limiter));
         let inner = match attach {
-            None => SlotRef::Owned(granted),
+            None => SlotRef::Owned(permit),
             Some(attach) => {
-                let shared = Arc::new(granted);
+                let shared = Arc::new(Granted {
+                    _permit: permit,
+                    limiter: Arc::clone(limiter),
+                });
                 attach(
                     req,
                     HeldSlot::new(Arc::clone(&shared) as Arc<dyn HoldCounter>),
                 );
-                SlotRef::Shared { _share: shared }
+                SlotRef::Shared(shared)
             }
         };
         Self { inner }
@@ -219,7 +205,7 @@ impl<C: CapacitySource> AdmissionSlot<C> {
 
 impl<C: CapacitySource> fmt::Debug for AdmissionSlot<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shared = matches!(self.inner, SlotRef::Shared { .. });
+        let shared = matches!(self.inner, SlotRef::Shared(_));
         f.debug_struct("AdmissionSlot")
             .field("shared_with_hold", &shared)
             .finish()

@@ -380,11 +380,7 @@ where
             return Poll::Ready(None);
         };
         let frame = ready!(held.body.as_mut().poll_frame(cx));
-        let ended = match &frame {
-            Some(Ok(_)) => held.body.is_end_stream(),
-            None | Some(Err(_)) => true,
-        };
-        if ended {
+        if crate::http::ends_body(&frame, &*held.body) {
             // The response is complete: drop the share now, nothing is left to hold.
             this.held.take();
         }

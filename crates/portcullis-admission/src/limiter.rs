@@ -112,7 +112,7 @@ impl<C: CapacitySource> Limiter<C> {
             rejected_503: m.rejected_503.load(Ordering::Relaxed),
             timed_out_504: m.timed_out_504.load(Ordering::Relaxed),
             cancelled: m.cancelled.load(Ordering::Relaxed),
-            local_active: m.local_active.load(Ordering::Relaxed),
+            local_active: self.source.local_active(),
             held_after_cancel: m.held_after_cancel.load(Ordering::Relaxed),
             held_cut: m.held_cut.load(Ordering::Relaxed),
             queue_wait: m.queue_wait(),

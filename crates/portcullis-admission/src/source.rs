@@ -142,6 +142,13 @@ pub trait CapacitySource: Send + Sync + 'static {
     /// [`capacity`](CapacitySource::capacity) for a while after a shrink).
     fn active(&self) -> usize;
 
+    /// Slots held by this process now (no I/O). Equal to [`active`](Self::active) for an
+    /// in-process source, the default; a shared source returns its own share, which is what
+    /// may be summed across processes.
+    fn local_active(&self) -> usize {
+        self.active()
+    }
+
     /// The number of callers currently waiting for a slot in this source's queue (no I/O).
     fn queue_depth(&self) -> usize;
 
@@ -169,6 +176,9 @@ impl<C: CapacitySource + ?Sized> CapacitySource for Arc<C> {
     }
     fn active(&self) -> usize {
         (**self).active()
+    }
+    fn local_active(&self) -> usize {
+        (**self).local_active()
     }
     fn queue_depth(&self) -> usize {
         (**self).queue_depth()

@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds, inclusive) of the queue-wait histogram buckets; a last, implicit
@@ -25,8 +25,6 @@ pub(crate) struct Metrics {
     pub(crate) rejected_503: AtomicU64,
     pub(crate) timed_out_504: AtomicU64,
     pub(crate) cancelled: AtomicU64,
-    /// Slots granted by this process and not yet released.
-    pub(crate) local_active: AtomicUsize,
     /// Requests whose client went away and that were held to their end.
     pub(crate) held_after_cancel: AtomicU64,
     /// Held requests cut off at the hold time limit.
@@ -59,16 +57,6 @@ impl Metrics {
 
     pub(crate) fn timed_out(&self) {
         self.timed_out_504.fetch_add(1, Ordering::Relaxed);
-    }
-
-    #[inline]
-    pub(crate) fn slot_taken(&self) {
-        self.local_active.fetch_add(1, Ordering::Relaxed);
-    }
-
-    #[inline]
-    pub(crate) fn slot_returned(&self) {
-        self.local_active.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub(crate) fn held_after_cancel(&self) {

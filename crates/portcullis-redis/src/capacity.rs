@@ -283,6 +283,11 @@ impl CapacitySource for RedisCapacity {
         }
     }
 
+    /// The slots this process holds (its share of `active`).
+    fn local_active(&self) -> usize {
+        self.held_locally()
+    }
+
     fn queue_depth(&self) -> usize {
         self.parts.shared.queued.load(Ordering::Acquire) + self.parts.shared.fallback.queue_depth()
     }

@@ -40,11 +40,7 @@ impl<B: Body, P> Body for AdmissionBody<B, P> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let ended = match &frame {
-            Some(Ok(_)) => this.inner.is_end_stream(),
-            None | Some(Err(_)) => true,
-        };
-        if ended {
+        if ends_body(&frame, &*this.inner) {
             this.permit.take();
         }
         Poll::Ready(frame)
@@ -65,5 +61,17 @@ impl<B: fmt::Debug, P> fmt::Debug for AdmissionBody<B, P> {
             .field("inner", &self.inner)
             .field("holds_slot", &self.permit.is_some())
             .finish()
+    }
+}
+
+/// Whether `frame`, just read from `body`, is its last: the end (`None`), an error, or a
+/// frame after which the body reports its end.
+pub(crate) fn ends_body<B: Body + ?Sized>(
+    frame: &Option<Result<Frame<B::Data>, B::Error>>,
+    body: &B,
+) -> bool {
+    match frame {
+        Some(Ok(_)) => body.is_end_stream(),
+        None | Some(Err(_)) => true,
     }
 }

@@ -22,6 +22,7 @@ mod future;
 mod layer;
 mod service;
 
+pub(crate) use body::ends_body;
 pub use body::AdmissionBody;
 pub use endpoints::Endpoints;
 pub use future::ResponseFuture;
