@@ -837,6 +837,11 @@ mod tests {
             ),
             ("queue_timeout: -1\n", "queue_timeout", Some(1)),
             (
+                "upstreams:\n  - {url: http://a:1}\nuneject_on_active_check: maybe\n",
+                "uneject_on_active_check",
+                Some(3),
+            ),
+            (
                 "upstreams:\n  - {url: http://a:1}\non_client_cancel: sometimes\n",
                 "on_client_cancel",
                 Some(3),
