@@ -46,6 +46,8 @@ pub struct BreakerBuilder {
     config: Config,
     primary_target: String,
     fallback_target: Option<String>,
+    /// `fallback_target(None)` was called: no fallback, even when a layer is given one.
+    fallback_off: bool,
     health_endpoint: String,
     probe: Option<Arc<dyn Probe>>,
 }
@@ -56,6 +58,7 @@ impl fmt::Debug for BreakerBuilder {
             .field("config", &self.config)
             .field("primary_target", &self.primary_target)
             .field("fallback_target", &self.fallback_target)
+            .field("fallback_off", &self.fallback_off)
             .field("health_endpoint", &self.health_endpoint)
             .field("probe", &self.probe.as_ref().map(|_| ".."))
             .finish()
@@ -70,9 +73,20 @@ impl BreakerBuilder {
         self
     }
 
-    /// The fallback's probe target; also what makes a fallback "configured". Defaults to
-    /// `config.url`. `None`: no fallback (the breaker never routes to it).
+    /// The fallback's probe target (what [`Breaker::force_health_check`] probes besides the
+    /// primary). Defaults to `config.url`.
+    ///
+    /// `Some(target)` configures a fallback at once. An explicit `None` turns the fallback
+    /// off: the breaker never routes to it, even when a layer is given a fallback service,
+    /// and a trip only reports `primary_unhealthy`.
+    ///
+    /// Without this call and without `config.url`, the fallback is configured by the first
+    /// [`FallbackLayer`](crate::FallbackLayer), [`HttpFallbackLayer`](crate::HttpFallbackLayer),
+    /// [`Fallback`](crate::Fallback) or [`HttpFallback`](crate::HttpFallback) built with this
+    /// breaker: a fallback *service* is a fallback, whether or not it has a URL (an
+    /// in-process fallback). Only its URL probe is then missing from `force_health_check`.
     pub fn fallback_target(mut self, target: Option<String>) -> Self {
+        self.fallback_off = target.is_none();
         self.fallback_target = target;
         self
     }
@@ -104,7 +118,8 @@ impl BreakerBuilder {
         });
         let wake = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
-            has_fallback: self.fallback_target.is_some(),
+            has_fallback: AtomicBool::new(self.fallback_target.is_some()),
+            fallback_off: self.fallback_off,
             primary_target: self.primary_target.into(),
             fallback_target: self.fallback_target.map(Into::into),
             policy: RetryPolicy::of(&self.config),
@@ -143,7 +158,11 @@ impl BreakerBuilder {
 pub(crate) struct Shared {
     config: Config,
     policy: RetryPolicy,
-    has_fallback: bool,
+    /// A fallback is configured: a target was given, or a fallback service was attached
+    /// ([`Breaker::attach_fallback`]).
+    has_fallback: AtomicBool,
+    /// The builder turned the fallback off: attaching a service does not configure one.
+    fallback_off: bool,
     primary_target: Arc<str>,
     fallback_target: Option<Arc<str>>,
     probe: Arc<dyn Probe>,
@@ -316,6 +335,10 @@ impl Shared {
         self.tripped_at.load(Ordering::Acquire) != 0
     }
 
+    fn has_fallback(&self) -> bool {
+        self.has_fallback.load(Ordering::Acquire)
+    }
+
     pub(crate) fn config(&self) -> &Config {
         &self.config
     }
@@ -340,7 +363,7 @@ impl Shared {
         self.recovery_successes.store(0, Ordering::Relaxed);
         self.half_open_counter.store(0, Ordering::Relaxed);
         self.warned_fallback_failing.store(false, Ordering::Relaxed);
-        if self.has_fallback {
+        if self.has_fallback() {
             inc(&self.counters.fallback_engaged);
             tracing::warn!(
                 consecutive_failures = failures,
@@ -379,7 +402,7 @@ impl Shared {
         self.failures.store(0, Ordering::Relaxed);
         self.recovery_successes.store(0, Ordering::Relaxed);
         let held = self.age(tag).as_secs_f64();
-        if self.has_fallback {
+        if self.has_fallback() {
             inc(&self.counters.recovered);
             tracing::info!(
                 primary = %self.primary_target,
@@ -479,6 +502,7 @@ impl Breaker {
     pub fn builder(config: Config) -> BreakerBuilder {
         BreakerBuilder {
             fallback_target: config.url.clone(),
+            fallback_off: false,
             config,
             primary_target: "primary".into(),
             health_endpoint: "/healthz".into(),
@@ -504,14 +528,32 @@ impl Breaker {
         &self.shared.config
     }
 
-    /// `true` when a fallback is configured.
+    /// `true` when a fallback is configured: a fallback target was given (`config.url` or
+    /// [`BreakerBuilder::fallback_target`]), or a fallback service was given to a layer or
+    /// service built with this breaker (unless the builder turned the fallback off).
     pub fn has_fallback(&self) -> bool {
-        self.shared.has_fallback
+        self.shared.has_fallback()
+    }
+
+    /// Records that a fallback service routes with this breaker, which configures the
+    /// fallback (see [`BreakerBuilder::fallback_target`]). Called by the constructors of
+    /// every fallback layer and service.
+    pub(crate) fn attach_fallback(&self) {
+        let s = &self.shared;
+        if s.fallback_off || s.has_fallback() {
+            return;
+        }
+        if !s.has_fallback.swap(true, Ordering::AcqRel) {
+            tracing::debug!(
+                primary = %s.primary_target,
+                "fallback service attached: the breaker routes to it once tripped"
+            );
+        }
     }
 
     /// The current state (one atomic load).
     pub fn state(&self) -> BreakerState {
-        match (self.shared.is_tripped(), self.shared.has_fallback) {
+        match (self.shared.is_tripped(), self.shared.has_fallback()) {
             (false, _) => BreakerState::Normal,
             (true, true) => BreakerState::Fallback,
             (true, false) => BreakerState::PrimaryUnhealthy,
@@ -531,7 +573,7 @@ impl Breaker {
     #[inline]
     pub(crate) fn route(&self) -> Route {
         let tag = self.shared.tripped_at.load(Ordering::Acquire);
-        if tag == 0 || !self.shared.has_fallback {
+        if tag == 0 || !self.shared.has_fallback() {
             return Route::Primary;
         }
         self.route_tripped(tag)
@@ -563,7 +605,7 @@ impl Breaker {
         let s = &self.shared;
         let tag = s.tripped_at.load(Ordering::Acquire);
         if tag != 0 {
-            if !s.has_fallback {
+            if !s.has_fallback() {
                 s.recover(tag, "a live request to the primary succeeded");
             }
             return;
@@ -633,7 +675,7 @@ impl Breaker {
             },
             active_url: active_url.to_owned(),
             using_fallback,
-            fallback_configured: s.has_fallback,
+            fallback_configured: s.has_fallback(),
             consecutive_failures: s.failures.load(Ordering::Relaxed),
             failure_threshold: s.config.failure_threshold,
             consecutive_recovery_successes: s.recovery_successes.load(Ordering::Relaxed),
@@ -699,6 +741,6 @@ impl Breaker {
 /// (and configured). `false` only in `primary_unhealthy` (tripped with no fallback).
 impl HealthSource for Breaker {
     fn can_serve(&self) -> bool {
-        !self.shared.is_tripped() || self.shared.has_fallback
+        !self.shared.is_tripped() || self.shared.has_fallback()
     }
 }

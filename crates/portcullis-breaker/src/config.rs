@@ -3,7 +3,7 @@
 //!
 //! ```yaml
 //! fallback:
-//!   url: http://10.0.0.9:8000        # optional; absent = no fallback (log once, keep primary)
+//!   url: http://10.0.0.9:8000        # optional: the fallback's URL (see `Config::url`)
 //!   failure_threshold: 2             # consecutive failed primary responses that engage it
 //!   recheck_interval: 60             # seconds between background probes while engaged
 //!   min_fallback_duration: 30        # seconds on the fallback before recovery is allowed
@@ -27,9 +27,16 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Base URL of the fallback (`http://host:port[/prefix]`). `None`: no fallback; after
-    /// `failure_threshold` failures the breaker logs once, keeps using the primary and reports
-    /// `primary_unhealthy`.
+    /// Base URL of the fallback (`http://host:port[/prefix]`), probed by
+    /// [`Breaker::force_health_check`](crate::Breaker::force_health_check) and, in the
+    /// example gateway, proxied to.
+    ///
+    /// Only URL probing needs it. A fallback *service* handed to a layer
+    /// ([`HttpFallbackLayer::new`](crate::HttpFallbackLayer::new) and the others) is a
+    /// configured fallback with or without a `url`, so an in-process fallback works with
+    /// `None`. With `None` and no fallback service (the gateway's `fallback:` section without
+    /// `url`), after `failure_threshold` failures the breaker logs once, keeps using the
+    /// primary and reports `primary_unhealthy`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Consecutive failed primary responses that engage the fallback (default 2).
@@ -77,8 +84,10 @@ impl Default for Config {
 
 impl Config {
     /// Checks what serde cannot: thresholds at least 1, a non-zero `recheck_interval` and
-    /// `probe_timeout`, `half_open.one_in` at least 1, an `http://` fallback URL. The error
-    /// names the field relative to this section (`url`, `half_open.one_in`).
+    /// `probe_timeout`, `half_open.one_in` at least 1, an `http://` fallback URL when one is
+    /// set. A missing `url` is valid (an in-process fallback needs none; see
+    /// [`url`](Self::url)). The error names the field relative to this section (`url`,
+    /// `half_open.one_in`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let at_least_one = [
             ("failure_threshold", self.failure_threshold),
@@ -263,5 +272,20 @@ mod tests {
         };
         assert_eq!(c.validate().unwrap_err().field, "half_open.one_in");
         assert!(Config::default().validate().is_ok());
+    }
+
+    /// An in-process fallback needs no URL: a config without one, with every other knob
+    /// set, is valid.
+    #[test]
+    fn a_fallback_without_url_is_valid() {
+        let c = Config {
+            url: None,
+            half_open: HalfOpenConfig {
+                enabled: true,
+                one_in: 3,
+            },
+            ..Config::default()
+        };
+        assert_eq!(c.validate(), Ok(()));
     }
 }

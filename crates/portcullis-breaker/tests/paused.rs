@@ -353,13 +353,15 @@ async fn no_fallback_configured_keeps_the_primary_and_logs_once() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let probe = Scripted::new(&[], false);
-    let b = breaker(
-        Config {
-            url: None,
-            ..config(0.0, 2)
-        },
-        &probe,
-    );
+    // No fallback: turned off in the builder, so the service the layer is given is unused.
+    let b = Breaker::builder(Config {
+        url: None,
+        ..config(0.0, 2)
+    })
+    .primary_target("primary")
+    .fallback_target(None)
+    .probe(ScriptedProbe(probe.clone()))
+    .build();
     assert!(!b.has_fallback());
     let fail = Arc::new(AtomicBool::new(true));
     let primary_calls = Arc::new(AtomicUsize::new(0));
@@ -409,6 +411,35 @@ async fn no_fallback_configured_keeps_the_primary_and_logs_once() {
     assert_eq!(b.counters().fallback_engaged, 0);
     assert_eq!(fallback_calls.load(Ordering::SeqCst), 0);
     assert_eq!(logs.count("no fallback is configured"), 1);
+}
+
+/// Without `url`, the fallback service given to the layer is the fallback: the breaker
+/// engages it after `failure_threshold` failures (no `primary_unhealthy`).
+#[tokio::test(start_paused = true)]
+async fn a_fallback_service_without_url_engages() {
+    let probe = Scripted::new(&[], false);
+    let b = breaker(
+        Config {
+            url: None,
+            ..config(0.0, 2)
+        },
+        &probe,
+    );
+    assert!(!b.has_fallback(), "no fallback before a layer is given one");
+    let primary = service_fn(|_: u32| async { Err::<&'static str, BoxError>("down".into()) });
+    let fallback = service_fn(|_: u32| async { Ok::<_, Infallible>("fallback") });
+    let svc = FallbackLayer::new(fallback, b.clone()).layer(primary);
+    assert!(b.has_fallback());
+
+    assert!(svc.clone().oneshot(1).await.is_err());
+    assert!(svc.clone().oneshot(2).await.is_err());
+    assert_eq!(b.state(), BreakerState::Fallback);
+    assert_eq!(svc.clone().oneshot(3).await.unwrap(), "fallback");
+    let snap = b.status_snapshot();
+    assert!(snap.fallback_configured && snap.using_fallback);
+    assert_eq!(snap.counters.fallback_engaged, 1);
+    assert_eq!(snap.counters.primary_unhealthy, 0);
+    assert!(b.can_serve());
 }
 
 #[tokio::test(start_paused = true)]

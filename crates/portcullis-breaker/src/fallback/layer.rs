@@ -14,7 +14,10 @@ pub struct FallbackLayer<F, C = ErrorsAsFailures> {
 
 impl<F> FallbackLayer<F> {
     /// A layer routing to `fallback` when `breaker` trips; primary errors are failures.
+    /// `fallback` configures the breaker's fallback (see
+    /// [`BreakerBuilder::fallback_target`](crate::BreakerBuilder::fallback_target)).
     pub fn new(fallback: F, breaker: Breaker) -> Self {
+        breaker.attach_fallback();
         Self {
             fallback,
             breaker,

@@ -27,8 +27,10 @@ pub struct Fallback<P, F, C = ErrorsAsFailures> {
 }
 
 impl<P, F> Fallback<P, F> {
-    /// Routes between `primary` and `fallback` as `breaker` decides.
+    /// Routes between `primary` and `fallback` as `breaker` decides; `fallback` configures
+    /// the breaker's fallback (see [`BreakerBuilder::fallback_target`](crate::BreakerBuilder::fallback_target)).
     pub fn new(primary: P, fallback: F, breaker: Breaker) -> Self {
+        breaker.attach_fallback();
         Self {
             primary,
             fallback,

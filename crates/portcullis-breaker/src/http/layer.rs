@@ -16,7 +16,12 @@ pub struct HttpFallbackLayer<F, M = DefaultClassifier> {
 impl<F> HttpFallbackLayer<F> {
     /// 5xx responses (including a proxy's 502/504 for transport errors and timeouts) and
     /// service errors are failures.
+    ///
+    /// `fallback` configures the breaker's fallback: an in-process service works without
+    /// `Config::url`, which only names a URL to probe (see
+    /// [`BreakerBuilder::fallback_target`](crate::BreakerBuilder::fallback_target)).
     pub fn new(fallback: F, breaker: Breaker) -> Self {
+        breaker.attach_fallback();
         Self {
             fallback,
             breaker,

@@ -35,8 +35,11 @@ pub struct HttpFallback<P, F, M = DefaultClassifier> {
 }
 
 impl<P, F> HttpFallback<P, F> {
-    /// Routes between `primary` and `fallback` as `breaker` decides.
+    /// Routes between `primary` and `fallback` as `breaker` decides; `fallback` configures
+    /// the breaker's fallback, with or without a `url` (see
+    /// [`BreakerBuilder::fallback_target`](crate::BreakerBuilder::fallback_target)).
     pub fn new(primary: P, fallback: F, breaker: Breaker) -> Self {
+        breaker.attach_fallback();
         Self {
             primary,
             fallback,
