@@ -65,6 +65,7 @@ mod error;
 mod guard;
 pub mod http;
 pub mod registry;
+mod replica;
 mod selection;
 mod snapshot;
 mod sync;

@@ -20,6 +20,8 @@
 use crate::config::{Config, RoutingStrategy};
 use crate::error::NoHealthyReplica;
 use crate::guard::InflightGuard;
+use crate::replica::{changes_category, RefreshView};
+pub use crate::replica::{Replica, Tier};
 use crate::selection;
 use crate::snapshot::{ReplicaSnapshot, Snapshot};
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -29,135 +31,10 @@ use portcullis_health::{
     CheckerConfig, CheckerHandle, HealthChecker, HealthPolicy, HealthState, HttpProbe, Probe,
     ProbeTarget, ProbeTargets, Transition,
 };
-use serde::Serialize;
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// The tier of a replica: primaries are preferred while any of them is healthy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    /// Preferred.
-    Primary,
-    /// Used when no primary is healthy.
-    Secondary,
-}
-
-impl Tier {
-    /// `Primary` when `primary`, else `Secondary` (the `upstreams[].primary` flag).
-    pub const fn from_primary(primary: bool) -> Self {
-        if primary {
-            Tier::Primary
-        } else {
-            Tier::Secondary
-        }
-    }
-
-    const fn index(self) -> usize {
-        match self {
-            Tier::Primary => 0,
-            Tier::Secondary => 1,
-        }
-    }
-}
-
-/// One replica of a pool.
-pub struct Replica<T> {
-    key: Arc<str>,
-    tier: Tier,
-    target: T,
-    health: Arc<HealthState>,
-    inflight: AtomicUsize,
-    removed: AtomicBool,
-    registry: Weak<Inner<T>>,
-}
-
-impl<T> fmt::Debug for Replica<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Replica")
-            .field("key", &self.key)
-            .field("tier", &self.tier)
-            .field("status", &self.health.status())
-            .field("inflight", &self.inflight())
-            .finish()
-    }
-}
-
-impl<T> Replica<T> {
-    /// The key (base URL or id).
-    pub fn key(&self) -> &Arc<str> {
-        &self.key
-    }
-
-    /// The tier.
-    pub fn tier(&self) -> Tier {
-        self.tier
-    }
-
-    /// The payload given to [`ReplicaRegistry::add`].
-    pub fn target(&self) -> &T {
-        &self.target
-    }
-
-    /// The health state machine.
-    pub fn health(&self) -> &Arc<HealthState> {
-        &self.health
-    }
-
-    /// Requests in flight.
-    #[inline]
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// `true` once removed from its registry.
-    pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::SeqCst)
-    }
-
-    /// Takes an in-flight slot unless the replica was removed.
-    #[inline]
-    fn acquire(&self) -> bool {
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        if self.removed.load(Ordering::SeqCst) {
-            self.inflight.fetch_sub(1, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-
-    pub(crate) fn release(&self) {
-        self.inflight.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// Applies a live response outcome and, on a category change, refreshes the view.
-    pub(crate) fn record_response(&self, success: bool, lease: bool) {
-        if self.is_removed() {
-            return; // Removed mid-flight: the outcome concerns nobody.
-        }
-        let t = if success && !lease {
-            // The common case: no clock read, usually no write.
-            self.health.record_success();
-            None
-        } else {
-            self.health.record_response(success, lease, Instant::now())
-        };
-        if let Some(t) = t {
-            tracing::info!(replica = %self.key, from = ?t.from, to = ?t.to, "replica health changed (live traffic)");
-            if changes_category(t) {
-                if let Some(inner) = self.registry.upgrade() {
-                    inner.refresh();
-                }
-            }
-        }
-    }
-}
-
-fn changes_category(t: Transition) -> bool {
-    t.from.is_healthy() != t.to.is_healthy() || t.from.is_ejected() != t.to.is_ejected()
-}
 
 /// What a request sees: the precomputed candidate sets.
 struct View<T> {
@@ -248,6 +125,12 @@ pub(crate) struct Inner<T> {
     panic_threshold: f64,
     policy: Arc<HealthPolicy>,
     retry_after: Duration,
+}
+
+impl<T: Send + Sync> RefreshView for Inner<T> {
+    fn refresh(&self) {
+        Inner::refresh(self);
+    }
 }
 
 impl<T> Inner<T> {
@@ -370,7 +253,11 @@ impl<T> ReplicaRegistry<T> {
         self.set_uneject_on_active_check(on);
         self
     }
+}
 
+/// Adding replicas: a replica reports to its registry through a `dyn` handle, hence the
+/// `'static` bound.
+impl<T: Send + Sync + 'static> ReplicaRegistry<T> {
     /// Adds a healthy replica, last of its tier (the configured replicas at start, whose
     /// traffic should not wait for a check). Returns `false` (and changes nothing) when
     /// `key` is already present. Marks the pool as seeded (see [`ensure`](Self::ensure)).
@@ -405,30 +292,14 @@ impl<T> ReplicaRegistry<T> {
             .set_uneject_on_active_check(self.inner.uneject_on_active_check.load(Ordering::SeqCst));
         let mut next = Vec::with_capacity(members.len() + 1);
         next.extend(members.iter().cloned());
-        next.push(Arc::new(Replica {
+        let registry: Weak<dyn RefreshView> = Arc::downgrade(&self.inner) as Weak<Inner<T>>;
+        next.push(Arc::new(Replica::new(
             key,
             tier,
             target,
-            health: Arc::new(health),
-            inflight: AtomicUsize::new(0),
-            removed: AtomicBool::new(false),
-            registry: Arc::downgrade(&self.inner),
-        }));
-        self.inner.members.store(Arc::new(next));
-        self.inner.refresh();
-        true
-    }
-
-    /// Removes a replica at runtime. Requests already sent to it complete normally; their
-    /// release and outcome are no-ops. From the moment this returns, no pick chooses it.
-    pub fn remove(&self, key: &str) -> bool {
-        let _g = self.admin();
-        let members = self.inner.members.load_full();
-        let Some(gone) = members.iter().find(|r| &*r.key == key) else {
-            return false;
-        };
-        gone.removed.store(true, Ordering::SeqCst);
-        let next: Vec<_> = members.iter().filter(|r| &*r.key != key).cloned().collect();
+            Arc::new(health),
+            registry,
+        )));
         self.inner.members.store(Arc::new(next));
         self.inner.refresh();
         true
@@ -455,6 +326,23 @@ impl<T> ReplicaRegistry<T> {
         for (k, tier, t) in replicas {
             self.add(k, tier, t);
         }
+        true
+    }
+}
+
+impl<T> ReplicaRegistry<T> {
+    /// Removes a replica at runtime. Requests already sent to it complete normally; their
+    /// release and outcome are no-ops. From the moment this returns, no pick chooses it.
+    pub fn remove(&self, key: &str) -> bool {
+        let _g = self.admin();
+        let members = self.inner.members.load_full();
+        let Some(gone) = members.iter().find(|r| &*r.key == key) else {
+            return false;
+        };
+        gone.removed.store(true, Ordering::SeqCst);
+        let next: Vec<_> = members.iter().filter(|r| &*r.key != key).cloned().collect();
+        self.inner.members.store(Arc::new(next));
+        self.inner.refresh();
         true
     }
 
