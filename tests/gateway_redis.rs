@@ -24,13 +24,11 @@ use axum::Router;
 use http_body_util::BodyExt;
 use portcullis_redis::testing::RedisServer;
 use portcullis_testkit::eventually_async;
-use std::fs::File;
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::gateway_process::GatewayProcess;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -173,47 +171,10 @@ impl TestBackend {
 // Gateway processes
 // ---------------------------------------------------------------------------------------
 
-/// A temporary directory for config files and logs, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "portcullis-gateway-redis-{test}-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).expect("create the temp dir");
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A port with nothing listening on it (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-/// The placeholder of the listen port in a config template.
-const LISTEN_PORT: &str = "LISTEN_PORT";
-
-/// A config template (`LISTEN_PORT` stands for the port) for one upstream and `storage`.
+/// A gateway config (every field but `listen`) for one upstream and `storage`.
 fn gateway_config(backend: &str, storage: &str, rest: &str) -> String {
     format!(
-        "listen: 127.0.0.1:{LISTEN_PORT}\n\
-         upstream_timeout: 60\n\
+        "upstream_timeout: 60\n\
          drain_timeout: 1\n\
          storage: {storage}\n\
          upstreams:\n  - {{url: \"{backend}\", primary: true}}\n\
@@ -224,154 +185,21 @@ fn gateway_config(backend: &str, storage: &str, rest: &str) -> String {
     )
 }
 
-/// One `gateway --config FILE` process; killed (SIGKILL, by PID) when dropped.
-struct GatewayProcess {
-    name: String,
-    template: String,
-    config_path: PathBuf,
-    log_path: PathBuf,
-    port: u16,
-    child: Option<Child>,
-    launches: u32,
-}
-
-impl GatewayProcess {
-    /// Writes the config (on a free port) and spawns the process; does not wait.
-    fn spawn(dir: &TempDir, name: &str, template: &str) -> Self {
-        let mut p = Self {
-            name: name.to_owned(),
-            template: template.to_owned(),
-            config_path: dir.path().join(format!("{name}.yml")),
-            log_path: dir.path().join(format!("{name}.log")),
-            port: 0,
-            child: None,
-            launches: 0,
-        };
-        p.launch();
-        p
-    }
-
-    fn launch(&mut self) {
-        self.port = free_port();
-        self.launches += 1;
-        let yaml = self.template.replace(LISTEN_PORT, &self.port.to_string());
-        std::fs::write(&self.config_path, yaml).expect("write the gateway config");
-        // The binary logs with tracing's default writer (stdout); keep both streams.
-        let log = File::create(&self.log_path).expect("create the gateway log");
-        let log2 = log.try_clone().expect("clone the log file handle");
-        let child = Command::new(support::gateway_binary())
-            .arg("--config")
-            .arg(&self.config_path)
-            // `GW_LOG` sets the gateways' log filter (e.g. `info,portcullis_redis=debug`).
-            .env(
-                "RUST_LOG",
-                std::env::var("GW_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .expect("spawn the gateway binary");
-        self.child = Some(child);
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// What the process wrote to stdout and stderr so far.
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// Waits until `/readyz` answers 200. Spawns the process again on a fresh port when it
-    /// lost the race for its port; panics with its log when it exits or takes too long.
-    async fn wait_ready(&mut self, client: &HttpClient) {
-        let deadline = Instant::now() + READY_LIMIT;
-        loop {
-            let child = self.child.as_mut().expect("the process runs");
-            if let Some(status) = child.try_wait().expect("poll the gateway process") {
-                let log = self.log();
-                if log.contains("cannot listen on") && self.launches < 3 {
-                    self.launch();
-                    continue;
-                }
-                panic!(
-                    "gateway {} exited ({status}) before it was ready:\n{log}",
-                    self.name
-                );
-            }
-            let r = send(client, &self.url("/readyz"), false, Duration::from_secs(2)).await;
-            if r.status == Some(StatusCode::OK) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway {} not ready after {READY_LIMIT:?} (last /readyz: {:?} {}):\n{}",
-                self.name,
-                r.status,
-                r.body,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL by PID, then reaps the process.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// `GET /balancer/stats`.
-    async fn stats(&self, client: &HttpClient) -> serde_json::Value {
-        let r = send(
-            client,
-            &self.url("/balancer/stats"),
-            false,
-            Duration::from_secs(5),
-        )
-        .await;
-        assert_eq!(
-            r.status,
-            Some(StatusCode::OK),
-            "{}: stats {}",
-            self.name,
-            r.body
-        );
-        serde_json::from_str(&r.body).expect("stats are JSON")
-    }
-
-    /// One number of `endpoints["/work"]` in the stats.
-    async fn work_stat(&self, client: &HttpClient, field: &str) -> u64 {
-        let v = self.stats(client).await;
-        v["endpoints"]["/work"][field]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{}: no endpoints./work.{field} in {v}", self.name))
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// One number of `endpoints["/work"]` in `g`'s stats.
+async fn work_stat(g: &GatewayProcess, field: &str) -> u64 {
+    let v = g.stats().await;
+    v["endpoints"]["/work"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{}: no endpoints./work.{field} in {v}", g.name()))
 }
 
 /// Spawns `n` gateways from one template (all at once) and waits until all are ready.
-async fn start_gateways(
-    client: &HttpClient,
-    dir: &TempDir,
-    n: usize,
-    template: &str,
-) -> Vec<GatewayProcess> {
+async fn start_gateways(n: usize, yaml: &str) -> Vec<GatewayProcess> {
     let mut gateways: Vec<GatewayProcess> = (0..n)
-        .map(|i| GatewayProcess::spawn(dir, &format!("gw{i}"), template))
+        .map(|i| GatewayProcess::spawn(&format!("gw{i}"), yaml))
         .collect();
     for g in &mut gateways {
-        g.wait_ready(client).await;
+        g.wait_ready().await;
     }
     gateways
 }
@@ -513,16 +341,11 @@ fn holders_sum(redis: &RedisServer) -> u64 {
 
 /// After the load: every process reports no active or queued request, and Redis holds no
 /// slot (the global count is back to 0).
-async fn assert_settled(
-    client: &HttpClient,
-    redis: &RedisServer,
-    gateways: &[&GatewayProcess],
-    limit: Duration,
-) {
+async fn assert_settled(redis: &RedisServer, gateways: &[&GatewayProcess], limit: Duration) {
     let settled = eventually_async(limit, || async {
         for g in gateways {
-            if g.work_stat(client, "active_requests").await != 0
-                || g.work_stat(client, "queue_depth").await != 0
+            if work_stat(g, "active_requests").await != 0
+                || work_stat(g, "queue_depth").await != 0
             {
                 return false;
             }
@@ -535,8 +358,8 @@ async fn assert_settled(
         for g in gateways {
             report.push_str(&format!(
                 "{}: {}\n",
-                g.name,
-                g.stats(client).await["endpoints"]["/work"]
+                g.name(),
+                g.stats().await["endpoints"]["/work"]
             ));
         }
         panic!("the global count did not return to 0 within {limit:?}:\n{report}");
@@ -573,15 +396,14 @@ async fn three_gateway_processes_share_one_limit() {
         })
         .await;
         let client = support::client();
-        let dir = TempDir::new("share");
         let template = gateway_config(
             &backend.url(),
             &redis_storage(&redis, "lease_ttl: 3, expected_workers: 3, timeout: 2"),
             &format!("queue_timeout: 30\nendpoints:\n  /work: {{capacity: {CAPACITY}}}\n"),
         );
-        let gateways = start_gateways(&client, &dir, 3, &template).await;
+        let gateways = start_gateways(3, &template).await;
         for g in &gateways {
-            assert_eq!(g.work_stat(&client, "capacity").await, CAPACITY as u64);
+            assert_eq!(work_stat(g, "capacity").await, CAPACITY as u64);
         }
 
         let urls: Vec<String> = gateways.iter().map(|g| g.url("/work")).collect();
@@ -611,13 +433,13 @@ async fn three_gateway_processes_share_one_limit() {
         );
         for g in &gateways {
             assert!(
-                g.work_stat(&client, "admitted").await >= 5 * 32,
+                work_stat(g, "admitted").await >= 5 * 32,
                 "{} did not admit its own clients",
-                g.name
+                g.name()
             );
         }
         let refs: Vec<&GatewayProcess> = gateways.iter().collect();
-        assert_settled(&client, &redis, &refs, Duration::from_secs(5)).await;
+        assert_settled(&redis, &refs, Duration::from_secs(5)).await;
     })
     .await;
 }
@@ -640,7 +462,6 @@ async fn sigkill_reclaims_slots_within_lease_ttl() {
         })
         .await;
         let client = support::client();
-        let dir = TempDir::new("sigkill");
         let template = gateway_config(
             &backend.url(),
             &redis_storage(
@@ -652,7 +473,7 @@ async fn sigkill_reclaims_slots_within_lease_ttl() {
             ),
             &format!("queue_timeout: 30\nendpoints:\n  /work: {{capacity: {CAPACITY}}}\n"),
         );
-        let mut gateways = start_gateways(&client, &dir, 3, &template).await;
+        let mut gateways = start_gateways(3, &template).await;
 
         // The victim takes every slot with requests the backend holds.
         let victim_url = gateways[0].url("/work");
@@ -681,9 +502,9 @@ async fn sigkill_reclaims_slots_within_lease_ttl() {
             0,
             "a survivor admitted a request while the victim held every slot"
         );
-        assert!(gateways[1].work_stat(&client, "queue_depth").await > 0);
+        assert!(work_stat(&gateways[1], "queue_depth").await > 0);
 
-        let victim_pid = gateways[0].child.as_ref().map(Child::id);
+        let victim_pid = gateways[0].pid();
         let killed = Instant::now();
         gateways[0].kill();
         let bound = lease_ttl + heartbeat + margin;
@@ -717,7 +538,7 @@ async fn sigkill_reclaims_slots_within_lease_ttl() {
             status_summary(&replies)
         );
         let refs: Vec<&GatewayProcess> = gateways[1..].iter().collect();
-        assert_settled(&client, &redis, &refs, Duration::from_secs(5)).await;
+        assert_settled(&redis, &refs, Duration::from_secs(5)).await;
     })
     .await;
 }
@@ -737,7 +558,6 @@ async fn redis_restart_mid_load(test: &str, on_error: &str) {
         })
         .await;
         let client = support::client();
-        let dir = TempDir::new(test);
         let template = gateway_config(
             &backend.url(),
             &redis_storage(
@@ -753,7 +573,7 @@ async fn redis_restart_mid_load(test: &str, on_error: &str) {
                 queue_timeout.as_secs_f64()
             ),
         );
-        let gateways = start_gateways(&client, &dir, 2, &template).await;
+        let gateways = start_gateways(2, &template).await;
         let urls: Vec<String> = gateways.iter().map(|g| g.url("/work")).collect();
 
         // Load, then Redis down for 2 s, then back (with an empty data set), then load on.
@@ -832,27 +652,27 @@ async fn redis_restart_mid_load(test: &str, on_error: &str) {
             assert!(
                 log.contains("redis storage unavailable"),
                 "{} did not notice the outage:\n{log}",
-                g.name
+                g.name()
             );
             assert!(
                 log.contains("redis storage available again"),
                 "{} did not recover:\n{log}",
-                g.name
+                g.name()
             );
         }
 
         // The global count is true again: back to 0 once the load ended ...
         let refs: Vec<&GatewayProcess> = gateways.iter().collect();
-        assert_settled(&client, &redis, &refs, Duration::from_secs(5)).await;
+        assert_settled(&redis, &refs, Duration::from_secs(5)).await;
         for g in &gateways {
-            let storage = &g.stats(&client).await["storage"];
-            assert_eq!(storage["healthy"], true, "{}: {storage}", g.name);
+            let storage = &g.stats().await["storage"];
+            assert_eq!(storage["healthy"], true, "{}: {storage}", g.name());
             assert!(
                 storage["last_ping_latency_ms"]
                     .as_f64()
                     .is_some_and(|ms| ms > 0.0),
                 "{}: the readiness PING's round trip is reported: {storage}",
-                g.name
+                g.name()
             );
         }
         // ... and the shared limit holds, in full, for new requests.
@@ -874,7 +694,7 @@ async fn redis_restart_mid_load(test: &str, on_error: &str) {
             max, CAPACITY,
             "after the restart the limit was not used in full"
         );
-        assert_settled(&client, &redis, &refs, Duration::from_secs(5)).await;
+        assert_settled(&redis, &refs, Duration::from_secs(5)).await;
     })
     .await;
 }
@@ -922,15 +742,13 @@ async fn probe_on_startup_two_processes_one_probes() {
     };
     bounded(async {
         let backend = TestBackend::start(KNEE_BACKEND).await;
-        let client = support::client();
-        let dir = TempDir::new("probe");
         let template = probe_config(&backend, &redis);
-        let gateways = start_gateways(&client, &dir, 2, &template).await;
+        let gateways = start_gateways(2, &template).await;
 
         let probers: Vec<&str> = gateways
             .iter()
             .filter(|g| g.log().contains("probing capacity"))
-            .map(|g| g.name.as_str())
+            .map(|g| g.name())
             .collect();
         assert_eq!(
             probers.len(),
@@ -938,17 +756,17 @@ async fn probe_on_startup_two_processes_one_probes() {
             "processes that probed: {probers:?}\n{}",
             gateways
                 .iter()
-                .map(|g| format!("--- {}:\n{}", g.name, g.log()))
+                .map(|g| format!("--- {}:\n{}", g.name(), g.log()))
                 .collect::<String>()
         );
         let mut capacities = Vec::new();
         for g in &gateways {
-            capacities.push(g.work_stat(&client, "capacity").await);
+            capacities.push(work_stat(g, "capacity").await);
         }
         println!("capacities {capacities:?}, probed by {probers:?}");
         for g in &gateways {
             for line in g.log().lines().filter(|l| l.contains("capacity")) {
-                println!("{}: {line}", g.name);
+                println!("{}: {line}", g.name());
             }
         }
         assert_eq!(capacities[0], capacities[1], "the processes disagree");
@@ -973,10 +791,8 @@ async fn probe_on_startup_late_process_waits_for_the_probe() {
     };
     bounded(async {
         let backend = TestBackend::start(KNEE_BACKEND).await;
-        let client = support::client();
-        let dir = TempDir::new("probe-late");
         let template = probe_config(&backend, &redis);
-        let mut first = GatewayProcess::spawn(&dir, "first", &template);
+        let mut first = GatewayProcess::spawn("first", &template);
         assert!(
             eventually_async(READY_LIMIT, || async {
                 first.log().contains("probing capacity")
@@ -985,17 +801,17 @@ async fn probe_on_startup_late_process_waits_for_the_probe() {
             "the first process did not probe:\n{}",
             first.log()
         );
-        let mut late = GatewayProcess::spawn(&dir, "late", &template);
-        late.wait_ready(&client).await;
-        let late_capacity = late.work_stat(&client, "capacity").await;
+        let mut late = GatewayProcess::spawn("late", &template);
+        late.wait_ready().await;
+        let late_capacity = work_stat(&late, "capacity").await;
         assert!(
             first.log().contains("probed capacity"),
             "the late process was ready with capacity {late_capacity} (stored: {:?}) while the \
              first one was still probing",
             redis.cli(&["GET", CAPACITY_KEY]).trim()
         );
-        first.wait_ready(&client).await;
-        let first_capacity = first.work_stat(&client, "capacity").await;
+        first.wait_ready().await;
+        let first_capacity = work_stat(&first, "capacity").await;
         assert_eq!(late_capacity, first_capacity);
         assert!(
             first_capacity.abs_diff(KNEE as u64) <= 1,

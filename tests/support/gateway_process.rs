@@ -73,7 +73,11 @@ impl GatewayProcess {
         let child = Command::new(gateway_binary())
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info")
+            // `GW_LOG` sets the gateways' log filter (e.g. `info,portcullis_redis=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("GW_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
@@ -145,6 +149,11 @@ impl GatewayProcess {
             .unwrap_or_else(|| panic!("{}: no answer to GET /balancer/stats", self.name));
         assert_eq!(status, 200, "{}: stats {body}", self.name);
         serde_json::from_str(&body).expect("stats are JSON")
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL by PID, then reaps the process.
