@@ -40,12 +40,26 @@ pub fn grpc_status_for(status: StatusCode) -> GrpcCode {
         400 => GrpcCode::InvalidArgument,
         401 => GrpcCode::Unauthenticated,
         404 => GrpcCode::NotFound,
+        // The client stopped sending its request (`client_timeout`): its own doing, so not a
+        // code that counts against the upstream.
+        408 => GrpcCode::Cancelled,
         429 => GrpcCode::ResourceExhausted,
         499 => GrpcCode::Cancelled,
         502..=503 => GrpcCode::Unavailable,
         504 => GrpcCode::DeadlineExceeded,
         500 => GrpcCode::Internal,
         _ => GrpcCode::Unknown,
+    }
+}
+
+/// The gRPC status of a rejection with HTTP `status` and `error` code: `queue_full` is
+/// `RESOURCE_EXHAUSTED` (a bound was hit: the client should back off, not fail over at
+/// once), everything else follows [`grpc_status_for`].
+pub(crate) fn grpc_code_of(status: StatusCode, code: &str) -> GrpcCode {
+    if code == crate::codes::QUEUE_FULL {
+        GrpcCode::ResourceExhausted
+    } else {
+        grpc_status_for(status)
     }
 }
 
@@ -78,6 +92,23 @@ mod tests {
         assert_eq!(
             grpc_status_for(StatusCode::UNAUTHORIZED),
             GrpcCode::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn queue_full_is_resource_exhausted() {
+        let s = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(
+            grpc_code_of(s, crate::codes::QUEUE_FULL),
+            GrpcCode::ResourceExhausted
+        );
+        assert_eq!(
+            grpc_code_of(s, crate::codes::NO_HEALTHY_UPSTREAM),
+            GrpcCode::Unavailable
+        );
+        assert_eq!(
+            grpc_status_for(StatusCode::REQUEST_TIMEOUT),
+            GrpcCode::Cancelled
         );
     }
 

@@ -15,7 +15,9 @@
 //! [`RejectionBody`], the response body type of the HTTP forms of the layers (either the inner
 //! service's body or a small rejection body). [`ConfigError`] and [`seconds`] are the config
 //! contract every crate shares: the typed error of each `validate()`, and durations written
-//! as seconds.
+//! as seconds. [`classify`] says which responses are failures for gRPC (`grpc-status` in
+//! headers or trailers, a configurable set of codes) and picks the gRPC or the HTTP
+//! classifier per request.
 //!
 //! ```
 //! use portcullis_core::{Rejection, codes};
@@ -32,6 +34,7 @@
 
 pub mod backoff;
 mod body;
+pub mod classify;
 pub mod codes;
 mod config;
 mod grpc;

@@ -1,4 +1,5 @@
-use crate::{codes, grpc_status_for, is_grpc_request, BoxError, RejectionBody};
+use crate::grpc::grpc_code_of;
+use crate::{codes, is_grpc_request, BoxError, RejectionBody};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use std::borrow::Cow;
@@ -248,7 +249,7 @@ impl Rejection {
         );
         h.insert(
             "grpc-status",
-            HeaderValue::from(grpc_status_for(self.status).as_i32()),
+            HeaderValue::from(grpc_code_of(self.status, self.code).as_i32()),
         );
         let msg = format!("{}: {}", self.code, self.message);
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&msg)) {
