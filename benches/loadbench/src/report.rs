@@ -191,53 +191,55 @@ pub(crate) fn check_targets(rows: &[Row], redis_used: bool) -> Vec<TargetCheck> 
     let adm = find(rows, Mode::GatewayAdmission, c);
     let redis = find(rows, Mode::GatewayRedis, c).filter(|_| redis_used);
     let mut out = Vec::new();
-    let mut ratio_check = |goal, a: Option<f64>, b: Option<f64>, ok: fn(f64) -> bool| {
-        let (measured, met) = match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => (format!("{:.2}×", a / b), Some(ok(a / b))),
-            _ => ("not measured".into(), None),
+    let mut ratio_check =
+        |goal: &'static str, a: Option<f64>, b: Option<f64>, ok: fn(f64) -> bool| {
+            let (measured, met) = match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => (format!("{:.2}×", a / b), Some(ok(a / b))),
+                _ => ("not measured".into(), None),
+            };
+            out.push(TargetCheck {
+                goal,
+                measured,
+                met,
+            });
         };
-        out.push(TargetCheck {
-            goal,
-            measured,
-            met,
-        });
-    };
-    ratio_check(
-        "gateway req/s ≥ 1.2× nginx",
-        gw.map(|r| r.rps),
-        ng.map(|r| r.rps),
-        |x| x >= 1.2,
+    type Figure = fn(&Row) -> f64;
+    type Ratio<'a> = (
+        &'static str,
+        Option<&'a Row>,
+        Option<&'a Row>,
+        Figure,
+        fn(f64) -> bool,
     );
-    ratio_check(
-        "gateway req/s ≥ 1.0× HAProxy",
-        gw.map(|r| r.rps),
-        hp.map(|r| r.rps),
-        |x| x >= 1.0,
-    );
-    ratio_check(
-        "gateway p99 ≤ 0.8× nginx",
-        gw.map(|r| r.p99_ms),
-        ng.map(|r| r.p99_ms),
-        |x| x <= 0.8,
-    );
-    ratio_check(
-        "admission req/s ≥ 0.95× pure proxy",
-        adm.map(|r| r.rps),
-        gw.map(|r| r.rps),
-        |x| x >= 0.95,
-    );
-    ratio_check(
-        "Redis mode req/s ≥ 0.7× memory mode (admission)",
-        redis.map(|r| r.rps),
-        adm.map(|r| r.rps),
-        |x| x >= 0.7,
-    );
-    ratio_check(
-        "gateway CPU per request ≤ 1.0× nginx",
-        gw.map(|r| r.cpu_per_10k),
-        ng.map(|r| r.cpu_per_10k),
-        |x| x <= 1.0,
-    );
+    let rps: Figure = |r| r.rps;
+    let p99: Figure = |r| r.p99_ms;
+    let cpu: Figure = |r| r.cpu_per_10k;
+    // (goal, measured row, reference row, figure, met when the ratio ...)
+    let ratios: [Ratio; 6] = [
+        ("gateway req/s ≥ 1.2× nginx", gw, ng, rps, |x| x >= 1.2),
+        ("gateway req/s ≥ 1.0× HAProxy", gw, hp, rps, |x| x >= 1.0),
+        ("gateway p99 ≤ 0.8× nginx", gw, ng, p99, |x| x <= 0.8),
+        ("admission req/s ≥ 0.95× pure proxy", adm, gw, rps, |x| {
+            x >= 0.95
+        }),
+        (
+            "Redis mode req/s ≥ 0.7× memory mode (admission)",
+            redis,
+            adm,
+            rps,
+            |x| x >= 0.7,
+        ),
+        (
+            "gateway CPU per request ≤ 1.0× nginx",
+            gw,
+            ng,
+            cpu,
+            |x| x <= 1.0,
+        ),
+    ];
+    for (goal, a, b, figure, ok) in ratios {
+        ratio_check(goal, a.map(figure), b.map(figure), ok);
+    }
     ratio_check(
         "gateway upstream connections opened ≤ nginx's",
         gw.map(|r| r.conns_per_10k).filter(|v| v.is_finite()),
