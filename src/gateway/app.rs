@@ -107,9 +107,12 @@ impl Gateway {
 
         // Health-gated balance over the upstreams, and the optional breaker around them.
         let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(&config.balance);
-        for (upstream, primary) in config.parsed_upstreams() {
+        // Every configured upstream parses (checked at load), so the two lists line up.
+        let weights = config.balance.upstreams.iter().map(|u| u.weight);
+        for ((upstream, primary), weight) in config.parsed_upstreams().into_iter().zip(weights) {
             let key = upstream.url().to_owned();
-            registry.add(key, Tier::from_primary(primary), proxy.to(upstream));
+            let tier = Tier::from_primary(primary);
+            registry.add_weighted(key, tier, weight, proxy.to(upstream));
         }
         let checker = registry.spawn_http_checker(&config.balance);
         let fallback = stack::fallback_breaker(&config, &registry, &proxy)?;

@@ -872,10 +872,16 @@ mod tests {
                 Some(3),
             ),
             (
-                "upstreams:\n  - {url: http://a:1, weight: 3}\n",
+                "upstreams:\n  - {url: http://a:1, weight: 0}\n",
                 "upstreams[0].weight",
                 Some(2),
             ),
+            (
+                "upstreams:\n  - {url: http://a:1}\n  - {url: http://b:1, weight: -1}\n",
+                "upstreams[1].weight",
+                Some(3),
+            ),
+            ("upstreams: []\nrouting_strategy: fastest\n", "routing_strategy", Some(2)),
         ];
         for (text, field, line) in cases {
             let e = load(text).unwrap_err();

@@ -1,6 +1,7 @@
 //! One request through the balancer to a replica that answers at once, side by side with
 //! `tower::balance::p2c::Balance` (PendingRequests load) over the same replicas, at 3 and
-//! 1,000 replicas.
+//! 1,000 replicas, for each routing strategy (`least-connections` and `weighted` scan every
+//! candidate, so their 1,000-replica cost shows the O(n) pass).
 //!
 //! Run: `cargo bench -p portcullis-balance --bench balance -- --warm-up-time 1 --measurement-time 3`
 
@@ -53,11 +54,18 @@ fn bench(c: &mut Criterion) {
                 })
             },
         );
-        for strategy in [RoutingStrategy::P2c, RoutingStrategy::RoundRobin] {
+        for strategy in [
+            RoutingStrategy::P2c,
+            RoutingStrategy::RoundRobin,
+            RoutingStrategy::LeastConnections,
+            RoutingStrategy::Weighted,
+        ] {
             let name = match strategy {
                 RoutingStrategy::P2c => "portcullis_p2c",
                 RoutingStrategy::RoundRobin => "portcullis_round_robin",
                 RoutingStrategy::FirstHealthy => "portcullis_first_healthy",
+                RoutingStrategy::LeastConnections => "portcullis_least_connections",
+                RoutingStrategy::Weighted => "portcullis_weighted",
             };
             group.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
                 let registry = ReplicaRegistry::new(&Config {
@@ -65,7 +73,9 @@ fn bench(c: &mut Criterion) {
                     ..Config::default()
                 });
                 for i in 0..n {
-                    registry.add(format!("r{i}"), Tier::Primary, replica(i));
+                    // Weights 1, 2, 3, 1, 2, 3, ... (ignored by all but `weighted`).
+                    let weight = (i % 3) as u32 + 1;
+                    registry.add_weighted(format!("r{i}"), Tier::Primary, weight, replica(i));
                 }
                 let mut svc = Balance::new(registry);
                 b.iter_custom(|iters| {

@@ -17,6 +17,12 @@ pub enum RoutingStrategy {
     RoundRobin,
     /// The first healthy primary, else the first healthy non-primary, in insertion order.
     FirstHealthy,
+    /// The healthy replica of the best tier with the fewest requests in flight (an exact
+    /// minimum over all of them, not a sample); ties rotate.
+    LeastConnections,
+    /// Smooth weighted round robin over the healthy replicas of the best tier, by
+    /// `upstreams[].weight`.
+    Weighted,
 }
 
 /// One upstream replica (`upstreams[]`).
@@ -28,6 +34,14 @@ pub struct UpstreamConfig {
     /// Primary tier: preferred while any primary is healthy.
     #[serde(default)]
     pub primary: bool,
+    /// Share of the traffic under `routing_strategy: weighted`, relative to the other
+    /// replicas of its tier (1; at least 1). The other strategies ignore it.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 /// The balancer and health-check settings. Durations are seconds in YAML (`0.5`).
@@ -36,7 +50,7 @@ pub struct UpstreamConfig {
 pub struct Config {
     /// The replicas.
     pub upstreams: Vec<UpstreamConfig>,
-    /// `p2c` (default) | `round-robin` | `first-healthy`.
+    /// `p2c` (default) | `round-robin` | `first-healthy` | `least-connections` | `weighted`.
     pub routing_strategy: RoutingStrategy,
     /// Path probed on every replica (`/healthz`).
     pub health_endpoint: String,
@@ -146,6 +160,14 @@ impl Config {
                 ),
             ));
         }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if u.weight == 0 {
+                return Err(ConfigError::new(
+                    format!("upstreams[{i}].weight"),
+                    "must be at least 1",
+                ));
+            }
+        }
         if !self.health_endpoint.starts_with('/') {
             return Err(ConfigError::new(
                 "health_endpoint",
@@ -205,6 +227,36 @@ mod tests {
         c.validate().unwrap();
         let rr: RoutingStrategy = serde_json::from_str("\"round-robin\"").unwrap();
         assert_eq!(rr, RoutingStrategy::RoundRobin);
+        for (text, strategy) in [
+            ("\"least-connections\"", RoutingStrategy::LeastConnections),
+            ("\"weighted\"", RoutingStrategy::Weighted),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<RoutingStrategy>(text).unwrap(),
+                strategy
+            );
+        }
+    }
+
+    #[test]
+    fn weights_default_to_one_and_must_be_positive() {
+        let c: Config = serde_json::from_value(serde_json::json!({
+            "routing_strategy": "weighted",
+            "upstreams": [{"url": "http://127.0.0.1:1", "weight": 3}, {"url": "http://127.0.0.1:2"}]
+        }))
+        .unwrap();
+        assert_eq!((c.upstreams[0].weight, c.upstreams[1].weight), (3, 1));
+        c.validate().unwrap();
+        let c: Config = serde_json::from_value(serde_json::json!({
+            "upstreams": [{"url": "http://127.0.0.1:1"}, {"url": "http://127.0.0.1:2", "weight": 0}]
+        }))
+        .unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "upstreams[1].weight");
+        let e = serde_json::from_value::<Config>(serde_json::json!({
+            "upstreams": [{"url": "http://127.0.0.1:1", "weight": -2}]
+        }))
+        .unwrap_err();
+        assert!(e.to_string().contains("-2"), "{e}");
     }
 
     #[test]

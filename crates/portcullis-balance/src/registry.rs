@@ -262,7 +262,20 @@ impl<T: Send + Sync + 'static> ReplicaRegistry<T> {
     /// traffic should not wait for a check). Returns `false` (and changes nothing) when
     /// `key` is already present. Marks the pool as seeded (see [`ensure`](Self::ensure)).
     pub fn add(&self, key: impl Into<Arc<str>>, tier: Tier, target: T) -> bool {
-        self.insert(key.into(), tier, target, HealthState::new)
+        self.insert(key.into(), tier, 1, target, HealthState::new)
+    }
+
+    /// [`add`](Self::add) with a weight: the replica's share of the traffic under
+    /// [`RoutingStrategy::Weighted`] (`upstreams[].weight`; 0 counts as 1). The other
+    /// strategies ignore it.
+    pub fn add_weighted(
+        &self,
+        key: impl Into<Arc<str>>,
+        tier: Tier,
+        weight: u32,
+        target: T,
+    ) -> bool {
+        self.insert(key.into(), tier, weight, target, HealthState::new)
     }
 
     /// Adds a replica at run time that is not checked yet
@@ -271,13 +284,14 @@ impl<T: Send + Sync + 'static> ReplicaRegistry<T> {
     /// makes it healthy, so a replica still starting up (or a mistyped URL) never sees a
     /// live request. Returns `false` (and changes nothing) when `key` is already present.
     pub fn add_awaiting_check(&self, key: impl Into<Arc<str>>, tier: Tier, target: T) -> bool {
-        self.insert(key.into(), tier, target, HealthState::new_unknown)
+        self.insert(key.into(), tier, 1, target, HealthState::new_unknown)
     }
 
     fn insert(
         &self,
         key: Arc<str>,
         tier: Tier,
+        weight: u32,
         target: T,
         state: fn(Arc<HealthPolicy>) -> HealthState,
     ) -> bool {
@@ -293,13 +307,9 @@ impl<T: Send + Sync + 'static> ReplicaRegistry<T> {
         let mut next = Vec::with_capacity(members.len() + 1);
         next.extend(members.iter().cloned());
         let registry: Weak<dyn RefreshView> = Arc::downgrade(&self.inner) as Weak<Inner<T>>;
-        next.push(Arc::new(Replica::new(
-            key,
-            tier,
-            target,
-            Arc::new(health),
-            registry,
-        )));
+        next.push(Arc::new(
+            Replica::new(key, tier, target, Arc::new(health), registry).with_weight(weight),
+        ));
         self.inner.members.store(Arc::new(next));
         self.inner.refresh();
         true

@@ -5,7 +5,7 @@
 //! The selection policies (`selection/*`) depend only on this file; the registry
 //! ([`crate::registry`]) owns the replicas and the view built from them.
 
-use crate::sync::{AtomicBool, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use portcullis_health::{HealthState, Transition};
 use serde::Serialize;
 use std::fmt;
@@ -55,6 +55,10 @@ pub struct Replica<T> {
     target: T,
     pub(crate) health: Arc<HealthState>,
     inflight: AtomicUsize,
+    /// Share of the traffic under `routing_strategy: weighted` (at least 1).
+    weight: u32,
+    /// The smooth weighted round robin's running score (`selection::weighted`).
+    current_weight: AtomicI64,
     pub(crate) removed: AtomicBool,
     registry: Weak<dyn RefreshView>,
 }
@@ -66,6 +70,7 @@ impl<T> fmt::Debug for Replica<T> {
             .field("tier", &self.tier)
             .field("status", &self.health.status())
             .field("inflight", &self.inflight())
+            .field("weight", &self.weight)
             .finish()
     }
 }
@@ -85,9 +90,31 @@ impl<T> Replica<T> {
             target,
             health,
             inflight: AtomicUsize::new(0),
+            weight: 1,
+            current_weight: AtomicI64::new(0),
             removed: AtomicBool::new(false),
             registry,
         }
+    }
+
+    /// This replica with `weight` (0 counts as 1).
+    pub(crate) fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight.max(1);
+        self
+    }
+
+    /// The share of the traffic it gets under `routing_strategy: weighted`, relative to the
+    /// other candidates (1 unless added with
+    /// [`ReplicaRegistry::add_weighted`](crate::ReplicaRegistry::add_weighted)).
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// The smooth weighted round robin's running score.
+    #[inline]
+    pub(crate) fn current_weight(&self) -> &AtomicI64 {
+        &self.current_weight
     }
 
     /// The key (base URL or id).
