@@ -70,16 +70,11 @@ fn dashboard_state(s: &StatusSnapshot) -> &'static str {
 
 impl StatsSource for GatewayStats {
     fn stats(&self) -> Stats {
-        let mut stats = Stats::new(env!("CARGO_PKG_VERSION"), self.started.elapsed());
-        // The admission and dashboard endpoint entries have the same field names.
-        stats.endpoints = (self.admission)()
-            .endpoints
-            .into_iter()
-            .filter_map(|(path, e)| {
-                let v = serde_json::to_value(e).ok()?;
-                Some((path, serde_json::from_value(v).ok()?))
-            })
-            .collect();
+        let mut stats = Stats {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            ..Stats::from_admission((self.admission)())
+        };
         let targets: std::collections::HashMap<String, ProxyTo> = self
             .registry
             .replicas()

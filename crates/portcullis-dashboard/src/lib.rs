@@ -16,6 +16,23 @@
 //!
 //! Every answer is built from cached state (atomics and snapshots): no I/O per request.
 //!
+//! The routes mount one by one too: [`stats_route`], [`history_route`], [`metrics_route`],
+//! [`ui_route`] and [`health_routes`] (no auth of their own; [`router`] adds it). For your own
+//! axum app with admission control, [`router_for`] is the whole set in one line, fed by
+//! the limiters of your [`Endpoints`] ([`AdmissionSource`]):
+//!
+//! ```
+//! use axum::{routing::post, Router};
+//! use portcullis_admission::{Endpoints, HttpAdmissionLayer, Limiter};
+//! use std::sync::Arc;
+//!
+//! let endpoints = Endpoints::new().watch("/predict", None, Arc::new(Limiter::local(8)));
+//! let app: Router = Router::new()
+//!     .route("/predict", post(|| async { "scored" }))
+//!     .layer(HttpAdmissionLayer::new(endpoints.clone()))
+//!     .merge(portcullis_dashboard::router_for(&endpoints)); // stats, metrics, UI, health
+//! ```
+//!
 //! The dashboard is one self-contained HTML page embedded in the binary (hand-written CSS,
 //! JS and a canvas chart; no build step, no CDN). It polls `/balancer/stats` every 2 s and
 //! shows, per endpoint, capacity, active, available and utilization (green, yellow at
@@ -52,14 +69,15 @@ pub mod testing;
 pub use auth::{BasicAuthLayer, Credentials};
 pub use config::{UiConfig, DEFAULT_UI_PATH};
 pub use stats::{
-    Bucket, EndpointStats, FallbackStats, HealthSummary, Histogram, Stats, StatsSource,
-    StorageStats, Tier, UpstreamStats,
+    AdmissionSource, Bucket, EndpointStats, FallbackStats, HealthSummary, Histogram, Stats,
+    StatsSource, StorageStats, Tier, UpstreamStats,
 };
 
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use portcullis_admission::{CapacitySource, Endpoints};
 use portcullis_health::HealthRegistry;
 use std::sync::Arc;
 
@@ -120,41 +138,30 @@ pub fn log_auth_mode(config: &UiConfig) -> AuthMode {
     mode
 }
 
-struct Shared {
-    source: Box<dyn StatsSource>,
+/// A [`StatsSource`] whose documents carry the liveness and readiness of a
+/// [`HealthRegistry`] (the `health` field), as [`router`] serves them ([`with_health`]).
+pub struct WithHealth<S> {
+    source: S,
     health: HealthRegistry,
-    history: history::History,
-    /// The history sampler, aborted with the router's shared state.
-    sampler: std::sync::OnceLock<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
-/// Samples the endpoints every [`HISTORY_INTERVAL`](history::HISTORY_INTERVAL) until the
-/// router is dropped.
-async fn sample_history(shared: std::sync::Weak<Shared>) {
-    let mut tick = tokio::time::interval(history::HISTORY_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(s) = shared.upgrade() else { return };
-        let points = s
-            .source
-            .stats()
-            .endpoints
-            .into_iter()
-            .map(|(path, e)| {
-                let point = history::Point {
-                    active: e.active_requests,
-                    queue_depth: e.queue_depth,
-                    capacity: e.capacity,
-                };
-                (path, point)
-            })
-            .collect();
-        s.history.record(points);
+impl<S> std::fmt::Debug for WithHealth<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WithHealth").finish_non_exhaustive()
     }
 }
 
-impl Shared {
+/// Fills the `health` field of `source`'s documents from `health` (what `/healthz` and
+/// `/readyz` answer), for the routes mounted one by one ([`stats_route`],
+/// [`metrics_route`]); [`router`] does it itself.
+pub fn with_health<S: StatsSource>(source: S, health: &HealthRegistry) -> WithHealth<S> {
+    WithHealth {
+        source,
+        health: health.clone(),
+    }
+}
+
+impl<S: StatsSource> StatsSource for WithHealth<S> {
     fn stats(&self) -> Stats {
         let mut s = self.source.stats();
         let live = self.health.liveness();
@@ -174,6 +181,40 @@ impl Shared {
     }
 }
 
+/// The state of the history route: the source it samples and the last minute.
+struct HistoryState {
+    source: Box<dyn StatsSource>,
+    history: history::History,
+    /// The history sampler, aborted with the route's state.
+    sampler: std::sync::OnceLock<tokio_util::task::AbortOnDropHandle<()>>,
+}
+
+/// Samples the endpoints every [`HISTORY_INTERVAL`](history::HISTORY_INTERVAL) until the
+/// route is dropped.
+async fn sample_history(state: std::sync::Weak<HistoryState>) {
+    let mut tick = tokio::time::interval(history::HISTORY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(s) = state.upgrade() else { return };
+        let points = s
+            .source
+            .stats()
+            .endpoints
+            .into_iter()
+            .map(|(path, e)| {
+                let point = history::Point {
+                    active: e.active_requests,
+                    queue_depth: e.queue_depth,
+                    capacity: e.capacity,
+                };
+                (path, point)
+            })
+            .collect();
+        s.history.record(points);
+    }
+}
+
 fn no_store(content_type: &'static str, body: impl IntoResponse) -> Response {
     (
         [
@@ -190,72 +231,164 @@ pub fn dashboard_html() -> String {
     DASHBOARD_HTML.replace("{{STATS_PATH}}", STATS_PATH)
 }
 
-/// Every operator route in one router, to merge into the gateway's
-/// (`app.merge(portcullis_dashboard::router(&cfg.ui, source, &registry))`).
+/// `GET /balancer/stats` ([`STATS_PATH`]): the [`Stats`] document of `stats`, as JSON.
 ///
-/// `/healthz` and `/readyz` are never behind auth (orchestrators probe them without
-/// credentials). The router has no fallback, so merging it is always allowed.
-pub fn router(config: &UiConfig, stats: impl StatsSource, health: &HealthRegistry) -> Router {
-    let shared = Arc::new(Shared {
+/// No auth of its own (add a [`BasicAuthLayer`] with `route_layer`), no health summary
+/// unless the source gives one ([`with_health`]).
+///
+/// ```
+/// use portcullis_admission::{Endpoints, Limiter};
+/// use portcullis_dashboard::{stats_route, AdmissionSource};
+/// use std::sync::Arc;
+///
+/// let endpoints = Endpoints::new().watch("/predict", None, Arc::new(Limiter::local(8)));
+/// let app: axum::Router = axum::Router::new()
+///     .route("/predict", axum::routing::post(|| async { "scored" }))
+///     .merge(stats_route(AdmissionSource::new(&endpoints)));
+/// ```
+pub fn stats_route(stats: impl StatsSource) -> Router {
+    get_route(STATS_PATH, stats, "application/json", |s| {
+        serde_json::to_vec(s).unwrap_or_else(|_| b"{}".to_vec())
+    })
+}
+
+/// `GET /metrics` ([`METRICS_PATH`]): the Prometheus text of `stats` ([`metrics`]). No auth
+/// of its own.
+pub fn metrics_route(stats: impl StatsSource) -> Router {
+    get_route(METRICS_PATH, stats, metrics::CONTENT_TYPE, |s| {
+        metrics::render(s).into_bytes()
+    })
+}
+
+/// One `GET` route answering `render(stats.stats())` with `content_type`, uncached.
+fn get_route(
+    path: &str,
+    stats: impl StatsSource,
+    content_type: &'static str,
+    render: fn(&Stats) -> Vec<u8>,
+) -> Router {
+    let stats = Arc::new(stats);
+    Router::new().route(
+        path,
+        get(move || std::future::ready(no_store(content_type, render(&stats.stats())))),
+    )
+}
+
+/// `GET /balancer/stats/history` ([`HISTORY_PATH`]): each endpoint of `stats` sampled every
+/// 2 s over the last minute ([`history`]). The sampler task runs on the current Tokio
+/// runtime and stops when the route is dropped; built outside a runtime, the route answers
+/// an empty history. No auth of its own.
+pub fn history_route(stats: impl StatsSource) -> Router {
+    let state = Arc::new(HistoryState {
         source: Box::new(stats),
-        health: health.clone(),
         history: history::History::new(),
         sampler: std::sync::OnceLock::new(),
     });
-    // Outside a runtime (a router built for a test of its routes only) there is no history.
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        let task = rt.spawn(sample_history(Arc::downgrade(&shared)));
-        let _ = shared
+        let task = rt.spawn(sample_history(Arc::downgrade(&state)));
+        let _ = state
             .sampler
             .set(tokio_util::task::AbortOnDropHandle::new(task));
     }
+    Router::new().route(
+        HISTORY_PATH,
+        get(move || std::future::ready(no_store("application/json", state.history.to_json()))),
+    )
+}
 
-    let s = Arc::clone(&shared);
-    let mut operator = Router::new()
-        .route(
-            STATS_PATH,
-            get(move || {
-                let body = serde_json::to_vec(&s.stats()).unwrap_or_else(|_| b"{}".to_vec());
-                std::future::ready(no_store("application/json", body))
-            }),
-        )
-        .route(HISTORY_PATH, {
-            let s = Arc::clone(&shared);
-            get(move || std::future::ready(no_store("application/json", s.history.to_json())))
-        })
-        .route(
-            METRICS_PATH,
-            get(move || {
-                let text = metrics::render(&shared.stats());
-                std::future::ready(no_store(metrics::CONTENT_TYPE, text))
-            }),
-        );
+/// `GET /healthz` and `GET /readyz` over `health` (cached flags, never behind auth).
+pub fn health_routes(health: &HealthRegistry) -> Router {
+    health.routes()
+}
 
-    if config.enable {
-        let page = bytes::Bytes::from(dashboard_html());
-        operator = operator.route(
-            &config.normalized_path(),
-            get(move || {
-                let page = page.clone();
-                async move {
-                    let mut resp = no_store("text/html; charset=utf-8", page);
-                    let h = resp.headers_mut();
-                    h.insert(
-                        header::CONTENT_SECURITY_POLICY,
-                        HeaderValue::from_static(
-                            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
-                        ),
-                    );
-                    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-                    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-                    resp
-                }
-            }),
-        );
+/// The dashboard page at `config.path` (default `/balancer/ui`), with its security
+/// headers; an empty router with `ui.enable: false`. No auth of its own. The page polls
+/// [`STATS_PATH`] and [`HISTORY_PATH`], so mount [`stats_route`] and [`history_route`] too.
+pub fn ui_route(config: &UiConfig) -> Router {
+    if !config.enable {
+        return Router::new();
     }
+    let page = bytes::Bytes::from(dashboard_html());
+    Router::new().route(
+        &config.normalized_path(),
+        get(move || {
+            let page = page.clone();
+            async move {
+                let mut resp = no_store("text/html; charset=utf-8", page);
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+                    ),
+                );
+                h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+                h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+                resp
+            }
+        }),
+    )
+}
 
+/// Every operator route in one router, to merge into the gateway's
+/// (`app.merge(portcullis_dashboard::router(&cfg.ui, source, &registry))`): [`stats_route`],
+/// [`history_route`], [`metrics_route`] and [`ui_route`], behind Basic auth when `config`
+/// has credentials, with the `health` summary filled in ([`with_health`]), plus
+/// [`health_routes`].
+///
+/// `/healthz` and `/readyz` are never behind auth (orchestrators probe them without
+/// credentials). The router has no fallback, so merging it is always allowed.
+///
+/// ```
+/// use portcullis_dashboard::{router, Stats, UiConfig};
+/// use portcullis_health::HealthRegistry;
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let health = HealthRegistry::new();
+/// let ui = UiConfig { username: Some("ops".into()), password: Some("s3cret".into()), ..UiConfig::default() };
+/// let app: axum::Router = router(&ui, || Stats::new("1.0.0", Default::default()), &health);
+///
+/// let get = |path: &str| http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+/// let stats = app.clone().oneshot(get("/balancer/stats")).await.unwrap();
+/// assert_eq!(stats.status(), 401); // credentials required
+/// let ready = app.oneshot(get("/readyz")).await.unwrap();
+/// assert_eq!(ready.status(), 200); // never behind auth
+/// # }
+/// ```
+pub fn router(config: &UiConfig, stats: impl StatsSource, health: &HealthRegistry) -> Router {
+    let source: Arc<dyn StatsSource> = Arc::new(with_health(stats, health));
+    let mut operator = stats_route(source.clone())
+        .merge(history_route(source.clone()))
+        .merge(metrics_route(source))
+        .merge(ui_route(config));
     if let Some((user, pass)) = config.credentials() {
         operator = operator.route_layer(BasicAuthLayer::new(Credentials::new(user, pass)));
     }
-    operator.merge(health.routes())
+    operator.merge(health_routes(health))
+}
+
+/// Every operator route for an application with admission control only: [`router`] with
+/// the default `ui:` config (open, page at `/balancer/ui`), the endpoints of `endpoints`
+/// ([`AdmissionSource`]) and a health registry of its own (live and ready; use [`router`]
+/// with your [`HealthRegistry`] to report your components).
+///
+/// ```
+/// use axum::{routing::post, Router};
+/// use portcullis_admission::{Endpoints, HttpAdmissionLayer, Limiter};
+/// use std::sync::Arc;
+///
+/// let endpoints = Endpoints::new().watch("/predict", None, Arc::new(Limiter::local(8)));
+/// let app: Router = Router::new()
+///     .route("/predict", post(|| async { "scored" }))
+///     .layer(HttpAdmissionLayer::new(endpoints.clone()))
+///     .merge(portcullis_dashboard::router_for(&endpoints));
+/// ```
+pub fn router_for<C: CapacitySource>(endpoints: &Endpoints<C>) -> Router {
+    router(
+        &UiConfig::default(),
+        AdmissionSource::new(endpoints),
+        &HealthRegistry::new(),
+    )
 }

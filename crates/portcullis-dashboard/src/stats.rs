@@ -7,15 +7,17 @@
 //! repository root is its JSON schema (draft 2020-12); a test validates live output
 //! against it.
 //!
-//! The dashboard does not depend on the layers that own these numbers: the gateway
-//! implements [`StatsSource`] (or passes a closure) and maps the admission, balance and
-//! breaker snapshots into these types. Field names of the endpoint entries match
-//! `portcullis-admission`'s `EndpointStats`, so that mapping is one-to-one.
+//! These types are the wire format. A [`StatsSource`] (any `Fn() -> Stats` closure, or the
+//! gateway's own) fills them from the layers' snapshots. The endpoint entries come from
+//! `portcullis-admission`: its [`AdmissionStats`] and `EndpointStats` snapshots convert
+//! into [`Stats`] and [`EndpointStats`] with `From` (field for field, same names), and
+//! [`AdmissionSource`] serves the endpoints of an [`Endpoints`] as a source of its own.
 
+use portcullis_admission::{AdmissionStats, CapacitySource, Endpoints};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The whole `/balancer/stats` document.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -48,6 +50,26 @@ impl Stats {
         Self {
             version: version.into(),
             uptime_seconds: uptime.as_secs_f64(),
+            ..Self::default()
+        }
+    }
+
+    /// A document with the endpoints of `admission` (an [`Endpoints::stats`] snapshot) and
+    /// nothing else: no upstreams, no fallback, local storage; `version` empty and
+    /// `uptime_seconds` 0 (set them, or use [`AdmissionSource`], which does).
+    pub fn from_admission(admission: AdmissionStats) -> Self {
+        Self::from(admission)
+    }
+}
+
+impl From<AdmissionStats> for Stats {
+    fn from(admission: AdmissionStats) -> Self {
+        Self {
+            endpoints: admission
+                .endpoints
+                .into_iter()
+                .map(|(path, e)| (path, e.into()))
+                .collect(),
             ..Self::default()
         }
     }
@@ -111,6 +133,48 @@ pub struct EndpointStats {
     /// How long admitted requests waited for their slot.
     #[serde(default)]
     pub queue_wait: Histogram,
+}
+
+/// The admission layer's snapshot of one endpoint, field for field (counts widened to
+/// `u64`).
+impl From<portcullis_admission::EndpointStats> for EndpointStats {
+    fn from(e: portcullis_admission::EndpointStats) -> Self {
+        // A struct literal without `..`: a field added to the wire type is mapped here too.
+        Self {
+            capacity: e.capacity as u64,
+            active_requests: e.active_requests as u64,
+            available_slots: e.available_slots as u64,
+            queue_depth: e.queue_depth as u64,
+            queue_timeout: e.queue_timeout,
+            max_queue: e.max_queue.map(|q| q as u64),
+            method: e.method,
+            admitted: e.admitted,
+            rejected_503: e.rejected_503,
+            timed_out_504: e.timed_out_504,
+            cancelled: e.cancelled,
+            local_active: e.local_active as u64,
+            held_after_cancel: e.held_after_cancel,
+            held_cut: e.held_cut,
+            queue_wait: e.queue_wait.into(),
+        }
+    }
+}
+
+impl From<portcullis_admission::QueueWaitHistogram> for Histogram {
+    fn from(h: portcullis_admission::QueueWaitHistogram) -> Self {
+        Self {
+            buckets: h
+                .buckets
+                .into_iter()
+                .map(|b| Bucket {
+                    le: b.le,
+                    count: b.count,
+                })
+                .collect(),
+            count: h.count,
+            sum_seconds: h.sum_seconds,
+        }
+    }
 }
 
 impl EndpointStats {
@@ -312,5 +376,73 @@ where
 impl<S: StatsSource + ?Sized> StatsSource for Arc<S> {
     fn stats(&self) -> Stats {
         (**self).stats()
+    }
+}
+
+/// The [`StatsSource`] of an application with admission control only: the endpoints of an
+/// [`Endpoints`] (each request reads their atomics), the uptime since this source was
+/// built, and a version (default: empty).
+///
+/// ```
+/// use portcullis_admission::{Endpoints, Limiter};
+/// use portcullis_dashboard::{AdmissionSource, StatsSource};
+/// use std::sync::Arc;
+///
+/// let endpoints = Endpoints::new().watch("/predict", None, Arc::new(Limiter::local(8)));
+/// let source = AdmissionSource::new(&endpoints).with_version("1.2.0");
+/// let stats = source.stats();
+/// assert_eq!(stats.version, "1.2.0");
+/// assert_eq!(stats.endpoints["/predict"].capacity, 8);
+/// assert_eq!(stats.endpoints["/predict"].available_slots, 8);
+/// ```
+pub struct AdmissionSource<C> {
+    endpoints: Endpoints<C>,
+    started: Instant,
+    version: String,
+}
+
+impl<C> Clone for AdmissionSource<C> {
+    fn clone(&self) -> Self {
+        Self {
+            endpoints: self.endpoints.clone(),
+            started: self.started,
+            version: self.version.clone(),
+        }
+    }
+}
+
+impl<C: CapacitySource + std::fmt::Debug> std::fmt::Debug for AdmissionSource<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmissionSource")
+            .field("endpoints", &self.endpoints)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: CapacitySource> AdmissionSource<C> {
+    /// Serves the endpoints of `endpoints` (a clone: the same limiters the layer uses).
+    pub fn new(endpoints: &Endpoints<C>) -> Self {
+        Self {
+            endpoints: endpoints.clone(),
+            started: Instant::now(),
+            version: String::new(),
+        }
+    }
+
+    /// The `version` the document reports (for example `env!("CARGO_PKG_VERSION")`).
+    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+}
+
+impl<C: CapacitySource> StatsSource for AdmissionSource<C> {
+    fn stats(&self) -> Stats {
+        Stats {
+            version: self.version.clone(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            ..Stats::from_admission(self.endpoints.stats())
+        }
     }
 }
