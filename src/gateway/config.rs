@@ -798,6 +798,29 @@ mod tests {
     }
 
     #[test]
+    fn storage_shorthands_load() {
+        for (text, kind, url) in [
+            ("storage: memory\n", StorageType::Memory, None),
+            ("storage: null\n", StorageType::Memory, None),
+            ("storage:\n", StorageType::Memory, None),
+            (
+                "storage: redis://127.0.0.1:6379\n",
+                StorageType::Redis,
+                Some("redis://127.0.0.1:6379"),
+            ),
+            (
+                "storage: \"rediss://:pw@h:6380\"\n",
+                StorageType::Redis,
+                Some("rediss://:pw@h:6380"),
+            ),
+        ] {
+            let cfg = load(text).unwrap();
+            assert_eq!(cfg.storage.kind, kind, "{text}");
+            assert_eq!(cfg.storage.url.as_deref(), url, "{text}");
+        }
+    }
+
+    #[test]
     fn issue_example_loads() {
         let text = "listen: 127.0.0.1:8080\nupstream_timeout: 30\nstorage: {type: redis, url: redis://127.0.0.1:6379}\nupstreams:\n  - {url: http://127.0.0.1:9001, primary: true}\n  - {url: http://127.0.0.1:9002}\nrouting_strategy: p2c\nhealth_endpoint: /healthz\nhealth_check_interval: 1\nhealth_check_timeout: 1\nfailure_threshold: 3\nrecovery_threshold: 2\nqueue_timeout: 30\nendpoints:\n  /work: {method: POST, capacity: 8, queue_timeout: 5}\n";
         let cfg = load(text).unwrap();
@@ -882,6 +905,10 @@ mod tests {
                 Some(3),
             ),
             ("upstreams: []\nrouting_strategy: fastest\n", "routing_strategy", Some(2)),
+            ("listen: 127.0.0.1:1\nstorage: redis\n", "storage", Some(2)),
+            ("storage: \"http://h:1\"\n", "storage", Some(1)),
+            ("storage: {type: redis, urll: \"redis://h:1\"}\n", "storage.urll", Some(1)),
+            ("storage: \"redis://h:99999\"\n", "storage.url", Some(1)),
         ];
         for (text, field, line) in cases {
             let e = load(text).unwrap_err();

@@ -15,8 +15,15 @@
 //!   tls_cert_file: /etc/redis/client.pem  # rediss://: client certificate (mutual TLS) ...
 //!   tls_key_file: /etc/redis/client.key   # ... and its key (both or neither)
 //! ```
+//!
+//! Three shorthands stand for a whole section: `storage: memory`, `storage: null` (or an
+//! empty `storage:`) for the in-process default, and `storage: redis://host:port` (or
+//! `rediss://...`, or comma-separated seeds) for `{type: redis, url: ...}` with every other
+//! field at its default.
 
 use portcullis_core::ConfigError;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
@@ -50,8 +57,11 @@ pub enum OnError {
 /// The `storage` section of the gateway configuration.
 ///
 /// `Debug` and [`redacted_url`](StorageConfig::redacted_url) never show the password.
+///
+/// It deserializes from the full mapping or from one of the shorthands of the
+/// [module docs](self) (`memory`, `null`, a `redis://` / `rediss://` URL).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(remote = "Self", deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// `memory` (default) or `redis`.
     #[serde(rename = "type")]
@@ -250,6 +260,57 @@ impl StorageConfig {
     }
 }
 
+impl Serialize for StorageConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The derived (remote = "Self") mapping.
+        StorageConfig::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for StorageConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StorageVisitor)
+    }
+}
+
+/// The URL schemes the `storage: <url>` shorthand accepts.
+const SHORTHAND_SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
+
+/// The `storage` value: the mapping (read by the derived code, so its errors name the
+/// field), or a shorthand.
+struct StorageVisitor;
+
+impl<'de> Visitor<'de> for StorageVisitor {
+    type Value = StorageConfig;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a storage mapping ({type: memory} or {type: redis, url: ...}), `memory`, `null` or a redis:// / rediss:// URL")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<StorageConfig, A::Error> {
+        StorageConfig::deserialize(MapAccessDeserializer::new(map))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<StorageConfig, E> {
+        Ok(StorageConfig::default())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<StorageConfig, E> {
+        Ok(StorageConfig::default())
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<StorageConfig, E> {
+        let v = v.trim();
+        if v == "memory" {
+            return Ok(StorageConfig::default());
+        }
+        if SHORTHAND_SCHEMES.iter().any(|s| v.starts_with(s)) {
+            return Ok(StorageConfig::redis(v));
+        }
+        Err(E::invalid_value(de::Unexpected::Str(&redact_url(v)), &self))
+    }
+}
+
 impl fmt::Debug for StorageConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StorageConfig")
@@ -361,5 +422,39 @@ mod tests {
             .validate()
             .unwrap();
         assert!(serde_json::from_str::<StorageConfig>(r#"{"on_error": "explode"}"#).is_err());
+    }
+
+    #[test]
+    fn shorthands_stand_for_the_mapping() {
+        for memory in ["\"memory\"", "null", "\" memory \""] {
+            let c: StorageConfig = serde_json::from_str(memory).unwrap();
+            assert_eq!(c, StorageConfig::default(), "{memory}");
+        }
+        for url in [
+            "redis://127.0.0.1:6379",
+            "rediss://:pw@cache.internal:6380/1",
+            "redis://a:7000,redis://b:7000",
+        ] {
+            let c: StorageConfig = serde_json::from_value(serde_json::json!(url)).unwrap();
+            assert_eq!(c, StorageConfig::redis(url));
+            c.validate().unwrap();
+        }
+        // The mapping still names its fields.
+        let e =
+            serde_json::from_str::<StorageConfig>(r#"{"type": "redis", "urll": "x"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `urll`"), "{e}");
+        let e = serde_json::from_str::<StorageConfig>(r#"{"lease_ttl": "long"}"#).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        // A string that is neither is refused without showing a password.
+        for bad in ["\"redis\"", "\"http://:hunter2@h:1\"", "\"\"", "3", "[1]"] {
+            let e = serde_json::from_str::<StorageConfig>(bad).unwrap_err();
+            assert!(e.to_string().contains("storage mapping"), "{bad}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        // It serializes as the mapping, which reads back.
+        let c = StorageConfig::redis("redis://h:1");
+        let back: StorageConfig =
+            serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 }
