@@ -11,6 +11,7 @@ pub mod config;
 pub mod front;
 pub mod pool;
 pub mod proxy;
+pub mod routes;
 pub mod server;
 mod stack;
 pub mod startup;

@@ -1,0 +1,333 @@
+//! The route table: which pool serves a request, matched in order, first match wins.
+//!
+//! A route matches on the path (`prefix:` a string prefix, or `path:` the exact path, never
+//! both), optionally on the method and on the host (the `Host` header or the URI's
+//! authority, compared case-insensitively, without its port). A request that matches no
+//! route goes to the pool `default`. With `strip_prefix: true` the matched prefix, less a
+//! trailing `/`, is removed before the request goes upstream: prefix `/api/` sends
+//! `/api/users?id=1` as `/users?id=1` and `/api/` as `/`.
+//!
+//! Matching is a scan of the routes with byte comparisons and no allocation; the table is
+//! built once from the config, its pool names already resolved to indexes.
+
+use http::{Method, Uri};
+use portcullis_core::ConfigError;
+use serde::Deserialize;
+
+/// One entry of `routes:` as written in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The path starts with this string.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// The path is exactly this string.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Only this method (any method when absent).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Only this host, without port (any host when absent).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The pool that serves the matched requests.
+    pub pool: String,
+    /// Remove the matched prefix before forwarding (only with `prefix`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+/// How a route compares the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+/// A validated route, its pool resolved.
+#[derive(Debug, Clone)]
+struct Route {
+    path: PathMatch,
+    method: Option<Method>,
+    host: Option<String>,
+    pool: usize,
+    /// Bytes of the path to remove (0: none).
+    strip: usize,
+}
+
+/// What a matched route says about a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteMatch {
+    /// Index of the pool, in the order given to [`RouteTable::new`].
+    pub pool: usize,
+    /// How many leading bytes of the path to remove before forwarding (0: forward as is).
+    pub strip: usize,
+}
+
+/// The routes of a gateway (see the [module docs](self)).
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    default_pool: usize,
+}
+
+impl RouteTable {
+    /// Validates `routes` against the pools named in `pools` (`default` among them) and
+    /// builds the table. Errors name the field from the top of the config
+    /// (`routes[1].pool`).
+    pub fn new(routes: &[RouteConfig], pools: &[&str]) -> Result<Self, ConfigError> {
+        let default_pool = pools.iter().position(|p| *p == "default").ok_or_else(|| {
+            ConfigError::new(
+                "pools",
+                "there is no `default` pool (the top-level `upstreams`)",
+            )
+        })?;
+        let routes = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Route::new(r, pools).map_err(|e| e.within(&format!("routes[{i}]"))))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            routes,
+            default_pool,
+        })
+    }
+
+    /// The route of a request: the first route that matches, else the `default` pool with
+    /// nothing stripped.
+    #[inline]
+    pub fn route(&self, method: &Method, uri: &Uri, host: Option<&str>) -> RouteMatch {
+        let path = uri.path();
+        for r in &self.routes {
+            if r.matches(method, path, uri, host) {
+                return RouteMatch {
+                    pool: r.pool,
+                    strip: r.strip,
+                };
+            }
+        }
+        RouteMatch {
+            pool: self.default_pool,
+            strip: 0,
+        }
+    }
+
+    /// `true` when no route is configured (every request goes to `default`).
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+impl Route {
+    fn new(r: &RouteConfig, pools: &[&str]) -> Result<Self, ConfigError> {
+        let path = match (&r.prefix, &r.path) {
+            (Some(p), None) => PathMatch::Prefix(p.clone()),
+            (None, Some(p)) => PathMatch::Exact(p.clone()),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "path",
+                    "give `prefix` or `path`, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "prefix",
+                    "a route needs a `prefix` or a `path`",
+                ))
+            }
+        };
+        let (field, text) = match &path {
+            PathMatch::Prefix(p) => ("prefix", p),
+            PathMatch::Exact(p) => ("path", p),
+        };
+        if !text.starts_with('/') {
+            return Err(ConfigError::new(
+                field,
+                format!("`{text}` must start with `/`"),
+            ));
+        }
+        let method = r
+            .method
+            .as_deref()
+            .map(|m| {
+                Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| ConfigError::new("method", format!("`{m}` is not an HTTP method")))
+            })
+            .transpose()?;
+        let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
+        if host.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new("host", "must not be empty"));
+        }
+        let pool = pools.iter().position(|p| *p == r.pool).ok_or_else(|| {
+            ConfigError::new(
+                "pool",
+                format!("no pool named `{}` (pools: {})", r.pool, pools.join(", ")),
+            )
+        })?;
+        let strip = match (&path, r.strip_prefix) {
+            (_, false) => 0,
+            (PathMatch::Prefix(p), true) => p.trim_end_matches('/').len(),
+            (PathMatch::Exact(_), true) => {
+                return Err(ConfigError::new(
+                    "strip_prefix",
+                    "needs a `prefix` route (an exact `path` has no prefix to strip)",
+                ))
+            }
+        };
+        Ok(Self {
+            path,
+            method,
+            host,
+            pool,
+            strip,
+        })
+    }
+
+    #[inline]
+    fn matches(&self, method: &Method, path: &str, uri: &Uri, host: Option<&str>) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Exact(p) => path == p,
+        };
+        path_ok
+            && self.method.as_ref().is_none_or(|m| m == method)
+            && self.host.as_deref().is_none_or(|want| {
+                host.or_else(|| uri.authority().map(|a| a.as_str()))
+                    .is_some_and(|h| host_eq(h, want))
+            })
+    }
+}
+
+/// `have` (a `Host` value, maybe with a port) names the host `want` (lowercase, no port).
+fn host_eq(have: &str, want: &str) -> bool {
+    let name = match have.rsplit_once(':') {
+        // A port after the last `:` (and not inside an IPv6 literal's brackets).
+        Some((name, port)) if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => have,
+    };
+    name.eq_ignore_ascii_case(want)
+}
+
+/// `path_and_query` with the first `strip` bytes of its path removed, `/` when nothing is
+/// left of the path.
+pub fn strip_path(path_and_query: &str, strip: usize) -> String {
+    let rest = path_and_query.get(strip..).unwrap_or("");
+    if rest.is_empty() || rest.starts_with('?') {
+        format!("/{rest}")
+    } else {
+        rest.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(yaml: &str) -> Vec<RouteConfig> {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    const POOLS: &[&str] = &["default", "gpu", "cpu"];
+
+    fn table() -> RouteTable {
+        RouteTable::new(
+            &routes(
+                "- {prefix: /v1/chat/, pool: gpu}\n\
+                 - {path: /v1/embed, method: POST, pool: cpu}\n\
+                 - {prefix: /api/, pool: cpu, strip_prefix: true}\n\
+                 - {prefix: /, host: Admin.Example, pool: gpu}\n",
+            ),
+            POOLS,
+        )
+        .unwrap()
+    }
+
+    fn route(t: &RouteTable, method: Method, uri: &str, host: Option<&str>) -> RouteMatch {
+        t.route(&method, &uri.parse().unwrap(), host)
+    }
+
+    #[test]
+    fn first_match_wins_and_the_rest_goes_to_default() {
+        let t = table();
+        let m = |pool, strip| RouteMatch { pool, strip };
+        assert_eq!(
+            route(&t, Method::GET, "/v1/chat/completions", None),
+            m(1, 0)
+        );
+        assert_eq!(route(&t, Method::POST, "/v1/embed", None), m(2, 0));
+        assert_eq!(route(&t, Method::GET, "/v1/embed", None), m(0, 0), "method");
+        assert_eq!(
+            route(&t, Method::POST, "/v1/embed/x", None),
+            m(0, 0),
+            "exact path"
+        );
+        assert_eq!(route(&t, Method::GET, "/api/users?id=1", None), m(2, 4));
+        assert_eq!(
+            route(&t, Method::GET, "/v1/chat", None),
+            m(0, 0),
+            "prefix is a string"
+        );
+        assert_eq!(
+            route(&t, Method::GET, "/other", Some("admin.example:8080")),
+            m(1, 0)
+        );
+        assert_eq!(
+            route(&t, Method::GET, "/other", Some("ADMIN.example")),
+            m(1, 0)
+        );
+        assert_eq!(
+            route(&t, Method::GET, "/other", Some("other.example")),
+            m(0, 0)
+        );
+        assert_eq!(
+            route(&t, Method::GET, "http://admin.example/x", None),
+            m(1, 0)
+        );
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash_and_the_query() {
+        assert_eq!(strip_path("/api/users?id=1", 4), "/users?id=1");
+        assert_eq!(strip_path("/api/", 4), "/");
+        assert_eq!(strip_path("/api", 4), "/");
+        assert_eq!(strip_path("/api?x=1", 4), "/?x=1");
+    }
+
+    #[test]
+    fn bad_routes_name_their_field() {
+        let err = |yaml: &str| RouteTable::new(&routes(yaml), POOLS).unwrap_err().field;
+        assert_eq!(
+            err("- {prefix: /a, pool: gpu}\n- {prefix: /b, pool: tpu}\n"),
+            "routes[1].pool"
+        );
+        assert_eq!(err("- {pool: gpu}\n"), "routes[0].prefix");
+        assert_eq!(
+            err("- {prefix: /a, path: /b, pool: gpu}\n"),
+            "routes[0].path"
+        );
+        assert_eq!(err("- {prefix: a, pool: gpu}\n"), "routes[0].prefix");
+        assert_eq!(
+            err("- {path: /a, method: 'G T', pool: gpu}\n"),
+            "routes[0].method"
+        );
+        assert_eq!(
+            err("- {path: /a, strip_prefix: true, pool: gpu}\n"),
+            "routes[0].strip_prefix"
+        );
+        assert_eq!(
+            err("- {prefix: /a, host: '', pool: gpu}\n"),
+            "routes[0].host"
+        );
+        assert!(
+            serde_yaml_ng::from_str::<Vec<RouteConfig>>("- {prefix: /a, pool: x, to: y}\n")
+                .is_err()
+        );
+        assert_eq!(
+            RouteTable::new(&[], &["gpu"]).unwrap_err().field,
+            "pools",
+            "the top-level upstreams are the pool `default`"
+        );
+    }
+}
