@@ -14,6 +14,14 @@
 //! | `probe` | [`probe`] | throughput probing (finds an endpoint's capacity) |
 //! | `dashboard` | [`dashboard`] | `/balancer/stats`, `/metrics`, the `/balancer/ui` page |
 //! | `gateway` | [`gateway`] | the example gateway's config, reverse proxy and assembly |
+//!
+//! Each feature works alone and brings what its API names: `balance`, `breaker` and
+//! `dashboard` bring `health` (the probe and registry types they take), `dashboard` and
+//! `redis` bring `admission`; `balance` brings [`client::UpstreamClient`], the HTTP client
+//! [`HttpBalance`](balance::HttpBalance) sends through. [`prelude`] has the types a user
+//! names every time, [`ServiceBuilderExt`] the layers as `ServiceBuilder` methods. The
+//! guide is `docs/library.md`: which layer for which problem, their order, what each needs
+//! and costs.
 
 #![forbid(unsafe_code)]
 #![doc = ""]
@@ -39,5 +47,13 @@ pub use portcullis_probe as probe;
 #[cfg(feature = "redis")]
 pub use portcullis_redis as redis;
 
+#[cfg(feature = "balance")]
+pub mod client;
+#[cfg(any(feature = "admission", feature = "balance", feature = "breaker"))]
+pub mod ext;
 #[cfg(feature = "gateway")]
 pub mod gateway;
+pub mod prelude;
+
+#[cfg(any(feature = "admission", feature = "balance", feature = "breaker"))]
+pub use ext::ServiceBuilderExt;

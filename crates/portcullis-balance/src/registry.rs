@@ -17,7 +17,7 @@
 //!   in-flight slot, so a replica removed (or marked down) a moment ago is skipped even
 //!   through a view that is a moment old.
 
-use crate::config::{Config, RoutingStrategy};
+use crate::config::{Config, RoutingStrategy, UpstreamConfig};
 use crate::error::NoHealthyReplica;
 use crate::guard::InflightGuard;
 use crate::replica::{changes_category, RefreshView};
@@ -276,6 +276,36 @@ impl<T: Send + Sync + 'static> ReplicaRegistry<T> {
         target: T,
     ) -> bool {
         self.insert(key.into(), tier, weight, target, HealthState::new)
+    }
+
+    /// A pool as [`new`](ReplicaRegistry::new) makes it, with `config.upstreams` added in
+    /// their order: each healthy, in its tier (`primary`), with its `weight`, keyed by its
+    /// `url`, and with `target(upstream)` as its payload (the base URL itself for
+    /// `portcullis::client::UpstreamClient`, a per-replica client, ...).
+    ///
+    /// ```
+    /// use portcullis_balance::{Config, ReplicaRegistry, Tier, UpstreamConfig};
+    ///
+    /// let config: Config = serde_json::from_value(serde_json::json!({
+    ///     "upstreams": [{"url": "http://10.0.0.1:8000", "primary": true}, {"url": "http://10.0.0.2:8000"}]
+    /// })).unwrap();
+    /// let registry = ReplicaRegistry::from_config(&config, |u: &UpstreamConfig| u.url.clone());
+    /// assert_eq!(registry.len(), 2);
+    /// let backup = registry.get("http://10.0.0.2:8000").unwrap();
+    /// assert_eq!(backup.tier(), Tier::Secondary);
+    /// assert_eq!(backup.target(), "http://10.0.0.2:8000");
+    /// ```
+    pub fn from_config(config: &Config, mut target: impl FnMut(&UpstreamConfig) -> T) -> Self {
+        let registry = Self::new(config);
+        for u in &config.upstreams {
+            let tier = if u.primary {
+                Tier::Primary
+            } else {
+                Tier::Secondary
+            };
+            registry.add_weighted(u.url.as_str(), tier, u.weight, target(u));
+        }
+        registry
     }
 
     /// Adds a replica at run time that is not checked yet
