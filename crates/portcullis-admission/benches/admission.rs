@@ -1,6 +1,7 @@
 //! Admission overhead vs `tower::limit::ConcurrencyLimit` on the same inner service, queue
 //! hand-off latency (release -> next waiter runs), and the HTTP form's endpoint matching
-//! (exact path vs `/*` prefix pattern vs unwatched path).
+//! (exact path vs `/*` prefix pattern vs unwatched path), and the adaptive capacity
+//! source's overhead against `LocalCapacity` (`adaptive_` groups).
 //!
 //! Run: `cargo bench -p portcullis-admission --bench admission -- --warm-up-time 1 --measurement-time 3`
 //! (append `http_` to run only the endpoint-matching groups).
@@ -9,8 +10,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Method, Request, Response, Uri};
+use portcullis_admission::adaptive::{AdaptiveCapacity, AdaptiveConfig};
 use portcullis_admission::{
-    AdmissionLayer, CapacitySource, Endpoints, HttpAdmissionLayer, Limiter, LocalCapacity,
+    AdmissionLayer, CapacitySource, Endpoints, HttpAdmissionLayer, Limiter, LocalCapacity, Outcome,
 };
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -279,12 +281,86 @@ fn http_admission(c: &mut Criterion) {
     g.finish();
 }
 
+// Adaptive capacity: per-request overhead against `LocalCapacity`.
+
+/// The runtime of the adaptive source's task (it closes windows and sets the sampling rate
+/// while the bench runs on the main thread).
+fn background() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An adaptive source over 1024 slots; with `every_slot`, its task never runs, so every
+/// slot is sampled (the cost of a quiet endpoint); otherwise its task runs on `rt` and
+/// samples about 100 slots per window (the cost of a busy one).
+fn adaptive(rt: &Runtime) -> AdaptiveCapacity {
+    let _enter = rt.enter();
+    let config = AdaptiveConfig {
+        min_capacity: 1,
+        max_capacity: 4096,
+        ..Default::default()
+    };
+    AdaptiveCapacity::new(LocalCapacity::new(1024), &config, "/bench")
+}
+
+/// One slot: take, report, release.
+fn cycle<C: CapacitySource>(source: &C) {
+    let permit = source.try_acquire().unwrap();
+    C::record_outcome(&permit, Outcome::Success);
+    drop(black_box(permit));
+}
+
+/// The source alone: take a slot, report its outcome, release it.
+fn adaptive_source(c: &mut Criterion) {
+    let idle = current_thread();
+    let busy = background();
+    let mut g = c.benchmark_group("adaptive_source");
+    let local = LocalCapacity::new(1024);
+    g.bench_function("local_capacity", |b| b.iter(|| cycle(&local)));
+    let fixed = AdaptiveCapacity::fixed(LocalCapacity::new(1024));
+    g.bench_function("adaptive_fixed", |b| b.iter(|| cycle(&fixed)));
+    let every = adaptive(&idle);
+    g.bench_function("adaptive_gradient_every_slot", |b| b.iter(|| cycle(&every)));
+    let sampled = adaptive(&busy);
+    g.bench_function("adaptive_gradient_sampled", |b| b.iter(|| cycle(&sampled)));
+    g.finish();
+}
+
+/// The whole `HttpAdmission` per request over one watched endpoint: `LocalCapacity` vs
+/// the adaptive source sampling every slot (quiet endpoint) or about 100 per window (busy).
+fn adaptive_http(c: &mut Criterion) {
+    let rt = current_thread();
+    let mut g = c.benchmark_group("adaptive_http");
+    let inner = service_fn(|_: Request<()>| ready(Ok::<_, Infallible>(Response::new(()))));
+    let uri = Uri::from_static("/predict");
+    let local = Endpoints::new().watch("/predict", None, Arc::new(Limiter::local(1024)));
+    let layer = HttpAdmissionLayer::new(local);
+    g.bench_function("local_capacity", |b| {
+        b.iter_custom(|iters| run_http(&rt, layer.layer(inner), &uri, iters))
+    });
+    let busy = background();
+    for (name, task_rt) in [("every_slot", &rt), ("sampled", &busy)] {
+        let source = adaptive(task_rt);
+        let eps = Endpoints::new().watch("/predict", None, Arc::new(Limiter::new(source)));
+        let layer = HttpAdmissionLayer::new(eps);
+        g.bench_function(format!("adaptive_gradient_{name}"), |b| {
+            b.iter_custom(|iters| run_http(&rt, layer.layer(inner), &uri, iters))
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     uncontended,
     two_threads_at_capacity,
     handoff,
     http_lookup,
-    http_admission
+    http_admission,
+    adaptive_source,
+    adaptive_http
 );
 criterion_main!(benches);

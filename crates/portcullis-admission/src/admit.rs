@@ -155,14 +155,14 @@ pub struct AdmissionSlot<C: CapacitySource> {
 
 enum SlotRef<C: CapacitySource> {
     /// The common case: the permit alone, no allocation.
-    Owned(#[allow(dead_code)] C::Permit),
+    Owned(C::Permit),
     /// Shared with the request's [`HeldSlot`].
-    Shared(#[allow(dead_code)] Arc<Granted<C>>),
+    Shared(Arc<Granted<C>>),
 }
 
 /// A permit shared with a [`HeldSlot`], and the limiter whose hold counters it reports to.
 pub(crate) struct Granted<C: CapacitySource> {
-    _permit: C::Permit,
+    permit: C::Permit,
     limiter: Arc<Limiter<C>>,
 }
 
@@ -189,7 +189,7 @@ impl<C: CapacitySource> AdmissionSlot<C> {
             None => SlotRef::Owned(permit),
             Some(attach) => {
                 let shared = Arc::new(Granted {
-                    _permit: permit,
+                    permit,
                     limiter: Arc::clone(limiter),
                 });
                 attach(
@@ -200,6 +200,17 @@ impl<C: CapacitySource> AdmissionSlot<C> {
             }
         };
         Self { inner }
+    }
+}
+
+impl<C: CapacitySource> AdmissionSlot<C> {
+    /// Tells the source how the request went ([`CapacitySource::record_outcome`]).
+    #[inline]
+    pub(crate) fn record_outcome(&self, outcome: crate::source::Outcome) {
+        match &self.inner {
+            SlotRef::Owned(p) => C::record_outcome(p, outcome),
+            SlotRef::Shared(g) => C::record_outcome(&g.permit, outcome),
+        }
     }
 }
 
@@ -381,7 +392,12 @@ impl<S: Service<Req>, Req, C: CapacitySource> Future for Admit<S, Req, C> {
                     this.state.set(State::Done);
                     return Poll::Ready(match res {
                         Ok(resp) => Ok((resp, permit)),
-                        Err(e) => Err(AdmitError::Inner(e)),
+                        Err(e) => {
+                            if let Some(p) = &permit {
+                                p.record_outcome(crate::source::Outcome::Overload);
+                            }
+                            Err(AdmitError::Inner(e))
+                        }
                     });
                 }
                 StateProj::Done => panic!("admission future polled after completion"),

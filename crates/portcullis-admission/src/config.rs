@@ -37,6 +37,7 @@
 //! at once instead of holding the memory (and the client) for a wait that is unlikely to
 //! end well.
 
+use crate::adaptive::AdaptiveConfig;
 use portcullis_core::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -59,6 +60,11 @@ pub struct Config {
     /// patterns over shorter ones; see [`Endpoints`](crate::Endpoints). Other paths pass
     /// through uncounted.
     pub endpoints: BTreeMap<String, EndpointConfig>,
+    /// The default `adaptive:` block of every watched endpoint that has none of its own
+    /// (an endpoint's own block replaces it whole; `adaptive: {enabled: false}` turns it
+    /// off for one endpoint). `None`: fixed capacities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 impl Default for Config {
@@ -67,6 +73,7 @@ impl Default for Config {
             queue_timeout: crate::DEFAULT_QUEUE_TIMEOUT,
             max_queue: None,
             endpoints: BTreeMap::new(),
+            adaptive: None,
         }
     }
 }
@@ -99,6 +106,10 @@ pub struct EndpointConfig {
     /// itself; required to probe a prefix pattern (`/v1/models/*`) that has no `capacity`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe_path: Option<String>,
+    /// How the capacity adapts at run time (overrides the top-level `adaptive:`); the
+    /// `capacity` (or the probed one, or the default) is then the initial limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 impl EndpointConfig {
@@ -122,10 +133,17 @@ impl EndpointConfig {
         }
     }
 
-    /// The endpoint's own fields (paths relative to it: `capacity`, `method`).
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// The endpoint's own fields (paths relative to it: `capacity`, `method`), with
+    /// `adaptive` the block that applies to it.
+    fn validate(&self, adaptive: Option<&AdaptiveConfig>) -> Result<(), ConfigError> {
         if self.capacity == Some(0) {
             return Err(ConfigError::new("capacity", "must be at least 1, got 0"));
+        }
+        if let Some(a) = &self.adaptive {
+            a.validate().map_err(|e| e.within("adaptive"))?;
+        }
+        if let (Some(c), Some(a)) = (self.capacity, adaptive) {
+            check_within_bounds("capacity", c, a)?;
         }
         if let Some(t) = self.queue_timeout {
             ConfigError::require_positive("queue_timeout", t)?;
@@ -145,6 +163,16 @@ impl EndpointConfig {
 }
 
 impl Config {
+    /// The `adaptive:` block that applies to `endpoint`: its own, else the top-level one;
+    /// `None` when neither is set or the one that applies says `enabled: false`.
+    pub fn adaptive_for<'a>(&'a self, endpoint: &'a EndpointConfig) -> Option<&'a AdaptiveConfig> {
+        endpoint
+            .adaptive
+            .as_ref()
+            .or(self.adaptive.as_ref())
+            .filter(|a| a.enabled)
+    }
+
     /// The `queue_timeout` that applies to `endpoint`.
     pub fn queue_timeout_for(&self, endpoint: &EndpointConfig) -> Duration {
         endpoint.queue_timeout.unwrap_or(self.queue_timeout)
@@ -156,14 +184,35 @@ impl Config {
     /// (`endpoints./x.method`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         ConfigError::require_positive("queue_timeout", self.queue_timeout)?;
+        if let Some(a) = &self.adaptive {
+            a.validate().map_err(|e| e.within("adaptive"))?;
+        }
         for (path, ep) in &self.endpoints {
             crate::pattern::validate_key(path)
                 .map_err(|m| ConfigError::new(path.as_str(), m).within("endpoints"))?;
-            ep.validate()
+            ep.validate(self.adaptive_for(ep))
                 .map_err(|e| e.within(path).within("endpoints"))?;
         }
         Ok(())
     }
+}
+
+/// `Err` for `field` unless `min_capacity ≤ capacity ≤ max_capacity` of `adaptive`.
+pub fn check_within_bounds(
+    field: &str,
+    capacity: usize,
+    adaptive: &AdaptiveConfig,
+) -> Result<(), ConfigError> {
+    if capacity < adaptive.min_capacity || capacity > adaptive.max_capacity {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "must be within adaptive min_capacity..=max_capacity ({}..={}), got {capacity}",
+                adaptive.min_capacity, adaptive.max_capacity
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -215,6 +264,43 @@ mod tests {
         let c: Config =
             serde_json::from_str(r#"{"endpoints": {"/a": {"method": "GE T"}}}"#).unwrap();
         assert_eq!(c.validate().unwrap_err().field, "endpoints./a.method");
+    }
+
+    #[test]
+    fn adaptive_blocks_validate_and_bound_the_capacity() {
+        use serde_json::json;
+        let field = |v: serde_json::Value| {
+            let c: Config = serde_json::from_value(v).unwrap();
+            c.validate().map_err(|e| e.field)
+        };
+        let ok = json!({"adaptive": {"min_capacity": 2, "max_capacity": 20},
+                        "endpoints": {"/a": {"capacity": 8}, "/b": {},
+                                      "/c": {"capacity": 50, "adaptive": {"max_capacity": 64}},
+                                      "/d": {"capacity": 500, "adaptive": {"enabled": false}}}});
+        field(ok.clone()).unwrap();
+        let c: Config = serde_json::from_value(ok).unwrap();
+        assert_eq!(c.adaptive_for(&c.endpoints["/a"]).unwrap().max_capacity, 20);
+        assert_eq!(c.adaptive_for(&c.endpoints["/c"]).unwrap().max_capacity, 64);
+        assert!(c.adaptive_for(&c.endpoints["/d"]).is_none());
+        assert_eq!(
+            field(json!({"adaptive": {"max_capacity": 4}, "endpoints": {"/a": {"capacity": 8}}})),
+            Err("endpoints./a.capacity".into())
+        );
+        assert_eq!(
+            field(json!({"endpoints": {"/a": {"capacity": 1, "adaptive": {"min_capacity": 2}}}})),
+            Err("endpoints./a.capacity".into())
+        );
+        assert_eq!(
+            field(json!({"endpoints": {"/a": {"adaptive": {"min_capacity": 0}}}})),
+            Err("endpoints./a.adaptive.min_capacity".into())
+        );
+        assert_eq!(
+            field(json!({"adaptive": {"min_capacity": 9, "max_capacity": 3}})),
+            Err("adaptive.max_capacity".into())
+        );
+        let e = serde_json::from_value::<Config>(json!({"adaptive": {"algoritm": "aimd"}}))
+            .unwrap_err();
+        assert!(e.to_string().contains("algoritm"), "{e}");
     }
 
     #[test]

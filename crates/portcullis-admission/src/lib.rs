@@ -112,6 +112,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adaptive;
 pub mod admission;
 mod admit;
 pub mod config;
@@ -135,7 +136,8 @@ pub use config::{Config, EndpointConfig};
 pub use error::{rejection_of, QueueFull, QueueTimeout, StorageUnavailable, Unhealthy};
 pub use limiter::{Limiter, DEFAULT_QUEUE_TIMEOUT};
 pub use local::{LocalAcquire, LocalCapacity, LocalPermit};
-pub use source::{AcquireError, CapacitySource};
+pub use source::{AcquireError, CapacitySource, Outcome};
 pub use stats::{
-    AdmissionStats, EndpointStats, QueueWaitHistogram, WaitBucket, QUEUE_WAIT_BUCKETS,
+    AdaptiveStats, AdmissionStats, EndpointStats, QueueWaitHistogram, WaitBucket,
+    QUEUE_WAIT_BUCKETS,
 };

@@ -116,6 +116,7 @@ impl<C: CapacitySource> Limiter<C> {
             held_after_cancel: m.held_after_cancel.load(Ordering::Relaxed),
             held_cut: m.held_cut.load(Ordering::Relaxed),
             queue_wait: m.queue_wait(),
+            adaptive: self.source.adaptive_stats(),
         }
     }
 }

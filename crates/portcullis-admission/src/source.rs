@@ -156,9 +156,51 @@ pub trait CapacitySource: Send + Sync + 'static {
     fn available(&self) -> usize {
         self.capacity().saturating_sub(self.active())
     }
+
+    /// Tells the source how the request holding `permit` went, once it is known: the HTTP
+    /// layer calls it when the response head arrives (a 5xx or 429 status is an
+    /// [`Overload`](Outcome::Overload)), the generic layer when the inner future resolves,
+    /// both with `Overload` when the inner service fails (a transport error). A slot
+    /// released without a call (the client went away first) had no outcome. Must be
+    /// cheap; sources that do not learn from outcomes keep the default, which does
+    /// nothing. [`AdaptiveCapacity`](crate::adaptive::AdaptiveCapacity) samples it.
+    #[inline]
+    fn record_outcome(permit: &Self::Permit, outcome: Outcome)
+    where
+        Self: Sized,
+    {
+        let _ = (permit, outcome);
+    }
+
+    /// The state of the source's adaptive limit, when it has one (no I/O): its bounds,
+    /// the last `min_rtt` and `sample_rtt`, what its controller did. `None` by default.
+    fn adaptive_stats(&self) -> Option<crate::stats::AdaptiveStats> {
+        None
+    }
 }
 
-impl<C: CapacitySource + ?Sized> CapacitySource for Arc<C> {
+/// How an admitted request went, as far as the backend's load is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Any answer that is not an overload signal.
+    Success,
+    /// A 5xx or 429 answer, or a transport error: the backend is (or may be) overloaded.
+    Overload,
+}
+
+impl Outcome {
+    /// The outcome of an HTTP status: [`Overload`](Outcome::Overload) for 5xx and 429.
+    #[inline]
+    pub fn of_status(status: http::StatusCode) -> Self {
+        if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+            Self::Overload
+        } else {
+            Self::Success
+        }
+    }
+}
+
+impl<C: CapacitySource> CapacitySource for Arc<C> {
     type Permit = C::Permit;
     type Acquire = C::Acquire;
 
@@ -185,6 +227,13 @@ impl<C: CapacitySource + ?Sized> CapacitySource for Arc<C> {
     }
     fn available(&self) -> usize {
         (**self).available()
+    }
+    #[inline]
+    fn record_outcome(permit: &Self::Permit, outcome: Outcome) {
+        C::record_outcome(permit, outcome)
+    }
+    fn adaptive_stats(&self) -> Option<crate::stats::AdaptiveStats> {
+        (**self).adaptive_stats()
     }
 }
 

@@ -140,6 +140,38 @@ pub struct EndpointStats {
     pub held_cut: u64,
     /// How long admitted requests waited for their slot.
     pub queue_wait: QueueWaitHistogram,
+    /// The adaptive limit's state, for an endpoint with `adaptive:` (absent otherwise);
+    /// `capacity` is then the limit in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveStats>,
+}
+
+/// The state of an endpoint's adaptive limit (`endpoints.<path>.adaptive` in
+/// `/balancer/stats`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdaptiveStats {
+    /// `gradient` or `aimd`.
+    pub algorithm: String,
+    /// The lowest limit.
+    pub min_capacity: usize,
+    /// The highest limit.
+    pub max_capacity: usize,
+    /// The no-load latency estimate, in milliseconds (`null` before the first
+    /// measurement).
+    pub min_rtt_ms: Option<f64>,
+    /// The last window's latency at the configured quantile, in milliseconds.
+    pub sample_rtt_ms: Option<f64>,
+    /// What the controller did with the last window: `initial`, `measuring_min_rtt`,
+    /// `increasing`, `decreasing`, `holding`, `overloaded`, `following`.
+    pub state: String,
+    /// Limit changes since start.
+    pub changes: u64,
+    /// Which latency is sampled: `headers` or `body`.
+    pub latency: String,
+    /// With shared storage: whether this process computes the shared limit (`false`: it
+    /// applies the one stored by the process that does). Absent with in-process storage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<bool>,
 }
 
 /// A fixed-bucket histogram of the queue waits of admitted requests (non-cumulative

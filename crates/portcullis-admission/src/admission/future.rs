@@ -1,5 +1,5 @@
 use crate::admit::{Admit, AdmitError};
-use crate::source::CapacitySource;
+use crate::source::{CapacitySource, Outcome};
 use pin_project_lite::pin_project;
 use portcullis_core::BoxError;
 use std::fmt;
@@ -35,7 +35,12 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().admit.poll(cx)) {
-            Ok((resp, _permit)) => Ok(resp),
+            Ok((resp, permit)) => {
+                if let Some(p) = &permit {
+                    p.record_outcome(Outcome::Success);
+                }
+                Ok(resp)
+            }
             Err(AdmitError::Refused(refusal, _req)) => Err(refusal.into_error()),
             Err(AdmitError::Inner(e)) => Err(e.into()),
         })

@@ -1,6 +1,6 @@
 use super::AdmissionBody;
 use crate::admit::{AdmissionSlot, Admit, AdmitError};
-use crate::source::CapacitySource;
+use crate::source::{CapacitySource, Outcome};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use portcullis_core::RejectionBody;
@@ -38,6 +38,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().admit.poll(cx)) {
             Ok((resp, permit)) => {
+                if let Some(p) = &permit {
+                    p.record_outcome(Outcome::of_status(resp.status()));
+                }
                 Ok(resp.map(|body| RejectionBody::inner(AdmissionBody::new(body, permit))))
             }
             Err(AdmitError::Refused(refusal, req)) => {
