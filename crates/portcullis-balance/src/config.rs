@@ -1,5 +1,6 @@
 //! The balancer's serde configuration (part of the gateway's YAML contract).
 
+use portcullis_core::classify::{GrpcCodeSet, ProtocolClassifier};
 use portcullis_core::ConfigError;
 use portcullis_health::{CheckerConfig, HealthPolicy};
 use serde::{Deserialize, Serialize};
@@ -86,6 +87,11 @@ pub struct Config {
     /// request leased to it succeeds: a replica that passes `/healthz` but fails live traffic
     /// would otherwise be back within a check or two and its cooldown would never grow.
     pub uneject_on_active_check: bool,
+    /// The `grpc-status` codes that count as a failed gRPC call, for passive ejection, the
+    /// breaker and the per-upstream `failures` (`[UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
+    /// UNKNOWN, DATA_LOSS]`; names in `SCREAMING_SNAKE_CASE` or `snake_case`; see
+    /// [`portcullis_core::classify`] for why `PERMISSION_DENIED` is not among them).
+    pub grpc_failure_codes: GrpcCodeSet,
 }
 
 /// The shortest `health_check_interval`: 10 ms (a shorter one is a busy loop against the
@@ -108,6 +114,7 @@ impl Default for Config {
             eject_max: Duration::from_secs(300),
             panic_threshold: 0.0,
             uneject_on_active_check: false,
+            grpc_failure_codes: GrpcCodeSet::DEFAULT_FAILURES,
         }
     }
 }
@@ -191,6 +198,12 @@ impl Config {
         }
     }
 
+    /// The response classifier of the HTTP forms: `grpc_failure_codes` for gRPC requests,
+    /// 5xx for the others.
+    pub fn classifier(&self) -> ProtocolClassifier {
+        ProtocolClassifier::new(self.grpc_failure_codes)
+    }
+
     /// The active checker's timing.
     pub fn checker_config(&self) -> CheckerConfig {
         CheckerConfig {
@@ -257,6 +270,26 @@ mod tests {
         }))
         .unwrap_err();
         assert!(e.to_string().contains("-2"), "{e}");
+    }
+
+    #[test]
+    fn grpc_failure_codes_default_and_parse() {
+        let c = Config::default();
+        assert_eq!(c.grpc_failure_codes, GrpcCodeSet::DEFAULT_FAILURES);
+        assert!(
+            !c.grpc_failure_codes.contains(7),
+            "PERMISSION_DENIED is not counted"
+        );
+        let c: Config = serde_json::from_value(serde_json::json!({
+            "grpc_failure_codes": ["UNAVAILABLE", "permission_denied"]
+        }))
+        .unwrap();
+        assert_eq!(c.grpc_failure_codes.codes().collect::<Vec<_>>(), [7, 14]);
+        assert_eq!(c.classifier().grpc_failure_codes(), c.grpc_failure_codes);
+        assert!(
+            serde_json::from_str::<Config>(r#"{"grpc_failure_codes": ["UNAVAILBLE"]}"#).is_err()
+        );
+        assert!(serde_json::from_str::<Config>(r#"{"grpc_failure_codes": ["OK"]}"#).is_err());
     }
 
     #[test]

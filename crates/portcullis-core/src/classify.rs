@@ -10,7 +10,8 @@
 //! * [`GrpcFailures`] is tower-http's [`GrpcErrorsAsFailures`] with a configurable set of
 //!   failure codes ([`GrpcCodeSet`]): it reads `grpc-status` from the headers and, when they
 //!   have none, asks for the end of the stream ([`ClassifiedResponse::RequiresEos`]) and reads
-//!   the trailers there. A response without any `grpc-status` whose HTTP status is not 2xx
+//!   the trailers there ([`GrpcFailuresEos`], the same rules as tower-http's
+//!   [`GrpcEosErrorsAsFailures`](tower_http::classify::GrpcEosErrorsAsFailures)). A response without any `grpc-status` whose HTTP status is not 2xx
 //!   (an HTTP proxy between client and server answered) is classified by the code the gRPC
 //!   HTTP mapping gives it ([`grpc_status_for`]).
 //! * [`ProtocolClassifier`] is a [`MakeClassifier`] that picks per request: [`GrpcFailures`]
@@ -56,9 +57,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::num::NonZeroI32;
 use tower_http::classify::{
-    ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcEosErrorsAsFailures,
-    GrpcErrorsAsFailures, GrpcFailureClass, MakeClassifier, NeverClassifyEos,
-    ServerErrorsAsFailures, ServerErrorsFailureClass,
+    ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcCode, GrpcErrorsAsFailures,
+    GrpcFailureClass, MakeClassifier, NeverClassifyEos, ServerErrorsAsFailures,
+    ServerErrorsFailureClass,
 };
 
 /// The names of the gRPC status codes, indexed by code (`google.rpc.Code`).
@@ -199,13 +200,13 @@ impl<'de> Deserialize<'de> for GrpcCodeSet {
 
 /// tower-http's [`GrpcErrorsAsFailures`] with a configurable set of failure codes.
 ///
-/// The `grpc-status` of the response headers decides at once; without one the classifier
-/// waits for the trailers ([`ClassifiedResponse::RequiresEos`] with tower-http's
-/// [`GrpcEosErrorsAsFailures`]), so the response body must be watched to its end. A
-/// response with no `grpc-status` in its headers and a non-2xx HTTP status is classified by
-/// the gRPC code of that status (502, 503 → `UNAVAILABLE`; 504 → `DEADLINE_EXCEEDED`; 500 →
-/// `INTERNAL`). A status that is not a number is not a failure (as in tower-http); a number
-/// outside 0..=16 is one.
+/// The `grpc-status` of the response headers (a trailers-only response) decides at once,
+/// read by tower-http's [`GrpcErrorsAsFailures`]. Without one the classifier waits for the
+/// trailers ([`ClassifiedResponse::RequiresEos`] with a [`GrpcFailuresEos`]), so the
+/// response body must be watched to its end. A response with no `grpc-status` in its headers
+/// and a non-2xx HTTP status is classified by the gRPC code of that status (502, 503 →
+/// `UNAVAILABLE`; 504 → `DEADLINE_EXCEEDED`; 500 → `INTERNAL`). A status that is not a
+/// number is not a failure (as in tower-http); a number outside 0..=16 is one.
 #[derive(Clone)]
 pub struct GrpcFailures {
     failures: GrpcCodeSet,
@@ -245,15 +246,24 @@ impl fmt::Debug for GrpcFailures {
 
 impl ClassifyResponse for GrpcFailures {
     type FailureClass = GrpcFailureClass;
-    type ClassifyEos = GrpcEosErrorsAsFailures;
+    type ClassifyEos = GrpcFailuresEos;
 
     #[inline]
     fn classify_response<B>(
         self,
         res: &Response<B>,
     ) -> ClassifiedResponse<Self::FailureClass, Self::ClassifyEos> {
+        let eos = GrpcFailuresEos {
+            failures: self.failures,
+        };
+        if res.headers().contains_key(GRPC_STATUS) {
+            return match self.inner.classify_response(res) {
+                ClassifiedResponse::Ready(r) => ClassifiedResponse::Ready(r),
+                ClassifiedResponse::RequiresEos(_) => ClassifiedResponse::RequiresEos(eos),
+            };
+        }
         // An HTTP error with no grpc-status: an HTTP hop answered instead of the server.
-        if !res.status().is_success() && !res.headers().contains_key(GRPC_STATUS) {
+        if !res.status().is_success() {
             let code = grpc_status_for(res.status()).as_i32();
             return ClassifiedResponse::Ready(match NonZeroI32::new(code) {
                 Some(code) if self.failures.contains(code.get()) => {
@@ -262,7 +272,8 @@ impl ClassifyResponse for GrpcFailures {
                 _ => Ok(()),
             });
         }
-        self.inner.classify_response(res)
+        // The common case: a 200 whose status comes in the trailers.
+        ClassifiedResponse::RequiresEos(eos)
     }
 
     fn classify_error<E>(self, error: &E) -> Self::FailureClass
@@ -273,9 +284,45 @@ impl ClassifyResponse for GrpcFailures {
     }
 }
 
+/// The end-of-stream half of [`GrpcFailures`]: the `grpc-status` of the trailers.
+///
+/// The same rules as tower-http's [`GrpcEosErrorsAsFailures`] (no trailers or no
+/// `grpc-status`: not a failure; not a number: not a failure; a failure code or a number
+/// outside 0..=16: a failure), with the header name parsed once rather than on every
+/// lookup: this runs at the end of every gRPC response.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcFailuresEos {
+    failures: GrpcCodeSet,
+}
+
+impl ClassifyEos for GrpcFailuresEos {
+    type FailureClass = GrpcFailureClass;
+
+    #[inline]
+    fn classify_eos(self, trailers: Option<&HeaderMap>) -> Result<(), Self::FailureClass> {
+        let Some(value) = trailers.and_then(|t| t.get(GRPC_STATUS)) else {
+            return Ok(());
+        };
+        let code = value.to_str().ok().and_then(|s| s.parse::<i32>().ok());
+        match code.and_then(NonZeroI32::new) {
+            Some(code) if self.failures.contains(code.get()) || !(1..=16).contains(&code.get()) => {
+                Err(GrpcFailureClass::Code(code))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn classify_error<E>(self, error: &E) -> Self::FailureClass
+    where
+        E: fmt::Display + 'static,
+    {
+        GrpcFailureClass::Error(error.to_string())
+    }
+}
+
 impl MakeClassifier for GrpcFailures {
     type FailureClass = GrpcFailureClass;
-    type ClassifyEos = GrpcEosErrorsAsFailures;
+    type ClassifyEos = GrpcFailuresEos;
     type Classifier = Self;
 
     fn make_classifier<B>(&self, _req: &Request<B>) -> Self::Classifier {
@@ -319,7 +366,7 @@ pub enum ProtocolEos {
     /// Never built: plain HTTP is decided on the response headers.
     Http(NeverClassifyEos<ServerErrorsFailureClass>),
     /// The gRPC trailers decide.
-    Grpc(GrpcEosErrorsAsFailures),
+    Grpc(GrpcFailuresEos),
 }
 
 /// Why [`ProtocolClassify`] called a response a failure.
@@ -470,6 +517,32 @@ mod tests {
         assert_eq!(on_headers(&c, &response(200, Some("nope"))), Some(true));
         // No trailers at all: nothing says it failed.
         assert!(on_trailers(&c, None));
+    }
+
+    #[test]
+    fn trailers_agree_with_tower_http() {
+        for set in [
+            GrpcCodeSet::DEFAULT_FAILURES,
+            GrpcCodeSet::EMPTY.with(7).with(12),
+        ] {
+            let ours = GrpcFailures::new(set);
+            let theirs = (1..=16)
+                .filter(|&c| !set.contains(c))
+                .fold(GrpcErrorsAsFailures::new(), |c, code| {
+                    c.with_success(GrpcCode::from(code))
+                });
+            let values = (-2..=20)
+                .map(|c: i32| c.to_string())
+                .chain(["x".to_owned(), " 14".to_owned()]);
+            for v in values {
+                let t = trailers(&v);
+                let theirs = match theirs.clone().classify_response(&Response::new(())) {
+                    ClassifiedResponse::RequiresEos(eos) => eos.classify_eos(Some(&t)).is_ok(),
+                    ClassifiedResponse::Ready(_) => unreachable!(),
+                };
+                assert_eq!(on_trailers(&ours, Some(&t)), theirs, "{v:?} {set:?}");
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! The HTTP form: 503 `no_healthy_upstream` responses, response classification with
 //! tower-http's `classify`, and the in-flight slot held until the response body ends.
+//!
+//! For gRPC, give the balancer [`ProtocolClassifier`] (what the gateway uses: the
+//! configurable `grpc_failure_codes` for `content-type: application/grpc*`, 5xx for the rest;
+//! [`Config::classifier`](crate::Config::classifier) builds it from the config) or
+//! [`GrpcFailures`] with [`HttpBalance::with_classifier`]: a failed call's `grpc-status`,
+//! in the headers or in the trailers at the end of the body, then counts towards
+//! `eject_after`.
 
 mod body;
 mod future;
@@ -9,4 +16,5 @@ mod service;
 pub use body::BalanceBody;
 pub use future::HttpResponseFuture;
 pub use layer::HttpBalanceLayer;
+pub use portcullis_core::classify::{GrpcCodeSet, GrpcFailures, ProtocolClassifier};
 pub use service::{DefaultClassifier, HttpBalance};
