@@ -20,12 +20,14 @@
 //! layer wraps it, `http_body_util::Either` joins the branches) and is boxed once, at the
 //! top ([`GatewayService`]).
 //!
-//! The admission layer's capacity source is in-process ([`LocalCapacity`]) with
+//! The admission layer's capacity source is in-process ([`LocalCapacity`], adaptive where an
+//! `adaptive:` block applies: see [`stack::local_endpoints`]) with
 //! `storage: {type: memory}` and Redis-shared ([`RedisCapacity`]) with `storage: {type:
 //! redis}`. Watched endpoints without a `capacity` are probed at startup when
 //! `probe_on_startup` is set (see [`super::startup`]).
 //!
 //! [`RedisCapacity`]: portcullis_redis::RedisCapacity
+//! [`LocalCapacity`]: portcullis_admission::LocalCapacity
 
 use super::config::{GatewayConfig, StorageType};
 use super::front::App;
@@ -37,7 +39,7 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
-use portcullis_admission::{Endpoints, LocalCapacity};
+use portcullis_admission::Endpoints;
 use portcullis_balance::{CheckerHandle, ReplicaRegistry, Tier};
 use portcullis_breaker::Breaker;
 use portcullis_core::HealthSource;
@@ -136,10 +138,7 @@ impl Gateway {
         let startup_ready = (!plan.paths().is_empty()).then(|| health.register("startup_probe"));
         let (admitted, admission_stats, storage) = match config.storage.kind {
             StorageType::Memory => {
-                let endpoints = Endpoints::from_config_with(admission, |p, e| {
-                    LocalCapacity::new(plan.initial_capacity(p, e))
-                })
-                .map_err(BuildError)?;
+                let endpoints = stack::local_endpoints(&config, &plan)?;
                 if let Some(ready) = startup_ready {
                     tasks.push(spawn_owned(startup::probe_local(
                         Arc::clone(&config),

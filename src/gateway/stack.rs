@@ -10,15 +10,18 @@
 //! ```
 //!
 //! [`admission_over`] builds that chain over either capacity source (in-process or
-//! Redis-shared); [`fallback_breaker`] builds the breaker it routes with.
+//! Redis-shared); [`local_endpoints`] builds the in-process sources, adaptive where an
+//! `adaptive:` block applies; [`fallback_breaker`] builds the breaker it routes with.
 
 use super::app::{BuildError, GatewayService};
 use super::config::GatewayConfig;
 use super::proxy::{Proxy, ProxyBody, ProxyTo, Upstream};
+use super::startup::StartupPlan;
 use axum::body::Body;
 use http::{Request, Response};
+use portcullis_admission::adaptive::AdaptiveCapacity;
 use portcullis_admission::{
-    CapacitySource, Endpoints, HoldOnCancelLayer, HttpAdmissionLayer, OnClientCancel,
+    CapacitySource, Endpoints, HoldOnCancelLayer, HttpAdmissionLayer, LocalCapacity, OnClientCancel,
 };
 use portcullis_balance::{HttpBalance, ReplicaRegistry};
 use portcullis_breaker::{Breaker, HttpFallback};
@@ -50,6 +53,19 @@ impl HealthSource for CanServe {
 
 /// The whole data path over `endpoints`, outermost first (see the [module docs](self)).
 ///
+/// The in-process capacity sources of every watched endpoint (`storage: memory`): adaptive
+/// ([`AdaptiveCapacity`] over [`LocalCapacity`]) where an `adaptive:` block applies, fixed
+/// elsewhere, each starting at the capacity of `plan` (0 while it is probed).
+pub(super) fn local_endpoints(
+    config: &GatewayConfig,
+    plan: &StartupPlan,
+) -> Result<Endpoints<AdaptiveCapacity<LocalCapacity>>, BuildError> {
+    Endpoints::adaptive_from_config(&config.admission, |path, ep| {
+        plan.initial_capacity(path, ep)
+    })
+    .map_err(BuildError)
+}
+
 /// The response body is one concrete type from the proxy up to the admission layer (each
 /// layer wraps it, `http_body_util::Either` joins the branches) and is boxed once, here.
 pub(super) fn admission_over<C>(

@@ -3,6 +3,7 @@
 
 pub mod gateway_process;
 pub mod temp_dir;
+pub mod knee;
 
 use axum::Router;
 use portcullis::gateway::{serve, Gateway, GatewayConfig};

@@ -4,7 +4,7 @@
 //! Reading a snapshot does no I/O: every number is an atomic load (or, for a shared
 //! capacity source, its cached value).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -148,7 +148,7 @@ pub struct EndpointStats {
 
 /// The state of an endpoint's adaptive limit (`endpoints.<path>.adaptive` in
 /// `/balancer/stats`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveStats {
     /// `gradient` or `aimd`.
     pub algorithm: String,
@@ -170,7 +170,7 @@ pub struct AdaptiveStats {
     pub latency: String,
     /// With shared storage: whether this process computes the shared limit (`false`: it
     /// applies the one stored by the process that does). Absent with in-process storage.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<bool>,
 }
 

@@ -21,6 +21,10 @@
 //! | `portcullis_endpoint_cancelled_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_held_after_cancel_total`, `portcullis_endpoint_held_cut_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_queue_wait_seconds` | histogram | `endpoint` |
+//! | `portcullis_endpoint_capacity_min`, `portcullis_endpoint_capacity_max` | gauge | `endpoint` (adaptive endpoints) |
+//! | `portcullis_endpoint_min_rtt_seconds`, `portcullis_endpoint_sample_rtt_seconds` | gauge | `endpoint` (adaptive endpoints) |
+//! | `portcullis_endpoint_adaptive_state` | gauge (1) | `endpoint`, `state` (adaptive endpoints) |
+//! | `portcullis_endpoint_capacity_changes_total` | counter | `endpoint` (adaptive endpoints) |
 //! | `portcullis_upstream_healthy`, `portcullis_upstream_ejected` | gauge (0/1) | `upstream`, `tier` |
 //! | `portcullis_upstream_inflight` | gauge | `upstream`, `tier` |
 //! | `portcullis_upstream_probe_latency_seconds` | gauge | `upstream`, `tier` |
@@ -149,6 +153,53 @@ fn histogram<'v>(
 
 impl Collector for StatsCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+/// The adaptive limits: bounds, latencies, state and changes, one row per adaptive endpoint.
+fn adaptive_families(e: &mut DescriptorEncoder, s: &Stats) -> fmt::Result {
+    let adaptive = || {
+        s.endpoints
+            .iter()
+            .filter_map(|(path, st)| Some((path.as_str(), st.adaptive.as_ref()?)))
+    };
+    type Gauge = fn(&portcullis_admission::AdaptiveStats) -> Option<f64>;
+    let gauges: [(&str, &str, Gauge); 4] = [
+        ("endpoint_capacity_min", "Lowest adaptive limit.", |a| {
+            Some(a.min_capacity as f64)
+        }),
+        ("endpoint_capacity_max", "Highest adaptive limit.", |a| {
+            Some(a.max_capacity as f64)
+        }),
+        (
+            "endpoint_min_rtt_seconds",
+            "No-load latency estimate of the adaptive limit.",
+            |a| a.min_rtt_ms.map(|ms| ms / 1e3),
+        ),
+        (
+            "endpoint_sample_rtt_seconds",
+            "Latency of the adaptive limit's last window.",
+            |a| a.sample_rtt_ms.map(|ms| ms / 1e3),
+        ),
+    ];
+    for (name, help, f) in gauges {
+        let rows = adaptive().filter_map(|(path, a)| Some((vec![("endpoint", path)], f(a)?)));
+        gauge_f64(e, name, help, rows)?;
+    }
+    let rows =
+        adaptive().map(|(path, a)| (vec![("endpoint", path), ("state", a.state.as_str())], 1i64));
+    gauge_i64(
+        e,
+        "endpoint_adaptive_state",
+        "What the adaptive controller did with its last window (1 for the state).",
+        rows,
+    )?;
+    let rows = adaptive().map(|(path, a)| (vec![("endpoint", path)], a.changes));
+    counter(
+        e,
+        "endpoint_capacity_changes",
+        "Changes of the adaptive limit.",
+        rows,
+    )
+}
+
         let s = &self.0;
         let e = &mut enc;
         family(
@@ -254,6 +305,7 @@ impl Collector for StatsCollector {
         }
         histogram(
             e,
+        adaptive_families(e, s)?;
             "endpoint_queue_wait_seconds",
             "Time admitted requests waited for a slot.",
             s.endpoints

@@ -140,6 +140,10 @@ pub struct EndpointStats {
 impl From<portcullis_admission::EndpointStats> for EndpointStats {
     fn from(e: portcullis_admission::EndpointStats) -> Self {
         // A struct literal without `..`: a field added to the wire type is mapped here too.
+    /// The adaptive limit's state, for an endpoint with `adaptive:` (`capacity` is then
+    /// the limit in force); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<portcullis_admission::AdaptiveStats>,
         Self {
             capacity: e.capacity as u64,
             active_requests: e.active_requests as u64,
@@ -163,6 +167,7 @@ impl From<portcullis_admission::EndpointStats> for EndpointStats {
 impl From<portcullis_admission::QueueWaitHistogram> for Histogram {
     fn from(h: portcullis_admission::QueueWaitHistogram) -> Self {
         Self {
+            adaptive: e.adaptive,
             buckets: h
                 .buckets
                 .into_iter()

@@ -39,6 +39,7 @@ pub fn sample_stats(active: u64, queue: u64) -> Stats {
             held_after_cancel: 3,
             held_cut: 0,
             queue_wait: Histogram::from_counts(&WAIT_BOUNDS, &waits, 42.5),
+            adaptive: None,
         },
     );
     s.endpoints.insert(
