@@ -90,6 +90,31 @@ fn bad_configs_exit_2_naming_file_and_field() {
             "`storage.url`",
         ),
         (Some("routing_strategy: random\n"), "`routing_strategy`"),
+        (Some("strategy: random\n"), "`strategy`"),
+        (
+            Some("strategy: p2c\nrouting_strategy: weighted\n"),
+            "`strategy`",
+        ),
+        (
+            Some("ui_password: a\nui: {password: b}\n"),
+            "`ui_password`",
+        ),
+        (
+            Some("ui_username: a\nui: {username: b}\n"),
+            "`ui_username`",
+        ),
+        (
+            Some("upstreams:\n  - {url: \"http://127.0.0.1:1\", weight: 0}\n"),
+            "`upstreams[0].weight`",
+        ),
+        (
+            Some("upstreams:\n  - {url: \"http://127.0.0.1:1\", weight: -1}\n"),
+            "`upstreams[0].weight`",
+        ),
+        (Some("storage: redis\n"), "`storage`"),
+        (Some("storage: \"http://:pw@h:1\"\n"), "`storage`"),
+        (Some("storage: \"redis://:pw@h:99999\"\n"), "`storage.url`"),
+        (Some("listen: ${GW_CONFIG_TEST_UNSET}\n"), "GW_CONFIG_TEST_UNSET"),
         (
             Some("max_probe_concurrency: 1000000000\n"),
             "`max_probe_concurrency`",
@@ -203,7 +228,7 @@ fn section_fields_are_named_with_their_line() {
             "`endpoints./b.queue_timeout`",
         ),
         (
-            "upstreams:\n  - {url: http://127.0.0.1:1}\n  - {url: http://127.0.0.1:2, weight: 1}\n",
+            "upstreams:\n  - {url: http://127.0.0.1:1}\n  - {url: http://127.0.0.1:2, weight: 0}\n",
             "line 3",
             "`upstreams[1].weight`",
         ),

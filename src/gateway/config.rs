@@ -14,7 +14,11 @@
 //! Loading never panics: a bad file is reported as a [`ConfigError`] that names the file, the
 //! field and, where the parser knows it, the line. The gateway exits with status 2 on it.
 
+mod compat;
+mod env;
 mod sections;
+
+pub use env::{Environment, IGNORED_VARIABLES};
 
 use super::proxy::Upstream;
 use super::upstream_url::{parse_cidr, AdminAllowlist};
@@ -248,7 +252,25 @@ impl GatewayConfig {
     ///
     /// A config without upstreams is valid here (the `bench` command needs none); whether
     /// the gateway can serve it is [`check_servable`](Self::check_servable).
+    ///
+    /// The process's environment applies: `${VAR}` expansion and `PORTCULLIS_*` overrides
+    /// (see [`from_yaml_with_env`](Self::from_yaml_with_env)).
     pub fn from_yaml(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        Self::from_yaml_with_env(text, file, &Environment::from_process())
+    }
+
+    /// [`from_yaml`](Self::from_yaml) with the variables of `env` instead of the process's:
+    /// `${VAR}` and `${VAR:-default}` in the text are expanded, the older schema's field
+    /// names are read as deprecated aliases (a warning is logged for each), and each
+    /// `PORTCULLIS_<FIELD>` variable overrides its field (`__` between nested keys) before
+    /// the typed read and the checks, so an override is refused like a bad field, naming
+    /// the variable. Secrets (`ui.password`, the password of `storage.url`) are masked in
+    /// every error message.
+    pub fn from_yaml_with_env(
+        text: &str,
+        file: &Path,
+        env: &Environment,
+    ) -> Result<Self, ConfigError> {
         let refuse = |line: Option<usize>, message: String| ConfigError {
             file: file.to_path_buf(),
             field: None,
@@ -270,13 +292,16 @@ impl GatewayConfig {
                 format!("the YAML is nested more than {MAX_CONFIG_DEPTH} levels deep"),
             ));
         }
-        let cfg: GatewayConfig = if text.trim().is_empty() {
+        let prepared = env::prepare(text, env, file)?;
+        let read = &*prepared.text;
+        let cfg: GatewayConfig = if read.trim().is_empty() {
             GatewayConfig::default()
         } else {
-            sections::from_yaml(text).map_err(|e| yaml_error(e, text, file))?
+            sections::from_yaml(read)
+                .map_err(|e| prepared.locate(yaml_error(e, read, file), text))?
         };
         cfg.validate()
-            .map_err(|e| ConfigError::at_field(e, text, file))?;
+            .map_err(|e| prepared.locate(ConfigError::at_field(e, text, file), text))?;
         Ok(cfg)
     }
 
@@ -811,6 +836,70 @@ mod tests {
     }
 
     #[test]
+    fn environment_overrides_and_expansion() {
+        let with = |text: &str, pairs: &[(&str, &str)]| {
+            let env = Environment::from_pairs(pairs.iter().copied());
+            GatewayConfig::from_yaml_with_env(text, Path::new("t.yml"), &env)
+        };
+        let text =
+            "upstreams:\n  - {url: \"http://${HOST}:1\"}\nendpoints:\n  /work: {capacity: 8}\n";
+        let cfg = with(
+            text,
+            &[
+                ("HOST", "127.0.0.1"),
+                ("PORTCULLIS_UPSTREAM_TIMEOUT", "7"),
+                ("PORTCULLIS_ENDPOINTS__/work__CAPACITY", "3"),
+                ("PORTCULLIS_STRATEGY", "weighted"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.balance.upstreams[0].url, "http://127.0.0.1:1");
+        assert_eq!(cfg.upstream_timeout, Duration::from_secs(7));
+        assert_eq!(cfg.admission.endpoints["/work"].capacity, Some(3));
+        assert_eq!(cfg.balance.routing_strategy, RoutingStrategy::Weighted);
+        // A refused override names the variable and no line of the file.
+        let e = with(
+            text,
+            &[("HOST", "h"), ("PORTCULLIS_UPSTREAM_TIMEOUT", "soon")],
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("upstream_timeout"), "{e}");
+        assert!(e.message.contains("PORTCULLIS_UPSTREAM_TIMEOUT"), "{e}");
+        assert_eq!(e.line, None, "{e}");
+        // Other errors keep the field's line in the file, though the text was rewritten.
+        let e = with(
+            "upstreams: []\nfailure_threshold: 0\n",
+            &[("PORTCULLIS_LISTEN", "127.0.0.1:9")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.field.as_deref(), e.line),
+            (Some("failure_threshold"), Some(2))
+        );
+        let e = with("listen: 127.0.0.1:1\nstrategy: fastest\n", &[]).unwrap_err();
+        assert_eq!(
+            (e.field.as_deref(), e.line),
+            (Some("strategy"), Some(2)),
+            "{e}"
+        );
+        // Secrets are masked wherever they show.
+        let e = with(
+            "ui: {username: a, password: \"${PW}\"}\nlisten: \"${PW}\"\n",
+            &[("PW", "hunter2")],
+        )
+        .unwrap_err();
+        assert!(
+            !e.to_string().contains("hunter2") && e.message.contains("***"),
+            "{e}"
+        );
+        // No environment: the text is read as it is.
+        assert_eq!(
+            with(text, &[("HOST", "h")]).unwrap().upstream_timeout,
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
     fn storage_shorthands_load() {
         for (text, kind, url) in [
             ("storage: memory\n", StorageType::Memory, None),
@@ -922,6 +1011,22 @@ mod tests {
             ("storage: \"http://h:1\"\n", "storage", Some(1)),
             ("storage: {type: redis, urll: \"redis://h:1\"}\n", "storage.urll", Some(1)),
             ("storage: \"redis://h:99999\"\n", "storage.url", Some(1)),
+            (
+                "listen: 127.0.0.1:1\nstrategy: p2c\nrouting_strategy: weighted\n",
+                "strategy",
+                Some(2),
+            ),
+            ("upstreams: []\nstrategy: fastest\n", "strategy", Some(2)),
+            (
+                "ui_username: a\nui: {username: b}\n",
+                "ui_username",
+                Some(1),
+            ),
+            (
+                "ui: {password: x}\nui_password: y\n",
+                "ui_password",
+                Some(2),
+            ),
         ];
         for (text, field, line) in cases {
             let e = load(text).unwrap_err();

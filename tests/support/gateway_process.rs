@@ -32,12 +32,18 @@ pub struct GatewayProcess {
     port: u16,
     child: Option<Child>,
     launches: u32,
+    env: Vec<(String, String)>,
 }
 
 impl GatewayProcess {
     /// Spawns the binary with `yaml` (every field but `listen`, which the process gets on a
     /// free port); does not wait for it to be ready.
     pub fn spawn(name: &str, yaml: &str) -> Self {
+        Self::spawn_with_env(name, yaml, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with these environment variables set for the process.
+    pub fn spawn_with_env(name: &str, yaml: &str, env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new(&format!("gw-{name}"));
         let mut p = Self {
             name: name.to_owned(),
@@ -46,8 +52,19 @@ impl GatewayProcess {
             port: 0,
             child: None,
             launches: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         p.launch();
+        p
+    }
+
+    /// [`start`](Self::start) with these environment variables set for the process.
+    pub async fn start_with_env(name: &str, yaml: &str, env: &[(&str, &str)]) -> Self {
+        let mut p = Self::spawn_with_env(name, yaml, env);
+        p.wait_ready().await;
         p
     }
 
@@ -79,6 +96,7 @@ impl GatewayProcess {
                 std::env::var("GW_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

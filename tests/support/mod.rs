@@ -1,6 +1,7 @@
 //! Test support: real axum backends and an in-process gateway on 127.0.0.1 ephemeral ports.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod env_check;
 pub mod gateway_process;
 pub mod temp_dir;
 pub mod knee;

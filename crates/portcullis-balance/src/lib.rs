@@ -1,5 +1,6 @@
-//! Health-gated load balancing over replicas: tiers, first-healthy / round-robin / p2c,
-//! active health checks and passive outlier ejection, as a tower layer.
+//! Health-gated load balancing over replicas: tiers, first-healthy / round-robin / p2c /
+//! least-connections / weighted, active health checks and passive outlier ejection, as a
+//! tower layer.
 //!
 //! # Pieces
 //!
@@ -17,8 +18,10 @@
 //!   re-ejection); after the cooldown exactly one request is leased to it as a probe. Active
 //!   and passive signals drive one state machine per replica.
 //! * Policies ([`RoutingStrategy`]): `p2c` (default; power of two choices on in-flight
-//!   count), `round-robin`, `first-healthy` — always over the healthy replicas of the best
-//!   tier with a healthy member. Panic mode (`panic_threshold`, Envoy's) routes to every
+//!   count), `round-robin`, `first-healthy`, `least-connections` (the exact minimum of
+//!   in-flight), `weighted` (smooth weighted round robin by
+//!   [`ReplicaRegistry::add_weighted`]'s weight) — always over the healthy replicas of the
+//!   best tier with a healthy member. Panic mode (`panic_threshold`, Envoy's) routes to every
 //!   replica when too few are healthy.
 //! * Services: [`Balance`] (generic, any request type; replicas are tower services, or any
 //!   payload handed to a dispatch service; fails with [`NoHealthyReplica`]) and

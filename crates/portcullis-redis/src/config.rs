@@ -58,8 +58,8 @@ pub enum OnError {
 ///
 /// `Debug` and [`redacted_url`](StorageConfig::redacted_url) never show the password.
 ///
-/// It deserializes from the full mapping or from one of the shorthands of the
-/// [module docs](self) (`memory`, `null`, a `redis://` / `rediss://` URL).
+/// It deserializes from the full mapping or from a shorthand: `memory` or `null` (the
+/// default), or a `redis://` / `rediss://` URL (`type: redis` with that `url`).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(remote = "Self", deny_unknown_fields, default)]
 pub struct StorageConfig {
