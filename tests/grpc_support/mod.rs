@@ -391,6 +391,32 @@ pub async fn start_plain(addr: SocketAddr, greeter: Arc<Greeter>) -> GrpcServer 
     })
 }
 
+/// A tonic server for `greeter` plus the `grpc.health.v1` service (`tonic-health`), h2c
+/// only, on `addr`; the greeter's service starts `SERVING`.
+pub async fn start_with_health(
+    addr: SocketAddr,
+    greeter: Arc<Greeter>,
+) -> (GrpcServer, tonic_health::server::HealthReporter) {
+    let listener = bind(addr).await;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
+    let svc = GreeterServer(greeter.clone());
+    let server = spawn(listener, greeter, move |incoming, stop| {
+        Box::pin(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop.await;
+                })
+                .await;
+        })
+    });
+    (server, reporter)
+}
+
 /// A channel to `url` (connects lazily).
 pub fn channel(url: &str) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(url.to_owned())

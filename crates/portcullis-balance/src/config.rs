@@ -2,7 +2,7 @@
 
 use portcullis_core::classify::{GrpcCodeSet, ProtocolClassifier};
 use portcullis_core::ConfigError;
-use portcullis_health::{CheckerConfig, HealthPolicy};
+use portcullis_health::{CheckerConfig, GrpcHealthProbe, HealthPolicy};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -43,6 +43,29 @@ pub struct UpstreamConfig {
 
 fn default_weight() -> u32 {
     1
+}
+
+/// The protocol of the active health check (`health_check.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// `GET <url><health_endpoint>`; 2xx is healthy (the default).
+    #[default]
+    Http,
+    /// `grpc.health.v1.Health/Check` over h2c for `health_check.service`; `SERVING` is
+    /// healthy ([`GrpcHealthProbe`]).
+    Grpc,
+}
+
+/// How replicas are health-checked (`health_check: {kind: grpc, service: ""}`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// `http` (default) or `grpc`.
+    pub kind: HealthCheckKind,
+    /// The service name a `grpc` check asks about (`""`, the default: the whole server).
+    /// Only for `kind: grpc`.
+    pub service: String,
 }
 
 /// The balancer and health-check settings. Durations are seconds in YAML (`0.5`).
@@ -92,6 +115,9 @@ pub struct Config {
     /// UNKNOWN, DATA_LOSS]`; names in `SCREAMING_SNAKE_CASE` or `snake_case`; see
     /// [`portcullis_core::classify`] for why `PERMISSION_DENIED` is not among them).
     pub grpc_failure_codes: GrpcCodeSet,
+    /// The health check's protocol: `{kind: http}` (the default, `health_endpoint`) or
+    /// `{kind: grpc, service: ""}` (the gRPC health checking protocol).
+    pub health_check: HealthCheckConfig,
 }
 
 /// The shortest `health_check_interval`: 10 ms (a shorter one is a busy loop against the
@@ -115,6 +141,7 @@ impl Default for Config {
             panic_threshold: 0.0,
             uneject_on_active_check: false,
             grpc_failure_codes: GrpcCodeSet::DEFAULT_FAILURES,
+            health_check: HealthCheckConfig::default(),
         }
     }
 }
@@ -175,6 +202,13 @@ impl Config {
                 ));
             }
         }
+        if self.health_check.kind == HealthCheckKind::Http && !self.health_check.service.is_empty()
+        {
+            return Err(ConfigError::new(
+                "health_check.service",
+                "is only used by `kind: grpc` (the HTTP check requests `health_endpoint`)",
+            ));
+        }
         if !self.health_endpoint.starts_with('/') {
             return Err(ConfigError::new(
                 "health_endpoint",
@@ -202,6 +236,15 @@ impl Config {
     /// 5xx for the others.
     pub fn classifier(&self) -> ProtocolClassifier {
         ProtocolClassifier::new(self.grpc_failure_codes)
+    }
+
+    /// The gRPC health probe of `health_check` (`None` for `kind: http`), with
+    /// `health_check_timeout`. Start it with
+    /// [`ReplicaRegistry::spawn_checker`](crate::ReplicaRegistry::spawn_checker).
+    pub fn grpc_health_probe(&self) -> Option<GrpcHealthProbe> {
+        (self.health_check.kind == HealthCheckKind::Grpc).then(|| {
+            GrpcHealthProbe::new(self.health_check.service.clone(), self.health_check_timeout)
+        })
     }
 
     /// The active checker's timing.
@@ -290,6 +333,24 @@ mod tests {
             serde_json::from_str::<Config>(r#"{"grpc_failure_codes": ["UNAVAILBLE"]}"#).is_err()
         );
         assert!(serde_json::from_str::<Config>(r#"{"grpc_failure_codes": ["OK"]}"#).is_err());
+    }
+
+    #[test]
+    fn health_check_kind() {
+        assert_eq!(Config::default().health_check.kind, HealthCheckKind::Http);
+        assert!(Config::default().grpc_health_probe().is_none());
+        let c: Config = serde_json::from_value(serde_json::json!({
+            "health_check": {"kind": "grpc", "service": "pkg.Svc"}
+        }))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.grpc_health_probe().unwrap().service(), "pkg.Svc");
+        let c: Config = serde_json::from_value(serde_json::json!({
+            "health_check": {"service": "pkg.Svc"}
+        }))
+        .unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "health_check.service");
+        assert!(serde_json::from_str::<Config>(r#"{"health_check": {"kind": "tcp"}}"#).is_err());
     }
 
     #[test]

@@ -75,11 +75,11 @@ mod snapshot;
 mod sync;
 
 pub use balance::{Balance, BalanceLayer, CallReplica};
-pub use config::{Config, RoutingStrategy, UpstreamConfig};
+pub use config::{Config, HealthCheckConfig, HealthCheckKind, RoutingStrategy, UpstreamConfig};
 pub use error::NoHealthyReplica;
 pub use guard::InflightGuard;
 pub use http::{HttpBalance, HttpBalanceLayer};
-pub use portcullis_health::{CheckerConfig, CheckerHandle, HealthPolicy, Status};
+pub use portcullis_health::{CheckerConfig, CheckerHandle, GrpcHealthProbe, HealthPolicy, Status};
 pub use registry::{RegistryTargets, Replica, ReplicaRegistry, Tier};
 pub use retry::{RetryBudget, RetryBudgetCounts};
 pub use snapshot::{ReplicaSnapshot, Snapshot};

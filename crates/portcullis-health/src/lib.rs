@@ -2,6 +2,8 @@
 //!
 //! * [`probe`]: the [`Probe`] trait (one health check of one target) and [`HttpProbe`], the
 //!   real HTTP implementation on one shared pooled client.
+//! * [`grpc_probe`]: [`GrpcHealthProbe`], the gRPC health checking protocol
+//!   (`grpc.health.v1.Health/Check`) as a [`Probe`].
 //! * [`state`]: [`HealthState`], the per-replica state machine driven by active probes
 //!   (consecutive `failure_threshold` / `recovery_threshold`) and passive outlier ejection
 //!   (`eject_after`, `eject_for`, single-probe recovery lease).
@@ -29,6 +31,7 @@
 
 pub mod checker;
 pub mod checks;
+pub mod grpc_probe;
 pub mod probe;
 pub mod readiness;
 pub mod server;
@@ -37,6 +40,7 @@ mod sync;
 
 pub use checker::{CheckerConfig, CheckerHandle, HealthChecker, ProbeTarget, ProbeTargets};
 pub use checks::{check_fn, Check, CheckFuture, CheckPolicy, CheckSet, ChecksHandle, FnCheck};
+pub use grpc_probe::{GrpcHealthProbe, GRPC_HEALTH_CHECK_PATH};
 pub use probe::{HttpProbe, Probe, ProbeFuture, ProbeResult};
 pub use readiness::{routes, Component, HealthRegistry, ProbeStatus, HEALTHZ_PATH, READYZ_PATH};
 pub use server::{HealthServer, HealthServerConfig, DEFAULT_HEALTH_PORT};
