@@ -182,7 +182,15 @@ async fn a_held_request_is_cut_at_the_hold_limit() {
     let url: http::Uri = gw.url("/work").parse().unwrap();
     let first = tokio::time::timeout(Duration::from_millis(100), client().get(url.clone())).await;
     assert!(first.is_err());
-    let stats = endpoint_stats(&gw).await;
+    // The gateway sees the client's close when it next polls that connection: wait for it.
+    let mut stats = endpoint_stats(&gw).await;
+    for _ in 0..50 {
+        if stats["held_after_cancel"] != 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = endpoint_stats(&gw).await;
+    }
     assert_eq!(stats["local_active"], 1, "held after the cancel: {stats}");
     assert_eq!(stats["held_after_cancel"], 1, "{stats}");
     let stats = settle(&gw).await;
