@@ -16,6 +16,8 @@ fn strategy() -> impl Strategy<Value = RoutingStrategy> {
         Just(RoutingStrategy::P2c),
         Just(RoutingStrategy::RoundRobin),
         Just(RoutingStrategy::FirstHealthy),
+        Just(RoutingStrategy::LeastConnections),
+        Just(RoutingStrategy::Weighted),
     ]
 }
 
