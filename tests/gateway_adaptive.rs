@@ -8,50 +8,9 @@ mod support;
 use axum::body::Body;
 use http::Request;
 use http_body_util::BodyExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::knee::{KneeBackend, KneeModel};
+use support::knee::{KneeBackend, KneeModel, Load};
 use support::{client, TestGateway};
-
-/// `n` clients sending `GET /work` through the gateway back to back until dropped.
-struct Clients {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Clients {
-    fn start(gw: &TestGateway, n: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let url = gw.url("/work");
-        let tasks = (0..n)
-            .map(|_| {
-                let (stop, url) = (stop.clone(), url.clone());
-                tokio::spawn(async move {
-                    let client = client();
-                    while !stop.load(Ordering::Relaxed) {
-                        let req = Request::get(&url).body(Body::empty()).unwrap();
-                        if let Ok(resp) = client.request(req).await {
-                            let _ = resp.into_body().collect().await;
-                        } else {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    }
-                })
-            })
-            .collect();
-        Self { stop, tasks }
-    }
-}
-
-impl Drop for Clients {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
 
 /// The whole `/balancer/stats` document.
 async fn stats(gw: &TestGateway) -> serde_json::Value {
@@ -119,7 +78,7 @@ fn config(backend: &KneeBackend, adaptive: &str) -> String {
 async fn the_limit_converges_near_the_knee_and_follows_it() {
     let knee = KneeBackend::start(KneeModel::default()).await; // K = 16, 20 ms, +5 ms
     let gw = TestGateway::start(&config(&knee, "{min_capacity: 2, max_capacity: 100}")).await;
-    let _clients = Clients::start(&gw, 48);
+    let _clients = Load::start(gw.url("/work"), 48);
 
     let seen = settles(&gw, Duration::from_secs(10), 12..=24, 2..=100).await;
     // Settled: the backend does not see more than 1.5 × K in flight for long (the mean of
@@ -209,7 +168,7 @@ async fn the_bounds_hold_past_the_knee_and_when_everything_fails() {
     })
     .await;
     let gw = TestGateway::start(&config(&knee, "{min_capacity: 4, max_capacity: 10}")).await;
-    let _clients = Clients::start(&gw, 48);
+    let _clients = Load::start(gw.url("/work"), 48);
     // Room for 40: the limit climbs to max_capacity and no further.
     settles(&gw, Duration::from_secs(10), 10..=10, 4..=10).await;
     for _ in 0..8 {

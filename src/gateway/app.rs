@@ -39,7 +39,6 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
-use portcullis_admission::Endpoints;
 use portcullis_balance::{CheckerHandle, ReplicaRegistry, Tier};
 use portcullis_breaker::Breaker;
 use portcullis_core::HealthSource;
@@ -156,13 +155,12 @@ impl Gateway {
                 let storage = RedisStorage::connect(&config.storage)
                     .await
                     .map_err(|e| BuildError(format!("storage: {e}")))?;
-                let endpoints = Endpoints::from_config_with(admission, |p, e| {
-                    storage.capacity_source(p, plan.initial_capacity(p, e))
-                })
-                .map_err(BuildError)?;
-                // A configured capacity is the truth: store it for every process.
+                let endpoints = stack::shared_endpoints(&config, &plan, &storage)?;
+                // A configured fixed capacity is the truth: store it for every process. An
+                // adaptive one is only the initial limit: a process that starts later does
+                // not reset the limit the others share.
                 for (path, ep) in &admission.endpoints {
-                    if let Some(c) = ep.capacity {
+                    if let (Some(c), None) = (ep.capacity, admission.adaptive_for(ep)) {
                         endpoints.set_capacity(path, c);
                     }
                 }

@@ -27,6 +27,7 @@ use portcullis_balance::{HttpBalance, ReplicaRegistry};
 use portcullis_breaker::{Breaker, HttpFallback};
 use portcullis_core::HealthSource;
 use portcullis_health::{HttpProbe, Probe, ProbeFuture, ProbeResult};
+use portcullis_redis::{RedisCapacity, RedisStorage};
 use std::convert::Infallible;
 use std::time::Duration;
 use tower::util::{BoxCloneSyncService, Either};
@@ -49,6 +50,29 @@ impl HealthSource for CanServe {
     fn can_serve(&self) -> bool {
         self.has_fallback || self.registry.can_serve()
     }
+}
+
+/// The Redis-shared capacity sources of every watched endpoint (`storage: redis`): adaptive
+/// where an `adaptive:` block applies, the limit moved by the one process that holds the
+/// endpoint's [`AdaptiveLease`](portcullis_redis::AdaptiveLease) and applied by all; fixed
+/// elsewhere.
+pub(super) fn shared_endpoints(
+    config: &GatewayConfig,
+    plan: &StartupPlan,
+    storage: &RedisStorage,
+) -> Result<Endpoints<AdaptiveCapacity<RedisCapacity>>, BuildError> {
+    let admission = &config.admission;
+    Endpoints::from_config_with(admission, |path, ep| {
+        let shared = storage.capacity_source(path, plan.initial_capacity(path, ep));
+        match admission.adaptive_for(ep) {
+            Some(a) => {
+                let lease = std::sync::Arc::new(storage.adaptive_lease(path, a.window));
+                AdaptiveCapacity::shared(shared, a, path, lease)
+            }
+            None => AdaptiveCapacity::fixed(shared),
+        }
+    })
+    .map_err(BuildError)
 }
 
 /// The whole data path over `endpoints`, outermost first (see the [module docs](self)).

@@ -16,7 +16,7 @@ use portcullis_admission::{CapacitySource, EndpointConfig, Endpoints};
 use portcullis_balance::ReplicaRegistry;
 use portcullis_health::Component;
 use portcullis_probe::{ProbeReport, ProbeTransport, Prober, RequestOutcome, SendFuture};
-use portcullis_redis::{RedisCapacity, RedisStorage};
+use portcullis_redis::RedisStorage;
 use std::sync::Arc;
 use tower::Service;
 
@@ -217,10 +217,10 @@ pub async fn probe_local<C: CapacitySource>(
 
 /// Probes `paths` through the Redis capacity store: the first process probes and stores,
 /// the others wait for and reuse its result; `force_reprobe` probes again.
-pub async fn probe_shared(
+pub async fn probe_shared<C: CapacitySource>(
     config: Arc<GatewayConfig>,
     registry: ReplicaRegistry<ProxyTo>,
-    endpoints: Endpoints<RedisCapacity>,
+    endpoints: Endpoints<C>,
     storage: RedisStorage,
     paths: Vec<String>,
     ready: Component,

@@ -10,9 +10,9 @@ use axum::http::StatusCode;
 use axum::routing::{any, get};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The latency model.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -144,4 +144,60 @@ async fn control(
         *model = m;
     }
     Json(*model)
+}
+
+/// `n` closed-loop clients sending `GET url` back to back until dropped, recording each
+/// answer's status and latency (a transport error is status 0).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<(u16, Duration)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(url: String, n: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..n)
+            .map(|_| {
+                let (stop, url, seen) = (stop.clone(), url.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let client = super::client();
+                    while !stop.load(Ordering::Relaxed) {
+                        let req = http::Request::get(&url)
+                            .body(axum::body::Body::empty())
+                            .unwrap();
+                        let started = Instant::now();
+                        let status = match client.request(req).await {
+                            Ok(resp) => {
+                                let status = resp.status().as_u16();
+                                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                                status
+                            }
+                            Err(_) => 0,
+                        };
+                        seen.lock().unwrap().push((status, started.elapsed()));
+                        if status == 0 {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { stop, seen, tasks }
+    }
+
+    /// The answers recorded since the last call.
+    pub fn take(&self) -> Vec<(u16, Duration)> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }

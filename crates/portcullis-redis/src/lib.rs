@@ -56,6 +56,7 @@
 
 #![forbid(unsafe_code)]
 
+mod adaptive_lease;
 pub mod capacity;
 mod capacity_cell;
 mod capacity_store;
@@ -75,6 +76,7 @@ mod tasks;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use adaptive_lease::{AdaptiveLease, LEASE_WINDOWS};
 pub use capacity::{RedisAcquire, RedisCapacity, RedisPermit};
 pub use config::{
     redact_url, OnError, StorageConfig, StorageType, DEFAULT_FAILURE_THRESHOLD, DEFAULT_KEY_PREFIX,

@@ -42,6 +42,7 @@ pub(crate) struct Keys {
     pub(crate) queue: String,
     pub(crate) queue_ttl: String,
     pub(crate) probe_lock: String,
+    pub(crate) adaptive_lease: String,
     pub(crate) channel: String,
 }
 
@@ -57,6 +58,7 @@ impl Keys {
             queue: format!("{tag}:queue"),
             queue_ttl: format!("{tag}:queue_ttl"),
             probe_lock: format!("{tag}:probe_lock"),
+            adaptive_lease: format!("{tag}:adaptive_lease"),
             channel: format!("{tag}:events"),
         }
     }

@@ -71,7 +71,7 @@ pub struct AdaptiveConfig {
     /// no smoothing).
     pub smoothing: f64,
     /// Latency above `min_rtt` tolerated before the gradient shrinks the limit, as a
-    /// fraction of `min_rtt` (default 0.25).
+    /// fraction of `min_rtt` (default 0.15).
     pub buffer: f64,
     /// How often `min_rtt` is measured again (seconds, default 30), so it cannot drift.
     #[serde(with = "portcullis_core::seconds")]
@@ -100,7 +100,7 @@ impl Default for AdaptiveConfig {
             min_samples: 10,
             latency_quantile: 0.5,
             smoothing: 0.5,
-            buffer: 0.25,
+            buffer: 0.15,
             min_rtt_interval: Duration::from_secs(30),
             min_rtt_jitter: 0.15,
             backoff: 0.9,

@@ -13,8 +13,8 @@
 //! ```
 //!
 //! While latency stays within `buffer` of `min_rtt` the gradient is above 1 and the limit
-//! grows by about a quarter plus √limit per window; once requests queue inside the backend
-//! the latency rises, the gradient falls below 1 and the limit shrinks until the two
+//! grows by up to `buffer` (15 % by default) plus √limit per window; once requests queue
+//! inside the backend the latency rises, the gradient falls below 1 and the limit shrinks until the two
 //! balance. The √limit headroom keeps a little queueing at the backend, so that it stays
 //! busy, and lets a limit that is too low grow without waiting for latency to fall. The
 //! clamp bounds one window's change to a halving or a doubling.

@@ -143,7 +143,8 @@ impl<C: CapacitySource + Clone> AdaptiveCapacity<C> {
         lease: Option<Arc<dyn LimitLease>>,
     ) -> Self {
         let initial = inner.capacity();
-        if initial > 0 {
+        // Only when outside the bounds: for a shared source a set is a write for everyone.
+        if initial > 0 && config.clamp(initial) != initial {
             inner.set_capacity(config.clamp(initial));
         }
         let seed = std::collections::hash_map::RandomState::new().hash_one(&name);
