@@ -13,7 +13,14 @@
 //!     headers: {Authorization: Bearer t}   # optional; used by the probe, kept as is
 //!     body: {input: sample}                 # optional; used by the probe, kept as is
 //!     probe_path: /predict   # optional; where the probe sends (needed for a `/*` pattern)
+//!     adaptive:              # optional; the capacity adapts at run time (8 is the start)
+//!       algorithm: gradient  # or aimd
+//!       min_capacity: 2
+//!       max_capacity: 32
+//! adaptive: {max_capacity: 64}  # optional; the default block of every other endpoint
 //! ```
+//!
+//! See [`adaptive`](crate::adaptive) for the `adaptive:` block.
 //!
 //! # Endpoint keys
 //!

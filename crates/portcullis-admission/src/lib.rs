@@ -12,6 +12,9 @@
 //!   waiters, RAII permits, runtime capacity. [`LocalCapacity`] is the in-process source
 //!   (a fair tokio semaphore: one compare-and-swap when a slot is free); the Redis-shared
 //!   source lives in `portcullis-redis`.
+//! * [`adaptive`]: [`AdaptiveCapacity`](adaptive::AdaptiveCapacity), a source wrapper whose
+//!   limit follows the backend at run time (gradient or AIMD controller over each window's
+//!   latency and overload signals), inside `[min_capacity, max_capacity]`.
 //! * [`Limiter`]: one endpoint's source, `queue_timeout`, `max_queue` and counters, shared by
 //!   every connection.
 //! * [`Admission`] / [`AdmissionLayer`]: the generic form (any request type), failing with

@@ -11,6 +11,9 @@
 //!   every gateway process, each process keeping its own local FIFO of waiters woken by a
 //!   cross-process release notification.
 //!
+//! [`AdaptiveCapacity`](crate::adaptive::AdaptiveCapacity) wraps either and moves its limit
+//! at run time from the outcomes the layer reports ([`CapacitySource::record_outcome`]).
+//!
 //! # Division of work between a source and the layer
 //!
 //! | concern | owner |
