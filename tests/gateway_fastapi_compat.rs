@@ -2,7 +2,8 @@
 //! (`tests/fixtures/fastapi_balancer.yml`, older field names included) passes `--check` and
 //! serves; `least-connections` sends requests to the least loaded of three real backends
 //! while two of them are held busy; `weighted` splits requests by weight; the storage
-//! shorthands and the deprecated names pass `--check`, the latter with a warning each.
+//! shorthands and the deprecated names pass `--check`, the latter with a warning each; the
+//! `storage: redis://...` shorthand runs against a real redis-server with a password.
 
 mod support;
 
@@ -236,4 +237,34 @@ fn storage_shorthands_and_old_names_pass_check() {
         assert!(text.contains(needle), "{extra:?} names {needle}: {text}");
         assert!(!text.contains("pw@"), "{text}");
     }
+}
+
+#[tokio::test]
+async fn redis_url_shorthand_runs_against_a_real_redis() {
+    let password = "Zq9-redis-pw";
+    let Some(redis) = portcullis_redis::testing::RedisServer::start_with(
+        "redis_url_shorthand_runs_against_a_real_redis",
+        &["--requirepass", password],
+    ) else {
+        return;
+    };
+    let backend = Backend::start("a").await;
+    let url = format!("redis://:{password}@127.0.0.1:{}", redis.port());
+    let yaml = format!(
+        "storage: \"{url}\"\nupstreams:\n  - {{url: \"{}\"}}\nendpoints:\n  /work: {{capacity: 2}}\n",
+        backend.url()
+    );
+    // Ready means the storage readiness check passed: the gateway reached Redis with the
+    // shorthand's URL and password.
+    let gw = GatewayProcess::start("redis-shorthand", &yaml).await;
+    let (status, body) = get_text(&gw.url("/work"), None).await;
+    assert_eq!((status, body.as_str()), (200, "a"));
+    let log = gw.log();
+    assert!(log.contains("redis storage configured"), "{log}");
+    assert!(
+        !log.contains(password),
+        "the Redis password is in the log:\n{log}"
+    );
+    let stats = gw.stats().await.to_string();
+    assert!(!stats.contains(password), "{stats}");
 }
