@@ -707,6 +707,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn waiters_keep_their_place_when_the_limit_changes() {
+        let config = AdaptiveConfig {
+            min_capacity: 1,
+            max_capacity: 8,
+            ..Default::default()
+        };
+        let source = AdaptiveCapacity::new(LocalCapacity::new(1), &config, "/t");
+        let first = source.try_acquire().unwrap();
+        let mut waiters: Vec<_> = (0..4).map(|_| Box::pin(source.acquire(None))).collect();
+        assert_eq!(source.queue_depth(), 4);
+        // Polls every waiter once, keeping the slots granted: which ones were granted.
+        let mut held = Vec::new();
+        let mut poll_all = |waiters: &mut Vec<Pin<Box<AdaptiveAcquire<LocalCapacity>>>>| {
+            let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+            waiters
+                .iter_mut()
+                .map(|w| match w.as_mut().poll(&mut cx) {
+                    Poll::Ready(p) => {
+                        held.push(p.unwrap());
+                        true
+                    }
+                    Poll::Pending => false,
+                })
+                .collect::<Vec<_>>()
+        };
+        // Growing by 2 admits the two oldest waiters, in order; the others stay queued.
+        source.set_capacity(3);
+        assert_eq!(poll_all(&mut waiters), [true, true, false, false]);
+        waiters.drain(..2);
+        // Shrinking revokes nothing and drops no waiter; then the next slot goes to the
+        // oldest of them.
+        source.set_capacity(1);
+        assert_eq!((source.active(), source.queue_depth()), (3, 2));
+        drop(first);
+        source.set_capacity(3);
+        assert_eq!(poll_all(&mut waiters), [true, false]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_slot_without_an_outcome_is_no_sample_and_fixed_samples_nothing() {
         let source = AdaptiveCapacity::new(LocalCapacity::new(4), &AdaptiveConfig::default(), "/t");
         let shared = source.shared.clone().unwrap();
