@@ -248,6 +248,17 @@ fn section_fields_are_named_with_their_line() {
             "line 3",
             "`storage.url`",
         ),
+        // The adaptive bounds hold the initial capacity: `--check` refuses it outside them.
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\nendpoints:\n  /w: {capacity: 50}\nadaptive:\n  max_capacity: 20\n",
+            "line 4",
+            "`endpoints./w.capacity`",
+        ),
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\nendpoints:\n  /w:\n    adaptive: {window: 0}\n",
+            "line 5",
+            "`endpoints./w.adaptive.window`",
+        ),
     ];
     for (yaml, line, field) in cases {
         let (code, text) = run_with(Some(yaml), &["--check"]);
@@ -284,17 +295,6 @@ fn oversized_and_deep_configs_are_refused_fast() {
         assert!(text.contains("nested more than 128"), "{text}");
         assert!(
             started.elapsed() < std::time::Duration::from_secs(5),
-        // The adaptive bounds hold the initial capacity: `--check` refuses it outside them.
-        (
-            "upstreams:\n  - {url: http://127.0.0.1:1}\nendpoints:\n  /w: {capacity: 50}\nadaptive:\n  max_capacity: 20\n",
-            "line 4",
-            "`endpoints./w.capacity`",
-        ),
-        (
-            "upstreams:\n  - {url: http://127.0.0.1:1}\nendpoints:\n  /w:\n    adaptive: {window: 0}\n",
-            "line 5",
-            "`endpoints./w.adaptive.window`",
-        ),
             "{:?}",
             started.elapsed()
         );

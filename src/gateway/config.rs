@@ -427,6 +427,19 @@ impl GatewayConfig {
             }
         }
         self.admission.validate()?;
+        // `default_capacity` is the initial limit of the adaptive endpoints without one.
+        for (path, ep) in &self.admission.endpoints {
+            if let (None, Some(a)) = (ep.capacity, self.admission.adaptive_for(ep)) {
+                portcullis_admission::config::check_within_bounds(
+                    "default_capacity",
+                    self.default_capacity as usize,
+                    a,
+                )
+                .map_err(|e| {
+                    FieldError::new(e.field, format!("{} (endpoint {path})", e.message))
+                })?;
+            }
+        }
         for (path, ep) in &self.admission.endpoints {
             if ep.capacity.is_none() && self.probe.probe_on_startup && ep.probe_path(path).is_none()
             {
@@ -468,19 +481,6 @@ fn read_bounded(path: &Path, limit: usize) -> Result<String, String> {
     if bytes.len() > limit {
         return Err(format!(
             "the file is larger than {limit} bytes (16 MiB), the most a config may be"
-        // `default_capacity` is the initial limit of the adaptive endpoints without one.
-        for (path, ep) in &self.admission.endpoints {
-            if let (None, Some(a)) = (ep.capacity, self.admission.adaptive_for(ep)) {
-                portcullis_admission::config::check_within_bounds(
-                    "default_capacity",
-                    self.default_capacity as usize,
-                    a,
-                )
-                .map_err(|e| {
-                    FieldError::new(e.field, format!("{} (endpoint {path})", e.message))
-                })?;
-            }
-        }
         ));
     }
     String::from_utf8(bytes).map_err(|e| format!("the file is not UTF-8 text: {e}"))
@@ -1006,6 +1006,28 @@ mod tests {
                 "upstreams[1].weight",
                 Some(3),
             ),
+            (
+                "endpoints:\n  /w: {capacity: 50}\nadaptive: {max_capacity: 20}\n",
+                "endpoints./w.capacity",
+                Some(2),
+            ),
+            (
+                "endpoints:\n  /w: {adaptive: {min_capacity: 0}}\n",
+                "endpoints./w.adaptive.min_capacity",
+                Some(2),
+            ),
+            ("adaptive: {algorithm: vegas}\n", "adaptive.algorithm", Some(1)),
+            (
+                "adaptive: {min_capacity: 8, max_capacity: 4}\n",
+                "adaptive.max_capacity",
+                Some(1),
+            ),
+            ("adaptive: {smoothing: 0}\n", "adaptive.smoothing", Some(1)),
+            (
+                "default_capacity: 64\nendpoints:\n  /w: {}\nadaptive: {max_capacity: 32}\n",
+                "default_capacity",
+                Some(1),
+            ),
             ("upstreams: []\nrouting_strategy: fastest\n", "routing_strategy", Some(2)),
             ("listen: 127.0.0.1:1\nstorage: redis\n", "storage", Some(2)),
             ("storage: \"http://h:1\"\n", "storage", Some(1)),
@@ -1038,25 +1060,3 @@ mod tests {
         assert!(e.line.is_some(), "{e}");
     }
 }
-            (
-                "endpoints:\n  /w: {capacity: 50}\nadaptive: {max_capacity: 20}\n",
-                "endpoints./w.capacity",
-                Some(2),
-            ),
-            (
-                "endpoints:\n  /w: {adaptive: {min_capacity: 0}}\n",
-                "endpoints./w.adaptive.min_capacity",
-                Some(2),
-            ),
-            ("adaptive: {algorithm: vegas}\n", "adaptive.algorithm", Some(1)),
-            (
-                "adaptive: {min_capacity: 8, max_capacity: 4}\n",
-                "adaptive.max_capacity",
-                Some(1),
-            ),
-            ("adaptive: {smoothing: 0}\n", "adaptive.smoothing", Some(1)),
-            (
-                "default_capacity: 64\nendpoints:\n  /w: {}\nadaptive: {max_capacity: 32}\n",
-                "default_capacity",
-                Some(1),
-            ),

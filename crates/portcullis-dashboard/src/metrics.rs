@@ -151,8 +151,6 @@ fn histogram<'v>(
     })
 }
 
-impl Collector for StatsCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
 /// The adaptive limits: bounds, latencies, state and changes, one row per adaptive endpoint.
 fn adaptive_families(e: &mut DescriptorEncoder, s: &Stats) -> fmt::Result {
     let adaptive = || {
@@ -200,6 +198,8 @@ fn adaptive_families(e: &mut DescriptorEncoder, s: &Stats) -> fmt::Result {
     )
 }
 
+impl Collector for StatsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let s = &self.0;
         let e = &mut enc;
         family(
@@ -303,9 +303,9 @@ fn adaptive_families(e: &mut DescriptorEncoder, s: &Stats) -> fmt::Result {
                 .map(|(path, st)| (vec![("endpoint", path.as_str())], f(st)));
             counter(e, name, help, rows)?;
         }
+        adaptive_families(e, s)?;
         histogram(
             e,
-        adaptive_families(e, s)?;
             "endpoint_queue_wait_seconds",
             "Time admitted requests waited for a slot.",
             s.endpoints

@@ -133,6 +133,10 @@ pub struct EndpointStats {
     /// How long admitted requests waited for their slot.
     #[serde(default)]
     pub queue_wait: Histogram,
+    /// The adaptive limit's state, for an endpoint with `adaptive:` (`capacity` is then
+    /// the limit in force); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<portcullis_admission::AdaptiveStats>,
 }
 
 /// The admission layer's snapshot of one endpoint, field for field (counts widened to
@@ -140,10 +144,6 @@ pub struct EndpointStats {
 impl From<portcullis_admission::EndpointStats> for EndpointStats {
     fn from(e: portcullis_admission::EndpointStats) -> Self {
         // A struct literal without `..`: a field added to the wire type is mapped here too.
-    /// The adaptive limit's state, for an endpoint with `adaptive:` (`capacity` is then
-    /// the limit in force); absent otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub adaptive: Option<portcullis_admission::AdaptiveStats>,
         Self {
             capacity: e.capacity as u64,
             active_requests: e.active_requests as u64,
@@ -160,6 +160,7 @@ impl From<portcullis_admission::EndpointStats> for EndpointStats {
             held_after_cancel: e.held_after_cancel,
             held_cut: e.held_cut,
             queue_wait: e.queue_wait.into(),
+            adaptive: e.adaptive,
         }
     }
 }
@@ -167,7 +168,6 @@ impl From<portcullis_admission::EndpointStats> for EndpointStats {
 impl From<portcullis_admission::QueueWaitHistogram> for Histogram {
     fn from(h: portcullis_admission::QueueWaitHistogram) -> Self {
         Self {
-            adaptive: e.adaptive,
             buckets: h
                 .buckets
                 .into_iter()
