@@ -36,6 +36,8 @@ pub(crate) enum Refusal {
     Unhealthy,
     QueueFull,
     QueueTimeout(Duration),
+    /// The request's own deadline passed first (see [`crate::deadline`]).
+    DeadlineExceeded(Duration),
     Storage(BoxError),
 }
 
@@ -45,6 +47,7 @@ impl Refusal {
             Refusal::Unhealthy => Box::new(Unhealthy::new()),
             Refusal::QueueFull => Box::new(QueueFull::new()),
             Refusal::QueueTimeout(w) => Box::new(QueueTimeout::new(w)),
+            Refusal::DeadlineExceeded(w) => Box::new(crate::DeadlineExceeded::new(w)),
             Refusal::Storage(e) => Box::new(StorageUnavailable::new(e)),
         }
     }
@@ -54,6 +57,7 @@ impl Refusal {
             Refusal::Unhealthy => Rejection::backend_unhealthy(),
             Refusal::QueueFull => Rejection::queue_full(),
             Refusal::QueueTimeout(w) => Rejection::queue_timeout(*w),
+            Refusal::DeadlineExceeded(w) => crate::deadline::deadline_rejection(*w),
             Refusal::Storage(_) => Rejection::storage_unavailable(),
         }
     }
@@ -78,6 +82,8 @@ pin_project! {
         limiter: Arc<Limiter<C>>,
         started: Instant,
         timeout: Duration,
+        // The request's own deadline, when it has one (see `crate::deadline`).
+        deadline: Option<Instant>,
         done: bool,
     }
 
@@ -101,8 +107,16 @@ impl<C: CapacitySource> WaitForSlot<C> {
             limiter,
             started: Instant::now(),
             timeout,
+            deadline: None,
             done: false,
         }
+    }
+}
+
+impl<C: CapacitySource> WaitForSlot<C> {
+    /// Ends the wait at `at` too (before the first poll: the timer is armed then).
+    fn set_deadline(self: Pin<&mut Self>, at: Instant) {
+        *self.project().deadline = Some(at);
     }
 }
 
@@ -126,16 +140,24 @@ impl<C: CapacitySource> Future for WaitForSlot<C> {
                 }
             });
         }
+        let queue_deadline = *this.started + *this.timeout;
         if this.sleep.is_none() {
-            let deadline = *this.started + *this.timeout;
-            this.sleep.set(Some(tokio::time::sleep_until(deadline)));
+            let until = this
+                .deadline
+                .map_or(queue_deadline, |d| d.min(queue_deadline));
+            this.sleep.set(Some(tokio::time::sleep_until(until)));
         }
         if let Some(sleep) = this.sleep.as_pin_mut() {
             ready!(sleep.poll(cx));
         }
         *this.done = true;
+        let waited = this.started.elapsed();
+        if this.deadline.is_some_and(|d| d < queue_deadline) {
+            this.limiter.metrics.deadline_exceeded();
+            return Poll::Ready(Err(Refusal::DeadlineExceeded(waited)));
+        }
         this.limiter.metrics.timed_out();
-        Poll::Ready(Err(Refusal::QueueTimeout(this.started.elapsed())))
+        Poll::Ready(Err(Refusal::QueueTimeout(waited)))
     }
 }
 
@@ -226,6 +248,13 @@ impl<C: CapacitySource> fmt::Debug for AdmissionSlot<C> {
 /// Hands a request's [`HeldSlot`] to it (the HTTP form puts it in the extensions).
 pub(crate) type Attach<Req> = fn(&mut Req, HeldSlot);
 
+/// A queued request's deadline, and how to tell the upstream the time left once it is
+/// admitted (the HTTP form rewrites `grpc-timeout`; see [`crate::deadline`]).
+pub(crate) struct DeadlineHook<Req> {
+    pub(crate) deadline: crate::deadline::Deadline,
+    pub(crate) propagate: fn(&mut Req, crate::deadline::Deadline),
+}
+
 pin_project! {
     /// Health gate + slot + inner call; yields the inner response and its permit.
     pub(crate) struct Admit<S: Service<Req>, Req, C: CapacitySource> {
@@ -248,6 +277,7 @@ pin_project! {
             svc: Option<S>,
             req: Option<Req>,
             attach: Option<Attach<Req>>,
+            deadline: Option<DeadlineHook<Req>>,
         },
         Called {
             #[pin]
@@ -312,6 +342,7 @@ where
                 svc: Some(svc),
                 req: Some(req),
                 attach,
+                deadline: None,
             },
         }
     }
@@ -324,6 +355,16 @@ impl<S: Service<Req>, Req, C: CapacitySource> Admit<S, Req, C> {
         Self {
             state: State::Called { fut, permit },
         }
+    }
+
+    /// Bounds a queued request's wait by its own deadline (no effect on a request that was
+    /// admitted or refused at once).
+    pub(crate) fn with_deadline(mut self, hook: Option<DeadlineHook<Req>>) -> Self {
+        if let (Some(hook), State::Waiting { wait, deadline, .. }) = (hook, &mut self.state) {
+            wait.as_mut().set_deadline(hook.deadline.at);
+            *deadline = Some(hook);
+        }
+        self
     }
 
     fn refused(refusal: Refusal, req: Req) -> Self {
@@ -362,6 +403,7 @@ impl<S: Service<Req>, Req, C: CapacitySource> Future for Admit<S, Req, C> {
                     svc,
                     req,
                     attach,
+                    deadline,
                 } => {
                     let granted = ready!(wait.as_mut().poll(cx));
                     let (mut svc, mut req) = match (svc.take(), req.take()) {
@@ -370,6 +412,9 @@ impl<S: Service<Req>, Req, C: CapacitySource> Future for Admit<S, Req, C> {
                     };
                     match granted {
                         Ok(permit) => {
+                            if let Some(hook) = deadline.take() {
+                                (hook.propagate)(&mut req, hook.deadline);
+                            }
                             let permit =
                                 AdmissionSlot::grant(permit, &wait.limiter, *attach, &mut req);
                             // If `call` panics, unwinding drops `permit`: the slot is released.

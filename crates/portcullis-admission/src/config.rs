@@ -60,6 +60,11 @@ pub struct Config {
     /// Bound on queued requests per endpoint; beyond it, 503 `queue_full` at once. Default
     /// `None`: unbounded (see the [module docs](self) for the memory trade-off).
     pub max_queue: Option<usize>,
+    /// Honour the HTTP header `x-request-timeout` (seconds, a float) as the request's
+    /// deadline: a queued request is answered 504 `deadline_exceeded` once it passes, and
+    /// the header is rewritten to the time left when it is admitted (default `false`;
+    /// `grpc-timeout` is always honoured; see [`crate::deadline`]).
+    pub honor_request_timeout: bool,
     /// Watched endpoints by key: an exact path (`/predict`), or a prefix pattern ending in
     /// `/*` (`/v1/models/*`) that matches `/v1/models` and every path under it
     /// (`/v1/models/a/b`, not `/v1/modelsX`) and shares one capacity and queue between
@@ -79,6 +84,7 @@ impl Default for Config {
         Self {
             queue_timeout: crate::DEFAULT_QUEUE_TIMEOUT,
             max_queue: None,
+            honor_request_timeout: false,
             endpoints: BTreeMap::new(),
             adaptive: None,
         }

@@ -145,5 +145,8 @@ pub fn rejection_of(err: &BoxError) -> Option<Rejection> {
     if let Some(e) = err.downcast_ref::<StorageUnavailable>() {
         return Some(e.to_rejection());
     }
+    if let Some(e) = err.downcast_ref::<crate::DeadlineExceeded>() {
+        return Some(e.to_rejection());
+    }
     None
 }

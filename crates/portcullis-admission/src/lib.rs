@@ -119,6 +119,7 @@ pub mod adaptive;
 pub mod admission;
 mod admit;
 pub mod config;
+pub mod deadline;
 mod error;
 pub mod hold;
 pub mod http;
@@ -136,6 +137,7 @@ pub use crate::hold::{
 pub use crate::http::{AdmissionBody, Endpoints, HttpAdmission, HttpAdmissionLayer};
 pub use admission::{Admission, AdmissionLayer};
 pub use config::{Config, EndpointConfig};
+pub use deadline::DeadlineExceeded;
 pub use error::{rejection_of, QueueFull, QueueTimeout, StorageUnavailable, Unhealthy};
 pub use limiter::{Limiter, DEFAULT_QUEUE_TIMEOUT};
 pub use local::{LocalAcquire, LocalCapacity, LocalPermit};

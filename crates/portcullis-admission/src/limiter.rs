@@ -111,6 +111,7 @@ impl<C: CapacitySource> Limiter<C> {
             admitted: m.admitted.load(Ordering::Relaxed),
             rejected_503: m.rejected_503.load(Ordering::Relaxed),
             timed_out_504: m.timed_out_504.load(Ordering::Relaxed),
+            deadline_exceeded: m.deadline_exceeded.load(Ordering::Relaxed),
             cancelled: m.cancelled.load(Ordering::Relaxed),
             local_active: self.source.local_active(),
             held_after_cancel: m.held_after_cancel.load(Ordering::Relaxed),

@@ -24,6 +24,8 @@ pub(crate) struct Metrics {
     pub(crate) admitted: AtomicU64,
     pub(crate) rejected_503: AtomicU64,
     pub(crate) timed_out_504: AtomicU64,
+    /// Queued requests answered when their own deadline passed.
+    pub(crate) deadline_exceeded: AtomicU64,
     pub(crate) cancelled: AtomicU64,
     /// Requests whose client went away and that were held to their end.
     pub(crate) held_after_cancel: AtomicU64,
@@ -57,6 +59,10 @@ impl Metrics {
 
     pub(crate) fn timed_out(&self) {
         self.timed_out_504.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn deadline_exceeded(&self) {
+        self.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn held_after_cancel(&self) {
@@ -130,6 +136,11 @@ pub struct EndpointStats {
     pub rejected_503: u64,
     /// Requests that waited `queue_timeout` and got 504.
     pub timed_out_504: u64,
+    /// Queued requests answered 504 `deadline_exceeded` when their own deadline
+    /// (`grpc-timeout`, or `x-request-timeout` where honoured) passed before `queue_timeout`;
+    /// not counted in `timed_out_504`.
+    #[serde(default)]
+    pub deadline_exceeded: u64,
     /// Requests whose client went away while they were queued.
     pub cancelled: u64,
     /// Admitted requests whose client went away and that kept their slot while their

@@ -45,3 +45,6 @@ pub const CROSS_SITE_REQUEST: &str = "cross_site_request";
 /// 403: `POST /balancer/upstreams` named a host that resolves outside
 /// `upstream_admin_allow`.
 pub const UPSTREAM_NOT_ALLOWED: &str = "upstream_not_allowed";
+/// 504: the request's own deadline (`grpc-timeout`, or `x-request-timeout` where honoured)
+/// passed while it waited in the admission queue.
+pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";

@@ -27,13 +27,15 @@ pub struct HttpAdmissionLayer<C = LocalCapacity> {
     endpoints: Endpoints<C>,
     health: Option<Arc<dyn HealthSource>>,
     hold: bool,
+    honor_request_timeout: bool,
 }
 
 impl HttpAdmissionLayer<LocalCapacity> {
     /// In-process limiters for the endpoints of `config`; see
     /// [`Endpoints::from_config`].
     pub fn from_config(config: &crate::Config, default_capacity: usize) -> Result<Self, String> {
-        Ok(Self::new(Endpoints::from_config(config, default_capacity)?))
+        Ok(Self::new(Endpoints::from_config(config, default_capacity)?)
+            .honor_request_timeout(config.honor_request_timeout))
     }
 }
 
@@ -44,7 +46,17 @@ impl<C: CapacitySource> HttpAdmissionLayer<C> {
             endpoints,
             health: None,
             hold: false,
+            honor_request_timeout: false,
         }
+    }
+
+    /// With `true`, a queued request's wait also ends at the deadline its
+    /// `x-request-timeout` header gives (seconds, a float), and the header is rewritten to
+    /// the time left when it is admitted. Off by default. `grpc-timeout` is always honoured.
+    /// See [`deadline`](crate::deadline).
+    pub fn honor_request_timeout(mut self, honor: bool) -> Self {
+        self.honor_request_timeout = honor;
+        self
     }
 
     /// With `true`, every admitted watched request shares its slot with a
@@ -83,6 +95,7 @@ impl<C> Clone for HttpAdmissionLayer<C> {
             endpoints: self.endpoints.clone(),
             health: self.health.clone(),
             hold: self.hold,
+            honor_request_timeout: self.honor_request_timeout,
         }
     }
 }
@@ -107,5 +120,6 @@ impl<S, C: CapacitySource> Layer<S> for HttpAdmissionLayer<C> {
             self.health.clone(),
             self.hold,
         )
+        .with_request_timeout(self.honor_request_timeout)
     }
 }

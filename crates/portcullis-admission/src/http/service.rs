@@ -1,5 +1,6 @@
 use super::{Endpoints, ResponseFuture};
-use crate::admit::{AdmissionSlot, Admit, Attach};
+use crate::admit::{AdmissionSlot, Admit, Attach, DeadlineHook};
+use crate::deadline::Deadline;
 use crate::hold::HeldSlot;
 use crate::local::LocalCapacity;
 use crate::source::CapacitySource;
@@ -22,6 +23,8 @@ pub struct HttpAdmission<S, C = LocalCapacity> {
     endpoints: Endpoints<C>,
     health: Option<Arc<dyn HealthSource>>,
     hold: bool,
+    /// Honour `x-request-timeout` as a deadline (`grpc-timeout` always is).
+    honor_request_timeout: bool,
 }
 
 impl<S, C> HttpAdmission<S, C> {
@@ -36,7 +39,13 @@ impl<S, C> HttpAdmission<S, C> {
             endpoints,
             health,
             hold,
+            honor_request_timeout: false,
         }
+    }
+
+    pub(crate) fn with_request_timeout(mut self, honor: bool) -> Self {
+        self.honor_request_timeout = honor;
+        self
     }
 
     /// The watched endpoints.
@@ -70,6 +79,7 @@ impl<S: Clone, C> Clone for HttpAdmission<S, C> {
             endpoints: self.endpoints.clone(),
             health: self.health.clone(),
             hold: self.hold,
+            honor_request_timeout: self.honor_request_timeout,
         }
     }
 }
@@ -101,6 +111,7 @@ where
         let admit = match self.endpoints.lookup(req.uri().path(), req.method()) {
             Some(limiter) => {
                 let attach = self.hold.then_some(attach_held::<ReqBody> as Attach<_>);
+                let deadline = Deadline::of(req.headers(), self.honor_request_timeout);
                 Admit::start(
                     limiter,
                     self.health.as_deref(),
@@ -108,6 +119,10 @@ where
                     req,
                     attach,
                 )
+                .with_deadline(deadline.map(|deadline| DeadlineHook {
+                    deadline,
+                    propagate: Deadline::propagate::<ReqBody>,
+                }))
             }
             None => Admit::called(self.inner.call(req), None),
         };
