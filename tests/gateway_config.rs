@@ -90,6 +90,14 @@ fn bad_configs_exit_2_naming_file_and_field() {
             "`storage.url`",
         ),
         (Some("routing_strategy: random\n"), "`routing_strategy`"),
+        (
+            Some("grpc_failure_codes: [UNAVAILABLE, PERMISION_DENIED]\n"),
+            "`grpc_failure_codes`",
+        ),
+        (
+            Some("health_check: {kind: grpc, servce: pkg.Svc}\n"),
+            "`health_check.servce`",
+        ),
         (Some("strategy: random\n"), "`strategy`"),
         (
             Some("strategy: p2c\nrouting_strategy: weighted\n"),

@@ -41,6 +41,7 @@ use axum::Router;
 use http::{Request, Response};
 use portcullis_balance::{CheckerHandle, ReplicaRegistry, Tier};
 use portcullis_breaker::Breaker;
+use portcullis_core::classify::GrpcFailures;
 use portcullis_core::HealthSource;
 use portcullis_health::{HealthRegistry, HealthServer};
 use portcullis_redis::RedisStorage;
@@ -101,6 +102,7 @@ impl Gateway {
             pool_max_idle_per_host: config.upstream_max_idle,
             client_body_timeout: config.client_body_timeout,
             upstream_body_timeout: config.upstream_body_timeout,
+            grpc_failures: GrpcFailures::new(config.balance.grpc_failure_codes),
         });
         config
             .check_servable()
@@ -115,7 +117,11 @@ impl Gateway {
             let tier = Tier::from_primary(primary);
             registry.add_weighted(key, tier, weight, proxy.to(upstream));
         }
-        let checker = registry.spawn_http_checker(&config.balance);
+        let checker = match config.balance.grpc_health_probe() {
+            // `health_check: {kind: grpc}`: grpc.health.v1 over h2c.
+            Some(grpc) => registry.spawn_checker(grpc, config.balance.checker_config()),
+            None => registry.spawn_http_checker(&config.balance),
+        };
         let fallback = stack::fallback_breaker(&config, &registry, &proxy)?;
         let breaker = fallback.as_ref().map(|(b, _)| b.clone());
         let can_serve = CanServe {

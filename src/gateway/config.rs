@@ -1029,6 +1029,32 @@ mod tests {
                 Some(1),
             ),
             ("upstreams: []\nrouting_strategy: fastest\n", "routing_strategy", Some(2)),
+            (
+                "upstreams: []\ngrpc_failure_codes: [UNAVAILABLE, BROKEN]\n",
+                "grpc_failure_codes",
+                Some(2),
+            ),
+            (
+                "upstreams: []\ngrpc_failure_codes: [ok]\n",
+                "grpc_failure_codes",
+                Some(2),
+            ),
+            ("grpc_failure_codes: unavailable\n", "grpc_failure_codes", Some(1)),
+            (
+                "upstreams: []\nhonor_request_timeout: sometimes\n",
+                "honor_request_timeout",
+                Some(2),
+            ),
+            (
+                "upstreams: []\nhealth_check: {kind: tcp}\n",
+                "health_check.kind",
+                Some(2),
+            ),
+            (
+                "upstreams: []\nhealth_check: {service: pkg.Svc}\n",
+                "health_check.service",
+                Some(2),
+            ),
             ("listen: 127.0.0.1:1\nstorage: redis\n", "storage", Some(2)),
             ("storage: \"http://h:1\"\n", "storage", Some(1)),
             ("storage: {type: redis, urll: \"redis://h:1\"}\n", "storage.urll", Some(1)),

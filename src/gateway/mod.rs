@@ -9,6 +9,7 @@ pub mod app;
 pub mod bodies;
 pub mod config;
 pub mod front;
+mod grpc_outcome;
 pub mod pool;
 pub mod proxy;
 pub mod routes;

@@ -29,6 +29,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use portcullis_core::classify::GrpcFailures;
 use portcullis_core::Rejection;
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -160,6 +161,9 @@ pub struct ProxySettings {
     /// Longest pause allowed between two reads of an upstream's response body; the body is
     /// then cut off (the client sees the truncation) and the slots it held are freed.
     pub upstream_body_timeout: Duration,
+    /// The `grpc-status` codes that count in an upstream's `failures` (see
+    /// [`super::grpc_outcome`]).
+    pub grpc_failures: GrpcFailures,
 }
 
 impl Default for ProxySettings {
@@ -171,6 +175,7 @@ impl Default for ProxySettings {
             pool_max_idle_per_host: 64,
             client_body_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
+            grpc_failures: GrpcFailures::default(),
         }
     }
 }
@@ -441,12 +446,32 @@ impl Target {
     async fn serve(self: Arc<Self>, req: Request<Body>) -> Result<Response<ProxyBody>, Infallible> {
         let grpc = portcullis_core::is_grpc_request(req.headers());
         let started = Instant::now();
-        let resp = match self.forward(req, grpc).await {
-            Ok(resp) => resp,
-            Err(rej) => rejection_response(&rej, grpc).map(ProxyBody::Right),
-        };
-        self.metrics.record(started.elapsed(), resp.status());
-        Ok(resp)
+        match self.forward(req, grpc).await {
+            // A gRPC failure is in `grpc-status`, possibly in the trailers.
+            Ok(resp) if grpc => {
+                self.metrics.record_exchange(started.elapsed());
+                let classifier = &self.proxy.settings.grpc_failures;
+                Ok(super::grpc_outcome::count(
+                    classifier,
+                    resp,
+                    Arc::clone(&self),
+                ))
+            }
+            Ok(resp) => {
+                self.metrics.record(started.elapsed(), resp.status());
+                Ok(resp)
+            }
+            Err(rej) => {
+                self.metrics.record(started.elapsed(), rej.status());
+                Ok(rejection_response(&rej, grpc).map(ProxyBody::Right))
+            }
+        }
+    }
+}
+
+impl super::grpc_outcome::CountFailure for Target {
+    fn count_failure(&self) {
+        self.metrics.failures.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -675,7 +700,8 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 
 /// Requests, failures and time to response headers of one upstream (atomics only).
 ///
-/// A failure is a 5xx answer, a transport error (502) or a timeout (504). A request whose
+/// A failure is a 5xx answer, a transport error (502), a timeout (504) or a gRPC call whose
+/// `grpc-status` is one of `grpc_failure_codes` (see [`super::grpc_outcome`]). A request whose
 /// client went away before its body was complete is counted in `client_closed`, not as a
 /// failure.
 #[derive(Debug, Default)]
@@ -689,12 +715,17 @@ pub struct UpstreamMetrics {
 
 impl UpstreamMetrics {
     fn record(&self, elapsed: Duration, status: http::StatusCode) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.record_exchange(elapsed);
         if status.is_server_error() {
             self.failures.fetch_add(1, Ordering::Relaxed);
         } else if status.as_u16() == CLIENT_CLOSED_STATUS {
             self.client_closed.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one request and its time to response headers (not its outcome).
+    fn record_exchange(&self, elapsed: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
         let i = LATENCY_BUCKETS
             .iter()
@@ -710,7 +741,7 @@ impl UpstreamMetrics {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Requests that failed (5xx, 502, 504).
+    /// Requests that failed (5xx, 502, 504, gRPC failure codes).
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }

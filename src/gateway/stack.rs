@@ -23,12 +23,14 @@ use portcullis_admission::adaptive::AdaptiveCapacity;
 use portcullis_admission::{
     CapacitySource, Endpoints, HoldOnCancelLayer, HttpAdmissionLayer, LocalCapacity, OnClientCancel,
 };
+use portcullis_balance::HealthCheckKind;
 use portcullis_balance::{HttpBalance, ReplicaRegistry};
 use portcullis_breaker::{Breaker, HttpFallback};
 use portcullis_core::HealthSource;
-use portcullis_health::{HttpProbe, Probe, ProbeFuture, ProbeResult};
+use portcullis_health::{GrpcHealthProbe, HttpProbe, Probe, ProbeFuture, ProbeResult};
 use portcullis_redis::{RedisCapacity, RedisStorage};
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 use tower::util::{BoxCloneSyncService, Either};
 use tower::{Layer, Service, ServiceExt};
@@ -102,8 +104,14 @@ where
     C: CapacitySource,
     C::Permit: Send + Sync,
 {
-    let admission = HttpAdmissionLayer::new(endpoints.clone()).with_health(can_serve.clone());
-    let pool = HttpBalance::new(Dispatch, can_serve.registry.clone());
+    let admission = HttpAdmissionLayer::new(endpoints.clone())
+        .with_health(can_serve.clone())
+        .honor_request_timeout(config.admission.honor_request_timeout);
+    // gRPC calls are failures by their `grpc-status`, the rest by 5xx: for ejection and for
+    // the breaker alike.
+    let classifier = config.balance.classifier();
+    let pool =
+        HttpBalance::new(Dispatch, can_serve.registry.clone()).with_classifier(classifier.clone());
     let primary = match fallback {
         None => Either::Left(pool.map_response(either_left)),
         Some((breaker, fallback_to)) => {
@@ -112,7 +120,9 @@ where
                 None => Either::Right(pool.clone().map_response(either_right)),
             };
             Either::Right(
-                HttpFallback::new(pool, fallback, breaker.clone()).map_response(either_right),
+                HttpFallback::new(pool, fallback, breaker.clone())
+                    .with_classifier(classifier)
+                    .map_response(either_right),
             )
         }
     };
@@ -154,11 +164,19 @@ pub(super) fn fallback_breaker(
             None
         }
     };
-    let probe = PoolProbe {
-        http: HttpProbe::new(
+    // The replicas' own kind of check (HTTP or grpc.health.v1), with the breaker's timeout.
+    let check: Arc<dyn Probe> = match config.balance.health_check.kind {
+        HealthCheckKind::Http => Arc::new(HttpProbe::new(
             config.balance.health_endpoint.clone(),
             fallback.probe_timeout,
-        ),
+        )),
+        HealthCheckKind::Grpc => Arc::new(GrpcHealthProbe::new(
+            config.balance.health_check.service.clone(),
+            fallback.probe_timeout,
+        )),
+    };
+    let probe = PoolProbe {
+        check,
         registry: registry.clone(),
     };
     let breaker = Breaker::builder(fallback.clone())
@@ -213,26 +231,35 @@ where
 /// The breaker's name for the primary pool in its probes and snapshots.
 const POOL_TARGET: &str = "upstreams";
 
-/// The breaker's probe: the primary is the whole upstream pool, healthy when any replica's
-/// `health_endpoint` answers 2xx (all probed concurrently); any other target (the
-/// fallback) is probed over HTTP directly.
-#[derive(Debug, Clone)]
+/// The breaker's probe: the primary is the whole upstream pool, healthy when any replica
+/// passes its health check (`health_endpoint` answers 2xx, or `SERVING` for `health_check:
+/// {kind: grpc}`; all probed concurrently); any other target (the fallback) is checked the
+/// same way directly.
+#[derive(Clone)]
 struct PoolProbe {
-    http: HttpProbe,
+    check: Arc<dyn Probe>,
     registry: ReplicaRegistry<ProxyTo>,
+}
+
+impl std::fmt::Debug for PoolProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolProbe")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Probe for PoolProbe {
     fn probe(&self, target: &str) -> ProbeFuture {
         if target != POOL_TARGET {
-            return self.http.probe(target);
+            return self.check.probe(target);
         }
         // The live pool: replicas added or removed at runtime count.
         let probes: Vec<ProbeFuture> = self
             .registry
             .replicas()
             .iter()
-            .map(|r| self.http.probe(r.key()))
+            .map(|r| self.check.probe(r.key()))
             .collect();
         Box::pin(async move {
             let results = futures_util::future::join_all(probes).await;

@@ -204,7 +204,16 @@ mod tests {
         let admission = fields_of::<portcullis_admission::Config>();
         let probe = fields_of::<ProbeConfig>();
         assert!(balance.contains(&"upstreams") && balance.contains(&"eject_max"));
-        assert_eq!(admission, ["queue_timeout", "max_queue", "endpoints", "adaptive"]);
+        assert_eq!(
+            admission,
+            [
+                "queue_timeout",
+                "max_queue",
+                "honor_request_timeout",
+                "endpoints",
+                "adaptive"
+            ]
+        );
         assert!(probe.contains(&"probe_on_startup"));
         let all = [balance, admission, probe].concat();
         let unique: std::collections::HashSet<_> = all.iter().collect();
