@@ -516,43 +516,9 @@ async fn wait_headers<T>(
     }
 }
 
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// Removes hop-by-hop headers, including those named by `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Fast path: most messages carry none of them, and comparing standard header names is
-    // cheap, while each `remove` hashes.
-    let any = headers
-        .keys()
-        .any(|k| k == header::UPGRADE || HOP_BY_HOP.iter().any(|h| h == k));
-    if !any {
-        return;
-    }
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        if let Ok(conn) = conn.to_str() {
-            let named: Vec<HeaderName> = conn
-                .split(',')
-                .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
-                .collect();
-            for name in named {
-                headers.remove(name);
-            }
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
-}
+/// Removes hop-by-hop headers, including those named by `Connection`: one implementation
+/// with the library's [`UpstreamClient`](crate::client::UpstreamClient).
+pub use crate::client::strip_hop_by_hop;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

@@ -49,7 +49,10 @@ pub fn browser_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
                 !ci,
                 "CI=true but chromium/chromedriver are missing (.ci/run installs them)"
             );
-            eprintln!("SKIPPED {test}: chromium and chromedriver not found on PATH");
+            eprintln!(
+                "SKIPPED {test}: chromium and chromedriver not found on PATH \
+                 (scripts/test installs them and runs every test)"
+            );
             None
         }
     }

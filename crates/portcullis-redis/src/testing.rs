@@ -35,7 +35,10 @@ fn tool_available(test: &str, program: &str, arg: &str) -> bool {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{program} is not installed, and CI=true: {test} must not be skipped");
         }
-        eprintln!("SKIP {test}: {program} is not installed");
+        eprintln!(
+            "SKIP {test}: {program} is not installed \
+             (scripts/test installs it and runs every test)"
+        );
     }
     ok
 }
