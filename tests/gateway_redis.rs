@@ -344,8 +344,7 @@ fn holders_sum(redis: &RedisServer) -> u64 {
 async fn assert_settled(redis: &RedisServer, gateways: &[&GatewayProcess], limit: Duration) {
     let settled = eventually_async(limit, || async {
         for g in gateways {
-            if work_stat(g, "active_requests").await != 0
-                || work_stat(g, "queue_depth").await != 0
+            if work_stat(g, "active_requests").await != 0 || work_stat(g, "queue_depth").await != 0
             {
                 return false;
             }

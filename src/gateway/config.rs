@@ -1016,7 +1016,11 @@ mod tests {
                 "endpoints./w.adaptive.min_capacity",
                 Some(2),
             ),
-            ("adaptive: {algorithm: vegas}\n", "adaptive.algorithm", Some(1)),
+            (
+                "adaptive: {algorithm: vegas}\n",
+                "adaptive.algorithm",
+                Some(1),
+            ),
             (
                 "adaptive: {min_capacity: 8, max_capacity: 4}\n",
                 "adaptive.max_capacity",
@@ -1028,7 +1032,11 @@ mod tests {
                 "default_capacity",
                 Some(1),
             ),
-            ("upstreams: []\nrouting_strategy: fastest\n", "routing_strategy", Some(2)),
+            (
+                "upstreams: []\nrouting_strategy: fastest\n",
+                "routing_strategy",
+                Some(2),
+            ),
             (
                 "upstreams: []\ngrpc_failure_codes: [UNAVAILABLE, BROKEN]\n",
                 "grpc_failure_codes",
@@ -1039,7 +1047,11 @@ mod tests {
                 "grpc_failure_codes",
                 Some(2),
             ),
-            ("grpc_failure_codes: unavailable\n", "grpc_failure_codes", Some(1)),
+            (
+                "grpc_failure_codes: unavailable\n",
+                "grpc_failure_codes",
+                Some(1),
+            ),
             (
                 "upstreams: []\nhonor_request_timeout: sometimes\n",
                 "honor_request_timeout",
@@ -1057,7 +1069,11 @@ mod tests {
             ),
             ("listen: 127.0.0.1:1\nstorage: redis\n", "storage", Some(2)),
             ("storage: \"http://h:1\"\n", "storage", Some(1)),
-            ("storage: {type: redis, urll: \"redis://h:1\"}\n", "storage.urll", Some(1)),
+            (
+                "storage: {type: redis, urll: \"redis://h:1\"}\n",
+                "storage.urll",
+                Some(1),
+            ),
             ("storage: \"redis://h:99999\"\n", "storage.url", Some(1)),
             (
                 "listen: 127.0.0.1:1\nstrategy: p2c\nrouting_strategy: weighted\n",

@@ -3,8 +3,8 @@
 
 pub mod env_check;
 pub mod gateway_process;
-pub mod temp_dir;
 pub mod knee;
+pub mod temp_dir;
 
 use axum::Router;
 use portcullis::gateway::{serve, Gateway, GatewayConfig};
