@@ -90,14 +90,6 @@ fn bad_configs_exit_2_naming_file_and_field() {
             "`storage.url`",
         ),
         (Some("routing_strategy: random\n"), "`routing_strategy`"),
-        (
-            Some("grpc_failure_codes: [UNAVAILABLE, PERMISION_DENIED]\n"),
-            "`grpc_failure_codes`",
-        ),
-        (
-            Some("health_check: {kind: grpc, servce: pkg.Svc}\n"),
-            "`health_check.servce`",
-        ),
         (Some("strategy: random\n"), "`strategy`"),
         (
             Some("strategy: p2c\nrouting_strategy: weighted\n"),
@@ -123,6 +115,14 @@ fn bad_configs_exit_2_naming_file_and_field() {
         (Some("storage: \"http://:pw@h:1\"\n"), "`storage`"),
         (Some("storage: \"redis://:pw@h:99999\"\n"), "`storage.url`"),
         (Some("listen: ${GW_CONFIG_TEST_UNSET}\n"), "GW_CONFIG_TEST_UNSET"),
+        (
+            Some("grpc_failure_codes: [UNAVAILABLE, PERMISION_DENIED]\n"),
+            "`grpc_failure_codes`",
+        ),
+        (
+            Some("health_check: {kind: grpc, servce: pkg.Svc}\n"),
+            "`health_check.servce`",
+        ),
         (
             Some("max_probe_concurrency: 1000000000\n"),
             "`max_probe_concurrency`",
@@ -168,6 +168,19 @@ fn bad_configs_exit_2_naming_file_and_field() {
         (
             Some("upstreams:\n  - {url: \"http://HOST:1\"}\n"),
             "`upstreams[0].url`",
+        ),
+        (Some("admin: {listen: nowhere}\n"), "`admin.listen`"),
+        (
+            Some("fallback: {failure_threshold: 2}\nadmin: {listen: \"0.0.0.0:9901\"}\n"),
+            "`admin.listen`",
+        ),
+        (
+            Some("tls: {cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem}\n"),
+            "`tls.cert_file`",
+        ),
+        (
+            Some("upstream_tls: {ca_file: /nonexistent/ca.pem}\n"),
+            "`upstream_tls.ca_file`",
         ),
     ];
     let long_host = format!("http://{}:1", "a".repeat(300));
@@ -250,12 +263,6 @@ fn section_fields_are_named_with_their_line() {
             "line 4",
             "`fallback.half_open.one_in`",
         ),
-        // A Redis URL that RedisStorage::connect could not parse is refused by --check too.
-        (
-            "upstreams:\n  - {url: http://127.0.0.1:1}\nstorage: {type: redis, url: \"redis://:pw@127.0.0.1:99999\"}\n",
-            "line 3",
-            "`storage.url`",
-        ),
         // The adaptive bounds hold the initial capacity: `--check` refuses it outside them.
         (
             "upstreams:\n  - {url: http://127.0.0.1:1}\nendpoints:\n  /w: {capacity: 50}\nadaptive:\n  max_capacity: 20\n",
@@ -266,6 +273,12 @@ fn section_fields_are_named_with_their_line() {
             "upstreams:\n  - {url: http://127.0.0.1:1}\nendpoints:\n  /w:\n    adaptive: {window: 0}\n",
             "line 5",
             "`endpoints./w.adaptive.window`",
+        ),
+        // A Redis URL that RedisStorage::connect could not parse is refused by --check too.
+        (
+            "upstreams:\n  - {url: http://127.0.0.1:1}\nstorage: {type: redis, url: \"redis://:pw@127.0.0.1:99999\"}\n",
+            "line 3",
+            "`storage.url`",
         ),
     ];
     for (yaml, line, field) in cases {

@@ -160,7 +160,12 @@ async fn check_new_upstream(
             .parse()
             .map_err(|_| refuse(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, "bad URL"))?;
         let host = uri.host().unwrap_or_default();
-        let port = uri.port_u16().unwrap_or(80);
+        let default_port = if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        };
+        let port = uri.port_u16().unwrap_or(default_port);
         allow.check(host, port).await.map_err(|e| match e {
             AllowlistError::NotAllowed(m) => {
                 refuse(StatusCode::FORBIDDEN, codes::UPSTREAM_NOT_ALLOWED, m)

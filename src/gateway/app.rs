@@ -21,7 +21,7 @@
 //! top ([`GatewayService`]).
 //!
 //! The admission layer's capacity source is in-process ([`LocalCapacity`], adaptive where an
-//! `adaptive:` block applies: see [`stack::local_endpoints`]) with
+//! `adaptive:` block applies) with
 //! `storage: {type: memory}` and Redis-shared ([`RedisCapacity`]) with `storage: {type:
 //! redis}`. Watched endpoints without a `capacity` are probed at startup when
 //! `probe_on_startup` is set (see [`super::startup`]).
@@ -29,12 +29,17 @@
 //! [`RedisCapacity`]: portcullis_redis::RedisCapacity
 //! [`LocalCapacity`]: portcullis_admission::LocalCapacity
 
+use super::access_log::AccessLog;
+use super::admin_listener::AdminListener;
 use super::config::{GatewayConfig, StorageType};
 use super::front::App;
 use super::proxy::{Proxy, ProxySettings, ProxyTo};
+use super::server::ConnectionLimits;
 use super::stack::{self, CanServe};
 use super::startup;
 use super::stats::{AdmissionStatsFn, GatewayStats};
+use super::tls::{TlsTerminator, UpstreamTls};
+use super::upstream_probe::UpstreamProbe;
 use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::Router;
@@ -75,6 +80,7 @@ pub struct Gateway {
     health: HealthRegistry,
     storage: Option<RedisStorage>,
     health_server: Option<HealthServer>,
+    admin: Option<AdminListener>,
     _checker: CheckerHandle,
     _tasks: Vec<AbortOnDropHandle<()>>,
 }
@@ -117,10 +123,21 @@ impl Gateway {
             let tier = Tier::from_primary(primary);
             registry.add_weighted(key, tier, weight, proxy.to(upstream));
         }
+        if let Some(tls) = &config.upstream_tls {
+            let tls = UpstreamTls::from_config(Some(tls)).map_err(|e| BuildError(e.to_string()))?;
+            proxy.set_upstream_tls(tls);
+        }
         let checker = match config.balance.grpc_health_probe() {
             // `health_check: {kind: grpc}`: grpc.health.v1 over h2c.
             Some(grpc) => registry.spawn_checker(grpc, config.balance.checker_config()),
-            None => registry.spawn_http_checker(&config.balance),
+            None => registry.spawn_checker(
+                UpstreamProbe::new(
+                    config.balance.health_endpoint.clone(),
+                    config.balance.health_check_timeout,
+                    &proxy,
+                ),
+                config.balance.checker_config(),
+            ),
         };
         let fallback = stack::fallback_breaker(&config, &registry, &proxy)?;
         let breaker = fallback.as_ref().map(|(b, _)| b.clone());
@@ -194,25 +211,61 @@ impl Gateway {
                 storage_ready.set_detail((n > 0).then(|| format!("{n} consecutive failed PINGs")));
             })));
         }
+        // The listener's TLS and access log, counted in the stats.
+        let tls = config
+            .tls
+            .as_ref()
+            .map(TlsTerminator::from_config)
+            .transpose()
+            .map_err(|e| BuildError(e.to_string()))?;
+        let access_log = match config.access_log.enable {
+            true => Some(AccessLog::start(&config.access_log).map_err(|e| {
+                BuildError(format!(
+                    "access_log.path: cannot open {}: {e}",
+                    config.access_log.path
+                ))
+            })?),
+            false => None,
+        };
         let stats = GatewayStats::new(
             started,
             registry.clone(),
             fallback,
             admission_stats,
             storage.clone(),
-        );
+        )
+        .with_listener(tls.clone(), access_log.clone());
 
         portcullis_dashboard::log_auth_mode(&config.ui);
-        let router = Router::new()
+        let operator = Router::new()
             .merge(portcullis_dashboard::router(&config.ui, stats, &health))
             .merge(operator_actions(
                 &config,
                 breaker.clone(),
                 &registry,
                 &proxy,
-            ))
-            .fallback_service(admitted.clone());
-        let app = App::with_data_path(router.clone(), admitted, operator_prefixes(&config));
+            ));
+        // With an admin listener the operator routes live there only, and the data plane
+        // proxies every path.
+        let (router, prefixes, admin) = match config.admin.listen_addr() {
+            None => (operator, operator_prefixes(&config), None),
+            Some(addr) => {
+                let limits = ConnectionLimits::from_config(&config);
+                let admin = AdminListener::start(addr, operator, limits)
+                    .await
+                    .map_err(|e| BuildError(format!("admin.listen: cannot bind {addr}: {e}")))?;
+                tracing::info!(addr = %admin.local_addr(), "admin listener serving the operator routes");
+                (Router::new(), Vec::new(), Some(admin))
+            }
+        };
+        let router = router.fallback_service(admitted.clone());
+        let mut app = App::with_data_path(router.clone(), admitted, prefixes);
+        if let Some(log) = access_log {
+            app = app.with_access_log(log);
+        }
+        if let Some(tls) = tls {
+            app = app.with_tls(tls);
+        }
 
         let health_server = start_health_server(&config, &health).await?;
 
@@ -226,12 +279,14 @@ impl Gateway {
             health,
             storage,
             health_server,
+            admin,
             _checker: checker,
             _tasks: tasks,
         })
     }
 
-    /// The router serving everything (proxy and operator routes).
+    /// The router of the data-plane port: the proxy and, without an admin listener, the
+    /// operator routes.
     pub fn router(&self) -> Router {
         self.router.clone()
     }
@@ -275,10 +330,19 @@ impl Gateway {
             .and_then(HealthServer::local_addr)
     }
 
-    /// Stops the standalone health server (frees its port); the rest stops on drop.
+    /// The admin listener's address, when `admin.listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminListener::local_addr)
+    }
+
+    /// Stops the standalone health server and the admin listener (frees their ports); the
+    /// rest stops on drop.
     pub async fn shutdown(mut self) {
         if let Some(mut s) = self.health_server.take() {
             s.stop().await;
+        }
+        if let Some(admin) = self.admin.take() {
+            admin.stop().await;
         }
     }
 }

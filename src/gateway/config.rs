@@ -16,9 +16,12 @@
 
 mod compat;
 mod env;
+mod operate;
 mod sections;
 
 pub use env::{Environment, IGNORED_VARIABLES};
+
+pub use operate::{AccessLogConfig, AccessLogFormat, AdminConfig, TlsConfig, UpstreamTlsConfig};
 
 use super::proxy::Upstream;
 use super::upstream_url::{parse_cidr, AdminAllowlist};
@@ -169,6 +172,15 @@ pub struct GatewayConfig {
     /// upstream_body_timeout`.
     #[serde(with = "portcullis_core::seconds::option")]
     pub client_cancel_hold_timeout: Option<Duration>,
+    /// The admin listener: the operator routes on an address of their own.
+    pub admin: AdminConfig,
+    /// TLS termination on the listener (absent: plain HTTP).
+    pub tls: Option<TlsConfig>,
+    /// How `https://` upstreams are reached (absent: the system roots, no client
+    /// certificate, the URL's host as the server name).
+    pub upstream_tls: Option<UpstreamTlsConfig>,
+    /// One line per request (off by default).
+    pub access_log: AccessLogConfig,
 }
 
 impl Default for GatewayConfig {
@@ -198,6 +210,10 @@ impl Default for GatewayConfig {
             max_connections: 10_000,
             on_client_cancel: OnClientCancel::Hold,
             client_cancel_hold_timeout: None,
+            admin: AdminConfig::default(),
+            tls: None,
+            upstream_tls: None,
+            access_log: AccessLogConfig::default(),
         }
     }
 }
@@ -456,7 +472,31 @@ impl GatewayConfig {
                 Upstream::parse(url).map_err(|e| FieldError::new("fallback.url", e.0))?;
             }
         }
+        self.admin.validate(
+            &self.listen,
+            &self.state_changing_routes(),
+            self.ui.credentials().is_some(),
+        )?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
+        if let Some(tls) = &self.upstream_tls {
+            tls.validate()?;
+        }
+        self.access_log.validate()?;
         self.probe.validate()
+    }
+
+    /// The state-changing operator routes this config serves.
+    fn state_changing_routes(&self) -> Vec<&'static str> {
+        let mut routes = Vec::new();
+        if self.fallback.is_some() {
+            routes.push("POST /balancer/fallback/check");
+        }
+        if self.upstream_admin {
+            routes.push("POST/DELETE /balancer/upstreams");
+        }
+        routes
     }
 }
 
@@ -1016,11 +1056,7 @@ mod tests {
                 "endpoints./w.adaptive.min_capacity",
                 Some(2),
             ),
-            (
-                "adaptive: {algorithm: vegas}\n",
-                "adaptive.algorithm",
-                Some(1),
-            ),
+            ("adaptive: {algorithm: vegas}\n", "adaptive.algorithm", Some(1)),
             (
                 "adaptive: {min_capacity: 8, max_capacity: 4}\n",
                 "adaptive.max_capacity",
@@ -1032,11 +1068,7 @@ mod tests {
                 "default_capacity",
                 Some(1),
             ),
-            (
-                "upstreams: []\nrouting_strategy: fastest\n",
-                "routing_strategy",
-                Some(2),
-            ),
+            ("upstreams: []\nrouting_strategy: fastest\n", "routing_strategy", Some(2)),
             (
                 "upstreams: []\ngrpc_failure_codes: [UNAVAILABLE, BROKEN]\n",
                 "grpc_failure_codes",
@@ -1047,11 +1079,7 @@ mod tests {
                 "grpc_failure_codes",
                 Some(2),
             ),
-            (
-                "grpc_failure_codes: unavailable\n",
-                "grpc_failure_codes",
-                Some(1),
-            ),
+            ("grpc_failure_codes: unavailable\n", "grpc_failure_codes", Some(1)),
             (
                 "upstreams: []\nhonor_request_timeout: sometimes\n",
                 "honor_request_timeout",
@@ -1069,11 +1097,7 @@ mod tests {
             ),
             ("listen: 127.0.0.1:1\nstorage: redis\n", "storage", Some(2)),
             ("storage: \"http://h:1\"\n", "storage", Some(1)),
-            (
-                "storage: {type: redis, urll: \"redis://h:1\"}\n",
-                "storage.urll",
-                Some(1),
-            ),
+            ("storage: {type: redis, urll: \"redis://h:1\"}\n", "storage.urll", Some(1)),
             ("storage: \"redis://h:99999\"\n", "storage.url", Some(1)),
             (
                 "listen: 127.0.0.1:1\nstrategy: p2c\nrouting_strategy: weighted\n",
@@ -1090,6 +1114,46 @@ mod tests {
                 "ui: {password: x}\nui_password: y\n",
                 "ui_password",
                 Some(2),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\naccess_log: {enable: true, format: xml}\n",
+                "access_log.format",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\naccess_log: {path: /nonexistent/dir/a.log}\n",
+                "access_log.path",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nadmin: {listen: \"127.0.0.1:99999\"}\n",
+                "admin.listen",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\ntls:\n  cert_file: /nonexistent/c.pem\n  key_file: /nonexistent/k.pem\n",
+                "tls.cert_file",
+                Some(4),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\ntls: {cert_file: c.pem}\n",
+                "tls",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nupstream_tls:\n  ca_file: /nonexistent/ca.pem\n",
+                "upstream_tls.ca_file",
+                Some(4),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nupstream_tls: {cert_file: c.pem}\n",
+                "upstream_tls.key_file",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nupstream_tls: {server_name: \"not a name\"}\n",
+                "upstream_tls.server_name",
+                Some(3),
             ),
         ];
         for (text, field, line) in cases {

@@ -8,13 +8,18 @@
 //! every other path goes straight to the data-path service, with no route lookup, no
 //! per-request clone of a boxed service and no second boxed future.
 //!
+//! Every request, operator or data path, also gets its request id here, and its access log
+//! line and span when those are on (see [`super::access_log`]).
+//!
 //! The per-connection half (`AppConn`) keeps one clone of the data-path service for the
 //! whole connection and calls it in place: `poll_ready` then `call` on the same instance, as
 //! tower's contract asks (the breaker decides a request's route in `poll_ready`). Should that
 //! `poll_ready` ever not be ready at once, the request waits on a fresh clone instead
 //! (`oneshot`), as the router would.
 
+use super::access_log::{self, AccessLog, Pending};
 use super::app::GatewayService;
+use super::tls::TlsTerminator;
 use axum::body::Body;
 use axum::Router;
 use http::{Request, Response};
@@ -34,6 +39,8 @@ use tower::{Service, ServiceExt};
 pub struct App {
     router: Router,
     data: Option<DataPath>,
+    tls: Option<TlsTerminator>,
+    access_log: Option<AccessLog>,
 }
 
 #[derive(Debug, Clone)]
@@ -46,7 +53,12 @@ struct DataPath {
 impl From<Router> for App {
     /// Every request goes through `router`.
     fn from(router: Router) -> Self {
-        Self { router, data: None }
+        Self {
+            router,
+            data: None,
+            tls: None,
+            access_log: None,
+        }
     }
 }
 
@@ -66,7 +78,32 @@ impl App {
                 service: data,
                 operator_prefixes: prefixes.into(),
             }),
+            tls: None,
+            access_log: None,
         }
+    }
+
+    /// The same app with an access log line for every request.
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
+    }
+
+    /// The access log, when `access_log.enable` is set.
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.as_ref()
+    }
+
+    /// The same app served over TLS: the servers run `tls`'s handshake on every accepted
+    /// connection first.
+    pub fn with_tls(mut self, tls: TlsTerminator) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The TLS termination of the listener, when `tls:` is configured.
+    pub fn tls(&self) -> Option<&TlsTerminator> {
+        self.tls.as_ref()
     }
 
     /// The router (operator routes, with the data path as its fallback).
@@ -77,6 +114,7 @@ impl App {
     /// The state one connection serves its requests with.
     pub(crate) fn connection(&self) -> AppConn {
         AppConn {
+            access_log: self.access_log.clone(),
             router: self.router.clone(),
             data: self.data.as_ref().map(|d| ConnData {
                 service: RefCell::new(d.service.clone()),
@@ -91,6 +129,7 @@ impl App {
 pub(crate) struct AppConn {
     router: Router,
     data: Option<ConnData>,
+    access_log: Option<AccessLog>,
 }
 
 #[derive(Debug)]
@@ -101,12 +140,22 @@ struct ConnData {
 }
 
 impl AppConn {
-    /// Dispatches `req`.
-    pub(crate) fn call(&self, req: Request<Body>) -> AppFuture {
+    /// Dispatches `req`, with its request id (and its access log record, when on).
+    pub(crate) fn call(&self, mut req: Request<Body>) -> AppFuture {
+        let request_id = access_log::request_id(&mut req);
+        let pending = Pending::start(self.access_log.as_ref(), &mut req, &request_id);
+        AppFuture {
+            inner: self.dispatch(req),
+            request_id,
+            pending,
+        }
+    }
+
+    fn dispatch(&self, req: Request<Body>) -> Dispatch {
         let data = match &self.data {
             Some(d) if !d.is_operator_path(req.uri().path()) => d,
             _ => {
-                return AppFuture::Router {
+                return Dispatch::Router {
                     fut: self.router.clone().call(req),
                 }
             }
@@ -114,7 +163,7 @@ impl AppConn {
         let mut service = data.service.borrow_mut();
         let mut cx = Context::from_waker(Waker::noop());
         match service.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => AppFuture::Data {
+            Poll::Ready(Ok(())) => Dispatch::Data {
                 fut: service.call(req),
             },
             Poll::Ready(Err(never)) => match never {},
@@ -123,7 +172,7 @@ impl AppConn {
                 // took) for a fresh clone, and wait on one of our own.
                 let fresh = service.clone();
                 let waiting = std::mem::replace(&mut *service, fresh);
-                AppFuture::Waiting {
+                Dispatch::Waiting {
                     fut: waiting.oneshot(req),
                 }
             }
@@ -142,12 +191,49 @@ impl ConnData {
 type DataFuture = <GatewayService as Service<Request<Body>>>::Future;
 
 pin_project! {
-    /// The response future of [`AppConn::call`].
-    #[project = AppFutureProj]
-    pub(crate) enum AppFuture {
+    /// Where [`AppConn::call`] sent the request.
+    #[project = DispatchProj]
+    enum Dispatch {
         Router { #[pin] fut: axum::routing::future::RouteFuture<Infallible> },
         Data { fut: DataFuture },
         Waiting { #[pin] fut: Oneshot<GatewayService, Request<Body>> },
+    }
+}
+
+impl Future for Dispatch {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        let out = match self.project() {
+            DispatchProj::Router { fut } => ready!(fut.poll(cx)),
+            DispatchProj::Data { fut } => ready!(fut.as_mut().poll(cx)),
+            DispatchProj::Waiting { fut } => ready!(fut.poll(cx)),
+        };
+        Poll::Ready(match out {
+            Ok(r) => r,
+            Err(never) => match never {},
+        })
+    }
+}
+
+pin_project! {
+    /// The response future of [`AppConn::call`]: the response gets the request id (and a
+    /// rejection's body its `request_id`); with the access log or the span on, it runs in
+    /// the request's span and its body writes the line when it ends.
+    pub(crate) struct AppFuture {
+        #[pin]
+        inner: Dispatch,
+        request_id: http::HeaderValue,
+        pending: Option<Box<Pending>>,
+    }
+
+    impl PinnedDrop for AppFuture {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before the response: the client went away.
+            if let Some(pending) = this.project().pending.take() {
+                pending.abandoned();
+            }
+        }
     }
 }
 
@@ -155,14 +241,19 @@ impl Future for AppFuture {
     type Output = Response<Body>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
-        let out = match self.project() {
-            AppFutureProj::Router { fut } => ready!(fut.poll(cx)),
-            AppFutureProj::Data { fut } => ready!(fut.as_mut().poll(cx)),
-            AppFutureProj::Waiting { fut } => ready!(fut.poll(cx)),
+        let this = self.project();
+        let mut resp = {
+            let _entered = this
+                .pending
+                .as_deref()
+                .and_then(Pending::span)
+                .map(tracing::Span::enter);
+            ready!(this.inner.poll(cx))
         };
-        Poll::Ready(match out {
-            Ok(r) => r,
-            Err(never) => match never {},
+        let error = access_log::stamp_response(&mut resp, this.request_id);
+        Poll::Ready(match this.pending.take() {
+            Some(pending) => pending.respond(resp, error),
+            None => resp,
         })
     }
 }

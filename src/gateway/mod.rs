@@ -4,7 +4,9 @@
 //! The `gateway` example (`examples/gateway/`) is a thin command-line front end over this
 //! module; copy either as the template of your own gateway.
 
+pub mod access_log;
 pub mod admin;
+pub mod admin_listener;
 pub mod app;
 pub mod bodies;
 pub mod config;
@@ -17,6 +19,8 @@ pub mod server;
 mod stack;
 pub mod startup;
 pub mod stats;
+pub mod tls;
+pub mod upstream_probe;
 pub mod upstream_url;
 
 pub use app::{BuildError, Gateway, GatewayService};

@@ -25,10 +25,15 @@
 //!   closes every idle connection at once and makes every busy one close when its exchange
 //!   ends (called when the gateway shuts down).
 //!
+//! * **TLS.** An `https://` upstream's connections are TLS ([`UpstreamTls`]: the system roots
+//!   or `upstream_tls`), the handshake inside `connect_timeout`; a certificate the roots do
+//!   not vouch for is a connect error (502 `bad_gateway`). Pooled and reused like the rest.
+//!
 //! Each connection has one task (spawned when it is opened, not per request) that drives
 //! hyper's connection and watches its idle time.
 
 use super::bodies::ClientBody;
+use super::tls::UpstreamTls;
 use axum::body::Body;
 use http::HeaderValue;
 use hyper::client::conn::http1::SendRequest;
@@ -38,9 +43,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -56,6 +64,9 @@ pub(crate) struct Pools {
     idle_timeout: Duration,
     connect_timeout: Duration,
     closing: watch::Sender<bool>,
+    /// TLS to `https://` upstreams: set from `upstream_tls`, else made with the system
+    /// roots on first use (`None`: that failed, and https connects fail).
+    tls: OnceLock<Option<UpstreamTls>>,
 }
 
 impl Pools {
@@ -65,7 +76,25 @@ impl Pools {
             idle_timeout,
             connect_timeout,
             closing: watch::Sender::new(false),
+            tls: OnceLock::new(),
         }
+    }
+
+    /// Sets the TLS of `https://` upstreams; `false` when it was already set (or used).
+    pub(crate) fn set_tls(&self, tls: UpstreamTls) -> bool {
+        self.tls.set(Some(tls)).is_ok()
+    }
+
+    fn tls(&self) -> Option<&UpstreamTls> {
+        self.tls
+            .get_or_init(|| match UpstreamTls::from_config(None) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    tracing::error!(error = %e, "https:// upstreams cannot be reached");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// Closes every idle connection now, and every busy one when its exchange ends; no
@@ -84,6 +113,8 @@ pub(crate) struct UpstreamPool {
     pools: Arc<Pools>,
     host: Box<str>,
     port: u16,
+    /// `https://`: connections are TLS.
+    tls: bool,
     /// The `Host` header of every request to this upstream.
     host_header: HeaderValue,
     /// The origin of the idle timestamps of this upstream's connections.
@@ -108,6 +139,8 @@ pub(crate) enum ConnectError {
     Io(io::Error),
     /// No TCP connection within `connect_timeout`.
     TimedOut,
+    /// The TLS handshake failed (a certificate not trusted, a name mismatch, ...).
+    Tls(io::Error),
     /// The HTTP/1 handshake failed.
     Handshake(hyper::Error),
 }
@@ -117,13 +150,16 @@ impl fmt::Display for ConnectError {
         match self {
             Self::Io(e) => write!(f, "connect failed: {e}"),
             Self::TimedOut => f.write_str("connect timed out"),
+            Self::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             Self::Handshake(e) => write!(f, "handshake failed: {e}"),
         }
     }
 }
 
 impl UpstreamPool {
-    pub(crate) fn new(pools: Arc<Pools>, authority: &http::uri::Authority) -> Self {
+    /// The pool of the upstream at `authority`; `tls` for an `https://` one (port 443 by
+    /// default, 80 otherwise).
+    pub(crate) fn new(pools: Arc<Pools>, authority: &http::uri::Authority, tls: bool) -> Self {
         let host = authority.host();
         let host = host
             .strip_prefix('[')
@@ -132,7 +168,8 @@ impl UpstreamPool {
         Self {
             pools,
             host: host.into(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            tls,
             host_header: HeaderValue::from_str(authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             epoch: Instant::now(),
@@ -181,10 +218,9 @@ impl UpstreamPool {
     /// Opens a new connection and spawns its task.
     pub(crate) async fn connect(self: &Arc<Self>) -> Result<PooledConn, ConnectError> {
         let timeout = self.pools.connect_timeout;
-        let stream = tokio::time::timeout(timeout, self.open_tcp())
+        let stream = tokio::time::timeout(timeout, self.open())
             .await
-            .map_err(|_| ConnectError::TimedOut)?
-            .map_err(ConnectError::Io)?;
+            .map_err(|_| ConnectError::TimedOut)??;
         let (send, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamRequestBody>(TokioIo::new(stream))
             .await
@@ -203,6 +239,24 @@ impl UpstreamPool {
             pool: Arc::clone(self),
             reused: false,
         })
+    }
+
+    /// Opens the TCP connection and, for `https://`, runs the TLS handshake over it.
+    async fn open(&self) -> Result<UpstreamIo, ConnectError> {
+        let tcp = self.open_tcp().await.map_err(ConnectError::Io)?;
+        if !self.tls {
+            return Ok(UpstreamIo::Plain(tcp));
+        }
+        let Some(tls) = self.pools.tls() else {
+            return Err(ConnectError::Tls(io::Error::other(
+                "no TLS client config (see the log at startup)",
+            )));
+        };
+        let stream = tls
+            .connect(&self.host, tcp)
+            .await
+            .map_err(ConnectError::Tls)?;
+        Ok(UpstreamIo::Tls(Box::new(stream)))
     }
 
     async fn open_tcp(&self) -> io::Result<TcpStream> {
@@ -371,10 +425,77 @@ impl IdleMark {
     }
 }
 
+/// An upstream connection's socket: plain TCP, or TLS over it (`https://`).
+#[derive(Debug)]
+pub(crate) enum UpstreamIo {
+    /// `http://`.
+    Plain(TcpStream),
+    /// `https://` (boxed: the TLS state is large, and rare next to plain connections).
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A connection's task: drives hyper's connection until it ends, closes it once it has been
 /// idle for the idle timeout, and closes it at once when the pools drain while it is idle.
 async fn drive(
-    conn: hyper::client::conn::http1::Connection<TokioIo<TcpStream>, UpstreamRequestBody>,
+    conn: hyper::client::conn::http1::Connection<TokioIo<UpstreamIo>, UpstreamRequestBody>,
     mark: Arc<IdleMark>,
     pool: Weak<UpstreamPool>,
     mut closing: watch::Receiver<bool>,

@@ -82,8 +82,8 @@ impl fmt::Display for InvalidUpstream {
 impl std::error::Error for InvalidUpstream {}
 
 impl Upstream {
-    /// Parses `http://host:port[/prefix]`. Only `http` is supported (TLS to upstreams is not
-    /// implemented yet); a query or fragment is refused.
+    /// Parses `http://host:port[/prefix]` or `https://host:port[/prefix]` (TLS, see
+    /// [`super::tls`]); a query or fragment is refused.
     pub fn parse(url: &str) -> Result<Self, InvalidUpstream> {
         let uri: Uri = url
             .parse()
@@ -91,9 +91,9 @@ impl Upstream {
         let scheme = uri.scheme().cloned().ok_or_else(|| {
             InvalidUpstream(format!("`{url}` has no scheme (expected http://host:port)"))
         })?;
-        if scheme != Scheme::HTTP {
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(InvalidUpstream(format!(
-                "`{url}`: only http:// upstreams are supported"
+                "`{url}`: only http:// and https:// upstreams are supported"
             )));
         }
         let authority = uri
@@ -161,8 +161,8 @@ pub struct ProxySettings {
     /// Longest pause allowed between two reads of an upstream's response body; the body is
     /// then cut off (the client sees the truncation) and the slots it held are freed.
     pub upstream_body_timeout: Duration,
-    /// The `grpc-status` codes that count in an upstream's `failures` (see
-    /// [`super::grpc_outcome`]).
+    /// The `grpc-status` codes that count in an upstream's `failures` (read from the
+    /// response headers, or from the trailers at the end of the body).
     pub grpc_failures: GrpcFailures,
 }
 
@@ -261,6 +261,18 @@ impl Proxy {
         &self.settings
     }
 
+    /// The connection pools' shared settings (the health checks open their `https://`
+    /// connections with them).
+    pub(crate) fn pools(&self) -> &Arc<Pools> {
+        &self.pools
+    }
+
+    /// Sets how `https://` upstreams are reached (`upstream_tls`); without it they are
+    /// reached with the system roots. `false` when an https connection was already made.
+    pub fn set_upstream_tls(&self, tls: super::tls::UpstreamTls) -> bool {
+        self.pools.set_tls(tls)
+    }
+
     /// Closes every idle pooled HTTP/1 connection now and every busy one when its exchange
     /// ends; nothing is pooled afterwards. Called when the gateway shuts down.
     pub fn close_idle_connections(&self) {
@@ -273,6 +285,7 @@ impl Proxy {
         let pool = Arc::new(UpstreamPool::new(
             Arc::clone(&self.pools),
             &upstream.authority,
+            upstream.scheme == Scheme::HTTPS,
         ));
         ProxyTo {
             target: Arc::new(Target {
@@ -446,6 +459,7 @@ impl Target {
     async fn serve(self: Arc<Self>, req: Request<Body>) -> Result<Response<ProxyBody>, Infallible> {
         let grpc = portcullis_core::is_grpc_request(req.headers());
         let started = Instant::now();
+        super::access_log::note_dispatch(&req, &self.upstream.url);
         match self.forward(req, grpc).await {
             // A gRPC failure is in `grpc-status`, possibly in the trailers.
             Ok(resp) if grpc => {
@@ -667,7 +681,7 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 /// Requests, failures and time to response headers of one upstream (atomics only).
 ///
 /// A failure is a 5xx answer, a transport error (502), a timeout (504) or a gRPC call whose
-/// `grpc-status` is one of `grpc_failure_codes` (see [`super::grpc_outcome`]). A request whose
+/// `grpc-status` is one of `grpc_failure_codes` (from its headers or trailers). A request whose
 /// client went away before its body was complete is counted in `client_closed`, not as a
 /// failure.
 #[derive(Debug, Default)]

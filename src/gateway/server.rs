@@ -393,16 +393,34 @@ async fn accept_loop(
                 continue;
             }
         };
-        let conn = serve_connection(
-            stream,
+        let serving = Serving {
             peer,
-            app.connection(),
+            app: app.connection(),
             limits,
             permit,
-            stop.clone(),
-            open_rx.clone(),
-        );
-        tokio::spawn(conn);
+            stop: stop.clone(),
+            _open: open_rx.clone(),
+        };
+        match app.tls() {
+            None => {
+                tokio::spawn(serve_connection(stream, serving, false));
+            }
+            Some(tls) => {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    // The handshake holds the connection's slot and is bounded by
+                    // `tls.handshake_timeout`; a stop cuts it short.
+                    let mut stop = serving.stop.clone();
+                    let handshake = tokio::select! {
+                        s = tls.accept(stream) => s,
+                        _ = stop.wait_for(|s| *s) => None,
+                    };
+                    if let Some(stream) = handshake {
+                        serve_connection(stream, serving, true).await;
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     drop(open_rx);
@@ -421,24 +439,40 @@ fn accept_error_is_fatal_to_the_loop(e: &io::Error) -> bool {
     )
 }
 
-/// Serves one client connection (HTTP/1 or HTTP/2 by prior knowledge) with `limits`, until
-/// the client or the limits close it, or `stop` turns true and it has shut down gracefully.
-/// `_open` tells the accept loop the connection is still open.
-async fn serve_connection(
-    stream: TcpStream,
+/// What one accepted connection is served with.
+struct Serving {
     peer: SocketAddr,
     app: AppConn,
     limits: ConnectionLimits,
+    /// The connection's `max_connections` slot.
     permit: Option<OwnedSemaphorePermit>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    /// Tells the accept loop the connection is still open.
     _open: watch::Receiver<()>,
-) {
+}
+
+/// Serves one client connection (HTTP/1 or HTTP/2, by ALPN or prior knowledge) with
+/// `limits`, until the client or the limits close it, or `stop` turns true and it has shut
+/// down gracefully. `stream` is the TCP socket, or the TLS stream over it (`tls`).
+async fn serve_connection<S>(stream: S, serving: Serving, tls: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Serving {
+        peer,
+        app,
+        limits,
+        permit,
+        mut stop,
+        _open,
+    } = serving;
     let state = Arc::new(ConnState::new());
     let io = TokioIo::new(TimedIo::new(stream, Arc::clone(&state), permit));
     let service = ConnService {
         app,
         peer,
         state: Arc::clone(&state),
+        tls,
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The head timeout is ConnState's (see the module docs for why not hyper's).
@@ -721,8 +755,8 @@ enum Protocol {
 /// connection's `max_connections` slot (freed when the socket is closed, upgraded
 /// connections included).
 #[derive(Debug)]
-struct TimedIo {
-    inner: TcpStream,
+struct TimedIo<S> {
+    inner: S,
     state: Arc<ConnState>,
     protocol: Protocol,
     /// Bytes read from the client so far.
@@ -732,8 +766,8 @@ struct TimedIo {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-impl TimedIo {
-    fn new(inner: TcpStream, state: Arc<ConnState>, permit: Option<OwnedSemaphorePermit>) -> Self {
+impl<S: AsyncWrite + Unpin> TimedIo<S> {
+    fn new(inner: S, state: Arc<ConnState>, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             inner,
             state,
@@ -785,7 +819,7 @@ impl TimedIo {
     }
 }
 
-impl AsyncRead for TimedIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -806,7 +840,7 @@ impl AsyncRead for TimedIo {
     }
 }
 
-impl AsyncWrite for TimedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -836,6 +870,9 @@ impl AsyncWrite for TimedIo {
     }
 }
 
+/// `X-Forwarded-Proto`, set by the server on TLS connections (the client's own is replaced).
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+
 /// The app as one connection's hyper service: each request gets the client's address as
 /// `ConnectInfo<SocketAddr>` (as `into_make_service_with_connect_info` gives it) and a
 /// [`RequestGuard`] that keeps the connection busy until its response body ends.
@@ -844,6 +881,8 @@ struct ConnService {
     app: AppConn,
     peer: SocketAddr,
     state: Arc<ConnState>,
+    /// The connection is TLS: requests go upstream with `X-Forwarded-Proto: https`.
+    tls: bool,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -853,6 +892,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(ConnectInfo(self.peer));
+        if self.tls {
+            req.headers_mut()
+                .insert(X_FORWARDED_PROTO, http::HeaderValue::from_static("https"));
+        }
         let guard = RequestGuard::new(Arc::clone(&self.state));
         let inner = self.app.call(req.map(Body::new));
         ConnFuture {

@@ -27,7 +27,7 @@ use portcullis_balance::HealthCheckKind;
 use portcullis_balance::{HttpBalance, ReplicaRegistry};
 use portcullis_breaker::{Breaker, HttpFallback};
 use portcullis_core::HealthSource;
-use portcullis_health::{GrpcHealthProbe, HttpProbe, Probe, ProbeFuture, ProbeResult};
+use portcullis_health::{GrpcHealthProbe, Probe, ProbeFuture, ProbeResult};
 use portcullis_redis::{RedisCapacity, RedisStorage};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -52,6 +52,19 @@ impl HealthSource for CanServe {
     fn can_serve(&self) -> bool {
         self.has_fallback || self.registry.can_serve()
     }
+}
+
+/// The in-process capacity sources of every watched endpoint (`storage: memory`): adaptive
+/// ([`AdaptiveCapacity`] over [`LocalCapacity`]) where an `adaptive:` block applies, fixed
+/// elsewhere, each starting at the capacity of `plan` (0 while it is probed).
+pub(super) fn local_endpoints(
+    config: &GatewayConfig,
+    plan: &StartupPlan,
+) -> Result<Endpoints<AdaptiveCapacity<LocalCapacity>>, BuildError> {
+    Endpoints::adaptive_from_config(&config.admission, |path, ep| {
+        plan.initial_capacity(path, ep)
+    })
+    .map_err(BuildError)
 }
 
 /// The Redis-shared capacity sources of every watched endpoint (`storage: redis`): adaptive
@@ -79,19 +92,6 @@ pub(super) fn shared_endpoints(
 
 /// The whole data path over `endpoints`, outermost first (see the [module docs](self)).
 ///
-/// The in-process capacity sources of every watched endpoint (`storage: memory`): adaptive
-/// ([`AdaptiveCapacity`] over [`LocalCapacity`]) where an `adaptive:` block applies, fixed
-/// elsewhere, each starting at the capacity of `plan` (0 while it is probed).
-pub(super) fn local_endpoints(
-    config: &GatewayConfig,
-    plan: &StartupPlan,
-) -> Result<Endpoints<AdaptiveCapacity<LocalCapacity>>, BuildError> {
-    Endpoints::adaptive_from_config(&config.admission, |path, ep| {
-        plan.initial_capacity(path, ep)
-    })
-    .map_err(BuildError)
-}
-
 /// The response body is one concrete type from the proxy up to the admission layer (each
 /// layer wraps it, `http_body_util::Either` joins the branches) and is boxed once, here.
 pub(super) fn admission_over<C>(
@@ -166,9 +166,11 @@ pub(super) fn fallback_breaker(
     };
     // The replicas' own kind of check (HTTP or grpc.health.v1), with the breaker's timeout.
     let check: Arc<dyn Probe> = match config.balance.health_check.kind {
-        HealthCheckKind::Http => Arc::new(HttpProbe::new(
+        // Over TLS for `https://` targets, with the proxy's own TLS settings.
+        HealthCheckKind::Http => Arc::new(super::upstream_probe::UpstreamProbe::new(
             config.balance.health_endpoint.clone(),
             fallback.probe_timeout,
+            proxy,
         )),
         HealthCheckKind::Grpc => Arc::new(GrpcHealthProbe::new(
             config.balance.health_check.service.clone(),

@@ -3,7 +3,9 @@
 //!
 //! Everything here reads atomics and `ArcSwap` snapshots: no I/O per stats request.
 
+use super::access_log::AccessLog;
 use super::proxy::{ProxyTo, LATENCY_BUCKETS};
+use super::tls::TlsTerminator;
 use portcullis_admission::AdmissionStats;
 use portcullis_balance::ReplicaRegistry;
 use portcullis_breaker::{Breaker, BreakerState, StatusSnapshot};
@@ -25,6 +27,8 @@ pub struct GatewayStats {
     breaker: Option<(Breaker, Option<ProxyTo>)>,
     admission: AdmissionStatsFn,
     storage: Option<RedisStorage>,
+    tls: Option<TlsTerminator>,
+    access_log: Option<AccessLog>,
 }
 
 impl std::fmt::Debug for GatewayStats {
@@ -52,7 +56,21 @@ impl GatewayStats {
             breaker,
             admission,
             storage,
+            tls: None,
+            access_log: None,
         }
+    }
+
+    /// The same stats with the listener's counters: failed TLS handshakes and dropped
+    /// access log lines.
+    pub fn with_listener(
+        mut self,
+        tls: Option<TlsTerminator>,
+        access_log: Option<AccessLog>,
+    ) -> Self {
+        self.tls = tls;
+        self.access_log = access_log;
+        self
     }
 }
 
@@ -141,6 +159,11 @@ impl StatsSource for GatewayStats {
                 fallback_requests: fallback_to.as_ref().map_or(0, |f| f.metrics().requests()),
             }
         });
+        stats.tls_handshakes_failed = self
+            .tls
+            .as_ref()
+            .map_or(0, TlsTerminator::handshakes_failed);
+        stats.access_log_dropped = self.access_log.as_ref().map_or(0, AccessLog::dropped);
         stats.storage = match &self.storage {
             None => StorageStats::default(),
             Some(storage) => {

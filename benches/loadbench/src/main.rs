@@ -17,6 +17,7 @@
 //! (counted by the backends), its peak RSS, and the ratios gateway ÷ nginx and gateway ÷
 //! HAProxy. The `hyper-bare` target (`bare.rs`) is the smallest hyper server plus hyper-util
 //! client proxy: the cost of the hyper stack alone.
+//! The `gateway-access-log` target is the pure proxy with the JSON access log on.
 //!
 //! Everything binds 127.0.0.1; every process it starts is stopped by pid when the harness ends,
 //! panics or gets SIGINT/SIGTERM; every wait is bounded.
@@ -619,7 +620,15 @@ fn start_gateway(
 ) -> Result<Target, StartError> {
     let port = free_port().map_err(StartError::Other)?;
     let cfg = dir.join(format!("{}.yml", mode.label()));
-    std::fs::write(&cfg, targets::gateway_yaml(mode, port, backends, redis))
+    let mut yaml = targets::gateway_yaml(mode, port, backends, redis);
+    if mode == Mode::GatewayAccessLog {
+        let log = dir.join("gateway-access.log");
+        yaml.push_str(&format!(
+            "access_log: {{enable: true, format: json, path: \"{}\"}}\n",
+            log.display()
+        ));
+    }
+    std::fs::write(&cfg, yaml)
         .map_err(|e| StartError::Other(format!("cannot write {}: {e}", cfg.display())))?;
     let mut cmd = Command::new(bin);
     cmd.arg("--config")
@@ -1077,8 +1086,9 @@ fn section_markdown(
     s.push_str(&format!(
         "Two test backends (hyper, `200 ok` at once{}, keep-alive) run in their own process; each \
          target proxies `GET {BENCH_PATH}` to both with equivalent settings (round robin except \
-         `gateway-p2c`, keep-alive upstream pools, passive failure detection, access logs off, \
-         2 workers/threads; configs in `benches/loadbench/src/targets.rs`). wrk -t{} runs {} s per \
+         `gateway-p2c`, keep-alive upstream pools, passive failure detection, access logs off \
+         (on in `gateway-access-log`), 2 workers/threads; configs in \
+         `benches/loadbench/src/targets.rs`). wrk -t{} runs {} s per \
          target and connection count, {} round(s) alternating the targets (A B A B …), after a {} s \
          warm-up each; {:.0} s in total. CPU is utime + stime of the proxy's process tree (nginx \
          master + workers) from `/proc`, divided per 10k requests; peak RSS is the largest sampled \

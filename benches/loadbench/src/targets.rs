@@ -26,6 +26,8 @@ pub(crate) enum Mode {
     GatewayAdmission,
     /// The gateway with the health-gated balancer's power-of-two-choices.
     GatewayP2c,
+    /// The pure proxy with the JSON access log on (a file in the run's directory).
+    GatewayAccessLog,
     /// Admission with Redis storage (a private redis-server started by the harness).
     GatewayRedis,
     /// nginx, 2 worker processes.
@@ -39,7 +41,7 @@ pub(crate) enum Mode {
 
 impl Mode {
     /// Every mode, in measuring order.
-    pub(crate) const ALL: [Mode; 7] = [
+    pub(crate) const ALL: [Mode; 8] = [
         Mode::Gateway,
         Mode::Nginx,
         Mode::Haproxy,
@@ -47,6 +49,7 @@ impl Mode {
         Mode::GatewayAdmission,
         Mode::GatewayP2c,
         Mode::GatewayRedis,
+        Mode::GatewayAccessLog,
     ];
 
     /// The name used on the command line and in the table.
@@ -56,6 +59,7 @@ impl Mode {
             Mode::GatewayAdmission => "gateway-admission",
             Mode::GatewayP2c => "gateway-p2c",
             Mode::GatewayRedis => "gateway-redis",
+            Mode::GatewayAccessLog => "gateway-access-log",
             Mode::Nginx => "nginx",
             Mode::Haproxy => "haproxy",
             Mode::HyperBare => "hyper-bare",

@@ -127,7 +127,7 @@ impl<T> Replica<T> {
         self.tier
     }
 
-    /// The payload given to [`ReplicaRegistry::add`].
+    /// The payload given to [`ReplicaRegistry::add`](crate::ReplicaRegistry::add).
     pub fn target(&self) -> &T {
         &self.target
     }

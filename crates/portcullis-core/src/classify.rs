@@ -286,7 +286,7 @@ impl ClassifyResponse for GrpcFailures {
 
 /// The end-of-stream half of [`GrpcFailures`]: the `grpc-status` of the trailers.
 ///
-/// The same rules as tower-http's [`GrpcEosErrorsAsFailures`] (no trailers or no
+/// The same rules as tower-http's `GrpcEosErrorsAsFailures` (no trailers or no
 /// `grpc-status`: not a failure; not a number: not a failure; a failure code or a number
 /// outside 0..=16: a failure), with the header name parsed once rather than on every
 /// lookup: this runs at the end of every gRPC response.

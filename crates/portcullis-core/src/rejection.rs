@@ -222,10 +222,13 @@ impl Rejection {
         }
     }
 
-    /// Renders the JSON form, whatever the request was.
+    /// Renders the JSON form, whatever the request was. The response's extensions carry
+    /// the rejection itself, so an outer layer can tell it from an upstream's answer (the
+    /// gateway adds the request id to the body from it).
     pub fn to_json_response<B>(&self) -> Response<RejectionBody<B>> {
         let mut resp = Response::new(RejectionBody::full(self.json_body()));
         *resp.status_mut() = self.status;
+        resp.extensions_mut().insert(self.clone());
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,

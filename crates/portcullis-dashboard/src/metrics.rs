@@ -34,6 +34,8 @@
 //! | `portcullis_fallback_engaged_seconds` | gauge | `fallback` |
 //! | `portcullis_fallback_trips_total`, `portcullis_fallback_requests_total` | counter | `fallback` |
 //! | `portcullis_storage_healthy` | gauge (0/1) | `kind` |
+//! | `portcullis_tls_handshakes_failed_total` | counter | |
+//! | `portcullis_access_log_dropped_total` | counter | |
 
 use crate::stats::{Histogram, Stats, Tier};
 use prometheus_client::collector::Collector;
@@ -403,6 +405,18 @@ impl Collector for StatsCollector {
                 vec![("kind", s.storage.kind.as_str())],
                 bool_gauge(s.storage.healthy),
             )],
+        )?;
+        counter(
+            e,
+            "tls_handshakes_failed",
+            "TLS handshakes on the listener that failed or timed out.",
+            [(vec![], s.tls_handshakes_failed)],
+        )?;
+        counter(
+            e,
+            "access_log_dropped",
+            "Access log lines dropped because the log writer fell behind.",
+            [(vec![], s.access_log_dropped)],
         )?;
         Ok(())
     }

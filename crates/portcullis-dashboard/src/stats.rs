@@ -42,6 +42,13 @@ pub struct Stats {
     /// The storage of the admission counters (local memory or Redis).
     #[serde(default)]
     pub storage: StorageStats,
+    /// TLS handshakes on the listener that failed or timed out (0 without TLS).
+    #[serde(default)]
+    pub tls_handshakes_failed: u64,
+    /// Access log lines dropped because the log writer fell behind (0 without an access
+    /// log).
+    #[serde(default)]
+    pub access_log_dropped: u64,
 }
 
 impl Stats {

@@ -314,6 +314,22 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// Makes the files in a fresh temporary directory (removed on drop), for any test that
+    /// needs a private CA (the gateway's TLS tests too). `None` (after a skip line naming
+    /// `test`) when `openssl` is missing, except under `CI=true`, where it panics.
+    pub fn new(test: &str) -> Option<Self> {
+        if !tool_available(test, "openssl", "version") {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-tls-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the tls temp dir");
+        Some(Self::generate(&dir))
+    }
+
     fn generate(dir: &std::path::Path) -> Self {
         let f = |name: &str| dir.join(name);
         let run = |args: &[&str]| {
