@@ -117,7 +117,7 @@ async fn a_queued_grpc_call_is_answered_at_its_deadline() {
         "the upstream got {forwarded:?} of the 3 s after about 1 s in the queue"
     );
 
-    // Not a queue timeout (the library test below reads the `deadline_exceeded` count).
+    // Counted as `deadline_exceeded`, not as a queue timeout.
     let resp = support::client()
         .get(gw.url("/balancer/stats").parse().unwrap())
         .await
@@ -126,7 +126,16 @@ async fn a_queued_grpc_call_is_answered_at_its_deadline() {
     let stats: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let ep = &stats["endpoints"][SAY_HELLO];
     assert_eq!(ep["timed_out_504"], 0, "{ep}");
+    assert_eq!(ep["deadline_exceeded"], 1, "{ep}");
     assert_eq!(ep["admitted"], 2, "{ep}");
+    let metrics = support::client()
+        .get(gw.url("/metrics").parse().unwrap())
+        .await
+        .unwrap();
+    let text = metrics.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    let line = format!("portcullis_endpoint_deadline_exceeded_total{{endpoint=\"{SAY_HELLO}\"}} 1");
+    assert!(text.contains(&line), "{line} not in\n{text}");
 }
 
 /// The HTTP form over a service that holds each request for `hold`.

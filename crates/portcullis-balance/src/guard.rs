@@ -1,4 +1,4 @@
-use crate::registry::{Replica, Tier};
+use crate::replica::{Replica, Tier};
 use std::fmt;
 use std::sync::Arc;
 

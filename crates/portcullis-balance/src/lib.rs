@@ -80,6 +80,7 @@ pub use error::NoHealthyReplica;
 pub use guard::InflightGuard;
 pub use http::{HttpBalance, HttpBalanceLayer};
 pub use portcullis_health::{CheckerConfig, CheckerHandle, GrpcHealthProbe, HealthPolicy, Status};
-pub use registry::{RegistryTargets, Replica, ReplicaRegistry, Tier};
+pub use registry::{RegistryTargets, ReplicaRegistry};
+pub use replica::{Replica, Tier};
 pub use retry::{RetryBudget, RetryBudgetCounts};
 pub use snapshot::{ReplicaSnapshot, Snapshot};

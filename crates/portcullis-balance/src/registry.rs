@@ -515,6 +515,38 @@ impl<T: Send + Sync + 'static> ReplicaRegistry<T> {
 
     /// Starts the active HTTP health checker of `config`: `GET <url><health_endpoint>`
     /// every `health_check_interval` on one shared pooled client.
+    ///
+    /// ```
+    /// use portcullis_balance::{Config, ReplicaRegistry, Tier};
+    /// use std::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // A replica whose health endpoint answers 503.
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// let url = format!("http://{}", listener.local_addr().unwrap());
+    /// let app = axum::Router::new()
+    ///     .route("/health", axum::routing::get(|| async { http::StatusCode::SERVICE_UNAVAILABLE }));
+    /// tokio::spawn(async move { axum::serve(listener, app).await });
+    ///
+    /// let config = Config {
+    ///     health_endpoint: "/health".into(),
+    ///     health_check_interval: Duration::from_millis(20),
+    ///     failure_threshold: 2,
+    ///     ..Config::default()
+    /// };
+    /// let registry = ReplicaRegistry::new(&config);
+    /// registry.add(url.clone(), Tier::Primary, url);
+    /// let _checker = registry.spawn_http_checker(&config); // dropping it stops the checks
+    /// for _ in 0..250 {
+    ///     if registry.snapshot().healthy == 0 {
+    ///         break;
+    ///     }
+    ///     tokio::time::sleep(Duration::from_millis(20)).await;
+    /// }
+    /// assert_eq!(registry.snapshot().healthy, 0, "two failed checks mark it unhealthy");
+    /// # }
+    /// ```
     pub fn spawn_http_checker(&self, config: &Config) -> CheckerHandle {
         let checker = config.checker_config();
         let probe = HttpProbe::new(config.health_endpoint.clone(), checker.timeout);

@@ -18,6 +18,7 @@
 //! | `portcullis_endpoint_admitted_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_rejected_503_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_timed_out_504_total` | counter | `endpoint` |
+//! | `portcullis_endpoint_deadline_exceeded_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_cancelled_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_held_after_cancel_total`, `portcullis_endpoint_held_cut_total` | counter | `endpoint` |
 //! | `portcullis_endpoint_queue_wait_seconds` | histogram | `endpoint` |
@@ -272,7 +273,7 @@ impl Collector for StatsCollector {
             gauge_f64(e, name, help, rows)?;
         }
         type Count = fn(&crate::EndpointStats) -> u64;
-        let counters: [(&str, &str, Count); 6] = [
+        let counters: [(&str, &str, Count); 7] = [
             ("endpoint_admitted", "Requests admitted.", |x| x.admitted),
             ("endpoint_rejected_503", "Requests refused with 503.", |x| {
                 x.rejected_503
@@ -281,6 +282,11 @@ impl Collector for StatsCollector {
                 "endpoint_timed_out_504",
                 "Requests that waited queue_timeout and got 504.",
                 |x| x.timed_out_504,
+            ),
+            (
+                "endpoint_deadline_exceeded",
+                "Queued requests whose own deadline passed first (504 deadline_exceeded).",
+                |x| x.deadline_exceeded,
             ),
             (
                 "endpoint_cancelled",

@@ -122,6 +122,10 @@ pub struct EndpointStats {
     /// Requests that waited `queue_timeout` and got 504.
     #[serde(default)]
     pub timed_out_504: u64,
+    /// Queued requests answered 504 `deadline_exceeded` because their own deadline
+    /// (`grpc-timeout`, or `x-request-timeout` with `honor_request_timeout`) passed first.
+    #[serde(default)]
+    pub deadline_exceeded: u64,
     /// Requests whose client went away while queued.
     #[serde(default)]
     pub cancelled: u64,
@@ -162,6 +166,7 @@ impl From<portcullis_admission::EndpointStats> for EndpointStats {
             admitted: e.admitted,
             rejected_503: e.rejected_503,
             timed_out_504: e.timed_out_504,
+            deadline_exceeded: e.deadline_exceeded,
             cancelled: e.cancelled,
             local_active: e.local_active as u64,
             held_after_cancel: e.held_after_cancel,

@@ -6,6 +6,43 @@ use tower_layer::Layer;
 
 /// Wraps the shared proxy service `P: Service<(T, http::Request<B>)>` into an
 /// [`HttpBalance`] over `registry`.
+///
+/// # Example
+///
+/// ```
+/// use http::{Request, Response};
+/// use portcullis_balance::{Config, HttpBalanceLayer, ReplicaRegistry, RoutingStrategy, Tier};
+/// use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), std::convert::Infallible> {
+/// let config = Config {
+///     routing_strategy: RoutingStrategy::RoundRobin,
+///     eject_after: 2,
+///     ..Config::default()
+/// };
+/// let registry = ReplicaRegistry::new(&config);
+/// registry.add("a", Tier::Primary, 1u32);
+/// registry.add("b", Tier::Primary, 2u32);
+/// let mut client = ServiceBuilder::new()
+///     .layer(HttpBalanceLayer::new(registry.clone()))
+///     .service(service_fn(|(replica, _req): (u32, Request<String>)| async move {
+///         // 500 from replica 2: a failure, counted towards its passive ejection.
+///         let status = if replica == 2 { 500 } else { 200 };
+///         let mut resp = Response::new(String::new());
+///         *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+///         Ok::<_, std::convert::Infallible>(resp)
+///     }));
+/// for _ in 0..4 {
+///     let _ = client.ready().await?.call(Request::new(String::new())).await?;
+/// }
+/// // Two consecutive 500s: replica 2 is ejected, replica 1 serves on.
+/// let snapshot = registry.snapshot();
+/// assert!(snapshot.replicas.iter().any(|r| r.url == "b" && r.ejected));
+/// assert!(snapshot.replicas.iter().any(|r| r.url == "a" && !r.ejected));
+/// # Ok(())
+/// # }
+/// ```
 pub struct HttpBalanceLayer<T, M = DefaultClassifier> {
     registry: ReplicaRegistry<T>,
     classifier: M,

@@ -21,6 +21,33 @@ pub type DefaultClassifier = SharedClassifier<ServerErrorsAsFailures>;
 ///
 /// With no usable replica it answers 503 `no_healthy_upstream` (JSON, or gRPC
 /// trailers-only `UNAVAILABLE` for gRPC requests) with `Retry-After`, without calling `P`.
+///
+/// # Example
+///
+/// ```
+/// use http::{Request, Response, StatusCode};
+/// use portcullis_balance::{Config, HttpBalance, ReplicaRegistry, Tier};
+/// use tower::{service_fn, Service, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), std::convert::Infallible> {
+/// let registry = ReplicaRegistry::new(&Config::default());
+/// registry.add("http://10.0.0.1:8000", Tier::Primary, "replica one");
+/// // The shared proxy: gets the picked replica's payload with the request.
+/// let proxy = service_fn(|(name, _req): (&'static str, Request<String>)| async move {
+///     Ok::<_, std::convert::Infallible>(Response::new(format!("served by {name}")))
+/// });
+/// let mut balance = HttpBalance::new(proxy, registry.clone());
+/// let resp = balance.ready().await?.call(Request::new(String::new())).await?;
+/// assert_eq!(resp.status(), StatusCode::OK);
+///
+/// // Nothing left to pick: 503 `no_healthy_upstream`, and the proxy is not called.
+/// registry.remove("http://10.0.0.1:8000");
+/// let resp = balance.ready().await?.call(Request::new(String::new())).await?;
+/// assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+/// # Ok(())
+/// # }
+/// ```
 pub struct HttpBalance<P, T, M = DefaultClassifier> {
     proxy: P,
     registry: ReplicaRegistry<T>,

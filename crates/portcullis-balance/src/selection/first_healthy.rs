@@ -2,7 +2,7 @@
 //! insertion order. The candidates are already the healthy
 //! members of the best tier, in insertion order, so this is the first of them.
 
-use crate::registry::Replica;
+use crate::replica::Replica;
 use std::sync::Arc;
 
 #[inline]

@@ -12,7 +12,7 @@ pub(crate) mod round_robin;
 pub(crate) mod weighted;
 
 use crate::config::RoutingStrategy;
-use crate::registry::Replica;
+use crate::replica::Replica;
 use crate::sync::AtomicUsize;
 use std::sync::Arc;
 

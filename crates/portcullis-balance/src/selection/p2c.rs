@@ -8,7 +8,7 @@
 //! mean instead of random choice's `O(log n / log log n)`. The random numbers come from a
 //! per-thread xorshift generator: no lock, no allocation, no syscall.
 
-use crate::registry::Replica;
+use crate::replica::Replica;
 use std::cell::Cell;
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! `round-robin`: a shared counter, taken modulo the number of healthy replicas of the best
 //! tier. When the candidate set changes the rotation continues from wherever the counter is.
 
-use crate::registry::Replica;
+use crate::replica::Replica;
 use crate::sync::{AtomicUsize, Ordering};
 use std::sync::Arc;
 

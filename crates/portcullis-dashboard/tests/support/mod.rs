@@ -34,6 +34,7 @@ pub fn sample_stats(active: u64, queue: u64) -> Stats {
             admitted: 157,
             rejected_503: 2,
             timed_out_504: 1,
+            deadline_exceeded: 0,
             cancelled: 0,
             local_active: active,
             held_after_cancel: 3,
