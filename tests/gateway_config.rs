@@ -169,6 +169,10 @@ fn bad_configs_exit_2_naming_file_and_field() {
             Some("upstreams:\n  - {url: \"http://HOST:1\"}\n"),
             "`upstreams[0].url`",
         ),
+        (
+            Some("upstreams:\n  - {url: \"https://127.0.0.1:1\"}\nhealth_check: {kind: grpc}\n"),
+            "`upstreams[0].url`",
+        ),
         (Some("admin: {listen: nowhere}\n"), "`admin.listen`"),
         (
             Some("fallback: {failure_threshold: 2}\nadmin: {listen: \"0.0.0.0:9901\"}\n"),

@@ -435,6 +435,14 @@ impl GatewayConfig {
         for (i, u) in self.balance.upstreams.iter().enumerate() {
             let field = format!("upstreams[{i}].url");
             let parsed = Upstream::parse(&u.url).map_err(|e| FieldError::new(&field, e.0))?;
+            if parsed.url().starts_with("https://")
+                && self.balance.health_check.kind == portcullis_balance::HealthCheckKind::Grpc
+            {
+                return Err(FieldError::new(
+                    field,
+                    "an https:// upstream with `health_check: {kind: grpc}`: the gRPC health check and gRPC proxying speak h2c (cleartext HTTP/2) only",
+                ));
+            }
             if !seen.insert(parsed.url().to_string()) {
                 return Err(FieldError::new(
                     field,
@@ -1114,6 +1122,11 @@ mod tests {
                 "ui: {password: x}\nui_password: y\n",
                 "ui_password",
                 Some(2),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\n  - {url: \"https://b:1\"}\nhealth_check: {kind: grpc}\n",
+                "upstreams[1].url",
+                Some(3),
             ),
             (
                 "upstreams:\n  - {url: http://a:1}\naccess_log: {enable: true, format: xml}\n",
