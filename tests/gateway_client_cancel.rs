@@ -6,8 +6,9 @@ mod support;
 use axum::routing::{any, get};
 use axum::Router;
 use http_body_util::BodyExt;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::{backend, client, Server, TestGateway};
 
@@ -17,6 +18,14 @@ struct Work {
     now: AtomicUsize,
     max: AtomicUsize,
     done: AtomicUsize,
+    /// The `x-job` ids the backend started working on.
+    started: Mutex<HashSet<String>>,
+}
+
+impl Work {
+    fn started(&self, job: &str) -> bool {
+        self.started.lock().unwrap().contains(job)
+    }
 }
 
 /// A backend like a model server: each `/work` request runs for `work_ms` whether or not
@@ -28,9 +37,12 @@ async fn stubborn_backend(work_ms: u64) -> (Server, Arc<Work>) {
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/work",
-            any(move || {
+            any(move |headers: http::HeaderMap| {
                 let w = Arc::clone(&w);
                 async move {
+                    if let Some(id) = headers.get("x-job").and_then(|v| v.to_str().ok()) {
+                        w.started.lock().unwrap().insert(id.to_owned());
+                    }
                     let job = tokio::spawn(async move {
                         let now = w.now.fetch_add(1, Ordering::SeqCst) + 1;
                         w.max.fetch_max(now, Ordering::SeqCst);
@@ -64,9 +76,11 @@ async fn endpoint_stats(gw: &TestGateway) -> serde_json::Value {
 }
 
 /// Runs `total` requests, `parallel` at a time; every `cancel_every`-th is dropped by its
-/// client after a short wait. Returns (answered, cancelled).
+/// client as soon as the backend started working on it (it was admitted and forwarded; the
+/// work is still running), the others are awaited. Returns (answered, cancelled).
 async fn load(
     gw: &TestGateway,
+    work: &Arc<Work>,
     total: usize,
     parallel: usize,
     cancel_every: usize,
@@ -77,18 +91,31 @@ async fn load(
     for i in 0..total {
         let permit = Arc::clone(&sem).acquire_owned().await.unwrap();
         let url = url.clone();
+        let work = Arc::clone(work);
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
+            let job = i.to_string();
+            let req = http::Request::get(url)
+                .header("x-job", &job)
+                .body(axum::body::Body::empty())
+                .unwrap();
             let req = async {
-                let resp = client().get(url).await.unwrap();
+                let resp = client().request(req).await.unwrap();
                 let status = resp.status();
                 resp.into_body().collect().await.unwrap();
                 status
             };
             if i % cancel_every == 0 {
-                // Long enough to have been admitted and forwarded, too short for the work.
-                let wait = Duration::from_millis(5 + (i as u64 * 7) % 40);
-                tokio::time::timeout(wait, req).await.ok()
+                let started = async {
+                    while !work.started(&job) {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                };
+                tokio::select! {
+                    // Answered before the client saw the backend start: not a cancel.
+                    status = req => Some(status),
+                    _ = tokio::time::timeout(Duration::from_secs(30), started) => None,
+                }
             } else {
                 let status = tokio::time::timeout(Duration::from_secs(60), req)
                     .await
@@ -127,8 +154,8 @@ async fn settle(gw: &TestGateway) -> serde_json::Value {
 async fn hold_keeps_the_backends_true_concurrency_within_capacity() {
     let (upstream, work) = stubborn_backend(60).await;
     let gw = TestGateway::start(&config(&upstream, 4, "")).await;
-    // 30% of the clients go away mid-request.
-    let (answered, cancelled) = load(&gw, 200, 12, 3).await;
+    // A third of the clients go away mid-request.
+    let (answered, cancelled) = load(&gw, &work, 200, 12, 3).await;
     let stats = settle(&gw).await;
     println!(
         "hold: answered {answered}, cancelled {cancelled}, backend max concurrency {}, held {}",
