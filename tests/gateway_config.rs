@@ -174,6 +174,7 @@ fn bad_configs_exit_2_naming_file_and_field() {
             "`upstreams[0].url`",
         ),
         (Some("admin: {listen: nowhere}\n"), "`admin.listen`"),
+        (Some("log_level: \"info,portcullis=loud\"\n"), "`log_level`"),
         (
             Some("fallback: {failure_threshold: 2}\nadmin: {listen: \"0.0.0.0:9901\"}\n"),
             "`admin.listen`",

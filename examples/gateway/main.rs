@@ -15,6 +15,10 @@
 //! ```
 //!
 //! A bad config exits with status 2 and a message naming the file, the field and the line.
+//!
+//! `SIGHUP` re-reads the config file and applies it without dropping a request (as
+//! `POST /balancer/reload` does); an invalid file is refused and the old config keeps
+//! running. SIGINT and SIGTERM drain and stop.
 
 /// The process's allocator: jemalloc with its background purging threads, which return the
 /// memory a burst of connections freed to the system within seconds (glibc malloc kept all of
@@ -31,7 +35,10 @@ use portcullis::gateway::server::ConnectionLimits;
 use portcullis::gateway::{serve_sharded_watched, ConfigError, Gateway};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
+use std::sync::Arc;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 #[derive(Parser, Debug)]
 #[command(name = "gateway", version, about = "Portcullis example gateway")]
@@ -62,14 +69,22 @@ enum Command {
     },
 }
 
+/// The process's log filter without `log_level`: `RUST_LOG`, else `info`.
+fn default_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    // The filter sits behind a reload handle, so a config reload can change `log_level`.
+    let (filter, filter_handle) = reload::Layer::new(default_filter());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_writer(std::io::stderr),
         )
-        .with_target(false)
-        .with_writer(std::io::stderr)
         .init();
     // The main runtime runs the background tasks (health checks, probes, Redis) and the
     // bench command; requests are served by `serve_sharded`'s per-core runtimes.
@@ -88,10 +103,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
+    runtime.block_on(run(cli, filter_handle))
 }
 
-async fn run(cli: Cli) -> ExitCode {
+async fn run(cli: Cli, filter: reload::Handle<EnvFilter, Registry>) -> ExitCode {
     if let Some(Command::Bench {
         base_url,
         out,
@@ -117,6 +132,22 @@ async fn run(cli: Cli) -> ExitCode {
         println!("config OK");
         return ExitCode::SUCCESS;
     }
+    // From here a SIGHUP reloads instead of killing the process (its default action).
+    #[cfg(unix)]
+    let sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let set_filter = move |level: Option<&str>| -> Result<(), String> {
+        let next = match level {
+            Some(l) => EnvFilter::try_new(l).map_err(|e| e.to_string())?,
+            None => default_filter(),
+        };
+        filter.reload(next).map_err(|e| e.to_string())
+    };
+    if let Some(level) = &config.log_level {
+        if let Err(e) = set_filter(Some(level)) {
+            eprintln!("gateway: log_level: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let listen = config.listen_addr();
     let drain = config.drain_timeout;
     let upstreams: Vec<String> = config
@@ -131,6 +162,21 @@ async fn run(cli: Cli) -> ExitCode {
         Err(e) => {
             eprintln!("gateway: {e}");
             return ExitCode::from(2);
+        }
+    };
+    gateway.set_log_filter_hook(Arc::new(set_filter));
+    if let Some(path) = &cli.config {
+        gateway.set_config_file(path.clone());
+    }
+    #[cfg(unix)]
+    let reloader = match sighup {
+        Ok(signals) => Some(tokio::spawn(reload_on_sighup(
+            signals,
+            gateway.reload_handle(),
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: reload only through POST /balancer/reload");
+            None
         }
     };
     let workers = gateway.config().worker_threads();
@@ -154,7 +200,7 @@ async fn run(cli: Cli) -> ExitCode {
         println!("  open http://{listen}/balancer/ui");
     }
     let health = Some(gateway.health().clone());
-    let limits = ConnectionLimits::from_config(gateway.config());
+    let limits = ConnectionLimits::from_config(&gateway.config());
     let served = serve_sharded_watched(
         listeners,
         gateway.app(),
@@ -164,6 +210,10 @@ async fn run(cli: Cli) -> ExitCode {
         limits,
     )
     .await;
+    #[cfg(unix)]
+    if let Some(task) = reloader {
+        task.abort();
+    }
     gateway.shutdown().await;
     match served {
         Ok(true) => {
@@ -207,6 +257,20 @@ async fn read_config(path: Option<&Path>) -> Result<GatewayConfig, ConfigError> 
             let ports = [start("demo-1").await?, start("demo-2").await?];
             GatewayConfig::from_yaml(&embedded_default(ports), Path::new("<embedded>"))
         }
+    }
+}
+
+/// Reloads the config on every SIGHUP (one at a time; the outcome is logged by the
+/// gateway). Runs until aborted.
+#[cfg(unix)]
+async fn reload_on_sighup(
+    mut signals: tokio::signal::unix::Signal,
+    reloads: portcullis::gateway::reload::ReloadHandle,
+) {
+    while signals.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        // Refusals are logged (naming the field) and counted by the gateway itself.
+        let _ = reloads.reload_from_file().await;
     }
 }
 

@@ -7,8 +7,8 @@
 //! limits as the data plane. Dropping the [`AdminListener`] stops it: it stops accepting,
 //! and its open connections get [`ADMIN_DRAIN`] to finish.
 
+use super::front::App;
 use super::server::{serve_listener, ConnectionLimits};
-use axum::Router;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,12 +28,14 @@ pub struct AdminListener {
 }
 
 impl AdminListener {
-    /// Binds `addr` and serves `router` on it (on the current runtime).
+    /// Binds `addr` and serves `app` on it (on the current runtime): a `Router`, or an
+    /// [`App`] whose router a reload swaps.
     pub async fn start(
         addr: SocketAddr,
-        router: Router,
+        app: impl Into<App>,
         limits: ConnectionLimits,
     ) -> io::Result<Self> {
+        let app = app.into();
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -42,7 +44,7 @@ impl AdminListener {
             let _ = stopped.await;
         };
         let task = tokio::spawn(async move {
-            if let Err(e) = serve_listener(listener, router, shutdown, ADMIN_DRAIN, limits).await {
+            if let Err(e) = serve_listener(listener, app, shutdown, ADMIN_DRAIN, limits).await {
                 tracing::error!(error = %e, "admin listener failed");
             }
         });

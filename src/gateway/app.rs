@@ -31,28 +31,35 @@
 
 use super::access_log::AccessLog;
 use super::admin_listener::AdminListener;
-use super::config::{GatewayConfig, StorageType};
+use super::config::{ConfigError, GatewayConfig, StorageType};
 use super::front::App;
 use super::proxy::{Proxy, ProxySettings, ProxyTo};
+use super::reload::{
+    changed_sections, keep_restart_fields, pool_settings, ConfigFile, ReloadError, ReloadHandle,
+    ReloadReport, ReloadSource, ReloadStatus,
+};
 use super::server::ConnectionLimits;
 use super::stack::{self, CanServe};
 use super::startup;
 use super::stats::{AdmissionStatsFn, GatewayStats};
 use super::tls::{TlsTerminator, UpstreamTls};
 use super::upstream_probe::UpstreamProbe;
+use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
+use portcullis_admission::adaptive::AdaptiveCapacity;
+use portcullis_admission::{EndpointConfig, Endpoints, LocalCapacity};
 use portcullis_balance::{CheckerHandle, ReplicaRegistry, Tier};
 use portcullis_breaker::Breaker;
 use portcullis_core::classify::GrpcFailures;
-use portcullis_core::HealthSource;
-use portcullis_health::{HealthRegistry, HealthServer};
-use portcullis_redis::RedisStorage;
+use portcullis_health::{Component, HealthRegistry, HealthServer};
+use portcullis_redis::{RedisCapacity, RedisStorage};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::task::AbortOnDropHandle;
@@ -66,29 +73,105 @@ const READINESS_REFRESH: Duration = Duration::from_millis(100);
 
 /// A built gateway: its router plus the background tasks it owns (health checkers, the
 /// breaker's prober, the Redis heartbeat and PING loops, startup probes, the standalone
-/// health server).
+/// health server, the reload task).
 ///
 /// Dropping it stops every background task.
 #[derive(Debug)]
 pub struct Gateway {
-    router: Router,
-    app: App,
-    proxy: Proxy,
-    config: Arc<GatewayConfig>,
-    registry: ReplicaRegistry<ProxyTo>,
-    breaker: Option<Breaker>,
-    health: HealthRegistry,
-    storage: Option<RedisStorage>,
+    shared: Arc<Shared>,
+    reloads: ReloadHandle,
     health_server: Option<HealthServer>,
     admin: Option<AdminListener>,
-    _checker: CheckerHandle,
     _tasks: Vec<AbortOnDropHandle<()>>,
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.proxy.close_idle_connections();
+        self.shared.base.proxy.close_idle_connections();
     }
+}
+
+/// What lives as long as the gateway, whatever config is in force.
+struct Base {
+    started: Instant,
+    proxy: Proxy,
+    health: HealthRegistry,
+    /// The `upstreams` readiness component, kept up to date by the pool's refresher.
+    upstreams_ready: Component,
+    storage: Option<RedisStorage>,
+    tls: Option<TlsTerminator>,
+    access_log: Option<AccessLog>,
+    reload_status: Arc<ReloadStatus>,
+    reloads: ReloadHandle,
+    config_file: ConfigFile,
+    log_filter: std::sync::OnceLock<LogFilterHook>,
+}
+
+impl std::fmt::Debug for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Base")
+            .field("proxy", &self.proxy)
+            .field("storage", &self.storage)
+            .field("config_file", &self.config_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The gateway's state, shared with its reload task.
+#[derive(Debug)]
+struct Shared {
+    base: Base,
+    current: ArcSwap<Generation>,
+    /// What the data-plane servers serve.
+    app: App,
+    /// What the admin listener serves, when `admin.listen` is set.
+    admin_app: Option<App>,
+}
+
+/// Sets the process's log filter (an `EnvFilter` directive such as `info`; `None`: the
+/// process's default) when a reload changes `log_level`. The library does not own the
+/// subscriber: the process installs this hook ([`Gateway::set_log_filter_hook`]).
+pub type LogFilterHook = Arc<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>;
+
+/// What one config builds (a generation): the pool, the breaker and the watched endpoints
+/// the data path runs over. Replaced as a whole by a reload.
+struct Generation {
+    config: Arc<GatewayConfig>,
+    registry: ReplicaRegistry<ProxyTo>,
+    fallback: Option<stack::Fallback>,
+    endpoints: Watched,
+    /// The pool's health checker and readiness refresher, shared by the generations that
+    /// keep the same pool.
+    _pool_tasks: Arc<PoolTasks>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+struct PoolTasks {
+    _checker: CheckerHandle,
+    _readiness: AbortOnDropHandle<()>,
+}
+
+/// The watched endpoints over the configured storage.
+#[derive(Clone)]
+enum Watched {
+    Local(Endpoints<AdaptiveCapacity<LocalCapacity>>),
+    Shared(Endpoints<AdaptiveCapacity<RedisCapacity>>),
+}
+
+/// The routers a generation serves: the data plane's (with the operator routes unless an
+/// admin listener has them) and the admin listener's.
+struct Routers {
+    data: GatewayService,
+    router: Router,
+    prefixes: Vec<String>,
+    admin: Option<Router>,
 }
 
 impl Gateway {
@@ -113,104 +196,20 @@ impl Gateway {
         config
             .check_servable()
             .map_err(|e| BuildError(e.to_string()))?;
-
-        // Health-gated balance over the upstreams, and the optional breaker around them.
-        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(&config.balance);
-        // Every configured upstream parses (checked at load), so the two lists line up.
-        let weights = config.balance.upstreams.iter().map(|u| u.weight);
-        for ((upstream, primary), weight) in config.parsed_upstreams().into_iter().zip(weights) {
-            let key = upstream.url().to_owned();
-            let tier = Tier::from_primary(primary);
-            registry.add_weighted(key, tier, weight, proxy.to(upstream));
-        }
         if let Some(tls) = &config.upstream_tls {
             let tls = UpstreamTls::from_config(Some(tls)).map_err(|e| BuildError(e.to_string()))?;
             proxy.set_upstream_tls(tls);
         }
-        let checker = match config.balance.grpc_health_probe() {
-            // `health_check: {kind: grpc}`: grpc.health.v1 over h2c.
-            Some(grpc) => registry.spawn_checker(grpc, config.balance.checker_config()),
-            None => registry.spawn_checker(
-                UpstreamProbe::new(
-                    config.balance.health_endpoint.clone(),
-                    config.balance.health_check_timeout,
-                    &proxy,
-                ),
-                config.balance.checker_config(),
-            ),
-        };
-        let fallback = stack::fallback_breaker(&config, &registry, &proxy)?;
-        let breaker = fallback.as_ref().map(|(b, _)| b.clone());
-        let can_serve = CanServe {
-            registry: registry.clone(),
-            has_fallback: breaker.as_ref().is_some_and(Breaker::has_fallback),
-        };
-
-        // Readiness components.
         let health = HealthRegistry::new();
         let upstreams_ready = health.register("upstreams");
-        let ready_can_serve = can_serve.clone();
-        let mut tasks = vec![spawn_owned(refresh_readiness(move || {
-            upstreams_ready.set_ready(ready_can_serve.can_serve());
-        }))];
-
-        // Admission over the chosen storage.
-        let admission = &config.admission;
-        let plan = startup::StartupPlan::new(&config);
-        let startup_ready = (!plan.paths().is_empty()).then(|| health.register("startup_probe"));
-        let (admitted, admission_stats, storage) = match config.storage.kind {
-            StorageType::Memory => {
-                let endpoints = stack::local_endpoints(&config, &plan)?;
-                if let Some(ready) = startup_ready {
-                    tasks.push(spawn_owned(startup::probe_local(
-                        Arc::clone(&config),
-                        registry.clone(),
-                        endpoints.clone(),
-                        plan.paths().to_vec(),
-                        ready,
-                    )));
-                }
-                let svc = stack::admission_over(&config, &endpoints, &can_serve, fallback.as_ref());
-                let stats: AdmissionStatsFn = Arc::new(move || endpoints.stats());
-                (svc, stats, None)
-            }
-            StorageType::Redis => {
-                let storage = RedisStorage::connect(&config.storage)
+        let storage = match config.storage.kind {
+            StorageType::Memory => None,
+            StorageType::Redis => Some(
+                RedisStorage::connect(&config.storage)
                     .await
-                    .map_err(|e| BuildError(format!("storage: {e}")))?;
-                let endpoints = stack::shared_endpoints(&config, &plan, &storage)?;
-                // A configured fixed capacity is the truth: store it for every process. An
-                // adaptive one is only the initial limit: a process that starts later does
-                // not reset the limit the others share.
-                for (path, ep) in &admission.endpoints {
-                    if let (Some(c), None) = (ep.capacity, admission.adaptive_for(ep)) {
-                        endpoints.set_capacity(path, c);
-                    }
-                }
-                if let Some(ready) = startup_ready {
-                    tasks.push(spawn_owned(startup::probe_shared(
-                        Arc::clone(&config),
-                        registry.clone(),
-                        endpoints.clone(),
-                        storage.clone(),
-                        plan.paths().to_vec(),
-                        ready,
-                    )));
-                }
-                let svc = stack::admission_over(&config, &endpoints, &can_serve, fallback.as_ref());
-                let stats: AdmissionStatsFn = Arc::new(move || endpoints.stats());
-                (svc, stats, Some(storage))
-            }
+                    .map_err(|e| BuildError(format!("storage: {e}")))?,
+            ),
         };
-        if let Some(storage) = &storage {
-            let (readiness, storage_ready) =
-                (storage.readiness(), health.register_ready("storage"));
-            tasks.push(spawn_owned(refresh_readiness(move || {
-                storage_ready.set_ready(readiness.is_ready());
-                let n = readiness.consecutive_failures();
-                storage_ready.set_detail((n > 0).then(|| format!("{n} consecutive failed PINGs")));
-            })));
-        }
         // The listener's TLS and access log, counted in the stats.
         let tls = config
             .tls
@@ -227,100 +226,145 @@ impl Gateway {
             })?),
             false => None,
         };
-        let stats = GatewayStats::new(
+        let (reloads, reload_requests) = ReloadHandle::channel();
+        let base = Base {
             started,
-            registry.clone(),
-            fallback,
-            admission_stats,
-            storage.clone(),
-        )
-        .with_listener(tls.clone(), access_log.clone());
+            proxy,
+            health,
+            upstreams_ready,
+            storage,
+            tls,
+            access_log,
+            reload_status: Arc::new(ReloadStatus::default()),
+            reloads: reloads.clone(),
+            config_file: ConfigFile::new(),
+            log_filter: std::sync::OnceLock::new(),
+        };
 
+        let plan = startup::StartupPlan::new(&config);
+        let (generation, routers) = base.generation(Arc::clone(&config), None, &plan)?;
+        let mut tasks = Vec::new();
+        let startup_ready =
+            (!plan.paths().is_empty()).then(|| base.health.register("startup_probe"));
+        if let Some(ready) = startup_ready {
+            let (registry, paths) = (generation.registry.clone(), plan.paths().to_vec());
+            tasks.push(match (&generation.endpoints, &base.storage) {
+                (Watched::Local(endpoints), _) => spawn_owned(startup::probe_local(
+                    Arc::clone(&config),
+                    registry,
+                    endpoints.clone(),
+                    paths,
+                    ready,
+                )),
+                (Watched::Shared(endpoints), Some(storage)) => spawn_owned(startup::probe_shared(
+                    Arc::clone(&config),
+                    registry,
+                    endpoints.clone(),
+                    storage.clone(),
+                    paths,
+                    ready,
+                )),
+                (Watched::Shared(_), None) => unreachable!("shared endpoints come with a storage"),
+            });
+        }
+        if let Some(storage) = &base.storage {
+            let (readiness, storage_ready) =
+                (storage.readiness(), base.health.register_ready("storage"));
+            tasks.push(spawn_owned(refresh_readiness(move || {
+                storage_ready.set_ready(readiness.is_ready());
+                let n = readiness.consecutive_failures();
+                storage_ready.set_detail((n > 0).then(|| format!("{n} consecutive failed PINGs")));
+            })));
+        }
         portcullis_dashboard::log_auth_mode(&config.ui);
-        let operator = Router::new()
-            .merge(portcullis_dashboard::router(&config.ui, stats, &health))
-            .merge(operator_actions(
-                &config,
-                breaker.clone(),
-                &registry,
-                &proxy,
-            ));
+
         // With an admin listener the operator routes live there only, and the data plane
         // proxies every path.
-        let (router, prefixes, admin) = match config.admin.listen_addr() {
-            None => (operator, operator_prefixes(&config), None),
-            Some(addr) => {
+        let (admin, admin_app) = match (config.admin.listen_addr(), &routers.admin) {
+            (Some(addr), Some(router)) => {
                 let limits = ConnectionLimits::from_config(&config);
-                let admin = AdminListener::start(addr, operator, limits)
+                let admin_app = App::from(router.clone());
+                let admin = AdminListener::start(addr, admin_app.clone(), limits)
                     .await
                     .map_err(|e| BuildError(format!("admin.listen: cannot bind {addr}: {e}")))?;
                 tracing::info!(addr = %admin.local_addr(), "admin listener serving the operator routes");
-                (Router::new(), Vec::new(), Some(admin))
+                (Some(admin), Some(admin_app))
             }
+            _ => (None, None),
         };
-        let router = router.fallback_service(admitted.clone());
-        let mut app = App::with_data_path(router.clone(), admitted, prefixes);
-        if let Some(log) = access_log {
-            app = app.with_access_log(log);
+        let mut app = App::with_data_path(routers.router, routers.data, routers.prefixes);
+        if let Some(log) = &base.access_log {
+            app = app.with_access_log(log.clone());
         }
-        if let Some(tls) = tls {
-            app = app.with_tls(tls);
+        if let Some(tls) = &base.tls {
+            app = app.with_tls(tls.clone());
         }
 
-        let health_server = start_health_server(&config, &health).await?;
+        let health_server = start_health_server(&config, &base.health).await?;
+        let shared = Arc::new(Shared {
+            base,
+            current: ArcSwap::from_pointee(generation),
+            app,
+            admin_app,
+        });
+        tasks.push(spawn_owned(run_reloads(
+            Arc::clone(&shared),
+            reload_requests,
+        )));
 
         Ok(Self {
-            router,
-            app,
-            proxy,
-            config,
-            registry,
-            breaker,
-            health,
-            storage,
+            shared,
+            reloads,
             health_server,
             admin,
-            _checker: checker,
             _tasks: tasks,
         })
     }
 
-    /// The router of the data-plane port: the proxy and, without an admin listener, the
-    /// operator routes.
+    /// The router of the data-plane port in force: the proxy and, without an admin
+    /// listener, the operator routes.
     pub fn router(&self) -> Router {
-        self.router.clone()
+        self.shared.app.router()
     }
 
     /// What the servers serve: the router for operator paths, the data path directly for
     /// every other (one path check per request instead of a route lookup; see
-    /// [`front`](super::front)). Serves the same responses as [`Gateway::router`].
+    /// [`front`](super::front)). Serves the same responses as [`Gateway::router`], and
+    /// follows every reload.
     pub fn app(&self) -> App {
-        self.app.clone()
+        self.shared.app.clone()
     }
 
-    /// The config the gateway was built with.
-    pub fn config(&self) -> &GatewayConfig {
-        &self.config
+    /// The config in force (the one the gateway was built with, or the last reloaded one,
+    /// with the fields that need a restart at their running values).
+    pub fn config(&self) -> Arc<GatewayConfig> {
+        Arc::clone(&self.shared.current.load().config)
     }
 
-    /// The upstream registry (runtime `add` / `remove`, snapshots).
-    pub fn registry(&self) -> &ReplicaRegistry<ProxyTo> {
-        &self.registry
+    /// The upstream registry in force (runtime `add` / `remove`, snapshots). A reload that
+    /// changes the pool's settings replaces it: ask again after one.
+    pub fn registry(&self) -> ReplicaRegistry<ProxyTo> {
+        self.shared.current.load().registry.clone()
     }
 
-    /// The circuit breaker, when `fallback` is configured.
-    pub fn breaker(&self) -> Option<&Breaker> {
-        self.breaker.as_ref()
+    /// The circuit breaker in force, when `fallback` is configured.
+    pub fn breaker(&self) -> Option<Breaker> {
+        self.shared
+            .current
+            .load()
+            .fallback
+            .as_ref()
+            .map(|(b, _)| b.clone())
     }
 
     /// The liveness/readiness registry behind `/healthz` and `/readyz`.
     pub fn health(&self) -> &HealthRegistry {
-        &self.health
+        &self.shared.base.health
     }
 
     /// The Redis storage, with `storage: {type: redis}`.
     pub fn storage(&self) -> Option<&RedisStorage> {
-        self.storage.as_ref()
+        self.shared.base.storage.as_ref()
     }
 
     /// The standalone health server's address, when `health_server.enable` is set.
@@ -335,6 +379,35 @@ impl Gateway {
         self.admin.as_ref().map(AdminListener::local_addr)
     }
 
+    /// Makes `path` the config file that `SIGHUP` and `POST /balancer/reload` re-read (the
+    /// one the gateway was built from). Set once; later calls are ignored. Without it, the
+    /// route answers 409 `reload_unavailable`.
+    pub fn set_config_file(&self, path: impl Into<PathBuf>) {
+        let _ = self.shared.base.config_file.set(path.into());
+    }
+
+    /// Installs the hook that applies a reloaded `log_level` (set once).
+    pub fn set_log_filter_hook(&self, hook: LogFilterHook) {
+        let _ = self.shared.base.log_filter.set(hook);
+    }
+
+    /// A handle that asks this gateway for reloads (for `SIGHUP`); see [`super::reload`].
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reloads.clone()
+    }
+
+    /// Applies `config` (read and validated by the caller, as for [`Gateway::build`]) as a
+    /// reload would (see [`super::reload`]).
+    pub async fn reload(&self, config: GatewayConfig) -> Result<ReloadReport, ReloadError> {
+        self.reloads.reload(config).await
+    }
+
+    /// Re-reads the config file set by [`set_config_file`](Self::set_config_file) and
+    /// applies it.
+    pub async fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
+        self.reloads.reload_from_file().await
+    }
+
     /// Stops the standalone health server and the admin listener (frees their ports); the
     /// rest stops on drop.
     pub async fn shutdown(mut self) {
@@ -346,6 +419,383 @@ impl Gateway {
         }
     }
 }
+
+impl Base {
+    /// Builds the generation of `config`, carrying over what `prev` (the generation in
+    /// force, on a reload) can hand on (see [`super::reload`]). Everything that can fail
+    /// runs before the running pool is changed.
+    fn generation(
+        &self,
+        config: Arc<GatewayConfig>,
+        prev: Option<&Generation>,
+        plan: &startup::StartupPlan,
+    ) -> Result<(Generation, Routers), BuildError> {
+        let keep_pool = prev.filter(|p| same_pool_settings(&p.config, &config));
+        let registry = match keep_pool {
+            Some(p) => p.registry.clone(),
+            None => self.new_pool(&config, prev.map(|p| &p.registry)),
+        };
+        let endpoints = self.endpoints(&config, prev, plan)?;
+        let fallback = match prev {
+            Some(p) if keep_pool.is_some() && p.config.fallback == config.fallback => {
+                p.fallback.clone()
+            }
+            _ => stack::fallback_breaker(&config, &registry, &self.proxy)?,
+        };
+        // Nothing below fails.
+        let pool_tasks = match keep_pool {
+            Some(p) => {
+                self.update_pool(&config, &p.registry);
+                Arc::clone(&p._pool_tasks)
+            }
+            None => Arc::new(self.pool_tasks(&config, &registry)),
+        };
+        let generation = Generation {
+            config,
+            registry,
+            fallback,
+            endpoints,
+            _pool_tasks: pool_tasks,
+        };
+        let routers = self.routers(&generation);
+        Ok((generation, routers))
+    }
+
+    /// A new pool with the upstreams of `config`. Each starts healthy, as at start, except
+    /// that on a reload (`prev`) a replica that was not healthy in the old pool awaits its
+    /// first good check in the new one; a replica that carries over keeps its proxy (and so
+    /// its counters).
+    fn new_pool(
+        &self,
+        config: &GatewayConfig,
+        prev: Option<&ReplicaRegistry<ProxyTo>>,
+    ) -> ReplicaRegistry<ProxyTo> {
+        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(&config.balance);
+        // Every configured upstream parses (checked at load), so the two lists line up.
+        let weights = config.balance.upstreams.iter().map(|u| u.weight);
+        for ((upstream, primary), weight) in config.parsed_upstreams().into_iter().zip(weights) {
+            let key = upstream.url().to_owned();
+            let tier = Tier::from_primary(primary);
+            let old = prev.and_then(|p| p.get(&key));
+            let target = match &old {
+                Some(r) => r.target().clone(),
+                None => self.proxy.to(upstream),
+            };
+            match old {
+                Some(r) if !r.health().is_healthy() => {
+                    registry.add_weighted_awaiting_check(key, tier, weight, target)
+                }
+                _ => registry.add_weighted(key, tier, weight, target),
+            };
+        }
+        registry
+    }
+
+    /// Brings the running pool's replicas in line with `config.upstreams` (same settings):
+    /// removed ones leave (and drain), changed ones (tier, weight) are re-added in their
+    /// state, new ones join awaiting their first good check, or healthy when no healthy
+    /// replica would remain otherwise.
+    fn update_pool(&self, config: &GatewayConfig, registry: &ReplicaRegistry<ProxyTo>) {
+        let wanted: Vec<_> = config
+            .parsed_upstreams()
+            .into_iter()
+            .zip(config.balance.upstreams.iter().map(|u| u.weight))
+            .map(|((upstream, primary), weight)| (upstream, Tier::from_primary(primary), weight))
+            .collect();
+        for replica in registry.replicas() {
+            let key = replica.key();
+            let kept = wanted.iter().any(|(u, tier, weight)| {
+                u.url() == &**key && *tier == replica.tier() && *weight == replica.weight()
+            });
+            if !kept {
+                registry.remove(key);
+            }
+        }
+        let none_healthy = !registry.replicas().iter().any(|r| r.health().is_healthy());
+        for (upstream, tier, weight) in wanted {
+            if registry.get(upstream.url()).is_some() {
+                continue;
+            }
+            let key = upstream.url().to_owned();
+            let target = self.proxy.to(upstream);
+            if none_healthy {
+                registry.add_weighted(key, tier, weight, target);
+            } else {
+                registry.add_weighted_awaiting_check(key, tier, weight, target);
+            }
+        }
+    }
+
+    /// The health checker of `config` over `registry`, and the refresher of the
+    /// `upstreams` readiness component.
+    fn pool_tasks(&self, config: &GatewayConfig, registry: &ReplicaRegistry<ProxyTo>) -> PoolTasks {
+        let checker = match config.balance.grpc_health_probe() {
+            // `health_check: {kind: grpc}`: grpc.health.v1 over h2c.
+            Some(grpc) => registry.spawn_checker(grpc, config.balance.checker_config()),
+            None => registry.spawn_checker(
+                UpstreamProbe::new(
+                    config.balance.health_endpoint.clone(),
+                    config.balance.health_check_timeout,
+                    &self.proxy,
+                ),
+                config.balance.checker_config(),
+            ),
+        };
+        let (ready, registry) = (self.upstreams_ready.clone(), registry.clone());
+        let has_fallback = has_fallback_url(config);
+        let readiness = spawn_owned(refresh_readiness(move || {
+            ready.set_ready(has_fallback || registry.can_serve());
+        }));
+        PoolTasks {
+            _checker: checker,
+            _readiness: readiness,
+        }
+    }
+
+    /// The watched endpoints of `config`: those of `prev` that stay keep their limiter
+    /// (see [`Endpoints::reconfigure`]); a configured fixed capacity that is new or changed
+    /// is applied (with Redis, for every process).
+    fn endpoints(
+        &self,
+        config: &GatewayConfig,
+        prev: Option<&Generation>,
+        plan: &startup::StartupPlan,
+    ) -> Result<Watched, BuildError> {
+        let admission = &config.admission;
+        let old_config = prev.map(|p| &p.config.admission);
+        // An endpoint keeps its limiter when its adaptive block is unchanged.
+        let keep = |path: &str, ep: &EndpointConfig| {
+            old_config
+                .and_then(|old| old.endpoints.get(path).map(|o| old.adaptive_for(o)))
+                .is_some_and(|old| old == admission.adaptive_for(ep))
+        };
+        let watched = match (&self.storage, prev.map(|p| &p.endpoints)) {
+            (None, prev) => {
+                let old = match prev {
+                    Some(Watched::Local(e)) => e.clone(),
+                    _ => Endpoints::new(),
+                };
+                Watched::Local(
+                    old.reconfigure(admission, keep, |path, ep| {
+                        stack::local_source(config, path, ep, plan.initial_capacity(path, ep))
+                    })
+                    .map_err(BuildError)?,
+                )
+            }
+            (Some(storage), prev) => {
+                let old = match prev {
+                    Some(Watched::Shared(e)) => e.clone(),
+                    _ => Endpoints::new(),
+                };
+                Watched::Shared(
+                    old.reconfigure(admission, keep, |path, ep| {
+                        stack::shared_source(
+                            config,
+                            storage,
+                            path,
+                            ep,
+                            plan.initial_capacity(path, ep),
+                        )
+                    })
+                    .map_err(BuildError)?,
+                )
+            }
+        };
+        // A configured fixed capacity is the truth: store it (with Redis, for every
+        // process). An adaptive one is only the initial limit, and an unchanged one is
+        // left alone (a process that starts or reloads later does not reset the limit in
+        // force).
+        for (path, ep) in &admission.endpoints {
+            let unchanged = old_config
+                .and_then(|old| old.endpoints.get(path))
+                .is_some_and(|o| o.capacity == ep.capacity);
+            if let (Some(c), None, false) = (ep.capacity, admission.adaptive_for(ep), unchanged) {
+                watched.set_capacity(path, c);
+            }
+        }
+        Ok(watched)
+    }
+
+    /// The data path, the operator routes and where each is served.
+    fn routers(&self, generation: &Generation) -> Routers {
+        let config = &generation.config;
+        let can_serve = CanServe {
+            registry: generation.registry.clone(),
+            has_fallback: generation
+                .fallback
+                .as_ref()
+                .is_some_and(|(b, _)| b.has_fallback()),
+        };
+        let fallback = generation.fallback.as_ref();
+        let (data, admission_stats): (GatewayService, AdmissionStatsFn) =
+            match &generation.endpoints {
+                Watched::Local(e) => {
+                    let stats = e.clone();
+                    (
+                        stack::admission_over(config, e, &can_serve, fallback),
+                        Arc::new(move || stats.stats()),
+                    )
+                }
+                Watched::Shared(e) => {
+                    let stats = e.clone();
+                    (
+                        stack::admission_over(config, e, &can_serve, fallback),
+                        Arc::new(move || stats.stats()),
+                    )
+                }
+            };
+        let stats = GatewayStats::new(
+            self.started,
+            generation.registry.clone(),
+            generation.fallback.clone(),
+            admission_stats,
+            self.storage.clone(),
+        )
+        .with_listener(self.tls.clone(), self.access_log.clone())
+        .with_reload_status(Arc::clone(&self.reload_status));
+        let breaker = generation.fallback.as_ref().map(|(b, _)| b.clone());
+        let operator = Router::new()
+            .merge(portcullis_dashboard::router(
+                &config.ui,
+                stats,
+                &self.health,
+            ))
+            .merge(operator_actions(
+                config,
+                breaker,
+                &generation.registry,
+                &self.proxy,
+                &self.reloads,
+            ));
+        match config.admin.listen_addr() {
+            None => Routers {
+                router: operator.fallback_service(data.clone()),
+                data,
+                prefixes: operator_prefixes(config),
+                admin: None,
+            },
+            Some(_) => Routers {
+                router: Router::new().fallback_service(data.clone()),
+                data,
+                prefixes: Vec::new(),
+                admin: Some(operator),
+            },
+        }
+    }
+}
+
+impl Watched {
+    fn set_capacity(&self, path: &str, capacity: usize) {
+        match self {
+            Self::Local(e) => e.set_capacity(path, capacity),
+            Self::Shared(e) => e.set_capacity(path, capacity),
+        };
+    }
+}
+
+/// Whether `old` and `new` run the pool the same way (every balance setting but the
+/// upstream list), so a reload can keep the running pool.
+fn same_pool_settings(old: &GatewayConfig, new: &GatewayConfig) -> bool {
+    pool_settings(old) == pool_settings(new) && has_fallback_url(old) == has_fallback_url(new)
+}
+
+/// Whether `config` has a fallback to route to (a `fallback.url`): then the gateway can
+/// serve with no healthy replica.
+fn has_fallback_url(config: &GatewayConfig) -> bool {
+    config.fallback.as_ref().is_some_and(|f| f.url.is_some())
+}
+
+/// The reload task: applies one reload at a time, for as long as the gateway lives.
+async fn run_reloads(
+    shared: Arc<Shared>,
+    mut requests: tokio::sync::mpsc::Receiver<(ReloadSource, super::reload::ReloadReply)>,
+) {
+    while let Some((source, reply)) = requests.recv().await {
+        let outcome = shared.reload(source);
+        match &outcome {
+            Ok(report) => tracing::info!(
+                generation = report.config_generation,
+                applied = ?report.applied,
+                needs_restart = ?report.needs_restart,
+                "config reloaded"
+            ),
+            Err(e) => {
+                shared.base.reload_status.refused(e);
+                tracing::error!(error = %e, "config reload refused; the old config keeps running");
+            }
+        }
+        let _ = reply.send(outcome);
+    }
+}
+
+impl Shared {
+    /// One reload (see [`super::reload`]): read, check, build, then swap.
+    fn reload(&self, source: ReloadSource) -> Result<ReloadReport, ReloadError> {
+        let (new, file) = match source {
+            ReloadSource::Config(config) => (*config, PathBuf::from("<reload>")),
+            ReloadSource::File => {
+                let path = self
+                    .base
+                    .config_file
+                    .get()
+                    .ok_or(ReloadError::NoConfigFile)?;
+                let config = GatewayConfig::load(path).map_err(ReloadError::Invalid)?;
+                (config, path.clone())
+            }
+        };
+        new.check_servable()
+            .map_err(|e| ReloadError::Invalid(ConfigError::from_field(&file, e)))?;
+        let old = self.current.load_full();
+        let (new, needs_restart) = keep_restart_fields(&old.config, new);
+        let applied = changed_sections(&old.config, &new);
+        // The certificate files are re-read first: a bad one refuses the whole reload.
+        let certs = match &self.base.tls {
+            Some(tls) => Some(
+                tls.read_certs()
+                    .map_err(|e| ReloadError::Invalid(ConfigError::from_field(&file, e)))?,
+            ),
+            None => None,
+        };
+        let plan = startup::StartupPlan::at_reload(&new);
+        let new = Arc::new(new);
+        let (generation, routers) = self
+            .base
+            .generation(Arc::clone(&new), Some(&old), &plan)
+            .map_err(|e| ReloadError::Failed(e.0))?;
+        if let Some((tls, certs)) = self.base.tls.as_ref().zip(certs) {
+            tls.install_certs(certs);
+        }
+        if old.config.log_level != new.log_level {
+            match self.base.log_filter.get() {
+                Some(hook) => {
+                    if let Err(e) = hook(new.log_level.as_deref()) {
+                        tracing::warn!(error = %e, "log_level: the new filter was not applied");
+                    }
+                }
+                None => tracing::warn!(
+                    "log_level changed, but this process installed no log filter hook"
+                ),
+            }
+        }
+        if !needs_restart.is_empty() {
+            tracing::warn!(fields = ?needs_restart, "these fields changed but need a restart; their running values stay");
+        }
+        portcullis_dashboard::log_auth_mode(&new.ui);
+        self.current.store(Arc::new(generation));
+        self.app
+            .swap(routers.router, routers.data, routers.prefixes);
+        if let (Some(app), Some(router)) = (&self.admin_app, routers.admin) {
+            app.swap_router(router);
+        }
+        let config_generation = self.base.reload_status.applied(needs_restart.clone());
+        Ok(ReloadReport {
+            config_generation,
+            applied,
+            needs_restart,
+        })
+    }
+}
+
 /// The state-changing operator routes, behind one Basic auth when `ui` credentials are set:
 /// the on-demand breaker check, and the upstream admin routes when `upstream_admin` is on.
 /// Without credentials the admin routes are not mounted at all: the config validation
@@ -356,6 +806,7 @@ fn operator_actions(
     breaker: Option<Breaker>,
     registry: &ReplicaRegistry<ProxyTo>,
     proxy: &Proxy,
+    reloads: &ReloadHandle,
 ) -> Router {
     let router = fallback_check_route(breaker);
     let Some((user, pass)) = config.ui.credentials() else {
@@ -364,8 +815,18 @@ fn operator_actions(
                 "upstream_admin is on without ui.username/ui.password: the admin routes are not served"
             );
         }
+        // Open only on a loopback admin listener; elsewhere without credentials the reload
+        // route is not served (SIGHUP still reloads).
+        if config
+            .admin
+            .listen_addr()
+            .is_some_and(|a| a.ip().is_loopback())
+        {
+            return router.merge(super::reload::route(reloads.clone()));
+        }
         return router;
     };
+    let router = router.merge(super::reload::route(reloads.clone()));
     let router = if config.upstream_admin {
         router.merge(super::admin::routes(
             registry.clone(),

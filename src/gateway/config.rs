@@ -181,6 +181,10 @@ pub struct GatewayConfig {
     pub upstream_tls: Option<UpstreamTlsConfig>,
     /// One line per request (off by default).
     pub access_log: AccessLogConfig,
+    /// The log filter, as `RUST_LOG` takes it (`info`, `warn,portcullis=debug`); absent:
+    /// `RUST_LOG`, else `info`. A reload applies a change at once (through the hook the
+    /// process installed with [`Gateway::set_log_filter_hook`](super::Gateway::set_log_filter_hook)).
+    pub log_level: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -214,6 +218,7 @@ impl Default for GatewayConfig {
             tls: None,
             upstream_tls: None,
             access_log: AccessLogConfig::default(),
+            log_level: None,
         }
     }
 }
@@ -492,6 +497,16 @@ impl GatewayConfig {
             tls.validate()?;
         }
         self.access_log.validate()?;
+        if let Some(level) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
+                FieldError::new(
+                    "log_level",
+                    format!(
+                        "`{level}` is not a log filter like `info` or `warn,portcullis=debug`: {e}"
+                    ),
+                )
+            })?;
+        }
         self.probe.validate()
     }
 
@@ -1136,6 +1151,11 @@ mod tests {
             (
                 "upstreams:\n  - {url: http://a:1}\naccess_log: {path: /nonexistent/dir/a.log}\n",
                 "access_log.path",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nlog_level: \"info,portcullis=loud\"\n",
+                "log_level",
                 Some(3),
             ),
             (

@@ -11,8 +11,13 @@
 //! Every request, operator or data path, also gets its request id here, and its access log
 //! line and span when those are on (see [`super::access_log`]).
 //!
-//! The per-connection half (`AppConn`) keeps one clone of the data-path service for the
-//! whole connection and calls it in place: `poll_ready` then `call` on the same instance, as
+//! A config reload swaps the router and the data path as a whole ([`App::swap`]): every
+//! clone of the app, and every open connection, serves its next request with the new pair
+//! (a connection notices the swap by one atomic load per request), while requests already
+//! dispatched finish on the pair they started with.
+//!
+//! The per-connection half (`AppConn`) keeps one clone of the data-path service (until the
+//! next swap) and calls it in place: `poll_ready` then `call` on the same instance, as
 //! tower's contract asks (the breaker decides a request's route in `poll_ready`). Should that
 //! `poll_ready` ever not be ready at once, the request waits on a fresh clone instead
 //! (`oneshot`), as the router would.
@@ -20,6 +25,7 @@
 use super::access_log::{self, AccessLog, Pending};
 use super::app::GatewayService;
 use super::tls::TlsTerminator;
+use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::Router;
 use http::{Request, Response};
@@ -28,6 +34,7 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use tower::util::Oneshot;
@@ -37,10 +44,34 @@ use tower::{Service, ServiceExt};
 /// one path check (see the [module docs](self)).
 #[derive(Debug, Clone)]
 pub struct App {
-    router: Router,
-    data: Option<DataPath>,
+    live: Arc<Live>,
     tls: Option<TlsTerminator>,
     access_log: Option<AccessLog>,
+}
+
+/// The router and data path in force, shared by every clone of an [`App`].
+#[derive(Debug)]
+struct Live {
+    /// Bumped after every swap of `parts`: a connection compares it with the generation
+    /// it cached to know when to reload its clones.
+    generation: AtomicU64,
+    parts: ArcSwap<Parts>,
+}
+
+/// What one config builds: the router and the data path.
+#[derive(Debug, Clone)]
+struct Parts {
+    router: Router,
+    data: Option<DataPath>,
+}
+
+impl Live {
+    fn new(parts: Parts) -> Arc<Self> {
+        Arc::new(Self {
+            generation: AtomicU64::new(0),
+            parts: ArcSwap::from_pointee(parts),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -54,8 +85,7 @@ impl From<Router> for App {
     /// Every request goes through `router`.
     fn from(router: Router) -> Self {
         Self {
-            router,
-            data: None,
+            live: Live::new(Parts { router, data: None }),
             tls: None,
             access_log: None,
         }
@@ -71,16 +101,27 @@ impl App {
         data: GatewayService,
         operator_prefixes: impl IntoIterator<Item = String>,
     ) -> Self {
-        let prefixes: Vec<Box<str>> = operator_prefixes.into_iter().map(Into::into).collect();
         Self {
-            router,
-            data: Some(DataPath {
-                service: data,
-                operator_prefixes: prefixes.into(),
-            }),
+            live: Live::new(Parts::new(router, data, operator_prefixes)),
             tls: None,
             access_log: None,
         }
+    }
+
+    /// Serves `router` and `data` (as [`with_data_path`](Self::with_data_path) takes them)
+    /// from now on, in every clone of this app and on every open connection, from its next
+    /// request. Requests already dispatched finish where they started. The TLS
+    /// termination and the access log stay.
+    pub fn swap(
+        &self,
+        router: Router,
+        data: GatewayService,
+        operator_prefixes: impl IntoIterator<Item = String>,
+    ) {
+        self.live
+            .parts
+            .store(Arc::new(Parts::new(router, data, operator_prefixes)));
+        self.live.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The same app with an access log line for every request.
@@ -106,19 +147,42 @@ impl App {
         self.tls.as_ref()
     }
 
-    /// The router (operator routes, with the data path as its fallback).
-    pub fn router(&self) -> &Router {
-        &self.router
+    /// Serves `router` for every request from now on (an app without a data path, such as
+    /// the admin listener's), as [`swap`](Self::swap) does.
+    pub fn swap_router(&self, router: Router) {
+        self.live
+            .parts
+            .store(Arc::new(Parts { router, data: None }));
+        self.live.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The router in force (operator routes, with the data path as its fallback).
+    pub fn router(&self) -> Router {
+        self.live.parts.load().router.clone()
     }
 
     /// The state one connection serves its requests with.
     pub(crate) fn connection(&self) -> AppConn {
         AppConn {
             access_log: self.access_log.clone(),
-            router: self.router.clone(),
-            data: self.data.as_ref().map(|d| ConnData {
-                service: RefCell::new(d.service.clone()),
-                operator_prefixes: Arc::clone(&d.operator_prefixes),
+            live: Arc::clone(&self.live),
+            parts: RefCell::new(ConnParts::current(&self.live)),
+        }
+    }
+}
+
+impl Parts {
+    fn new(
+        router: Router,
+        data: GatewayService,
+        operator_prefixes: impl IntoIterator<Item = String>,
+    ) -> Self {
+        let prefixes: Vec<Box<str>> = operator_prefixes.into_iter().map(Into::into).collect();
+        Self {
+            router,
+            data: Some(DataPath {
+                service: data,
+                operator_prefixes: prefixes.into(),
             }),
         }
     }
@@ -127,16 +191,41 @@ impl App {
 /// One connection's [`App`].
 #[derive(Debug)]
 pub(crate) struct AppConn {
+    live: Arc<Live>,
+    /// Borrowed only inside `call`, never across an await.
+    parts: RefCell<ConnParts>,
+    access_log: Option<AccessLog>,
+}
+
+/// A connection's clones of the [`Parts`] of one generation.
+#[derive(Debug)]
+struct ConnParts {
+    generation: u64,
     router: Router,
     data: Option<ConnData>,
-    access_log: Option<AccessLog>,
 }
 
 #[derive(Debug)]
 struct ConnData {
-    /// Borrowed only inside `call`, never across an await.
-    service: RefCell<GatewayService>,
+    service: GatewayService,
     operator_prefixes: Arc<[Box<str>]>,
+}
+
+impl ConnParts {
+    /// Clones of the parts in force. The generation is read first: a swap that lands in
+    /// between is seen again at the next request, never missed.
+    fn current(live: &Live) -> Self {
+        let generation = live.generation.load(Ordering::Acquire);
+        let parts = live.parts.load();
+        Self {
+            generation,
+            router: parts.router.clone(),
+            data: parts.data.as_ref().map(|d| ConnData {
+                service: d.service.clone(),
+                operator_prefixes: Arc::clone(&d.operator_prefixes),
+            }),
+        }
+    }
 }
 
 impl AppConn {
@@ -152,15 +241,20 @@ impl AppConn {
     }
 
     fn dispatch(&self, req: Request<Body>) -> Dispatch {
-        let data = match &self.data {
+        let mut parts = self.parts.borrow_mut();
+        if parts.generation != self.live.generation.load(Ordering::Acquire) {
+            *parts = ConnParts::current(&self.live);
+        }
+        let parts = &mut *parts;
+        let data = match &mut parts.data {
             Some(d) if !d.is_operator_path(req.uri().path()) => d,
             _ => {
                 return Dispatch::Router {
-                    fut: self.router.clone().call(req),
+                    fut: parts.router.clone().call(req),
                 }
             }
         };
-        let mut service = data.service.borrow_mut();
+        let service = &mut data.service;
         let mut cx = Context::from_waker(Waker::noop());
         match service.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => Dispatch::Data {
@@ -171,7 +265,7 @@ impl AppConn {
                 // Not ready at once: leave this instance (and any state its poll_ready
                 // took) for a fresh clone, and wait on one of our own.
                 let fresh = service.clone();
-                let waiting = std::mem::replace(&mut *service, fresh);
+                let waiting = std::mem::replace(service, fresh);
                 Dispatch::Waiting {
                     fut: waiting.oneshot(req),
                 }

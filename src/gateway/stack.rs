@@ -10,18 +10,19 @@
 //! ```
 //!
 //! [`admission_over`] builds that chain over either capacity source (in-process or
-//! Redis-shared); [`local_endpoints`] builds the in-process sources, adaptive where an
-//! `adaptive:` block applies; [`fallback_breaker`] builds the breaker it routes with.
+//! Redis-shared); [`local_source`] and [`shared_source`] build one endpoint's source,
+//! adaptive where an `adaptive:` block applies; [`fallback_breaker`] builds the breaker it
+//! routes with.
 
 use super::app::{BuildError, GatewayService};
 use super::config::GatewayConfig;
 use super::proxy::{Proxy, ProxyBody, ProxyTo, Upstream};
-use super::startup::StartupPlan;
 use axum::body::Body;
 use http::{Request, Response};
 use portcullis_admission::adaptive::AdaptiveCapacity;
 use portcullis_admission::{
-    CapacitySource, Endpoints, HoldOnCancelLayer, HttpAdmissionLayer, LocalCapacity, OnClientCancel,
+    CapacitySource, EndpointConfig, Endpoints, HoldOnCancelLayer, HttpAdmissionLayer,
+    LocalCapacity, OnClientCancel,
 };
 use portcullis_balance::HealthCheckKind;
 use portcullis_balance::{HttpBalance, ReplicaRegistry};
@@ -54,40 +55,41 @@ impl HealthSource for CanServe {
     }
 }
 
-/// The in-process capacity sources of every watched endpoint (`storage: memory`): adaptive
+/// The in-process capacity source of one watched endpoint (`storage: memory`): adaptive
 /// ([`AdaptiveCapacity`] over [`LocalCapacity`]) where an `adaptive:` block applies, fixed
-/// elsewhere, each starting at the capacity of `plan` (0 while it is probed).
-pub(super) fn local_endpoints(
+/// elsewhere, starting at `initial`.
+pub(super) fn local_source(
     config: &GatewayConfig,
-    plan: &StartupPlan,
-) -> Result<Endpoints<AdaptiveCapacity<LocalCapacity>>, BuildError> {
-    Endpoints::adaptive_from_config(&config.admission, |path, ep| {
-        plan.initial_capacity(path, ep)
-    })
-    .map_err(BuildError)
+    path: &str,
+    ep: &EndpointConfig,
+    initial: usize,
+) -> AdaptiveCapacity<LocalCapacity> {
+    let local = LocalCapacity::new(initial);
+    match config.admission.adaptive_for(ep) {
+        Some(a) => AdaptiveCapacity::new(local, a, path),
+        None => AdaptiveCapacity::fixed(local),
+    }
 }
 
-/// The Redis-shared capacity sources of every watched endpoint (`storage: redis`): adaptive
+/// The Redis-shared capacity source of one watched endpoint (`storage: redis`): adaptive
 /// where an `adaptive:` block applies, the limit moved by the one process that holds the
 /// endpoint's [`AdaptiveLease`](portcullis_redis::AdaptiveLease) and applied by all; fixed
-/// elsewhere.
-pub(super) fn shared_endpoints(
+/// elsewhere. `initial` is its capacity until the shared one is read.
+pub(super) fn shared_source(
     config: &GatewayConfig,
-    plan: &StartupPlan,
     storage: &RedisStorage,
-) -> Result<Endpoints<AdaptiveCapacity<RedisCapacity>>, BuildError> {
-    let admission = &config.admission;
-    Endpoints::from_config_with(admission, |path, ep| {
-        let shared = storage.capacity_source(path, plan.initial_capacity(path, ep));
-        match admission.adaptive_for(ep) {
-            Some(a) => {
-                let lease = std::sync::Arc::new(storage.adaptive_lease(path, a.window));
-                AdaptiveCapacity::shared(shared, a, path, lease)
-            }
-            None => AdaptiveCapacity::fixed(shared),
+    path: &str,
+    ep: &EndpointConfig,
+    initial: usize,
+) -> AdaptiveCapacity<RedisCapacity> {
+    let shared = storage.capacity_source(path, initial);
+    match config.admission.adaptive_for(ep) {
+        Some(a) => {
+            let lease = Arc::new(storage.adaptive_lease(path, a.window));
+            AdaptiveCapacity::shared(shared, a, path, lease)
         }
-    })
-    .map_err(BuildError)
+        None => AdaptiveCapacity::fixed(shared),
+    }
 }
 
 /// The whole data path over `endpoints`, outermost first (see the [module docs](self)).

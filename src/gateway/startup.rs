@@ -48,6 +48,15 @@ impl StartupPlan {
         }
     }
 
+    /// The plan of a reload: nothing is probed (the startup probe runs at start only), so
+    /// an endpoint without a `capacity` starts at `default_capacity`.
+    pub(super) fn at_reload(config: &GatewayConfig) -> Self {
+        Self {
+            paths: Vec::new(),
+            default_capacity: config.default_capacity as usize,
+        }
+    }
+
     /// The paths to probe, in config order.
     pub(super) fn paths(&self) -> &[String] {
         &self.paths
@@ -147,10 +156,11 @@ impl ProbeTransport for BalancedTransport {
             };
             let mut to = guard.target().clone();
             let Ok(resp) = to.call(req).await;
-            let status = resp.status();
-            // Read the body to the end: a streamed answer is load until it ends.
-            let outcome = match resp.into_body().collect().await {
-                Ok(_) => RequestOutcome::Status(status),
+            let (parts, body) = resp.into_parts();
+            // Read the body to the end: a streamed answer is load until it ends. A gRPC
+            // answer is an error by its `grpc-status` (headers or trailers).
+            let outcome = match body.collect().await {
+                Ok(c) => RequestOutcome::of_response(parts.status, &parts.headers, c.trailers()),
                 Err(_) => RequestOutcome::TransportError,
             };
             drop(guard);

@@ -5,6 +5,7 @@
 
 use super::access_log::AccessLog;
 use super::proxy::{ProxyTo, LATENCY_BUCKETS};
+use super::reload::ReloadStatus;
 use super::tls::TlsTerminator;
 use portcullis_admission::AdmissionStats;
 use portcullis_balance::ReplicaRegistry;
@@ -29,6 +30,7 @@ pub struct GatewayStats {
     storage: Option<RedisStorage>,
     tls: Option<TlsTerminator>,
     access_log: Option<AccessLog>,
+    reload: Option<Arc<ReloadStatus>>,
 }
 
 impl std::fmt::Debug for GatewayStats {
@@ -58,7 +60,14 @@ impl GatewayStats {
             storage,
             tls: None,
             access_log: None,
+            reload: None,
         }
+    }
+
+    /// The same stats with the config generation and the reload outcomes.
+    pub fn with_reload_status(mut self, status: Arc<ReloadStatus>) -> Self {
+        self.reload = Some(status);
+        self
     }
 
     /// The same stats with the listener's counters: failed TLS handshakes and dropped
@@ -164,6 +173,11 @@ impl StatsSource for GatewayStats {
             .as_ref()
             .map_or(0, TlsTerminator::handshakes_failed);
         stats.access_log_dropped = self.access_log.as_ref().map_or(0, AccessLog::dropped);
+        if let Some(reload) = &self.reload {
+            stats.config_generation = reload.generation();
+            stats.reloads_failed = reload.failed();
+            stats.last_reload = reload.last();
+        }
         stats.storage = match &self.storage {
             None => StorageStats::default(),
             Some(storage) => {

@@ -124,9 +124,21 @@ impl TlsTerminator {
     /// Re-reads the certificate and key files: new connections get the new certificate,
     /// open ones keep theirs. On an error the old certificate stays in use.
     pub fn reload_certs(&self) -> Result<(), FieldError> {
-        let config = server_config(&self.files)?;
-        self.config.store(Arc::new(config));
+        let certs = self.read_certs()?;
+        self.install_certs(certs);
         Ok(())
+    }
+
+    /// The first half of [`reload_certs`](Self::reload_certs): reads and checks both files,
+    /// changing nothing (a config reload reads them before it applies anything).
+    pub fn read_certs(&self) -> Result<Arc<ServerConfig>, FieldError> {
+        server_config(&self.files).map(Arc::new)
+    }
+
+    /// The second half of [`reload_certs`](Self::reload_certs): new connections get
+    /// `certs` (from [`read_certs`](Self::read_certs)).
+    pub fn install_certs(&self, certs: Arc<ServerConfig>) {
+        self.config.store(certs);
     }
 
     /// Handshakes that failed or timed out so far.

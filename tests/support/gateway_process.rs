@@ -105,6 +105,21 @@ impl GatewayProcess {
         self.child = Some(child);
     }
 
+    /// The config file the process reads (and re-reads on a reload).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gw.yml")
+    }
+
+    /// Replaces the config file with `yaml` (every field but `listen`, which stays), for
+    /// the next reload.
+    pub fn rewrite_config(&self, yaml: &str) {
+        let text = format!("listen: 127.0.0.1:{}\n{yaml}", self.port);
+        // Written next to it, then renamed: a reload never reads half a file.
+        let tmp = self.dir.path().join("gw.yml.new");
+        std::fs::write(&tmp, text).expect("write the new gateway config");
+        std::fs::rename(&tmp, self.config_path()).expect("replace the gateway config");
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("gw.log")
     }

@@ -317,6 +317,18 @@ impl<T: Send + Sync + 'static> ReplicaRegistry<T> {
         self.insert(key.into(), tier, 1, target, HealthState::new_unknown)
     }
 
+    /// [`add_awaiting_check`](Self::add_awaiting_check) with a weight (see
+    /// [`add_weighted`](Self::add_weighted)): a replica added by a config reload.
+    pub fn add_weighted_awaiting_check(
+        &self,
+        key: impl Into<Arc<str>>,
+        tier: Tier,
+        weight: u32,
+        target: T,
+    ) -> bool {
+        self.insert(key.into(), tier, weight, target, HealthState::new_unknown)
+    }
+
     fn insert(
         &self,
         key: Arc<str>,

@@ -48,3 +48,11 @@ pub const UPSTREAM_NOT_ALLOWED: &str = "upstream_not_allowed";
 /// 504: the request's own deadline (`grpc-timeout`, or `x-request-timeout` where honoured)
 /// passed while it waited in the admission queue.
 pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+/// 400: `POST /balancer/reload` read a config that is invalid; the message names the field,
+/// as `--check` does, and the old config keeps running.
+pub const INVALID_CONFIG: &str = "invalid_config";
+/// 409: `POST /balancer/reload` on a gateway that was not started from a config file (built
+/// in code), so there is nothing to re-read.
+pub const RELOAD_UNAVAILABLE: &str = "reload_unavailable";
+/// 500: a valid config could not be applied by a reload (the old one keeps running).
+pub const RELOAD_FAILED: &str = "reload_failed";

@@ -37,6 +37,9 @@
 //! | `portcullis_storage_healthy` | gauge (0/1) | `kind` |
 //! | `portcullis_tls_handshakes_failed_total` | counter | |
 //! | `portcullis_access_log_dropped_total` | counter | |
+//! | `portcullis_config_generation` | gauge | |
+//! | `portcullis_reloads_failed_total` | counter | |
+//! | `portcullis_last_reload_timestamp_seconds`, `portcullis_last_reload_success` (0/1) | gauge | (absent before the first reload) |
 
 use crate::stats::{Histogram, Stats, Tier};
 use prometheus_client::collector::Collector;
@@ -424,6 +427,35 @@ impl Collector for StatsCollector {
             "Access log lines dropped because the log writer fell behind.",
             [(vec![], s.access_log_dropped)],
         )?;
+        gauge_i64(
+            e,
+            "config_generation",
+            "Generation of the config in force (1 at start, +1 per applied reload).",
+            [(
+                vec![],
+                i64::try_from(s.config_generation).unwrap_or(i64::MAX),
+            )],
+        )?;
+        counter(
+            e,
+            "reloads_failed",
+            "Config reloads refused (invalid, or not applicable).",
+            [(vec![], s.reloads_failed)],
+        )?;
+        if let Some(r) = &s.last_reload {
+            gauge_f64(
+                e,
+                "last_reload_timestamp_seconds",
+                "When the last config reload ended (Unix time).",
+                [(vec![], r.time)],
+            )?;
+            gauge_i64(
+                e,
+                "last_reload_success",
+                "1 when the last config reload was applied, 0 when it was refused.",
+                [(vec![], bool_gauge(r.ok))],
+            )?;
+        }
         Ok(())
     }
 }

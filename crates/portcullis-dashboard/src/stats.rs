@@ -49,6 +49,31 @@ pub struct Stats {
     /// log).
     #[serde(default)]
     pub access_log_dropped: u64,
+    /// The generation of the config in force: 1 at start, one more for every applied
+    /// reload (0 where the source has no config reload).
+    #[serde(default)]
+    pub config_generation: u64,
+    /// Reloads refused so far (an invalid config, or one that could not be applied).
+    #[serde(default)]
+    pub reloads_failed: u64,
+    /// The outcome of the last reload; `null` before the first.
+    #[serde(default)]
+    pub last_reload: Option<ReloadStats>,
+}
+
+/// The outcome of one config reload (`last_reload` in `/balancer/stats`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadStats {
+    /// When it ended, in seconds since the Unix epoch.
+    pub time: f64,
+    /// Whether the new config was applied.
+    pub ok: bool,
+    /// Why it was refused (`ok: false`), naming the field.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Fields that changed but only take effect at the next start, so were not applied.
+    #[serde(default)]
+    pub needs_restart: Vec<String>,
 }
 
 impl Stats {

@@ -87,6 +87,11 @@ impl fmt::Display for ProbeTarget {
 pub enum RequestOutcome {
     /// A response arrived (and its body was read to the end).
     Status(StatusCode),
+    /// A gRPC response (HTTP 200) whose `grpc-status`, in its headers (trailers-only) or
+    /// its trailers, is not `OK` (0): an error, whatever the code. The probe sends the
+    /// endpoint's own sample request, which must succeed, as a 4xx is an error for plain
+    /// HTTP: a probe answered `INVALID_ARGUMENT` or `UNIMPLEMENTED` measures nothing.
+    GrpcStatus(i32),
     /// No complete response within the request timeout.
     Timeout,
     /// The connection could not be opened.
@@ -96,19 +101,45 @@ pub enum RequestOutcome {
 }
 
 impl RequestOutcome {
-    /// `true` for a 2xx response; everything else counts as an error.
+    /// `true` for a 2xx response (without a failed `grpc-status`); everything else counts
+    /// as an error.
     pub fn is_success(&self) -> bool {
         matches!(self, RequestOutcome::Status(s) if s.is_success())
     }
 
-    /// A short stable label used in outcome histograms: `"200"`, `"503"`, `"timeout"`,
-    /// `"connect error"`, `"transport error"`.
+    /// A short stable label used in outcome histograms: `"200"`, `"503"`,
+    /// `"grpc UNAVAILABLE"`, `"timeout"`, `"connect error"`, `"transport error"`.
     pub fn label(&self) -> String {
         match self {
             RequestOutcome::Status(s) => s.as_u16().to_string(),
+            RequestOutcome::GrpcStatus(code) => {
+                match portcullis_core::classify::GrpcCodeSet::name_of(*code) {
+                    Some(name) => format!("grpc {name}"),
+                    None => format!("grpc {code}"),
+                }
+            }
             RequestOutcome::Timeout => "timeout".into(),
             RequestOutcome::ConnectError => "connect error".into(),
             RequestOutcome::TransportError => "transport error".into(),
+        }
+    }
+
+    /// The outcome of a response read to its end: [`GrpcStatus`](Self::GrpcStatus) when a
+    /// `grpc-status` other than 0 is in `headers` (trailers-only) or `trailers`, else
+    /// [`Status`](Self::Status).
+    pub fn of_response(
+        status: StatusCode,
+        headers: &HeaderMap,
+        trailers: Option<&HeaderMap>,
+    ) -> Self {
+        let grpc = |h: &HeaderMap| {
+            h.get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<i32>().ok())
+        };
+        match grpc(headers).or_else(|| trailers.and_then(grpc)) {
+            Some(code) if code != 0 => RequestOutcome::GrpcStatus(code),
+            _ => RequestOutcome::Status(status),
         }
     }
 }
@@ -223,11 +254,13 @@ impl ProbeTransport for HttpTransport {
         Box::pin(async move {
             match fut.await {
                 Ok(resp) => {
-                    let status = resp.status();
+                    let (parts, body) = resp.into_parts();
                     // Read the body to the end: latency covers the whole response and the
                     // connection goes back to the pool.
-                    match resp.into_body().collect().await {
-                        Ok(_) => RequestOutcome::Status(status),
+                    match body.collect().await {
+                        Ok(c) => {
+                            RequestOutcome::of_response(parts.status, &parts.headers, c.trailers())
+                        }
                         Err(_) => RequestOutcome::TransportError,
                     }
                 }
@@ -263,6 +296,23 @@ mod tests {
         assert!(RequestOutcome::Status(StatusCode::NO_CONTENT).is_success());
         assert!(!RequestOutcome::Status(StatusCode::SERVICE_UNAVAILABLE).is_success());
         assert!(!RequestOutcome::Timeout.is_success());
+        let grpc = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let none = HeaderMap::new();
+        // Trailers-only, and in the trailers.
+        let unavailable = RequestOutcome::of_response(StatusCode::OK, &grpc("14"), None);
+        assert_eq!(unavailable, RequestOutcome::GrpcStatus(14));
+        assert!(!unavailable.is_success());
+        assert_eq!(unavailable.label(), "grpc UNAVAILABLE");
+        let invalid = RequestOutcome::of_response(StatusCode::OK, &none, Some(&grpc("3")));
+        assert_eq!(invalid, RequestOutcome::GrpcStatus(3));
+        assert!(!invalid.is_success());
+        let ok = RequestOutcome::of_response(StatusCode::OK, &none, Some(&grpc("0")));
+        assert!(ok.is_success());
+        assert!(RequestOutcome::of_response(StatusCode::OK, &none, None).is_success());
         assert_eq!(RequestOutcome::ConnectError.label(), "connect error");
     }
 }

@@ -166,16 +166,47 @@ impl<C: CapacitySource> Endpoints<C> {
     /// endpoint's `queue_timeout` (or the global one) and the global `max_queue`.
     pub fn from_config_with(
         config: &Config,
+        make_source: impl FnMut(&str, &EndpointConfig) -> C,
+    ) -> Result<Self, String> {
+        Self::new().reconfigure(config, |_, _| false, make_source)
+    }
+
+    /// The endpoints of a new `config`, for a live config change: every key of `config`
+    /// that is watched here and for which `keep(path, endpoint)` says so keeps its limiter
+    /// (so its in-flight requests, its queue and the place of each waiter in it carry
+    /// over), with the new `queue_timeout` and `max_queue` applied to it and the new method
+    /// filter; every other key gets a new limiter over `make_source(path, endpoint)`. Keys
+    /// that are not in `config` are left out: their in-flight and queued requests finish
+    /// under the limiter they already hold, and no new request reaches it.
+    ///
+    /// The capacity of a kept limiter is not touched (the caller decides whether a
+    /// configured capacity replaces the one in force, which may have been probed or
+    /// adapted). `self` is not changed: serve the returned table in its place.
+    ///
+    /// Fails with a message naming the field when [`Config::validate`] does.
+    pub fn reconfigure(
+        &self,
+        config: &Config,
+        mut keep: impl FnMut(&str, &EndpointConfig) -> bool,
         mut make_source: impl FnMut(&str, &EndpointConfig) -> C,
     ) -> Result<Self, String> {
         config.validate().map_err(|e| e.to_string())?;
         let mut eps = Self::new();
         for (path, ep) in &config.endpoints {
             let method = ep.parsed_method()?;
-            let limiter = Limiter::new(make_source(path, ep))
-                .with_queue_timeout(config.queue_timeout_for(ep))
-                .with_max_queue(config.max_queue);
-            eps = eps.watch(path.clone(), method, Arc::new(limiter));
+            let limiter = match self.get(path) {
+                Some(old) if keep(path, ep) => {
+                    old.set_queue_timeout(config.queue_timeout_for(ep));
+                    old.set_max_queue(config.max_queue);
+                    Arc::clone(old)
+                }
+                _ => Arc::new(
+                    Limiter::new(make_source(path, ep))
+                        .with_queue_timeout(config.queue_timeout_for(ep))
+                        .with_max_queue(config.max_queue),
+                ),
+            };
+            eps = eps.watch(path.clone(), method, limiter);
         }
         Ok(eps)
     }
@@ -291,6 +322,60 @@ mod tests {
 
     fn hit(eps: &Endpoints, path: &str, method: Method) -> Option<usize> {
         eps.lookup(path, &method).map(|l| l.stats().capacity)
+    }
+
+    fn config(yaml: serde_json::Value) -> Config {
+        serde_json::from_value(yaml).unwrap()
+    }
+
+    #[test]
+    fn reconfigure_keeps_the_limiters_it_is_told_to_and_applies_the_new_settings() {
+        let old = Endpoints::from_config(
+            &config(serde_json::json!({
+                "queue_timeout": 5,
+                "endpoints": {"/a": {"capacity": 2}, "/b": {"capacity": 3}, "/gone": {"capacity": 1}}
+            })),
+            8,
+        )
+        .unwrap();
+        let next = config(serde_json::json!({
+            "queue_timeout": 9,
+            "max_queue": 4,
+            "endpoints": {"/a": {"capacity": 20, "method": "POST"}, "/b": {}, "/new": {}}
+        }));
+        let made = std::cell::RefCell::new(Vec::new());
+        let eps = old
+            .reconfigure(
+                &next,
+                |path, _| path == "/a",
+                |path, _| {
+                    made.borrow_mut().push(path.to_owned());
+                    LocalCapacity::new(7)
+                },
+            )
+            .unwrap();
+        // `/a` is the same limiter, with its capacity untouched and the new settings.
+        assert!(Arc::ptr_eq(eps.get("/a").unwrap(), old.get("/a").unwrap()));
+        let a = eps.get("/a").unwrap();
+        assert_eq!(a.stats().capacity, 2);
+        assert_eq!(a.queue_timeout(), std::time::Duration::from_secs(9));
+        assert_eq!(a.max_queue(), Some(4));
+        assert_eq!(hit(&eps, "/a", Method::GET), None, "the new method filter");
+        assert_eq!(hit(&eps, "/a", Method::POST), Some(2));
+        // `/b` was not kept, `/new` is new: fresh limiters; `/gone` is no longer watched.
+        assert!(!Arc::ptr_eq(eps.get("/b").unwrap(), old.get("/b").unwrap()));
+        assert_eq!(hit(&eps, "/b", Method::GET), Some(7));
+        assert_eq!(hit(&eps, "/new", Method::GET), Some(7));
+        assert!(eps.get("/gone").is_none());
+        made.borrow_mut().sort();
+        assert_eq!(*made.borrow(), ["/b", "/new"]);
+        // The old table is unchanged.
+        assert!(old.get("/gone").is_some());
+        // An invalid config is refused whole.
+        let bad = config(serde_json::json!({"endpoints": {"/a": {"capacity": 0}}}));
+        assert!(old
+            .reconfigure(&bad, |_, _| true, |_, _| LocalCapacity::new(1))
+            .is_err());
     }
 
     #[test]
