@@ -492,9 +492,9 @@ impl Base {
     }
 
     /// Brings the running pool's replicas in line with `config.upstreams` (same settings):
-    /// removed ones leave (and drain), changed ones (tier, weight) are re-added in their
-    /// state, new ones join awaiting their first good check, or healthy when no healthy
-    /// replica would remain otherwise.
+    /// removed ones leave (and drain), changed ones (tier, weight) are re-added healthy if
+    /// they were (with their proxy and counters), new ones join awaiting their first good
+    /// check, or healthy when no healthy replica would remain otherwise.
     fn update_pool(&self, config: &GatewayConfig, registry: &ReplicaRegistry<ProxyTo>) {
         let wanted: Vec<_> = config
             .parsed_upstreams()
@@ -502,23 +502,35 @@ impl Base {
             .zip(config.balance.upstreams.iter().map(|u| u.weight))
             .map(|((upstream, primary), weight)| (upstream, Tier::from_primary(primary), weight))
             .collect();
+        // Replicas whose tier or weight changed leave and come back with their health.
+        let mut changed: Vec<(Arc<str>, ProxyTo, bool)> = Vec::new();
         for replica in registry.replicas() {
             let key = replica.key();
-            let kept = wanted.iter().any(|(u, tier, weight)| {
-                u.url() == &**key && *tier == replica.tier() && *weight == replica.weight()
-            });
-            if !kept {
-                registry.remove(key);
+            match wanted.iter().find(|(u, _, _)| u.url() == &**key) {
+                Some((_, tier, weight))
+                    if *tier == replica.tier() && *weight == replica.weight() => {}
+                Some(_) => {
+                    let healthy = replica.health().is_healthy();
+                    changed.push((key.clone(), replica.target().clone(), healthy));
+                    registry.remove(key);
+                }
+                None => {
+                    registry.remove(key);
+                }
             }
         }
-        let none_healthy = !registry.replicas().iter().any(|r| r.health().is_healthy());
+        let none_healthy = !registry.replicas().iter().any(|r| r.health().is_healthy())
+            && !changed.iter().any(|(_, _, healthy)| *healthy);
         for (upstream, tier, weight) in wanted {
             if registry.get(upstream.url()).is_some() {
                 continue;
             }
             let key = upstream.url().to_owned();
-            let target = self.proxy.to(upstream);
-            if none_healthy {
+            let (target, healthy) = match changed.iter().find(|(k, _, _)| **k == *key) {
+                Some((_, target, healthy)) => (target.clone(), *healthy),
+                None => (self.proxy.to(upstream), none_healthy),
+            };
+            if healthy {
                 registry.add_weighted(key, tier, weight, target);
             } else {
                 registry.add_weighted_awaiting_check(key, tier, weight, target);
