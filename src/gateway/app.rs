@@ -11,7 +11,8 @@
 //!       HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
 //!        └─ HoldOnCancel (`on_client_cancel: hold`: a cancelled request keeps its slot)
 //!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
-//!                  ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
+//!                  ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin /
+//!                  │              │  first-healthy; retries: see below)
 //!                  │              └─ Proxy to the picked upstream (per-thread pool)
 //!                  └─ fallback: Proxy to `fallback.url`
 //! ```
@@ -44,7 +45,7 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
-use portcullis_balance::{CheckerHandle, ReplicaRegistry, Tier};
+use portcullis_balance::{CheckerHandle, ReplicaRegistry, Retries, Tier};
 use portcullis_breaker::Breaker;
 use portcullis_core::classify::GrpcFailures;
 use portcullis_core::HealthSource;
@@ -141,6 +142,8 @@ impl Gateway {
         };
         let fallback = stack::fallback_breaker(&config, &registry, &proxy)?;
         let breaker = fallback.as_ref().map(|(b, _)| b.clone());
+        // The pool's retry policy, budget and counters (the stats read the counters).
+        let retries = Arc::new(Retries::new(&config.retry));
         let can_serve = CanServe {
             registry: registry.clone(),
             has_fallback: breaker.as_ref().is_some_and(Breaker::has_fallback),
@@ -170,7 +173,13 @@ impl Gateway {
                         ready,
                     )));
                 }
-                let svc = stack::admission_over(&config, &endpoints, &can_serve, fallback.as_ref());
+                let svc = stack::admission_over(
+                    &config,
+                    &endpoints,
+                    &can_serve,
+                    fallback.as_ref(),
+                    &retries,
+                );
                 let stats: AdmissionStatsFn = Arc::new(move || endpoints.stats());
                 (svc, stats, None)
             }
@@ -197,7 +206,13 @@ impl Gateway {
                         ready,
                     )));
                 }
-                let svc = stack::admission_over(&config, &endpoints, &can_serve, fallback.as_ref());
+                let svc = stack::admission_over(
+                    &config,
+                    &endpoints,
+                    &can_serve,
+                    fallback.as_ref(),
+                    &retries,
+                );
                 let stats: AdmissionStatsFn = Arc::new(move || endpoints.stats());
                 (svc, stats, Some(storage))
             }
@@ -234,7 +249,8 @@ impl Gateway {
             admission_stats,
             storage.clone(),
         )
-        .with_listener(tls.clone(), access_log.clone());
+        .with_listener(tls.clone(), access_log.clone())
+        .with_retries(retries);
 
         portcullis_dashboard::log_auth_mode(&config.ui);
         let operator = Router::new()

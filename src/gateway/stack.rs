@@ -4,7 +4,9 @@
 //! HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503; gated by CanServe)
 //!  └─ HoldOnCancel (only with `on_client_cancel: hold`)
 //!       └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
-//!            ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
+//!            ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin / first-healthy;
+//!            │              │  a request not sent, or a buffered idempotent one after a
+//!            │              │  502/503, is retried on another replica within the budget)
 //!            │              └─ Dispatch → Proxy to the picked upstream
 //!            └─ fallback: Proxy to `fallback.url` (the pool again when none is set)
 //! ```
@@ -15,7 +17,7 @@
 
 use super::app::{BuildError, GatewayService};
 use super::config::GatewayConfig;
-use super::proxy::{Proxy, ProxyBody, ProxyTo, Upstream};
+use super::proxy::{Proxy, ProxyBody, ProxyTo, SendFuture, Upstream};
 use super::startup::StartupPlan;
 use axum::body::Body;
 use http::{Request, Response};
@@ -24,12 +26,11 @@ use portcullis_admission::{
     CapacitySource, Endpoints, HoldOnCancelLayer, HttpAdmissionLayer, LocalCapacity, OnClientCancel,
 };
 use portcullis_balance::HealthCheckKind;
-use portcullis_balance::{HttpBalance, ReplicaRegistry};
+use portcullis_balance::{NotSent, ReplicaRegistry, Retries, RetryingHttpBalance};
 use portcullis_breaker::{Breaker, HttpFallback};
 use portcullis_core::HealthSource;
 use portcullis_health::{GrpcHealthProbe, Probe, ProbeFuture, ProbeResult};
 use portcullis_redis::{RedisCapacity, RedisStorage};
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::util::{BoxCloneSyncService, Either};
@@ -99,6 +100,7 @@ pub(super) fn admission_over<C>(
     endpoints: &Endpoints<C>,
     can_serve: &CanServe,
     fallback: Option<&Fallback>,
+    retries: &Arc<Retries>,
 ) -> GatewayService
 where
     C: CapacitySource,
@@ -110,8 +112,10 @@ where
     // gRPC calls are failures by their `grpc-status`, the rest by 5xx: for ejection and for
     // the breaker alike.
     let classifier = config.balance.classifier();
-    let pool =
-        HttpBalance::new(Dispatch, can_serve.registry.clone()).with_classifier(classifier.clone());
+    // Retries happen inside the balancer's response future, under the admission layer: a
+    // retried request holds one admission slot.
+    let pool = RetryingHttpBalance::new(Dispatch, can_serve.registry.clone(), Arc::clone(retries))
+        .with_classifier(classifier.clone());
     let primary = match fallback {
         None => Either::Left(pool.map_response(either_left)),
         Some((breaker, fallback_to)) => {
@@ -190,24 +194,25 @@ pub(super) fn fallback_breaker(
     Ok(Some((breaker, fallback_url.map(|u| proxy.to(u)))))
 }
 
-/// Sends `(replica, request)` to the replica's proxy: the balancer's dispatch service.
+/// Sends `(replica, request)` to the replica's proxy: the balancer's dispatch service. A
+/// request that could not be sent comes back as [`NotSent`], for the balancer to retry.
 #[derive(Debug, Clone, Copy, Default)]
 struct Dispatch;
 
 impl Service<(ProxyTo, Request<Body>)> for Dispatch {
     type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = <ProxyTo as Service<Request<Body>>>::Future;
+    type Error = NotSent<Body>;
+    type Future = SendFuture;
 
     fn poll_ready(
         &mut self,
         _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
+    ) -> std::task::Poll<Result<(), NotSent<Body>>> {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, (mut to, req): (ProxyTo, Request<Body>)) -> Self::Future {
-        to.call(req)
+    fn call(&mut self, (to, req): (ProxyTo, Request<Body>)) -> Self::Future {
+        to.send(req)
     }
 }
 

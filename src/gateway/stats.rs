@@ -7,10 +7,10 @@ use super::access_log::AccessLog;
 use super::proxy::{ProxyTo, LATENCY_BUCKETS};
 use super::tls::TlsTerminator;
 use portcullis_admission::AdmissionStats;
-use portcullis_balance::ReplicaRegistry;
+use portcullis_balance::{ReplicaRegistry, Retries};
 use portcullis_breaker::{Breaker, BreakerState, StatusSnapshot};
 use portcullis_dashboard::{
-    FallbackStats, Histogram, Stats, StatsSource, StorageStats, Tier, UpstreamStats,
+    FallbackStats, Histogram, RetryStats, Stats, StatsSource, StorageStats, Tier, UpstreamStats,
 };
 use portcullis_redis::RedisStorage;
 use std::sync::Arc;
@@ -29,6 +29,7 @@ pub struct GatewayStats {
     storage: Option<RedisStorage>,
     tls: Option<TlsTerminator>,
     access_log: Option<AccessLog>,
+    retries: Option<Arc<Retries>>,
 }
 
 impl std::fmt::Debug for GatewayStats {
@@ -58,6 +59,7 @@ impl GatewayStats {
             storage,
             tls: None,
             access_log: None,
+            retries: None,
         }
     }
 
@@ -72,7 +74,16 @@ impl GatewayStats {
         self.access_log = access_log;
         self
     }
+
+    /// The same stats with the retry counters of the pool `default`.
+    pub fn with_retries(mut self, retries: Arc<Retries>) -> Self {
+        self.retries = Some(retries);
+        self
+    }
 }
+
+/// The name of the pool of the top-level `upstreams` (the only pool today).
+const DEFAULT_POOL: &str = "default";
 
 /// The breaker state in the dashboard's vocabulary: `closed` (primary), `open` (fallback
 /// engaged, minimum hold running), `half_open` (hold passed, probing the primary for
@@ -164,6 +175,16 @@ impl StatsSource for GatewayStats {
             .as_ref()
             .map_or(0, TlsTerminator::handshakes_failed);
         stats.access_log_dropped = self.access_log.as_ref().map_or(0, AccessLog::dropped);
+        if let Some(retries) = &self.retries {
+            let c = retries.counts();
+            stats.retry.insert(
+                DEFAULT_POOL.to_owned(),
+                RetryStats {
+                    retries: c.retries,
+                    retries_budget_exhausted: c.retries_budget_exhausted,
+                },
+            );
+        }
         stats.storage = match &self.storage {
             None => StorageStats::default(),
             Some(storage) => {

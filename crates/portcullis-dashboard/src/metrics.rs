@@ -37,6 +37,7 @@
 //! | `portcullis_storage_healthy` | gauge (0/1) | `kind` |
 //! | `portcullis_tls_handshakes_failed_total` | counter | |
 //! | `portcullis_access_log_dropped_total` | counter | |
+//! | `portcullis_retries_total`, `portcullis_retries_budget_exhausted_total` | counter | `pool` |
 
 use crate::stats::{Histogram, Stats, Tier};
 use prometheus_client::collector::Collector;
@@ -423,6 +424,22 @@ impl Collector for StatsCollector {
             "access_log_dropped",
             "Access log lines dropped because the log writer fell behind.",
             [(vec![], s.access_log_dropped)],
+        )?;
+        counter(
+            e,
+            "retries",
+            "Requests retried on another replica of the pool.",
+            s.retry
+                .iter()
+                .map(|(pool, r)| (vec![("pool", pool.as_str())], r.retries)),
+        )?;
+        counter(
+            e,
+            "retries_budget_exhausted",
+            "Retries refused because the pool's retry budget was spent.",
+            s.retry
+                .iter()
+                .map(|(pool, r)| (vec![("pool", pool.as_str())], r.retries_budget_exhausted)),
         )?;
         Ok(())
     }

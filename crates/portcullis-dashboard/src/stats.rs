@@ -49,6 +49,19 @@ pub struct Stats {
     /// log).
     #[serde(default)]
     pub access_log_dropped: u64,
+    /// The retries of each upstream pool, by pool name (`default`: the top-level
+    /// `upstreams`); empty for a source without retries.
+    #[serde(default)]
+    pub retry: BTreeMap<String, RetryStats>,
+}
+
+/// The retries of one upstream pool since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryStats {
+    /// Retries sent to another replica (each attempt after the first).
+    pub retries: u64,
+    /// Retries wanted and refused because the pool's retry budget was spent.
+    pub retries_budget_exhausted: u64,
 }
 
 impl Stats {

@@ -1,0 +1,201 @@
+//! Retries through the gateway (issue 16), against real backends on 127.0.0.1: a request
+//! whose connection failed before any byte was sent goes to another replica, whatever its
+//! method; buffered idempotent requests are retried after a 502/503 with `retry.on: [5xx]`;
+//! a POST that reached the upstream is never sent twice; the budget bounds the extra load.
+
+mod support;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::routing::any;
+use axum::Router;
+use http_body_util::BodyExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use support::{backend, client, closed_port, TestGateway};
+
+/// A gateway config over `upstreams` with round-robin routing, active checks too slow to
+/// matter during a test, and `extra` appended.
+fn yaml_for(upstreams: &[String], extra: &str) -> String {
+    let mut y = String::from(
+        "listen: 127.0.0.1:0\nrouting_strategy: round-robin\nhealth_check_interval: 60\nupstreams:\n",
+    );
+    for u in upstreams {
+        y.push_str(&format!("  - {{url: \"{u}\"}}\n"));
+    }
+    y.push_str(extra);
+    y
+}
+
+/// A backend that counts its requests (but the health checks) and echoes their body with
+/// `status`.
+fn counting_app(status: u16, seen: Arc<AtomicU64>) -> Router {
+    Router::new()
+        .route("/healthz", any(|| async { "ok" }))
+        .route(
+            "/{*rest}",
+            any(move |req: Request| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    http::Response::builder()
+                        .status(status)
+                        .body(Body::from(body))
+                        .unwrap()
+                }
+            }),
+        )
+}
+
+async fn send(
+    gw: &TestGateway,
+    method: http::Method,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> (u16, Bytes) {
+    let resp = client()
+        .request(
+            http::Request::builder()
+                .method(method)
+                .uri(gw.url(path))
+                .body(Body::from(body.into()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+async fn stats(gw: &TestGateway) -> serde_json::Value {
+    let (status, body) = send(gw, http::Method::GET, "/balancer/stats", "").await;
+    assert_eq!(status, 200);
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn upstream_failures(stats: &serde_json::Value, url: &str) -> u64 {
+    stats["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["url"] == url)
+        .map(|u| u["failures"].as_u64().unwrap())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_on_the_other_replica_for_every_post() {
+    let seen = Arc::new(AtomicU64::new(0));
+    let alive = backend(counting_app(200, Arc::clone(&seen))).await;
+    let closed = format!("http://127.0.0.1:{}", closed_port().await);
+    let gw = TestGateway::start(&yaml_for(&[closed.clone(), alive.url()], "")).await;
+
+    let gw = Arc::new(gw);
+    let mut tasks = Vec::new();
+    for worker in 0..10 {
+        let gw = Arc::clone(&gw);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let body = format!("payload {worker}-{i}");
+                let (status, echoed) = send(&gw, http::Method::POST, "/work", body.clone()).await;
+                assert_eq!(status, 200, "POST {worker}-{i}: {echoed:?}");
+                assert_eq!(
+                    echoed,
+                    body.as_bytes(),
+                    "the body reached the replica whole"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every POST reached the live replica exactly once.
+    assert_eq!(seen.load(Ordering::SeqCst), 500);
+
+    let s = stats(&gw).await;
+    let retries = s["retry"]["default"]["retries"].as_u64().unwrap();
+    assert!(retries > 0, "the closed replica was picked: {s}");
+    // Each connect failure of the closed replica was retried (and counted for its ejection).
+    assert_eq!(retries, upstream_failures(&s, &closed), "{s}");
+    assert_eq!(s["retry"]["default"]["retries_budget_exhausted"], 0);
+
+    let (_, metrics) = send(&gw, http::Method::GET, "/metrics", "").await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains(&format!(
+            "portcullis_retries_total{{pool=\"default\"}} {retries}"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_retries_budget_exhausted_total{pool=\"default\"} 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn with_every_replica_refusing_the_request_is_tried_max_attempts_times_then_502() {
+    let a = format!("http://127.0.0.1:{}", closed_port().await);
+    let b = format!("http://127.0.0.1:{}", closed_port().await);
+    let c = format!("http://127.0.0.1:{}", closed_port().await);
+    let gw = TestGateway::start(&yaml_for(
+        &[a.clone(), b.clone(), c.clone()],
+        "eject_after: 0\nretry: {max_attempts: 3}\n",
+    ))
+    .await;
+    let (status, body) = send(&gw, http::Method::POST, "/work", "x").await;
+    assert_eq!(status, 502);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "bad_gateway");
+    assert!(v["message"].is_string());
+    let s = stats(&gw).await;
+    assert_eq!(s["retry"]["default"]["retries"], 2, "{s}");
+    // Three different replicas, one attempt each.
+    for u in [&a, &b, &c] {
+        assert_eq!(upstream_failures(&s, u), 1, "{u}: {s}");
+    }
+}
+
+#[tokio::test]
+async fn max_attempts_one_turns_retries_off() {
+    let seen = Arc::new(AtomicU64::new(0));
+    let alive = backend(counting_app(200, Arc::clone(&seen))).await;
+    let closed = format!("http://127.0.0.1:{}", closed_port().await);
+    let gw = TestGateway::start(&yaml_for(
+        &[closed, alive.url()],
+        "eject_after: 0\nretry: {max_attempts: 1}\n",
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(send(&gw, http::Method::GET, "/x", "").await.0);
+    }
+    statuses.sort_unstable();
+    // Round robin: two land on the closed replica and are not retried.
+    assert_eq!(statuses, [200, 200, 502, 502]);
+    assert_eq!(stats(&gw).await["retry"]["default"]["retries"], 0);
+}
+
+#[tokio::test]
+async fn a_post_answered_503_is_seen_by_the_backend_once() {
+    let seen_a = Arc::new(AtomicU64::new(0));
+    let seen_b = Arc::new(AtomicU64::new(0));
+    let a = backend(counting_app(503, Arc::clone(&seen_a))).await;
+    let b = backend(counting_app(503, Arc::clone(&seen_b))).await;
+    let gw = TestGateway::start(&yaml_for(
+        &[a.url(), b.url()],
+        "eject_after: 0\nretry: {on: [5xx], max_attempts: 3}\n",
+    ))
+    .await;
+    let (status, body) = send(&gw, http::Method::POST, "/work", "once").await;
+    assert_eq!(status, 503);
+    assert_eq!(body, "once");
+    assert_eq!(
+        seen_a.load(Ordering::SeqCst) + seen_b.load(Ordering::SeqCst),
+        1,
+        "a POST that reached an upstream is never sent again"
+    );
+    assert_eq!(stats(&gw).await["retry"]["default"]["retries"], 0);
+}
