@@ -199,3 +199,95 @@ async fn a_post_answered_503_is_seen_by_the_backend_once() {
     );
     assert_eq!(stats(&gw).await["retry"]["default"]["retries"], 0);
 }
+
+#[tokio::test]
+async fn with_on_5xx_an_idempotent_request_is_retried_after_a_503_with_its_body() {
+    let seen_bad = Arc::new(AtomicU64::new(0));
+    let seen_good = Arc::new(AtomicU64::new(0));
+    let bad = backend(counting_app(503, Arc::clone(&seen_bad))).await;
+    let good = backend(counting_app(200, Arc::clone(&seen_good))).await;
+    let gw = TestGateway::start(&yaml_for(
+        &[bad.url(), good.url()],
+        "eject_after: 0\nretry: {on: [5xx]}\n",
+    ))
+    .await;
+    for i in 0..10 {
+        let (status, body) = send(&gw, http::Method::GET, "/x", "").await;
+        assert_eq!((status, body.len()), (200, 0), "GET {i}");
+        let payload = format!("put {i}");
+        let (status, body) = send(&gw, http::Method::PUT, "/x", payload.clone()).await;
+        assert_eq!(status, 200, "PUT {i}");
+        assert_eq!(
+            body,
+            payload.as_bytes(),
+            "the buffered body was sent again whole"
+        );
+    }
+    // Round robin: half of the first attempts hit the 503 replica, each retried once.
+    let bad_seen = seen_bad.load(Ordering::SeqCst);
+    assert_eq!(bad_seen, 10);
+    assert_eq!(seen_good.load(Ordering::SeqCst), 20);
+    assert_eq!(stats(&gw).await["retry"]["default"]["retries"], bad_seen);
+
+    // A body of unknown length is streamed, so it is not retried after a 5xx.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let chunked = Body::from_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(
+            Bytes::from_static(b"chunk"),
+        )]));
+        let resp = client()
+            .request(http::Request::put(gw.url("/x")).body(chunked).unwrap())
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 503]);
+    assert_eq!(seen_bad.load(Ordering::SeqCst), 11);
+}
+
+#[tokio::test]
+async fn the_budget_bounds_the_retries_when_every_replica_answers_503() {
+    let seen = Arc::new(AtomicU64::new(0));
+    let a = backend(counting_app(503, Arc::clone(&seen))).await;
+    let b = backend(counting_app(503, Arc::clone(&seen))).await;
+    let gw = Arc::new(
+        TestGateway::start(&yaml_for(
+            &[a.url(), b.url()],
+            "eject_after: 0\nretry: {on: [5xx], budget_percent: 20, min_retries_per_second: 10}\n",
+        ))
+        .await,
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let gw = Arc::clone(&gw);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..125 {
+                let (status, _) = send(&gw, http::Method::GET, "/x", "").await;
+                assert_eq!(status, 503);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = seen.load(Ordering::SeqCst);
+    // 20% of the 1,000 requests plus the minimum: 10 per second over the 10 s window. Two
+    // retries racing for the last unit may both pass: a few concurrent ones over at most.
+    let bound = 1000 + 200 + 100 + 8;
+    assert!(
+        seen <= bound,
+        "the backends saw {seen} requests (bound {bound})"
+    );
+    assert!(seen > 1000, "some requests were retried: {seen}");
+    let s = stats(&gw).await;
+    let r = &s["retry"]["default"];
+    let (retries, exhausted) = (
+        r["retries"].as_u64().unwrap(),
+        r["retries_budget_exhausted"].as_u64().unwrap(),
+    );
+    assert_eq!(retries, seen - 1000, "{s}");
+    // Every request wanted one retry (max_attempts 2): the budget granted some, refused the rest.
+    assert_eq!(retries + exhausted, 1000, "{s}");
+    assert!(exhausted > 0, "{s}");
+}

@@ -10,12 +10,22 @@
 //!  └─ any other path → the data path (built in super::stack):
 //!       HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
 //!        └─ HoldOnCancel (`on_client_cancel: hold`: a cancelled request keeps its slot)
-//!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
-//!                  ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin /
-//!                  │              │  first-healthy; retries: see below)
-//!                  │              └─ Proxy to the picked upstream (per-thread pool)
-//!                  └─ fallback: Proxy to `fallback.url`
+//!            └─ ReplayBuffer (`retry.on: [5xx]`: small idempotent bodies read into memory)
+//!                └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
+//!                      ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin /
+//!                      │              │  first-healthy; retries on another replica)
+//!                      │              └─ Proxy to the picked upstream (per-thread pool)
+//!                      └─ fallback: Proxy to `fallback.url`
 //! ```
+//!
+//! **Retry** sits in the balancer, below admission: a request whose connection to the picked
+//! replica failed before any byte was sent comes back from the proxy unsent
+//! ([`NotSent`](portcullis_balance::NotSent)) and is sent to another healthy replica (any
+//! method); with `retry.on: [5xx]` a buffered idempotent request is also sent again after a
+//! 502/503. Each retry is bounded by `retry.max_attempts` and the pool's budget
+//! (`retry.budget_percent` of the last 10 s, plus `retry.min_retries_per_second`), and all
+//! attempts run in the balancer's one response future: a retried request holds one
+//! admission slot.
 //!
 //! The response body is one concrete type from the proxy up to the admission layer (each
 //! layer wraps it, `http_body_util::Either` joins the branches) and is boxed once, at the

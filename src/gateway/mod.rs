@@ -14,6 +14,7 @@ pub mod front;
 mod grpc_outcome;
 pub mod pool;
 pub mod proxy;
+mod replay_buffer;
 pub mod routes;
 pub mod server;
 mod stack;

@@ -548,7 +548,7 @@ impl super::grpc_outcome::CountFailure for Target {
 }
 
 /// The client's rejection when its request body failed (`None` when it did not).
-fn client_rejection(watch: &BodyWatch) -> Option<Rejection> {
+pub(super) fn client_rejection(watch: &BodyWatch) -> Option<Rejection> {
     match watch.outcome() {
         BodyOutcome::Malformed => Some(Rejection::malformed_body()),
         BodyOutcome::ClientClosed => Some(Rejection::client_closed()),

@@ -3,12 +3,14 @@
 //! ```text
 //! HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503; gated by CanServe)
 //!  └─ HoldOnCancel (only with `on_client_cancel: hold`)
-//!       └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
-//!            ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin / first-healthy;
-//!            │              │  a request not sent, or a buffered idempotent one after a
-//!            │              │  502/503, is retried on another replica within the budget)
-//!            │              └─ Dispatch → Proxy to the picked upstream
-//!            └─ fallback: Proxy to `fallback.url` (the pool again when none is set)
+//!       └─ ReplayBuffer (with `retry.on: [5xx]`: buffers small idempotent request bodies)
+//!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
+//!                 ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin /
+//!                 │              │  first-healthy; a request not sent, or a buffered
+//!                 │              │  idempotent one after a 502/503, is retried on another
+//!                 │              │  replica within the budget, inside this one request)
+//!                 │              └─ Dispatch → Proxy to the picked upstream
+//!                 └─ fallback: Proxy to `fallback.url` (the pool again when none is set)
 //! ```
 //!
 //! [`admission_over`] builds that chain over either capacity source (in-process or
@@ -18,6 +20,7 @@
 use super::app::{BuildError, GatewayService};
 use super::config::GatewayConfig;
 use super::proxy::{Proxy, ProxyBody, ProxyTo, SendFuture, Upstream};
+use super::replay_buffer::ReplayBuffer;
 use super::startup::StartupPlan;
 use axum::body::Body;
 use http::{Request, Response};
@@ -130,6 +133,9 @@ where
             )
         }
     };
+    // With `retry.on: [5xx]`, small idempotent requests are buffered here, so that the
+    // balancer can send them again after a 502/503.
+    let primary = ReplayBuffer::new(primary, Arc::clone(retries), config.client_body_timeout);
     match config.on_client_cancel {
         OnClientCancel::Release => {
             BoxCloneSyncService::new(admission.layer(primary).map_response(to_body))

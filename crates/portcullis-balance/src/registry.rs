@@ -485,7 +485,10 @@ impl<T> ReplicaRegistry<T> {
             if candidates.is_empty() {
                 return Err(NoHealthyReplica);
             }
-            let r = selection::select(inner.strategy, candidates, &inner.rr);
+            // A retry does not move the pool's rotation: the next first attempt goes where
+            // it would have gone without this retry.
+            let rr = AtomicUsize::new(inner.rr.load(Ordering::Relaxed));
+            let r = selection::select(inner.strategy, candidates, &rr);
             if (!view.panic && !r.health.is_healthy()) || !r.acquire() {
                 // The view is a moment old: rebuild it and try again.
                 inner.refresh();
