@@ -49,6 +49,7 @@ use tower_service::Service;
 /// # Example
 ///
 /// ```
+/// use bytes::Bytes;
 /// use http::{Request, Response, StatusCode};
 /// use portcullis_balance::retry::{NotSent, Retries, RetryConfig};
 /// use portcullis_balance::{Config, ReplicaRegistry, RetryingHttpBalance, Tier};
@@ -65,7 +66,7 @@ use tower_service::Service;
 /// registry.add("down", Tier::Primary, "down");
 /// registry.add("up", Tier::Primary, "up");
 /// // "down" refuses every connection: the request comes back unsent.
-/// let proxy = service_fn(|(name, req): (&'static str, Request<String>)| async move {
+/// let proxy = service_fn(|(name, req): (&'static str, Request<Bytes>)| async move {
 ///     if name == "down" {
 ///         return Err(NotSent::new(req, "connection refused"));
 ///     }
@@ -73,7 +74,7 @@ use tower_service::Service;
 /// });
 /// let retries = Arc::new(Retries::new(&RetryConfig::default()));
 /// let mut balance = RetryingHttpBalance::new(proxy, registry, retries.clone());
-/// let resp = balance.ready().await.unwrap().call(Request::new(String::new())).await.unwrap();
+/// let resp = balance.ready().await.unwrap().call(Request::new(Bytes::new())).await.unwrap();
 /// assert_eq!(resp.status(), StatusCode::OK);
 /// assert_eq!(retries.counts().retries, 1);
 /// # }
@@ -443,5 +444,238 @@ fn pass_on<ResB, C: ClassifyResponse, T>(
             resp.map(|b| RejectionBody::inner(BalanceBody::new(b, guard, eos)))
         }
         None => resp.map(|b| RejectionBody::inner(BalanceBody::unguarded(b))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retry::RetryConfig;
+    use crate::{Config, RoutingStrategy, Tier};
+    use http_body_util::Full;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tower::{service_fn, ServiceExt};
+
+    /// Replicas "down" (refuses: `NotSent`), "busy" (503) and "up" (200), first-healthy in
+    /// that order; each call is counted per replica.
+    fn pool(
+        names: &[&'static str],
+        eject_after: u32,
+    ) -> (ReplicaRegistry<&'static str>, Arc<[AtomicU32; 3]>) {
+        let registry = ReplicaRegistry::new(&Config {
+            routing_strategy: RoutingStrategy::FirstHealthy,
+            eject_after,
+            ..Config::default()
+        });
+        for n in names {
+            registry.add(*n, Tier::Primary, *n);
+        }
+        (registry, Arc::new(Default::default()))
+    }
+
+    type Proxy = tower::util::BoxCloneService<
+        (&'static str, Request<Bytes>),
+        Response<Full<Bytes>>,
+        NotSent<Bytes>,
+    >;
+
+    fn proxy(calls: Arc<[AtomicU32; 3]>) -> Proxy {
+        tower::util::BoxCloneService::new(service_fn(
+            move |(name, req): (&'static str, Request<Bytes>)| {
+                let calls = Arc::clone(&calls);
+                async move {
+                    let i = ["down", "busy", "up"]
+                        .iter()
+                        .position(|n| *n == name)
+                        .unwrap();
+                    calls[i].fetch_add(1, Ordering::SeqCst);
+                    match name {
+                        "down" => Err(NotSent::new(req, "connection refused")),
+                        "busy" => Ok(Response::builder()
+                            .status(503)
+                            .body(Full::new(Bytes::new()))
+                            .unwrap()),
+                        _ => Ok(Response::new(Full::new(req.into_body()))),
+                    }
+                }
+            },
+        ))
+    }
+
+    fn retries(config: RetryConfig) -> Arc<Retries> {
+        Arc::new(Retries::new(&config))
+    }
+
+    fn calls(c: &[AtomicU32; 3]) -> [u32; 3] {
+        [0, 1, 2].map(|i| c[i].load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_request_not_sent_goes_to_the_next_replica_and_the_failure_counts() {
+        let (registry, c) = pool(&["down", "up"], 1);
+        let r = retries(RetryConfig::default());
+        let svc = RetryingHttpBalance::new(proxy(Arc::clone(&c)), registry.clone(), r.clone());
+        let resp = svc
+            .oneshot(Request::new(Bytes::from("body")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        assert_eq!(body.to_bytes(), "body", "the request came back whole");
+        assert_eq!(calls(&c), [1, 0, 1]);
+        assert_eq!(r.counts().retries, 1);
+        // `eject_after: 1`: the connect failure ejected "down".
+        let snap = registry.snapshot();
+        assert!(snap.replicas.iter().any(|s| s.url == "down" && s.ejected));
+    }
+
+    #[tokio::test]
+    async fn without_budget_or_another_replica_a_request_not_sent_answers_502() {
+        let (registry, c) = pool(&["down", "up"], 0);
+        let r = retries(RetryConfig {
+            budget_percent: 0.0,
+            min_retries_per_second: 0.0,
+            ..RetryConfig::default()
+        });
+        let svc = RetryingHttpBalance::new(proxy(Arc::clone(&c)), registry, r.clone());
+        let resp = svc.oneshot(Request::new(Bytes::new())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(calls(&c), [1, 0, 0]);
+        assert_eq!(r.counts().retries, 0);
+        assert_eq!(r.counts().retries_budget_exhausted, 1);
+
+        // Alone in the pool: no replica to retry on, which is not the budget's doing.
+        let (registry, c) = pool(&["down"], 0);
+        let r = retries(RetryConfig::default());
+        let svc = RetryingHttpBalance::new(proxy(Arc::clone(&c)), registry, r.clone());
+        let resp = svc.oneshot(Request::new(Bytes::new())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(r.counts(), Default::default());
+    }
+
+    #[tokio::test]
+    async fn max_attempts_counts_the_first_attempt() {
+        let (registry, c) = pool(&["down", "busy", "up"], 0);
+        // Two attempts: "down" then "busy" (first-healthy, less the tried), never "up".
+        let r = retries(RetryConfig {
+            on: vec![crate::RetryOn::ServerErrors],
+            ..RetryConfig::default()
+        });
+        let svc = RetryingHttpBalance::new(proxy(Arc::clone(&c)), registry, r.clone());
+        let mut req = Request::new(Bytes::new());
+        req.extensions_mut().insert(ReplayBody(Bytes::new()));
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(calls(&c), [1, 1, 0]);
+    }
+
+    #[tokio::test]
+    async fn only_a_replayable_idempotent_request_is_retried_after_a_503() {
+        let on_5xx = RetryConfig {
+            on: vec![crate::RetryOn::ServerErrors],
+            ..RetryConfig::default()
+        };
+        let replayable = |method: http::Method, body: &'static str| {
+            let mut req = Request::new(Bytes::from(body));
+            *req.method_mut() = method;
+            req.extensions_mut().insert(ReplayBody(Bytes::from(body)));
+            req
+        };
+        let cases = [
+            (
+                replayable(http::Method::PUT, "put"),
+                on_5xx.clone(),
+                200,
+                [0, 1, 1],
+            ),
+            (
+                replayable(http::Method::POST, "post"),
+                on_5xx.clone(),
+                503,
+                [0, 1, 0],
+            ),
+            (Request::new(Bytes::new()), on_5xx.clone(), 503, [0, 1, 0]),
+            (
+                replayable(http::Method::GET, ""),
+                RetryConfig::default(),
+                503,
+                [0, 1, 0],
+            ),
+        ];
+        for (req, config, status, expected) in cases {
+            let what = format!("{} {:?}", req.method(), config.on);
+            let (registry, c) = pool(&["busy", "up"], 0);
+            let svc = RetryingHttpBalance::new(proxy(Arc::clone(&c)), registry, retries(config));
+            let resp = svc.oneshot(req).await.unwrap();
+            assert_eq!(resp.status().as_u16(), status, "{what}");
+            assert_eq!(calls(&c), expected, "{what}");
+            if status == 200 {
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap();
+                assert_eq!(body.to_bytes(), "put", "the replayed body");
+            }
+        }
+    }
+
+    #[test]
+    fn retry_config_fields_are_validated_by_name() {
+        assert!(RetryConfig::default().validate().is_ok());
+        let bad = [
+            (
+                RetryConfig {
+                    max_attempts: 0,
+                    ..Default::default()
+                },
+                "max_attempts",
+            ),
+            (
+                RetryConfig {
+                    max_attempts: 11,
+                    ..Default::default()
+                },
+                "max_attempts",
+            ),
+            (
+                RetryConfig {
+                    budget_percent: 100.5,
+                    ..Default::default()
+                },
+                "budget_percent",
+            ),
+            (
+                RetryConfig {
+                    budget_percent: f64::NAN,
+                    ..Default::default()
+                },
+                "budget_percent",
+            ),
+            (
+                RetryConfig {
+                    min_retries_per_second: -1.0,
+                    ..Default::default()
+                },
+                "min_retries_per_second",
+            ),
+            (
+                RetryConfig {
+                    buffer_limit: (16 << 20) + 1,
+                    ..Default::default()
+                },
+                "buffer_limit",
+            ),
+            (
+                RetryConfig {
+                    on: vec![crate::RetryOn::ServerErrors; 2],
+                    ..Default::default()
+                },
+                "on[1]",
+            ),
+        ];
+        for (config, field) in bad {
+            assert_eq!(config.validate().unwrap_err().field, field, "{config:?}");
+        }
     }
 }
