@@ -291,3 +291,55 @@ async fn the_budget_bounds_the_retries_when_every_replica_answers_503() {
     assert_eq!(retries + exhausted, 1000, "{s}");
     assert!(exhausted > 0, "{s}");
 }
+
+#[tokio::test]
+async fn a_retried_request_holds_one_admission_slot() {
+    let seen = Arc::new(AtomicU64::new(0));
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let app = {
+        let (seen, release) = (Arc::clone(&seen), Arc::clone(&release));
+        Router::new()
+            .route("/healthz", any(|| async { "ok" }))
+            .route(
+                "/work",
+                any(move || {
+                    let (seen, release, started) =
+                        (Arc::clone(&seen), Arc::clone(&release), started_tx.clone());
+                    async move {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        let _ = started.send(()).await;
+                        release.notified().await;
+                        "done"
+                    }
+                }),
+            )
+    };
+    let alive = backend(app).await;
+    let closed = format!("http://127.0.0.1:{}", closed_port().await);
+    // First-healthy: the closed replica is always tried first.
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nrouting_strategy: first-healthy\nhealth_check_interval: 60\n\
+         eject_after: 0\nupstreams:\n  - {{url: \"{closed}\"}}\n  - {{url: \"{}\"}}\n\
+         endpoints:\n  /work: {{method: POST, capacity: 2, queue_timeout: 5}}\n",
+        alive.url()
+    );
+    let gw = Arc::new(TestGateway::start(&yaml).await);
+    let request = {
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move { send(&gw, http::Method::POST, "/work", "x").await })
+    };
+    // The second attempt reached the live replica: the request is still one admitted request.
+    started_rx.recv().await.unwrap();
+    let s = stats(&gw).await;
+    assert_eq!(s["retry"]["default"]["retries"], 1, "{s}");
+    let work = &s["endpoints"]["/work"];
+    assert_eq!(work["active_requests"], 1, "{s}");
+    assert_eq!(work["admitted"], 1, "{s}");
+    release.notify_one();
+    let (status, body) = request.await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"done"[..]));
+    let s = stats(&gw).await;
+    assert_eq!(s["endpoints"]["/work"]["active_requests"], 0, "{s}");
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+}

@@ -228,19 +228,19 @@ struct Replay {
 impl Replay {
     /// The replay copy of `req`: only with `on: [5xx]`, an idempotent method and a
     /// [`ReplayBody`] (the caller buffered the body).
-    fn of<B>(req: &Request<B>, retries: &Retries) -> Option<Self> {
+    fn of<B>(req: &Request<B>, retries: &Retries) -> Option<Box<Self>> {
         if !retries.on_server_errors() || !is_idempotent(req.method()) {
             return None;
         }
         let ReplayBody(body) = req.extensions().get::<ReplayBody>()?;
-        Some(Self {
+        Some(Box::new(Self {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
             headers: req.headers().clone(),
             extensions: req.extensions().clone(),
             body: body.clone(),
-        })
+        }))
     }
 
     fn request<B: From<Bytes>>(&self) -> Request<B> {
@@ -260,7 +260,8 @@ struct Attempts<T> {
     retries: Arc<Retries>,
     tried: Vec<Arc<Replica<T>>>,
     sent: u32,
-    replay: Option<Replay>,
+    /// Boxed: most requests have none, and the response future stays small.
+    replay: Option<Box<Replay>>,
 }
 
 impl<T> Attempts<T> {
@@ -378,7 +379,7 @@ where
                         Ok(resp) => {
                             if is_retryable_status(resp.status()) {
                                 if let Some(request) =
-                                    this.attempts.replay.as_ref().map(Replay::request)
+                                    this.attempts.replay.as_deref().map(Replay::request)
                                 {
                                     guard.record(false);
                                     match this.attempts.next(guard) {
