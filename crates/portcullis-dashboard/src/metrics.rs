@@ -444,3 +444,34 @@ impl Collector for StatsCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::RetryStats;
+
+    #[test]
+    fn retries_are_counters_per_pool() {
+        let mut stats = Stats::default();
+        stats.retry.insert(
+            "default".into(),
+            RetryStats {
+                retries: 7,
+                retries_budget_exhausted: 2,
+            },
+        );
+        let text = render(&stats);
+        assert!(text.contains("# TYPE portcullis_retries counter"), "{text}");
+        assert!(
+            text.contains("portcullis_retries_total{pool=\"default\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_retries_budget_exhausted_total{pool=\"default\"} 2"),
+            "{text}"
+        );
+        // A source without retries has no rows (the families may be declared empty).
+        let text = render(&Stats::default());
+        assert!(!text.contains("portcullis_retries_total{"), "{text}");
+    }
+}
