@@ -427,13 +427,14 @@ impl Target {
         )?;
         let timeout = settings.upstream_timeout;
         let sent = async {
-            if grpc {
-                let resp = self.proxy.h2().request(req).await?;
-                Ok::<_, UpstreamError>((resp, None))
-            } else {
-                let conn = conn.expect("an HTTP/1 request has its connection");
-                let (resp, conn) = send_http1(&self.pool, conn, req).await?;
-                Ok((resp, Some(conn)))
+            match conn {
+                // HTTP/1: on the connection had above.
+                Some(conn) => {
+                    let (resp, conn) = send_http1(&self.pool, conn, req).await?;
+                    Ok::<_, UpstreamError>((resp, Some(conn)))
+                }
+                // gRPC: hyper-util's HTTP/2 client.
+                None => Ok((self.proxy.h2().request(req).await?, None)),
             }
         };
         let outcome = match &watch {
