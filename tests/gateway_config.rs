@@ -187,6 +187,14 @@ fn bad_configs_exit_2_naming_file_and_field() {
             Some("upstream_tls: {ca_file: /nonexistent/ca.pem}\n"),
             "`upstream_tls.ca_file`",
         ),
+        (Some("retry: {max_attempts: 0}\n"), "`retry.max_attempts`"),
+        (Some("retry: {budget_percent: -5}\n"), "`retry.budget_percent`"),
+        (
+            Some("retry: {min_retries_per_second: .inf}\n"),
+            "`retry.min_retries_per_second`",
+        ),
+        (Some("retry: {on: [5xx, 4xx]}\n"), "`retry.on[1]`"),
+        (Some("retry: {buffer_limit: -1}\n"), "`retry.buffer_limit`"),
     ];
     let long_host = format!("http://{}:1", "a".repeat(300));
     let cases: Vec<(Option<String>, &str)> = cases

@@ -10,11 +10,22 @@
 //!  └─ any other path → the data path (built in super::stack):
 //!       HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
 //!        └─ HoldOnCancel (`on_client_cancel: hold`: a cancelled request keeps its slot)
-//!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
-//!                  ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
-//!                  │              └─ Proxy to the picked upstream (per-thread pool)
-//!                  └─ fallback: Proxy to `fallback.url`
+//!            └─ ReplayBuffer (`retry.on: [5xx]`: small idempotent bodies read into memory)
+//!                └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
+//!                      ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin /
+//!                      │              │  first-healthy; retries on another replica)
+//!                      │              └─ Proxy to the picked upstream (per-thread pool)
+//!                      └─ fallback: Proxy to `fallback.url`
 //! ```
+//!
+//! **Retry** sits in the balancer, below admission: a request whose connection to the picked
+//! replica failed before any byte was sent comes back from the proxy unsent
+//! ([`NotSent`](portcullis_balance::NotSent)) and is sent to another healthy replica (any
+//! method); with `retry.on: [5xx]` a buffered idempotent request is also sent again after a
+//! 502/503. Each retry is bounded by `retry.max_attempts` and the pool's budget
+//! (`retry.budget_percent` of the last 10 s, plus `retry.min_retries_per_second`), and all
+//! attempts run in the balancer's one response future: a retried request holds one
+//! admission slot.
 //!
 //! The response body is one concrete type from the proxy up to the admission layer (each
 //! layer wraps it, `http_body_util::Either` joins the branches) and is boxed once, at the
@@ -51,7 +62,7 @@ use axum::Router;
 use http::{Request, Response};
 use portcullis_admission::adaptive::AdaptiveCapacity;
 use portcullis_admission::{EndpointConfig, Endpoints, LocalCapacity};
-use portcullis_balance::{CheckerHandle, ReplicaRegistry, Tier};
+use portcullis_balance::{CheckerHandle, ReplicaRegistry, Retries, Tier};
 use portcullis_breaker::Breaker;
 use portcullis_core::classify::GrpcFailures;
 use portcullis_health::{Component, HealthRegistry, HealthServer};
@@ -140,6 +151,9 @@ struct Generation {
     registry: ReplicaRegistry<ProxyTo>,
     fallback: Option<stack::Fallback>,
     endpoints: Watched,
+    /// The pool's retry policy, budget and counters (the stats read the counters); kept by
+    /// a reload that leaves `retry:` as it is.
+    retries: Arc<Retries>,
     /// The pool's health checker and readiness refresher, shared by the generations that
     /// keep the same pool.
     _pool_tasks: Arc<PoolTasks>,
@@ -450,11 +464,16 @@ impl Base {
             }
             None => Arc::new(self.pool_tasks(&config, &registry)),
         };
+        let retries = match prev {
+            Some(p) if p.config.retry == config.retry => Arc::clone(&p.retries),
+            _ => Arc::new(Retries::new(&config.retry)),
+        };
         let generation = Generation {
             config,
             registry,
             fallback,
             endpoints,
+            retries,
             _pool_tasks: pool_tasks,
         };
         let routers = self.routers(&generation);
@@ -644,14 +663,14 @@ impl Base {
                 Watched::Local(e) => {
                     let stats = e.clone();
                     (
-                        stack::admission_over(config, e, &can_serve, fallback),
+                        stack::admission_over(config, e, &can_serve, fallback, &generation.retries),
                         Arc::new(move || stats.stats()),
                     )
                 }
                 Watched::Shared(e) => {
                     let stats = e.clone();
                     (
-                        stack::admission_over(config, e, &can_serve, fallback),
+                        stack::admission_over(config, e, &can_serve, fallback, &generation.retries),
                         Arc::new(move || stats.stats()),
                     )
                 }
@@ -664,7 +683,8 @@ impl Base {
             self.storage.clone(),
         )
         .with_listener(self.tls.clone(), self.access_log.clone())
-        .with_reload_status(Arc::clone(&self.reload_status));
+        .with_reload_status(Arc::clone(&self.reload_status))
+        .with_retries(Arc::clone(&generation.retries));
         let breaker = generation.fallback.as_ref().map(|(b, _)| b.clone());
         let operator = Router::new()
             .merge(portcullis_dashboard::router(

@@ -87,7 +87,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 pub use portcullis_admission::{EndpointConfig, OnClientCancel};
-pub use portcullis_balance::{RoutingStrategy, UpstreamConfig};
+pub use portcullis_balance::{RetryConfig, RetryOn, RoutingStrategy, UpstreamConfig};
 pub use portcullis_breaker::Config as FallbackConfig;
 pub use portcullis_dashboard::UiConfig;
 pub use portcullis_health::HealthServerConfig;
@@ -185,6 +185,9 @@ pub struct GatewayConfig {
     /// `RUST_LOG`, else `info`. A reload applies a change at once (through the hook the
     /// process installed with [`Gateway::set_log_filter_hook`](super::Gateway::set_log_filter_hook)).
     pub log_level: Option<String>,
+    /// Retries on another replica: of requests that were never sent (always), and of
+    /// buffered idempotent requests after a 502/503 (`on: [5xx]`), within a budget.
+    pub retry: RetryConfig,
 }
 
 impl Default for GatewayConfig {
@@ -219,6 +222,7 @@ impl Default for GatewayConfig {
             upstream_tls: None,
             access_log: AccessLogConfig::default(),
             log_level: None,
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -507,6 +511,7 @@ impl GatewayConfig {
                 )
             })?;
         }
+        self.retry.validate().map_err(|e| e.within("retry"))?;
         self.probe.validate()
     }
 
@@ -1186,6 +1191,56 @@ mod tests {
             (
                 "upstreams:\n  - {url: http://a:1}\nupstream_tls: {server_name: \"not a name\"}\n",
                 "upstream_tls.server_name",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {max_attempts: 0}\n",
+                "retry.max_attempts",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {max_attempts: 11}\n",
+                "retry.max_attempts",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {max_attempts: -1}\n",
+                "retry.max_attempts",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {budget_percent: 150}\n",
+                "retry.budget_percent",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {budget_percent: .nan}\n",
+                "retry.budget_percent",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry:\n  min_retries_per_second: -1\n",
+                "retry.min_retries_per_second",
+                Some(4),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {buffer_limit: 99999999999}\n",
+                "retry.buffer_limit",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {on: [4xx]}\n",
+                "retry.on[0]",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {on: [5xx, 5xx]}\n",
+                "retry.on[1]",
+                Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nretry: {attempts: 3}\n",
+                "retry.attempts",
                 Some(3),
             ),
         ];

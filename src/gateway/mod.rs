@@ -15,6 +15,7 @@ mod grpc_outcome;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+mod replay_buffer;
 pub mod routes;
 pub mod server;
 mod stack;

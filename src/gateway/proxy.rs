@@ -9,7 +9,9 @@
 //!   both ways; `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are added. The
 //!   request's header map is moved upstream and edited in place, never rebuilt.
 //! * A connect error (or a connection the upstream broke) answers 502 `bad_gateway`; no
-//!   response headers within `upstream_timeout` answers 504 `upstream_timeout`. The JSON body
+//!   response headers within `upstream_timeout` answers 504 `upstream_timeout`. Through
+//!   the balancer ([`ProxyTo::send`]) a connect error hands the request back unsent
+//!   ([`NotSent`]) instead, and the request is retried on another replica. The JSON body
 //!   never names the upstream: internal addresses stay internal (they are logged instead).
 //! * Errors are classified by side. The client's request body is watched while it streams
 //!   ([`ClientBody`]): malformed framing answers 400 `bad_request`, a client that went away
@@ -29,6 +31,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use portcullis_balance::NotSent;
 use portcullis_core::classify::GrpcFailures;
 use portcullis_core::Rejection;
 use std::cell::RefCell;
@@ -331,15 +334,13 @@ impl fmt::Display for UpstreamError {
     }
 }
 
-/// Sends `req` on a pooled HTTP/1 connection: the most recently idle one, else a new one.
+/// A ready HTTP/1 connection to the upstream: the most recently idle one, else a new one.
 ///
-/// An idle connection that turns out to be closed (the upstream closed it while it was idle,
-/// so the request was never written) is skipped and the request goes to the next one; a
-/// request that was written is never sent twice.
-async fn send_http1(
-    pool: &Arc<UpstreamPool>,
-    mut req: Request<UpstreamRequestBody>,
-) -> Result<(Response<Incoming>, PooledConn), UpstreamError> {
+/// An idle connection that turns out to be closed (the upstream closed it while it was idle)
+/// is skipped. Nothing of a request has been written when this fails, so its caller hands
+/// the request back unsent ([`NotSent`]): a connection refused, reset on connect or not
+/// opened within `connect_timeout`, or one closed before it was ever ready.
+async fn ready_http1(pool: &Arc<UpstreamPool>) -> Result<PooledConn, UpstreamError> {
     loop {
         let mut conn = match pool.checkout() {
             Some(c) => c,
@@ -347,12 +348,25 @@ async fn send_http1(
         };
         // A connection just given back may still be reading the end of its previous
         // exchange: wait for it rather than open another.
-        if let Err(e) = std::future::poll_fn(|cx| conn.sender().poll_ready(cx)).await {
-            if conn.is_reused() {
-                continue;
-            }
-            return Err(UpstreamError::Exchange(e.to_string()));
+        match std::future::poll_fn(|cx| conn.sender().poll_ready(cx)).await {
+            Ok(()) => return Ok(conn),
+            Err(_) if conn.is_reused() => continue,
+            Err(e) => return Err(UpstreamError::Connect(e.to_string())),
         }
+    }
+}
+
+/// Sends `req` on `conn` (from [`ready_http1`]).
+///
+/// A reused connection that was closed between its readiness and the send hands the
+/// request back unwritten: it goes to the next ready connection. A request that was written
+/// is never sent twice.
+async fn send_http1(
+    pool: &Arc<UpstreamPool>,
+    mut conn: PooledConn,
+    mut req: Request<UpstreamRequestBody>,
+) -> Result<(Response<Incoming>, PooledConn), UpstreamError> {
+    loop {
         match conn.sender().try_send_request(req).await {
             Ok(resp) => return Ok((resp, conn)),
             Err(mut e) => match e.take_message() {
@@ -360,6 +374,7 @@ async fn send_http1(
                 _ => return Err(UpstreamError::Exchange(e.into_error().to_string())),
             },
         }
+        conn = ready_http1(pool).await?;
     }
 }
 
@@ -373,17 +388,36 @@ struct Target {
 }
 
 impl Target {
-    /// Forwards `req`; every failure becomes a [`Rejection`].
+    /// Forwards `req`; every failure becomes a [`Rejection`], except a request that was
+    /// not sent at all ([`NotSent`]: no HTTP/1 connection could be had), which is handed back
+    /// whole so that the balancer may send it to another replica.
     ///
     /// A failure caused by the client's request body (see [`super::bodies`]) becomes the
     /// client's rejection (400 / 408 / 499), never a 502: it does not count against the
     /// upstream. `upstream_timeout` runs from the moment the request body was sent.
+    ///
+    /// The HTTP/1 connection is had before the request is rewritten, so a connect failure
+    /// hands back the client's request as it came. HTTP/2 (gRPC) requests go through
+    /// hyper-util's pooled client, which does not hand a request back: their connect
+    /// failures answer 502 and are not retried.
     async fn forward(
         &self,
         req: Request<Body>,
         grpc: bool,
-    ) -> Result<Response<ProxyBody>, Rejection> {
+    ) -> Result<Response<ProxyBody>, Failure> {
         let settings = &*self.proxy.settings;
+        check_request(&req)?;
+        let conn = if grpc {
+            None
+        } else {
+            match ready_http1(&self.pool).await {
+                Ok(conn) => Some(conn),
+                Err(e) => {
+                    tracing::debug!(upstream = %self.upstream.url, error = %e, "upstream connect failed");
+                    return Err(Failure::NotSent(NotSent::new(req, e.to_string())));
+                }
+            }
+        };
         let (req, watch) = prepare_request(
             &self.upstream,
             &self.pool,
@@ -393,12 +427,14 @@ impl Target {
         )?;
         let timeout = settings.upstream_timeout;
         let sent = async {
-            if grpc {
-                let resp = self.proxy.h2().request(req).await?;
-                Ok::<_, UpstreamError>((resp, None))
-            } else {
-                let (resp, conn) = send_http1(&self.pool, req).await?;
-                Ok((resp, Some(conn)))
+            match conn {
+                // HTTP/1: on the connection had above.
+                Some(conn) => {
+                    let (resp, conn) = send_http1(&self.pool, conn, req).await?;
+                    Ok::<_, UpstreamError>((resp, Some(conn)))
+                }
+                // gRPC: hyper-util's HTTP/2 client.
+                None => Ok((self.proxy.h2().request(req).await?, None)),
             }
         };
         let outcome = match &watch {
@@ -414,11 +450,11 @@ impl Target {
                 let status = parts.status.as_u16();
                 if status == 101 || !(100..=599).contains(&status) {
                     tracing::debug!(upstream = %upstream_url, status, "upstream answered an invalid status");
-                    return Err(Rejection::new(
+                    return Err(Failure::Rejected(Rejection::new(
                         http::StatusCode::BAD_GATEWAY,
                         portcullis_core::codes::BAD_GATEWAY,
                         "the upstream sent an invalid response",
-                    ));
+                    )));
                 }
                 // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; the body is
                 // re-framed for the client, so the stale length must go.
@@ -433,30 +469,34 @@ impl Target {
             Some(Err(e)) => {
                 if let Some(rej) = watch.as_deref().and_then(client_rejection) {
                     tracing::debug!(upstream = %upstream_url, error = %e, code = rej.code(), "request body failed on the client's side");
-                    return Err(rej);
+                    return Err(rej.into());
                 }
                 tracing::debug!(upstream = %upstream_url, error = %e, "upstream request failed");
-                Err(match e {
+                Err(Failure::Rejected(match e {
                     UpstreamError::Connect(_) => Rejection::bad_gateway(),
                     UpstreamError::Exchange(_) => Rejection::new(
                         http::StatusCode::BAD_GATEWAY,
                         portcullis_core::codes::BAD_GATEWAY,
                         "the upstream closed the connection without a response",
                     ),
-                })
+                }))
             }
             None => {
                 if let Some(rej) = watch.as_deref().and_then(client_rejection) {
-                    return Err(rej);
+                    return Err(rej.into());
                 }
                 tracing::debug!(upstream = %upstream_url, ?timeout, "upstream timed out");
-                Err(Rejection::upstream_timeout(timeout))
+                Err(Rejection::upstream_timeout(timeout).into())
             }
         }
     }
 
-    /// Forwards `req` and records the outcome in the metrics.
-    async fn serve(self: Arc<Self>, req: Request<Body>) -> Result<Response<ProxyBody>, Infallible> {
+    /// Forwards `req` and records the outcome in the metrics; a request that was not sent
+    /// is handed back (counted as a failed request: a 502 unless it is retried).
+    async fn serve(
+        self: Arc<Self>,
+        req: Request<Body>,
+    ) -> Result<Response<ProxyBody>, NotSent<Body>> {
         let grpc = portcullis_core::is_grpc_request(req.headers());
         let started = Instant::now();
         super::access_log::note_dispatch(&req, &self.upstream.url);
@@ -475,11 +515,30 @@ impl Target {
                 self.metrics.record(started.elapsed(), resp.status());
                 Ok(resp)
             }
-            Err(rej) => {
+            Err(Failure::Rejected(rej)) => {
                 self.metrics.record(started.elapsed(), rej.status());
                 Ok(rejection_response(&rej, grpc).map(ProxyBody::Right))
             }
+            Err(Failure::NotSent(not_sent)) => {
+                self.metrics
+                    .record(started.elapsed(), http::StatusCode::BAD_GATEWAY);
+                Err(not_sent)
+            }
         }
+    }
+}
+
+/// Why [`Target::forward`] did not answer with the upstream's response.
+enum Failure {
+    /// Answered by the gateway: 502, 504, or the client's own 400 / 408 / 499.
+    Rejected(Rejection),
+    /// Nothing of the request was sent: it is handed back.
+    NotSent(NotSent<Body>),
+}
+
+impl From<Rejection> for Failure {
+    fn from(rej: Rejection) -> Self {
+        Self::Rejected(rej)
     }
 }
 
@@ -490,7 +549,7 @@ impl super::grpc_outcome::CountFailure for Target {
 }
 
 /// The client's rejection when its request body failed (`None` when it did not).
-fn client_rejection(watch: &BodyWatch) -> Option<Rejection> {
+pub(super) fn client_rejection(watch: &BodyWatch) -> Option<Rejection> {
     match watch.outcome() {
         BodyOutcome::Malformed => Some(Rejection::malformed_body()),
         BodyOutcome::ClientClosed => Some(Rejection::client_closed()),
@@ -538,7 +597,28 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Rewrites a client request for `upstream`: absolute URI, no hop-by-hop headers, the
+/// Refuses what is never forwarded, before a connection is taken for it.
+fn check_request(req: &Request<Body>) -> Result<(), Rejection> {
+    // CONNECT asks for a tunnel, which this proxy does not open: never forward it.
+    if req.method() == http::Method::CONNECT {
+        return Err(Rejection::new(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            portcullis_core::codes::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported",
+        ));
+    }
+    // RFC 9112 §3.2: a request with more than one Host is refused.
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Rejection::new(
+            http::StatusCode::BAD_REQUEST,
+            portcullis_core::codes::BAD_REQUEST,
+            "the request has more than one Host header",
+        ));
+    }
+    Ok(())
+}
+
+/// Rewrites a client request for `upstream` (checked by [`check_request`]): absolute URI, no hop-by-hop headers, the
 /// upstream's own `Host`, and the `X-Forwarded-*` headers. HTTP/1 requests get the
 /// origin form (`/path?query`) and an explicit `Host`; gRPC (HTTP/2) requests the absolute
 /// URI, from which the client derives `:authority`.
@@ -552,22 +632,6 @@ fn prepare_request(
     client_body_timeout: Duration,
 ) -> Result<(Request<UpstreamRequestBody>, Option<Arc<BodyWatch>>), Rejection> {
     let (mut parts, body) = req.into_parts();
-    // CONNECT asks for a tunnel, which this proxy does not open: never forward it.
-    if parts.method == http::Method::CONNECT {
-        return Err(Rejection::new(
-            http::StatusCode::METHOD_NOT_ALLOWED,
-            portcullis_core::codes::METHOD_NOT_ALLOWED,
-            "CONNECT is not supported",
-        ));
-    }
-    // RFC 9112 §3.2: a request with more than one Host is refused.
-    if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
-        return Err(Rejection::new(
-            http::StatusCode::BAD_REQUEST,
-            portcullis_core::codes::BAD_REQUEST,
-            "the request has more than one Host header",
-        ));
-    }
     let (body, watch) = if http_body::Body::is_end_stream(&body) {
         (UpstreamRequestBody::Right(body), None)
     } else {
@@ -755,8 +819,31 @@ impl tower::Service<Request<Body>> for ProxyTo {
     }
 
     /// One allocation per request: the future of the whole exchange (hyper's HTTP/1 send
-    /// future has no nameable type).
+    /// future has no nameable type). A request that could not be sent answers 502
+    /// `bad_gateway` (this service is not retried; see [`ProxyTo::send`]).
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let target = Arc::clone(&self.target);
+        Box::pin(async move {
+            match target.serve(req).await {
+                Ok(resp) => Ok(resp),
+                Err(not_sent) => {
+                    let grpc = portcullis_core::is_grpc_request(not_sent.into_request().headers());
+                    Ok(rejection_response(&Rejection::bad_gateway(), grpc).map(ProxyBody::Right))
+                }
+            }
+        })
+    }
+}
+
+/// The future of [`ProxyTo::send`].
+pub type SendFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, NotSent<Body>>> + Send>>;
+
+impl ProxyTo {
+    /// Forwards `req` like the service does, but hands back a request that was not sent at
+    /// all ([`NotSent`]: no connection could be had) instead of answering it 502, so that
+    /// the balancer can send it to another replica. Every other failure is a response.
+    pub fn send(&self, req: Request<Body>) -> SendFuture {
         Box::pin(Arc::clone(&self.target).serve(req))
     }
 }

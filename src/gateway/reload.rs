@@ -327,6 +327,7 @@ pub(super) fn changed_sections(old: &GatewayConfig, new: &GatewayConfig) -> Vec<
             old.default_capacity != new.default_capacity,
         ),
         ("fallback", old.fallback != new.fallback),
+        ("retry", old.retry != new.retry),
         ("ui", old.ui != new.ui),
         (
             "upstream_admin",

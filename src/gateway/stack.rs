@@ -3,10 +3,14 @@
 //! ```text
 //! HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503; gated by CanServe)
 //!  └─ HoldOnCancel (only with `on_client_cancel: hold`)
-//!       └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
-//!            ├─ primary: HttpBalance (health-gated p2c / round-robin / first-healthy)
-//!            │              └─ Dispatch → Proxy to the picked upstream
-//!            └─ fallback: Proxy to `fallback.url` (the pool again when none is set)
+//!       └─ ReplayBuffer (with `retry.on: [5xx]`: buffers small idempotent request bodies)
+//!            └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
+//!                 ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin /
+//!                 │              │  first-healthy; a request not sent, or a buffered
+//!                 │              │  idempotent one after a 502/503, is retried on another
+//!                 │              │  replica within the budget, inside this one request)
+//!                 │              └─ Dispatch → Proxy to the picked upstream
+//!                 └─ fallback: Proxy to `fallback.url` (the pool again when none is set)
 //! ```
 //!
 //! [`admission_over`] builds that chain over either capacity source (in-process or
@@ -16,7 +20,8 @@
 
 use super::app::{BuildError, GatewayService};
 use super::config::GatewayConfig;
-use super::proxy::{Proxy, ProxyBody, ProxyTo, Upstream};
+use super::proxy::{Proxy, ProxyBody, ProxyTo, SendFuture, Upstream};
+use super::replay_buffer::ReplayBuffer;
 use axum::body::Body;
 use http::{Request, Response};
 use portcullis_admission::adaptive::AdaptiveCapacity;
@@ -25,12 +30,11 @@ use portcullis_admission::{
     LocalCapacity, OnClientCancel,
 };
 use portcullis_balance::HealthCheckKind;
-use portcullis_balance::{HttpBalance, ReplicaRegistry};
+use portcullis_balance::{NotSent, ReplicaRegistry, Retries, RetryingHttpBalance};
 use portcullis_breaker::{Breaker, HttpFallback};
 use portcullis_core::HealthSource;
 use portcullis_health::{GrpcHealthProbe, Probe, ProbeFuture, ProbeResult};
 use portcullis_redis::{RedisCapacity, RedisStorage};
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::util::{BoxCloneSyncService, Either};
@@ -101,6 +105,7 @@ pub(super) fn admission_over<C>(
     endpoints: &Endpoints<C>,
     can_serve: &CanServe,
     fallback: Option<&Fallback>,
+    retries: &Arc<Retries>,
 ) -> GatewayService
 where
     C: CapacitySource,
@@ -112,8 +117,10 @@ where
     // gRPC calls are failures by their `grpc-status`, the rest by 5xx: for ejection and for
     // the breaker alike.
     let classifier = config.balance.classifier();
-    let pool =
-        HttpBalance::new(Dispatch, can_serve.registry.clone()).with_classifier(classifier.clone());
+    // Retries happen inside the balancer's response future, under the admission layer: a
+    // retried request holds one admission slot.
+    let pool = RetryingHttpBalance::new(Dispatch, can_serve.registry.clone(), Arc::clone(retries))
+        .with_classifier(classifier.clone());
     let primary = match fallback {
         None => Either::Left(pool.map_response(either_left)),
         Some((breaker, fallback_to)) => {
@@ -128,6 +135,9 @@ where
             )
         }
     };
+    // With `retry.on: [5xx]`, small idempotent requests are buffered here, so that the
+    // balancer can send them again after a 502/503.
+    let primary = ReplayBuffer::new(primary, Arc::clone(retries), config.client_body_timeout);
     match config.on_client_cancel {
         OnClientCancel::Release => {
             BoxCloneSyncService::new(admission.layer(primary).map_response(to_body))
@@ -192,24 +202,25 @@ pub(super) fn fallback_breaker(
     Ok(Some((breaker, fallback_url.map(|u| proxy.to(u)))))
 }
 
-/// Sends `(replica, request)` to the replica's proxy: the balancer's dispatch service.
+/// Sends `(replica, request)` to the replica's proxy: the balancer's dispatch service. A
+/// request that could not be sent comes back as [`NotSent`], for the balancer to retry.
 #[derive(Debug, Clone, Copy, Default)]
 struct Dispatch;
 
 impl Service<(ProxyTo, Request<Body>)> for Dispatch {
     type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = <ProxyTo as Service<Request<Body>>>::Future;
+    type Error = NotSent<Body>;
+    type Future = SendFuture;
 
     fn poll_ready(
         &mut self,
         _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
+    ) -> std::task::Poll<Result<(), NotSent<Body>>> {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, (mut to, req): (ProxyTo, Request<Body>)) -> Self::Future {
-        to.call(req)
+    fn call(&mut self, (to, req): (ProxyTo, Request<Body>)) -> Self::Future {
+        to.send(req)
     }
 }
 

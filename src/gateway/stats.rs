@@ -8,10 +8,10 @@ use super::proxy::{ProxyTo, LATENCY_BUCKETS};
 use super::reload::ReloadStatus;
 use super::tls::TlsTerminator;
 use portcullis_admission::AdmissionStats;
-use portcullis_balance::ReplicaRegistry;
+use portcullis_balance::{ReplicaRegistry, Retries};
 use portcullis_breaker::{Breaker, BreakerState, StatusSnapshot};
 use portcullis_dashboard::{
-    FallbackStats, Histogram, Stats, StatsSource, StorageStats, Tier, UpstreamStats,
+    FallbackStats, Histogram, RetryStats, Stats, StatsSource, StorageStats, Tier, UpstreamStats,
 };
 use portcullis_redis::RedisStorage;
 use std::sync::Arc;
@@ -31,6 +31,7 @@ pub struct GatewayStats {
     tls: Option<TlsTerminator>,
     access_log: Option<AccessLog>,
     reload: Option<Arc<ReloadStatus>>,
+    retries: Option<Arc<Retries>>,
 }
 
 impl std::fmt::Debug for GatewayStats {
@@ -61,6 +62,7 @@ impl GatewayStats {
             tls: None,
             access_log: None,
             reload: None,
+            retries: None,
         }
     }
 
@@ -81,7 +83,16 @@ impl GatewayStats {
         self.access_log = access_log;
         self
     }
+
+    /// The same stats with the retry counters of the pool `default`.
+    pub fn with_retries(mut self, retries: Arc<Retries>) -> Self {
+        self.retries = Some(retries);
+        self
+    }
 }
+
+/// The name of the pool of the top-level `upstreams` (the only pool today).
+const DEFAULT_POOL: &str = "default";
 
 /// The breaker state in the dashboard's vocabulary: `closed` (primary), `open` (fallback
 /// engaged, minimum hold running), `half_open` (hold passed, probing the primary for
@@ -177,6 +188,16 @@ impl StatsSource for GatewayStats {
             stats.config_generation = reload.generation();
             stats.reloads_failed = reload.failed();
             stats.last_reload = reload.last();
+        }
+        if let Some(retries) = &self.retries {
+            let c = retries.counts();
+            stats.retry.insert(
+                DEFAULT_POOL.to_owned(),
+                RetryStats {
+                    retries: c.retries,
+                    retries_budget_exhausted: c.retries_budget_exhausted,
+                },
+            );
         }
         stats.storage = match &self.storage {
             None => StorageStats::default(),

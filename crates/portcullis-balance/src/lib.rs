@@ -78,9 +78,11 @@ pub use balance::{Balance, BalanceLayer, CallReplica};
 pub use config::{Config, HealthCheckConfig, HealthCheckKind, RoutingStrategy, UpstreamConfig};
 pub use error::NoHealthyReplica;
 pub use guard::InflightGuard;
-pub use http::{HttpBalance, HttpBalanceLayer};
+pub use http::{HttpBalance, HttpBalanceLayer, RetryingHttpBalance};
 pub use portcullis_health::{CheckerConfig, CheckerHandle, GrpcHealthProbe, HealthPolicy, Status};
 pub use registry::{RegistryTargets, ReplicaRegistry};
 pub use replica::{Replica, Tier};
-pub use retry::{RetryBudget, RetryBudgetCounts};
+pub use retry::{
+    NotSent, ReplayBody, Retries, RetryBudget, RetryBudgetCounts, RetryConfig, RetryCounts, RetryOn,
+};
 pub use snapshot::{ReplicaSnapshot, Snapshot};

@@ -467,6 +467,50 @@ impl<T> ReplicaRegistry<T> {
         Err(NoHealthyReplica)
     }
 
+    /// Picks a healthy replica other than those in `tried` for a retry, and takes its
+    /// in-flight slot: the routing strategy chooses among the candidates [`pick`](Self::pick)
+    /// would choose from, less `tried`. No ejected replica is leased: a retry goes where a
+    /// request is expected to succeed, not to a recovery probe.
+    ///
+    /// `NoHealthyReplica` when every candidate was tried. Allocates only when a tried replica
+    /// is among the candidates (the retry path, not the common one).
+    pub fn pick_excluding(
+        &self,
+        tried: &[Arc<Replica<T>>],
+    ) -> Result<InflightGuard<T>, NoHealthyReplica> {
+        let inner = &*self.inner;
+        let was_tried = |r: &Arc<Replica<T>>| tried.iter().any(|t| Arc::ptr_eq(t, r));
+        for _ in 0..4 {
+            let view = inner.view.load();
+            let candidates = view.candidates();
+            let others: Vec<Arc<Replica<T>>>;
+            let candidates = if candidates.iter().any(was_tried) {
+                others = candidates
+                    .iter()
+                    .filter(|r| !was_tried(r))
+                    .cloned()
+                    .collect();
+                &others[..]
+            } else {
+                candidates
+            };
+            if candidates.is_empty() {
+                return Err(NoHealthyReplica);
+            }
+            // A retry does not move the pool's rotation: the next first attempt goes where
+            // it would have gone without this retry.
+            let rr = AtomicUsize::new(inner.rr.load(Ordering::Relaxed));
+            let r = selection::select(inner.strategy, candidates, &rr);
+            if (!view.panic && !r.health.is_healthy()) || !r.acquire() {
+                // The view is a moment old: rebuild it and try again.
+                inner.refresh();
+                continue;
+            }
+            return Ok(InflightGuard::new(r.clone(), false));
+        }
+        Err(NoHealthyReplica)
+    }
+
     /// A point-in-time copy of every replica's state (no I/O, no lock on the request path).
     pub fn snapshot(&self) -> Snapshot {
         let now = Instant::now();

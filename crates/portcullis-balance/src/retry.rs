@@ -1,11 +1,29 @@
-//! A retry budget: retries may add at most a fixed share of load over a sliding window.
+//! Retries: the `retry:` config, a pool's run-time [`Retries`] policy, and the
+//! [`RetryBudget`] that bounds them.
+//!
+//! # What is retried
+//!
+//! * A request the proxy could not send at all ([`NotSent`]: the connection to the replica
+//!   failed before any byte was written: refused, reset on connect, connect timeout) is
+//!   sent again to another healthy replica, whatever its method: the upstream never saw it,
+//!   and its body was never read, so it is handed back whole (no buffering).
+//! * With `retry.on: [5xx]`, an idempotent request (GET, HEAD, OPTIONS, PUT, DELETE) whose
+//!   body the caller buffered ([`ReplayBody`]) is also sent again after a 502 or 503. A
+//!   POST is never retried once its bytes reached the upstream.
+//!
+//! Each retry goes to a replica not yet tried, takes one unit of the budget and counts in
+//! [`RetryCounts::retries`]; a retry the budget refused counts in
+//! [`RetryCounts::retries_budget_exhausted`]. `max_attempts` counts the first attempt.
+//!
+//! # The budget
 //!
 //! Every original request *deposits* into the budget and every retry *withdraws* from it. A
 //! retry is allowed while the retries of the last `window` stay below `ratio` times the
 //! requests of the same window, plus `min_per_second × window` so that a quiet service can
-//! still retry a lone failure. Under an outage every request fails, every request wants a
-//! retry, and the budget caps the extra load at `ratio` (20% by default) instead of letting
-//! retries multiply it by `max_attempts`.
+//! still retry a lone failure (linkerd's retry budget, Envoy's `retry_budget`). Under an
+//! outage every request fails, every request wants a retry, and the budget caps the extra
+//! load at `ratio` (20% by default) instead of letting retries multiply it by
+//! `max_attempts`.
 //!
 //! The window is a ring of one-second buckets, each tagged with the second it counts. A
 //! bucket found tagged with an older second is reset by whoever reaches it first. Deposits
@@ -19,9 +37,273 @@
 //! requests and retries of the window (the operator's stats), and it takes a `Mutex` to
 //! rotate its slots.
 
+use bytes::Bytes;
+use http::Request;
+use portcullis_core::{BoxError, ConfigError};
+use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// The window of a pool's retry budget: the requests and retries of the last 10 seconds.
+pub const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// The most attempts `retry.max_attempts` may allow (the first one included).
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+
+/// The largest `retry.buffer_limit`: 16 MiB.
+pub const MAX_RETRY_BUFFER: usize = 16 << 20;
+
+/// A response class after which a buffered idempotent request is retried (`retry.on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RetryOn {
+    /// `5xx`: a 502 or 503 from the upstream (a 500 is the application's own answer, a 504
+    /// took too long to be worth repeating).
+    #[serde(rename = "5xx")]
+    ServerErrors,
+}
+
+/// The `retry:` section (part of the gateway's YAML contract).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries may add at most this share, in percent, of the requests of the last 10 s
+    /// (default 20).
+    pub budget_percent: f64,
+    /// Retries allowed per second on top of `budget_percent`, so that a quiet pool can still
+    /// retry a lone failure (default 10, as linkerd's).
+    pub min_retries_per_second: f64,
+    /// Attempts per request, the first one included (default 2; 1 turns retries off).
+    pub max_attempts: u32,
+    /// The responses after which a buffered idempotent request is retried (default none:
+    /// only requests that were never sent are retried).
+    pub on: Vec<RetryOn>,
+    /// The largest request body buffered for a retry after a 5xx, in bytes (default 64 KiB);
+    /// a longer body, or one of unknown length, is streamed and not retried after a 5xx.
+    pub buffer_limit: usize,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            budget_percent: 20.0,
+            min_retries_per_second: 10.0,
+            max_attempts: 2,
+            on: Vec::new(),
+            buffer_limit: 64 << 10,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Checks every field; an error names it relative to the section (`max_attempts`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.budget_percent.is_finite() && (0.0..=100.0).contains(&self.budget_percent)) {
+            return Err(ConfigError::new(
+                "budget_percent",
+                format!(
+                    "must be a percentage from 0 to 100, got {}",
+                    self.budget_percent
+                ),
+            ));
+        }
+        if !(self.min_retries_per_second.is_finite() && self.min_retries_per_second >= 0.0) {
+            return Err(ConfigError::new(
+                "min_retries_per_second",
+                format!(
+                    "must be a number of retries per second, zero or more, got {}",
+                    self.min_retries_per_second
+                ),
+            ));
+        }
+        if !(1..=MAX_RETRY_ATTEMPTS).contains(&self.max_attempts) {
+            return Err(ConfigError::new(
+                "max_attempts",
+                format!(
+                    "must be 1 (no retries) to {MAX_RETRY_ATTEMPTS}, counting the first attempt, got {}",
+                    self.max_attempts
+                ),
+            ));
+        }
+        if self.buffer_limit > MAX_RETRY_BUFFER {
+            return Err(ConfigError::new(
+                "buffer_limit",
+                format!(
+                    "must be at most {MAX_RETRY_BUFFER} bytes (16 MiB), got {}",
+                    self.buffer_limit
+                ),
+            ));
+        }
+        for (i, on) in self.on.iter().enumerate() {
+            if self.on[..i].contains(on) {
+                return Err(ConfigError::new(format!("on[{i}]"), "listed twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a pool's retries counted since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RetryCounts {
+    /// Retries sent (each attempt after the first).
+    pub retries: u64,
+    /// Retries wanted and refused because the budget was spent.
+    pub retries_budget_exhausted: u64,
+}
+
+/// The retry policy of one pool at run time: its limits, its [`RetryBudget`] and its
+/// counters. Shared by every request of the pool (behind an `Arc`); atomics only.
+#[derive(Debug)]
+pub struct Retries {
+    max_attempts: u32,
+    on_server_errors: bool,
+    buffer_limit: usize,
+    budget: RetryBudget,
+    retries: AtomicU64,
+    budget_exhausted: AtomicU64,
+}
+
+impl Retries {
+    /// The policy of a (validated) `retry:` section, with a budget over
+    /// [`RETRY_BUDGET_WINDOW`].
+    pub fn new(config: &RetryConfig) -> Self {
+        Self {
+            max_attempts: config.max_attempts.max(1),
+            on_server_errors: config.on.contains(&RetryOn::ServerErrors),
+            buffer_limit: config.buffer_limit,
+            budget: RetryBudget::new(
+                config.budget_percent / 100.0,
+                config.min_retries_per_second,
+                RETRY_BUDGET_WINDOW,
+            ),
+            retries: AtomicU64::new(0),
+            budget_exhausted: AtomicU64::new(0),
+        }
+    }
+
+    /// A policy that never retries (`max_attempts: 1`).
+    pub fn disabled() -> Self {
+        Self::new(&RetryConfig {
+            max_attempts: 1,
+            ..RetryConfig::default()
+        })
+    }
+
+    /// Attempts per request, the first one included.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// `true` when buffered idempotent requests are retried after a 502/503 (`on: [5xx]`
+    /// and more than one attempt).
+    pub fn on_server_errors(&self) -> bool {
+        self.on_server_errors && self.max_attempts > 1
+    }
+
+    /// The largest request body buffered for a retry after a 5xx, in bytes.
+    pub fn buffer_limit(&self) -> usize {
+        self.buffer_limit
+    }
+
+    /// Counts an original request in the budget (once per request, not per attempt).
+    pub fn deposit(&self) {
+        if self.max_attempts > 1 {
+            self.budget.deposit();
+        }
+    }
+
+    /// Takes one retry from the budget: `true` (counted in `retries`) when it may be sent,
+    /// `false` (counted in `retries_budget_exhausted`) when the budget is spent.
+    pub fn try_withdraw(&self) -> bool {
+        if self.budget.try_withdraw() {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            self.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// The counters since start.
+    pub fn counts(&self) -> RetryCounts {
+        RetryCounts {
+            retries: self.retries.load(Ordering::Relaxed),
+            retries_budget_exhausted: self.budget_exhausted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The budget's requests and retries over its window.
+    pub fn budget_counts(&self) -> RetryBudgetCounts {
+        self.budget.counts()
+    }
+}
+
+/// `true` for the methods a request may be repeated with (RFC 9110 §9.2.2, less TRACE):
+/// GET, HEAD, OPTIONS, PUT, DELETE.
+pub fn is_idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
+/// A request the proxy did not send: nothing of it reached the replica (the connection
+/// failed before any byte was written), so it is handed back whole, body unread, to be sent
+/// to another replica ([`RetryingHttpBalance`](crate::http::RetryingHttpBalance)).
+pub struct NotSent<B> {
+    request: Request<B>,
+    reason: BoxError,
+}
+
+impl<B> NotSent<B> {
+    /// `request` was not sent, because of `reason` (a connect error).
+    pub fn new(request: Request<B>, reason: impl Into<BoxError>) -> Self {
+        Self {
+            request,
+            reason: reason.into(),
+        }
+    }
+
+    /// Why the request was not sent.
+    pub fn reason(&self) -> &BoxError {
+        &self.reason
+    }
+
+    /// The request, as it was given to the proxy.
+    pub fn into_request(self) -> Request<B> {
+        self.request
+    }
+}
+
+impl<B> fmt::Debug for NotSent<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NotSent")
+            .field("method", self.request.method())
+            .field("uri", self.request.uri())
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+impl<B> fmt::Display for NotSent<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request not sent: {}", self.reason)
+    }
+}
+
+impl<B> std::error::Error for NotSent<B> {}
+
+/// A request extension holding a copy of the whole request body, so that the balancer may
+/// send the request again after a 5xx (`retry.on: [5xx]`). Whoever buffered the body inserts
+/// it; [`RetryingHttpBalance`](crate::http::RetryingHttpBalance) reads it.
+#[derive(Debug, Clone)]
+pub struct ReplayBody(pub Bytes);
 
 /// Buckets of one second each; windows longer than this are rounded down to it.
 const MAX_BUCKETS: usize = 60;

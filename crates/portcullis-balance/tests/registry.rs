@@ -494,3 +494,54 @@ fn panic_mode_routes_to_unchecked_replicas_too() {
     let picks: HashSet<String> = (0..6).map(|_| pick(&r)).collect();
     assert_eq!(picks.len(), 3);
 }
+
+/// A retry's pick: never a tried replica, under every policy, and none when all were tried;
+/// it does not move the round-robin rotation of first attempts.
+#[test]
+fn pick_excluding_skips_the_tried_replicas_under_every_policy() {
+    for strategy in [
+        RoutingStrategy::P2c,
+        RoutingStrategy::RoundRobin,
+        RoutingStrategy::FirstHealthy,
+        RoutingStrategy::LeastConnections,
+        RoutingStrategy::Weighted,
+    ] {
+        let registry = ReplicaRegistry::new(&Config {
+            routing_strategy: strategy,
+            ..Config::default()
+        });
+        for key in ["a", "b", "c"] {
+            registry.add(key, Tier::Primary, key);
+        }
+        let all = registry.replicas();
+        for _ in 0..50 {
+            let tried = vec![Arc::clone(&all[0]), Arc::clone(&all[2])];
+            let g = registry.pick_excluding(&tried).unwrap();
+            assert_eq!(**g.key(), *"b", "{strategy:?}");
+            let tried = vec![Arc::clone(&all[1])];
+            let g = registry.pick_excluding(&tried).unwrap();
+            assert_ne!(**g.key(), *"b", "{strategy:?}");
+        }
+        assert_eq!(
+            registry.pick_excluding(&all).unwrap_err(),
+            NoHealthyReplica,
+            "{strategy:?}"
+        );
+    }
+    let registry = ReplicaRegistry::new(&Config {
+        routing_strategy: RoutingStrategy::RoundRobin,
+        ..Config::default()
+    });
+    for key in ["a", "b"] {
+        registry.add(key, Tier::Primary, key);
+    }
+    let first: Vec<String> = (0..4)
+        .map(|_| {
+            let g = registry.pick().unwrap();
+            let key = g.key().to_string();
+            let _retry = registry.pick_excluding(&[Arc::clone(g.replica())]).unwrap();
+            key
+        })
+        .collect();
+    assert_eq!(first, ["a", "b", "a", "b"]);
+}

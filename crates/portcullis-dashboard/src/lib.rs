@@ -70,7 +70,7 @@ pub use auth::{BasicAuthLayer, Credentials};
 pub use config::{UiConfig, DEFAULT_UI_PATH};
 pub use stats::{
     AdmissionSource, Bucket, EndpointStats, FallbackStats, HealthSummary, Histogram, ReloadStats,
-    Stats, StatsSource, StorageStats, Tier, UpstreamStats,
+    RetryStats, Stats, StatsSource, StorageStats, Tier, UpstreamStats,
 };
 
 use axum::http::{header, HeaderValue};

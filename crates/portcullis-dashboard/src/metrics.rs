@@ -37,6 +37,7 @@
 //! | `portcullis_storage_healthy` | gauge (0/1) | `kind` |
 //! | `portcullis_tls_handshakes_failed_total` | counter | |
 //! | `portcullis_access_log_dropped_total` | counter | |
+//! | `portcullis_retries_total`, `portcullis_retries_budget_exhausted_total` | counter | `pool` |
 //! | `portcullis_config_generation` | gauge | |
 //! | `portcullis_reloads_failed_total` | counter | |
 //! | `portcullis_last_reload_timestamp_seconds`, `portcullis_last_reload_success` (0/1) | gauge | (absent before the first reload) |
@@ -427,6 +428,22 @@ impl Collector for StatsCollector {
             "Access log lines dropped because the log writer fell behind.",
             [(vec![], s.access_log_dropped)],
         )?;
+        counter(
+            e,
+            "retries",
+            "Requests retried on another replica of the pool.",
+            s.retry
+                .iter()
+                .map(|(pool, r)| (vec![("pool", pool.as_str())], r.retries)),
+        )?;
+        counter(
+            e,
+            "retries_budget_exhausted",
+            "Retries refused because the pool's retry budget was spent.",
+            s.retry
+                .iter()
+                .map(|(pool, r)| (vec![("pool", pool.as_str())], r.retries_budget_exhausted)),
+        )?;
         gauge_i64(
             e,
             "config_generation",
@@ -457,5 +474,36 @@ impl Collector for StatsCollector {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::RetryStats;
+
+    #[test]
+    fn retries_are_counters_per_pool() {
+        let mut stats = Stats::default();
+        stats.retry.insert(
+            "default".into(),
+            RetryStats {
+                retries: 7,
+                retries_budget_exhausted: 2,
+            },
+        );
+        let text = render(&stats);
+        assert!(text.contains("# TYPE portcullis_retries counter"), "{text}");
+        assert!(
+            text.contains("portcullis_retries_total{pool=\"default\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis_retries_budget_exhausted_total{pool=\"default\"} 2"),
+            "{text}"
+        );
+        // A source without retries has no rows (the families may be declared empty).
+        let text = render(&Stats::default());
+        assert!(!text.contains("portcullis_retries_total{"), "{text}");
     }
 }

@@ -49,6 +49,10 @@ pub struct Stats {
     /// log).
     #[serde(default)]
     pub access_log_dropped: u64,
+    /// The retries of each upstream pool, by pool name (`default`: the top-level
+    /// `upstreams`); empty for a source without retries.
+    #[serde(default)]
+    pub retry: BTreeMap<String, RetryStats>,
     /// The generation of the config in force: 1 at start, one more for every applied
     /// reload (0 where the source has no config reload).
     #[serde(default)]
@@ -74,6 +78,15 @@ pub struct ReloadStats {
     /// Fields that changed but only take effect at the next start, so were not applied.
     #[serde(default)]
     pub needs_restart: Vec<String>,
+}
+
+/// The retries of one upstream pool since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryStats {
+    /// Retries sent to another replica (each attempt after the first).
+    pub retries: u64,
+    /// Retries wanted and refused because the pool's retry budget was spent.
+    pub retries_budget_exhausted: u64,
 }
 
 impl Stats {

@@ -30,6 +30,16 @@ impl<B, E, T> BalanceBody<B, E, T> {
         }
     }
 
+    /// A body that holds no slot: its attempt's outcome was already recorded and its slot
+    /// released (a 5xx passed on after the retries ran out).
+    pub(crate) fn unguarded(inner: B) -> Self {
+        Self {
+            inner,
+            guard: None,
+            eos: None,
+        }
+    }
+
     /// `true` while the body still holds its in-flight slot.
     pub fn holds_slot(&self) -> bool {
         self.guard.is_some()
