@@ -238,3 +238,24 @@ async fn without_http2_the_same_h2c_only_backend_fails() {
     assert_eq!(seen.h2.load(Ordering::Relaxed), 0);
     assert_eq!(seen.health.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_turns_http2_off_needs_a_restart_and_keeps_h2c() {
+    let (be, seen) = h2c_only_backend().await;
+    let gw = TestGateway::start(&yaml(&be, "http2: true\n")).await;
+    let off = portcullis::gateway::GatewayConfig::from_yaml(
+        &yaml(&be, "http2: false\n"),
+        std::path::Path::new("test.yml"),
+    )
+    .unwrap();
+    let report = gw.gateway.reload(off).await.expect("the reload is accepted");
+    assert_eq!(report.needs_restart, vec!["http2".to_owned()], "{report:?}");
+    // The running proxy still speaks h2c.
+    let req = http::Request::get(gw.url("/echo/after-reload"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = send(req).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], "HTTP/2.0", "{body}");
+    assert_eq!(seen.h2.load(Ordering::Relaxed), 1);
+}
