@@ -248,7 +248,11 @@ async fn a_reload_that_turns_http2_off_needs_a_restart_and_keeps_h2c() {
         std::path::Path::new("test.yml"),
     )
     .unwrap();
-    let report = gw.gateway.reload(off).await.expect("the reload is accepted");
+    let report = gw
+        .gateway
+        .reload(off)
+        .await
+        .expect("the reload is accepted");
     assert_eq!(report.needs_restart, vec!["http2".to_owned()], "{report:?}");
     // The running proxy still speaks h2c.
     let req = http::Request::get(gw.url("/echo/after-reload"))
@@ -258,4 +262,38 @@ async fn a_reload_that_turns_http2_off_needs_a_restart_and_keeps_h2c() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], "HTTP/2.0", "{body}");
     assert_eq!(seen.h2.load(Ordering::Relaxed), 1);
+}
+
+/// `http2: true`, a live h2c backend and a replica that refuses connections, round-robin.
+fn with_a_dead_replica(be: &Server, dead_port: u16, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nhealth_check_interval: 30\nrouting_strategy: round-robin\nhttp2: true\nupstreams:\n  - {{url: \"{}\"}}\n  - {{url: \"http://127.0.0.1:{dead_port}\"}}\n{extra}",
+        be.url()
+    )
+}
+
+async fn statuses(gw: &TestGateway, n: usize) -> Vec<u16> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let req = http::Request::get(gw.url(&format!("/echo/{i}")))
+            .body(Body::empty())
+            .unwrap();
+        out.push(send(req).await.0.as_u16());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_connect_failure_answers_502_unless_retry_on_5xx() {
+    let (be, _seen) = h2c_only_backend().await;
+    let dead = support::closed_port().await;
+    // Not handed back unsent: the replica that refuses answers 502 (README, `http2`).
+    let gw = TestGateway::start(&with_a_dead_replica(&be, dead, "")).await;
+    let got = statuses(&gw, 4).await;
+    assert!(got.contains(&502), "{got:?}");
+    assert!(got.contains(&200), "{got:?}");
+    drop(gw);
+    // With `retry.on: [5xx]` the buffered GET goes again to the other replica.
+    let gw = TestGateway::start(&with_a_dead_replica(&be, dead, "retry: {on: [5xx]}\n")).await;
+    assert_eq!(statuses(&gw, 4).await, vec![200; 4]);
 }
