@@ -12,7 +12,7 @@
 //! target is checked over h2c (prior knowledge), as its requests are sent: a backend that
 //! speaks only h2c would fail an HTTP/1.1 check and never get traffic, and one that speaks
 //! only HTTP/1.1 would pass it while every request fails. The check has its own pooled
-//! h2c client ([`super::proxy::h2_client`], with the proxy's timeouts and pool bounds).
+//! h2c client, built like the proxy's (its timeouts and pool bounds).
 
 use super::pool::{Pools, UpstreamPool, UpstreamRequestBody};
 use super::proxy::{h2_client, H2Client};
