@@ -173,6 +173,11 @@ fn bad_configs_exit_2_naming_file_and_field() {
             Some("upstreams:\n  - {url: \"https://127.0.0.1:1\"}\nhealth_check: {kind: grpc}\n"),
             "`upstreams[0].url`",
         ),
+        (
+            Some("upstreams:\n  - {url: \"https://127.0.0.1:1\"}\nhttp2: true\n"),
+            "`http2`",
+        ),
+        (Some("http2: sometimes\n"), "`http2`"),
         (Some("admin: {listen: nowhere}\n"), "`admin.listen`"),
         (Some("log_level: \"info,portcullis=loud\"\n"), "`log_level`"),
         (

@@ -57,6 +57,7 @@ const KEYS: &[&str] = &[
     "upstream_body_timeout",
     "upstream_max_idle",
     "upstream_idle_timeout",
+    "http2",
     "client_header_timeout",
     "client_idle_timeout",
     "max_connections",

@@ -206,6 +206,7 @@ impl Gateway {
             client_body_timeout: config.client_body_timeout,
             upstream_body_timeout: config.upstream_body_timeout,
             grpc_failures: GrpcFailures::new(config.balance.grpc_failure_codes),
+            http2: config.http2,
         });
         config
             .check_servable()

@@ -179,6 +179,11 @@ pub struct GatewayConfig {
     /// How `https://` upstreams are reached (absent: the system roots, no client
     /// certificate, the URL's host as the server name).
     pub upstream_tls: Option<UpstreamTlsConfig>,
+    /// Reach the upstreams over HTTP/2 with prior knowledge (h2c) for every proxied
+    /// request, HTTP/1.1 or HTTP/2 from the client, and run the HTTP health check over h2c
+    /// too; `false` (default): HTTP/1.1. gRPC requests go over h2c either way. `http://`
+    /// upstreams only: an `https://` upstream with `http2: true` is refused.
+    pub http2: bool,
     /// One line per request (off by default).
     pub access_log: AccessLogConfig,
     /// The log filter, as `RUST_LOG` takes it (`info`, `warn,portcullis=debug`); absent:
@@ -220,6 +225,7 @@ impl Default for GatewayConfig {
             admin: AdminConfig::default(),
             tls: None,
             upstream_tls: None,
+            http2: false,
             access_log: AccessLogConfig::default(),
             log_level: None,
             retry: RetryConfig::default(),
@@ -452,6 +458,15 @@ impl GatewayConfig {
                     "an https:// upstream with `health_check: {kind: grpc}`: the gRPC health check and gRPC proxying speak h2c (cleartext HTTP/2) only",
                 ));
             }
+            if self.http2 && parsed.url().starts_with("https://") {
+                return Err(FieldError::new(
+                    "http2",
+                    format!(
+                        "`http2: true` with the https:// upstream `{}` (upstreams[{i}]): HTTP/2 to the upstreams is h2c (cleartext, prior knowledge) only, not h2 over TLS",
+                        parsed.url()
+                    ),
+                ));
+            }
             if !seen.insert(parsed.url().to_string()) {
                 return Err(FieldError::new(
                     field,
@@ -486,7 +501,17 @@ impl GatewayConfig {
         if let Some(f) = &self.fallback {
             f.validate().map_err(|e| e.within("fallback"))?;
             if let Some(url) = &f.url {
-                Upstream::parse(url).map_err(|e| FieldError::new("fallback.url", e.0))?;
+                let parsed =
+                    Upstream::parse(url).map_err(|e| FieldError::new("fallback.url", e.0))?;
+                if self.http2 && parsed.url().starts_with("https://") {
+                    return Err(FieldError::new(
+                        "http2",
+                        format!(
+                            "`http2: true` with the https:// fallback `{}`: HTTP/2 to the upstreams is h2c (cleartext, prior knowledge) only, not h2 over TLS",
+                            parsed.url()
+                        ),
+                    ));
+                }
             }
         }
         self.admin.validate(
@@ -1148,6 +1173,12 @@ mod tests {
                 "upstreams[1].url",
                 Some(3),
             ),
+            (
+                "upstreams:\n  - {url: http://a:1}\n  - {url: \"https://b:1\"}\nhttp2: true\n",
+                "http2",
+                Some(4),
+            ),
+            ("upstreams: []\nhttp2: yes please\n", "http2", Some(2)),
             (
                 "upstreams:\n  - {url: http://a:1}\naccess_log: {enable: true, format: xml}\n",
                 "access_log.format",

@@ -3,7 +3,8 @@
 //! * HTTP/1 upstreams are reached through the proxy's own per-thread connection pool on
 //!   `hyper::client::conn::http1` ([`super::pool`]): LIFO idle stacks, a connection back in
 //!   its stack the moment its response body ends, no lock. HTTP/2 upstreams (gRPC, which
-//!   needs HTTP/2 end to end) go through a per-thread pooled `hyper-util` client.
+//!   needs HTTP/2 end to end, and every request with [`ProxySettings::http2`]) go through a
+//!   per-thread pooled `hyper-util` client, h2c with prior knowledge.
 //! * Request and response bodies are streamed through, never buffered whole.
 //! * Hop-by-hop headers (RFC 9110 §7.6.1, plus every header named in `Connection`) are removed
 //!   both ways; `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are added. The
@@ -11,7 +12,8 @@
 //! * A connect error (or a connection the upstream broke) answers 502 `bad_gateway`; no
 //!   response headers within `upstream_timeout` answers 504 `upstream_timeout`. Through
 //!   the balancer ([`ProxyTo::send`]) a connect error hands the request back unsent
-//!   ([`NotSent`]) instead, and the request is retried on another replica. The JSON body
+//!   ([`NotSent`]) instead, and the request is retried on another replica (HTTP/1 only:
+//!   the HTTP/2 client does not hand a request back, see [`ProxySettings::http2`]). The JSON body
 //!   never names the upstream: internal addresses stay internal (they are logged instead).
 //! * Errors are classified by side. The client's request body is watched while it streams
 //!   ([`ClientBody`]): malformed framing answers 400 `bad_request`, a client that went away
@@ -167,6 +169,11 @@ pub struct ProxySettings {
     /// The `grpc-status` codes that count in an upstream's `failures` (read from the
     /// response headers, or from the trailers at the end of the body).
     pub grpc_failures: GrpcFailures,
+    /// Every request goes to the upstream over HTTP/2 with prior knowledge (h2c), not only
+    /// gRPC (config `http2`). Such a request goes through hyper-util's pooled client, which
+    /// tells a connect error apart but does not hand the request back: a connect failure
+    /// answers 502 `bad_gateway` and is not retried on another replica.
+    pub http2: bool,
 }
 
 impl Default for ProxySettings {
@@ -179,6 +186,7 @@ impl Default for ProxySettings {
             client_body_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
             grpc_failures: GrpcFailures::default(),
+            http2: false,
         }
     }
 }
@@ -202,10 +210,12 @@ thread_local! {
     static H2_CLIENTS: RefCell<Vec<(Weak<ProxySettings>, H2Client)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The HTTP/2 (prior knowledge) client for gRPC requests.
-type H2Client = Client<HttpConnector, UpstreamRequestBody>;
+/// The HTTP/2 (prior knowledge) client for gRPC requests, and for every request with
+/// [`ProxySettings::http2`].
+pub(super) type H2Client = Client<HttpConnector, UpstreamRequestBody>;
 
-fn h2_client(settings: &ProxySettings) -> H2Client {
+/// A pooled h2c (prior knowledge) client with `settings`' timeouts and pool bounds.
+pub(super) fn h2_client(settings: &ProxySettings) -> H2Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(settings.connect_timeout));
@@ -397,9 +407,9 @@ impl Target {
     /// upstream. `upstream_timeout` runs from the moment the request body was sent.
     ///
     /// The HTTP/1 connection is had before the request is rewritten, so a connect failure
-    /// hands back the client's request as it came. HTTP/2 (gRPC) requests go through
-    /// hyper-util's pooled client, which does not hand a request back: their connect
-    /// failures answer 502 and are not retried.
+    /// hands back the client's request as it came. HTTP/2 requests (gRPC, and all of them
+    /// with [`ProxySettings::http2`]) go through hyper-util's pooled client, which does not
+    /// hand a request back: their connect failures answer 502 and are not retried.
     async fn forward(
         &self,
         req: Request<Body>,
@@ -407,7 +417,8 @@ impl Target {
     ) -> Result<Response<ProxyBody>, Failure> {
         let settings = &*self.proxy.settings;
         check_request(&req)?;
-        let conn = if grpc {
+        let h2 = grpc || settings.http2;
+        let conn = if h2 {
             None
         } else {
             match ready_http1(&self.pool).await {
@@ -422,7 +433,7 @@ impl Target {
             &self.upstream,
             &self.pool,
             req,
-            grpc,
+            Wire { h2, grpc },
             settings.client_body_timeout,
         )?;
         let timeout = settings.upstream_timeout;
@@ -433,7 +444,7 @@ impl Target {
                     let (resp, conn) = send_http1(&self.pool, conn, req).await?;
                     Ok::<_, UpstreamError>((resp, Some(conn)))
                 }
-                // gRPC: hyper-util's HTTP/2 client.
+                // gRPC, or `http2`: hyper-util's HTTP/2 client.
                 None => Ok((self.proxy.h2().request(req).await?, None)),
             }
         };
@@ -618,19 +629,29 @@ fn check_request(req: &Request<Body>) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// How a request goes to its upstream.
+#[derive(Debug, Clone, Copy)]
+struct Wire {
+    /// Over HTTP/2 (h2c, prior knowledge): gRPC, or every request with `http2`.
+    h2: bool,
+    /// A gRPC request (keeps `te: trailers`).
+    grpc: bool,
+}
+
 /// Rewrites a client request for `upstream` (checked by [`check_request`]): absolute URI, no hop-by-hop headers, the
 /// upstream's own `Host`, and the `X-Forwarded-*` headers. HTTP/1 requests get the
-/// origin form (`/path?query`) and an explicit `Host`; gRPC (HTTP/2) requests the absolute
-/// URI, from which the client derives `:authority`.
+/// origin form (`/path?query`) and an explicit `Host`; HTTP/2 requests (gRPC, or all with
+/// `http2`) the absolute URI, from which the client derives `:authority`.
 ///
 /// A request body that is not empty is wrapped in a [`ClientBody`]; its watch is returned.
 fn prepare_request(
     upstream: &Upstream,
     pool: &UpstreamPool,
     req: Request<Body>,
-    grpc: bool,
+    wire: Wire,
     client_body_timeout: Duration,
 ) -> Result<(Request<UpstreamRequestBody>, Option<Arc<BodyWatch>>), Rejection> {
+    let Wire { h2, grpc } = wire;
     let (mut parts, body) = req.into_parts();
     let (body, watch) = if http_body::Body::is_end_stream(&body) {
         (UpstreamRequestBody::Right(body), None)
@@ -640,7 +661,7 @@ fn prepare_request(
     };
     // HTTP/2 clients send the authority in the URI, not in `Host`.
     let uri_authority = parts.uri.authority().cloned();
-    let uri = if grpc {
+    let uri = if h2 {
         upstream.uri_for(parts.uri.path_and_query())
     } else {
         upstream.path_for(parts.uri.path_and_query()).map(Uri::from)
@@ -652,7 +673,7 @@ fn prepare_request(
             "the request path cannot be forwarded",
         )
     })?;
-    parts.version = if grpc {
+    parts.version = if h2 {
         http::Version::HTTP_2
     } else {
         http::Version::HTTP_11
@@ -678,7 +699,7 @@ fn prepare_request(
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
     }
-    if !grpc {
+    if !h2 {
         headers.insert(header::HOST, pool.host_header().clone());
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {

@@ -29,7 +29,7 @@
 //!
 //! Fields that are read once at start ([`RESTART_FIELDS`]: the listeners, the worker
 //! count, the storage, the access log, the connection limits and the upstream connection
-//! settings) are never half-applied: a change to one is kept out of the applied config,
+//! settings, `http2` among them) are never half-applied: a change to one is kept out of the applied config,
 //! reported in the answer and in `last_reload.needs_restart`, and logged.
 //!
 //! Reloads run one at a time on one owned task; the route waits for its outcome at most
@@ -77,6 +77,7 @@ pub const RESTART_FIELDS: &[&str] = &[
     "upstream_max_idle",
     "upstream_idle_timeout",
     "upstream_tls",
+    "http2",
     "grpc_failure_codes",
     "probe",
 ];
@@ -114,6 +115,7 @@ pub(super) fn keep_restart_fields(
     keep!("upstream_max_idle", upstream_max_idle);
     keep!("upstream_idle_timeout", upstream_idle_timeout);
     keep!("upstream_tls", upstream_tls);
+    keep!("http2", http2);
     keep!("grpc_failure_codes", balance.grpc_failure_codes);
     keep!("probe", probe);
     (new, changed)

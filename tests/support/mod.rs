@@ -21,6 +21,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server on `addr` run by `task` (aborted when dropped).
+    pub fn new(addr: SocketAddr, task: JoinHandle<()>) -> Self {
+        Self { addr, task }
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
