@@ -464,6 +464,24 @@ impl<T> ReplicaRegistry<T> {
             }
             return Ok(InflightGuard::new(r.clone(), false));
         }
+        self.any_candidate(|_| false)
+    }
+
+    /// The last resort of a pick whose tries all met a stale view (replicas removed or
+    /// turned unhealthy while another thread was still rebuilding it, so `refresh` returned
+    /// at once): the first candidate of the latest view that can still serve, outside
+    /// `skip`. Without it a request arriving in the middle of a membership change (a config
+    /// reload removing a replica) could be refused with healthy replicas in the pool.
+    fn any_candidate(
+        &self,
+        skip: impl Fn(&Arc<Replica<T>>) -> bool,
+    ) -> Result<InflightGuard<T>, NoHealthyReplica> {
+        let view = self.inner.view.load();
+        for r in view.candidates() {
+            if !skip(r) && (view.panic || r.health.is_healthy()) && r.acquire() {
+                return Ok(InflightGuard::new(r.clone(), false));
+            }
+        }
         Err(NoHealthyReplica)
     }
 
@@ -508,7 +526,7 @@ impl<T> ReplicaRegistry<T> {
             }
             return Ok(InflightGuard::new(r.clone(), false));
         }
-        Err(NoHealthyReplica)
+        self.any_candidate(was_tried)
     }
 
     /// A point-in-time copy of every replica's state (no I/O, no lock on the request path).
