@@ -70,6 +70,9 @@ struct Counters {
     requests: AtomicUsize,
     /// Held `/work` requests in the handler now.
     holding: AtomicUsize,
+    /// Each ordinary request's arrival and the in-flight count it made (to tell in which
+    /// phase of a test a peak came).
+    arrivals: std::sync::Mutex<Vec<(Instant, usize)>>,
 }
 
 impl Counters {
@@ -81,6 +84,21 @@ impl Counters {
 
     fn max(&self) -> usize {
         self.max_inflight.load(Ordering::SeqCst)
+    }
+
+    /// The most requests in flight in each 250 ms from `origin` on, as `(ms, max)` pairs
+    /// (negative `ms` before `origin`).
+    fn peaks(&self, origin: Instant) -> Vec<(i64, usize)> {
+        let arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peaks: std::collections::BTreeMap<i64, usize> = Default::default();
+        for &(t, n) in arrivals.iter() {
+            let ms = t.saturating_duration_since(origin).as_millis() as i64
+                - origin.saturating_duration_since(t).as_millis() as i64;
+            let bucket = ms.div_euclid(250) * 250;
+            let max = peaks.entry(bucket).or_default();
+            *max = (*max).max(n);
+        }
+        peaks.into_iter().collect()
     }
 }
 
@@ -122,6 +140,10 @@ async fn work(State(s): State<BackendState>, headers: HeaderMap) -> StatusCode {
     let now = c.inflight.fetch_add(1, Ordering::SeqCst) + 1;
     let _gauge = Gauge(&c.inflight);
     c.max_inflight.fetch_max(now, Ordering::SeqCst);
+    c.arrivals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((Instant::now(), now));
     let delay = match s.behaviour.knee {
         Some((knee, penalty)) if now > knee => s.behaviour.base + penalty,
         _ => s.behaviour.base,
@@ -586,9 +608,14 @@ async fn redis_restart_mid_load(test: &str, on_error: &str) {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let replies = load.stop().await;
         let slowest = replies.iter().map(|r| r.elapsed).max().unwrap_or_default();
+        let back_ms = up.duration_since(down).as_millis();
+        let peak_at = format!(
+            "peaks per 250 ms from the outage's start (Redis back at {back_ms} ms): {:?}",
+            backend.counters.peaks(down)
+        );
         println!(
             "on_error: {on_error}: {} requests, {}; slowest {slowest:?}; backend max \
-             concurrency {}",
+             concurrency {}; {peak_at}",
             replies.len(),
             status_summary(&replies),
             backend.counters.max()
@@ -606,8 +633,20 @@ async fn redis_restart_mid_load(test: &str, on_error: &str) {
         // held from Redis when it went away, so the backend never saw more than the limit.
         assert!(
             backend.counters.max() <= CAPACITY,
-            "on_error: {on_error}: the backend saw {} concurrent requests (limit {CAPACITY})",
-            backend.counters.max()
+            "on_error: {on_error}: the backend saw {} concurrent requests (limit {CAPACITY}); \
+             {peak_at}; the gateways' storage lines:\n{}",
+            backend.counters.max(),
+            gateways
+                .iter()
+                .flat_map(|g| {
+                    let name = g.name().to_string();
+                    g.log()
+                        .lines()
+                        .filter(|l| l.contains("storage"))
+                        .map(move |l| format!("{name}: {l}\n"))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<String>()
         );
         match on_error {
             "local" => {

@@ -50,10 +50,13 @@
 //!   (`reject`: 503 `storage_unavailable`) or admitted (`allow`), without touching Redis.
 //!   With `local`, the permits Redis granted before the outage still take their place in
 //!   that per-process limit (the fallback's limit is the share minus those permits, and
-//!   grows as each ends), so the process never runs more than its share. And for a while
-//!   after the outage (`lease_ttl`, at least 2.5 s) the process still keeps to its share:
-//!   Redis may have lost every count, and the other processes, still serving their own
-//!   shares, may not have re-registered yet. Every permit granted meanwhile is still counted by the process; when Redis
+//!   grows as each ends), so the process never runs more than its share. Until the
+//!   others' pre-outage requests may have ended too (the longest recent request after the
+//!   outage began), the share is also capped by what the others left free. And for a while
+//!   after the outage (`lease_ttl`, and at least two recovery tries of any process:
+//!   `2 × (1 s + 4 × timeout) + 0.5 s`) the process still keeps to its share: Redis may
+//!   have lost every count, and the other processes, still serving their own shares, may
+//!   not have re-registered yet. Every permit granted meanwhile is still counted by the process; when Redis
 //!   answers again the heartbeat re-registers the absolute count of live permits, and the
 //!   source returns to the shared limit.
 //!

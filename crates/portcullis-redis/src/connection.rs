@@ -12,6 +12,9 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+/// The longest wait of a single node's connection between two reconnection attempts.
+pub(crate) const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
+
 /// A connection to a single Redis node (reconnecting by itself) or to a Redis Cluster.
 #[derive(Clone)]
 enum Conn {
@@ -109,7 +112,7 @@ impl RedisClient {
                 .set_response_timeout(Some(t))
                 .set_number_of_retries(1)
                 .set_min_delay(Duration::from_millis(20))
-                .set_max_delay(Duration::from_millis(500));
+                .set_max_delay(RECONNECT_MAX_DELAY);
             Conn::Single(
                 ConnectionManager::new_lazy_with_config(first.clone(), cfg).map_err(redact)?,
             )

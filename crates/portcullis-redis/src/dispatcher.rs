@@ -279,11 +279,14 @@ impl Dispatcher {
     fn hand_out(&mut self, granted: usize) {
         let mut spare = granted;
         let mut recycled: Option<Slot> = None;
+        let now = Instant::now();
         while spare > 0 {
             let Some(w) = self.queue.pop_front() else {
                 break;
             };
-            let slot = recycled.take().unwrap_or_else(|| self.shared.redis_slot());
+            let slot = recycled
+                .take()
+                .unwrap_or_else(|| self.shared.redis_slot(now));
             match w.tx.send(Ok(slot)) {
                 Ok(()) => spare -= 1,
                 // The waiter left meanwhile: the slot goes to the next one.
@@ -296,7 +299,7 @@ impl Dispatcher {
             drop(slot);
         }
         for _ in 0..spare {
-            drop(self.shared.redis_slot());
+            drop(self.shared.redis_slot(now));
         }
     }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
 
 /// Lifetime of a process's entry in an endpoint's cross-process queue, renewed by each of
 /// its retries (at least every [`POLL_INTERVAL`](crate::POLL_INTERVAL) while it has
@@ -227,11 +228,11 @@ impl EndpointShared {
         self.wake.notify_one();
     }
 
-    /// A slot granted by Redis (already counted in `held` and `from_redis`).
-    pub(crate) fn redis_slot(self: &Arc<Self>) -> Slot {
+    /// A slot granted by Redis at `granted` (already counted in `held` and `from_redis`).
+    pub(crate) fn redis_slot(self: &Arc<Self>, granted: Instant) -> Slot {
         Slot {
             shared: Arc::clone(self),
-            from_redis: true,
+            from_redis: Some(granted),
         }
     }
 
@@ -246,7 +247,7 @@ impl EndpointShared {
         }
         Slot {
             shared: Arc::clone(self),
-            from_redis: false,
+            from_redis: None,
         }
     }
 
@@ -261,11 +262,13 @@ impl EndpointShared {
     pub(crate) fn fit_fallback(&self) {
         // SeqCst with the outage start and `redis_released`: either the outage start sees a
         // release, or the release sees the outage and fits again.
-        let limit = if self.on_error() == OnError::Local && self.process.degraded_seqcst() {
-            self.slots
-                .fallback_limit(self.outage_share(), self.capacity())
-        } else {
-            0
+        let since = self.process.outage.degraded_since_seqcst();
+        let limit = match since {
+            Some(since) if self.on_error() == OnError::Local => {
+                self.slots
+                    .fallback_limit(self.outage_share(), self.capacity(), since)
+            }
+            _ => 0,
         };
         self.fallback.set_capacity(limit);
     }
@@ -318,12 +321,14 @@ impl EndpointShared {
 /// when Redis granted it). Dropping it releases the slot through the endpoint's task.
 pub(crate) struct Slot {
     shared: Arc<EndpointShared>,
-    from_redis: bool,
+    /// When Redis granted it (`None`: granted by the outage policy).
+    from_redis: Option<Instant>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if self.from_redis {
+        if let Some(granted) = self.from_redis {
+            self.shared.slots.hold_ended(granted.elapsed());
             self.shared.redis_released(1);
         }
         self.shared.release_one();

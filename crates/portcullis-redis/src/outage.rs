@@ -155,6 +155,15 @@ impl Outage {
         self.word.load(Ordering::SeqCst) & DEGRADED != 0
     }
 
+    /// When the current outage began (`None` outside one), sequentially consistent with
+    /// the transitions like [`is_degraded_seqcst`](Self::is_degraded_seqcst).
+    pub(crate) fn degraded_since_seqcst(&self) -> Option<Instant> {
+        match self.decode(self.word.load(Ordering::SeqCst)) {
+            OutageState::Degraded { since } => Some(since),
+            _ => None,
+        }
+    }
+
     /// Follows the outage: `true` while in one.
     pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
         self.mode.subscribe()

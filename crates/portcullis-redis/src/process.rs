@@ -2,7 +2,7 @@
 //! Redis client, instance id, outage), and the outage's start and end.
 
 use crate::config::{OnError, StorageConfig};
-use crate::connection::RedisClient;
+use crate::connection::{RedisClient, RECONNECT_MAX_DELAY};
 use crate::error::StorageError;
 use crate::outage::Outage;
 use portcullis_core::backoff::Backoff;
@@ -109,14 +109,27 @@ impl Process {
     }
 
     /// How long a live process may take to notice that Redis is back and re-register its
-    /// slots: `lease_ttl` (the time within which a live process renews its leases), and at
-    /// least two of the longest retry intervals of any process's recovery loop
-    /// ([`RECOVERY_BACKOFF_CAP`]; the first retry after Redis returns may still fail on the
-    /// old connection) plus one call.
+    /// slots, and at least `lease_ttl` (the time within which a live process renews its
+    /// leases). Its recovery loop retries at least every [`RECOVERY_BACKOFF_CAP`], each try
+    /// bounded by [`heartbeat_timeout`](Self::heartbeat_timeout); the first try after
+    /// Redis returns may still fail (the connection is re-opened after up to
+    /// [`RECONNECT_MAX_DELAY`]), so two waits and two tries, plus that reconnect delay.
     pub(crate) fn recovery_window(&self) -> Duration {
-        self.config
-            .lease_ttl
-            .max(RECOVERY_BACKOFF_CAP * 2 + self.config.timeout)
+        let two_tries = (RECOVERY_BACKOFF_CAP + self.heartbeat_timeout()) * 2;
+        self.config.lease_ttl.max(two_tries + RECONNECT_MAX_DELAY)
+    }
+
+    /// The bound of one heartbeat (or recovery try) of every endpoint.
+    pub(crate) fn heartbeat_timeout(&self) -> Duration {
+        self.config.timeout * 4
+    }
+
+    /// During an `on_error: local` outage: fits every endpoint's fallback limit again (the
+    /// cap for the others' pre-outage requests lifts with time, not with an event).
+    pub(crate) fn refit_fallbacks(&self) {
+        if self.config.on_error == OnError::Local && self.is_degraded() {
+            self.endpoints.fit_fallbacks();
+        }
     }
 
     /// With `on_error: local`, during [`recovery_window`](Self::recovery_window) after an

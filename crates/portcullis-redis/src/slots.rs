@@ -17,7 +17,70 @@
 //! The orderings that hand a slot over between the endpoint's task, its permits and the
 //! outage transitions are `SeqCst` (each method says which side of the hand-over it is).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The span of one [`RecentMax`] epoch: a long request is forgotten one to two epochs
+/// after it ended.
+const HOLD_EPOCH: Duration = Duration::from_secs(10);
+
+/// The largest value recorded in the current or the previous epoch, without a lock.
+///
+/// `current` packs the epoch's index (high 32 bits) and its maximum (low 32 bits);
+/// `previous` is the maximum of the epoch before it. Racing records may lose a value of
+/// the epoch that is just ending, never one of the current epoch.
+#[derive(Debug, Default)]
+struct RecentMax {
+    current: AtomicU64,
+    previous: AtomicU64,
+}
+
+impl RecentMax {
+    fn split(word: u64) -> (u64, u64) {
+        (word >> 32, word & u64::from(u32::MAX))
+    }
+
+    /// Records `value` (clamped to 32 bits) in epoch `epoch`.
+    fn record(&self, epoch: u64, value: u64) {
+        let value = value.min(u64::from(u32::MAX));
+        let mut word = self.current.load(Ordering::Acquire);
+        loop {
+            let (e, max) = Self::split(word);
+            if e > epoch || (e == epoch && max >= value) {
+                return;
+            }
+            let next = (epoch << 32) | value;
+            match self.current.compare_exchange_weak(
+                word,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    if e < epoch {
+                        let carried = if e + 1 == epoch { max } else { 0 };
+                        self.previous.store(carried, Ordering::Release);
+                    }
+                    return;
+                }
+                Err(w) => word = w,
+            }
+        }
+    }
+
+    /// The largest value of epoch `epoch` and the one before it.
+    fn get(&self, epoch: u64) -> u64 {
+        let (e, max) = Self::split(self.current.load(Ordering::Acquire));
+        if e == epoch {
+            max.max(self.previous.load(Ordering::Acquire))
+        } else if e + 1 == epoch {
+            max
+        } else {
+            0
+        }
+    }
+}
 
 /// [`Slots::registered`] after a failed call: the script may or may not have run.
 pub(crate) const UNKNOWN: usize = usize::MAX;
@@ -26,18 +89,21 @@ pub(crate) const UNKNOWN: usize = usize::MAX;
 /// endpoint's capacity `capacity`, while `from_redis` permits Redis granted before the
 /// outage still run and the other processes held `others` slots at the last reply.
 ///
-/// The permits from Redis take their place in the share. While any of them runs, the share
-/// is also capped by what the others left free: a process that held more than its share
-/// when Redis went away still runs those requests, and its peers must not add their whole
-/// share on top. Once this process's own pre-outage requests have ended, the others' (same
-/// endpoint, same backend) are taken to have ended too, and the cap goes.
+/// The permits from Redis take their place in the share. While any of them runs, or while
+/// `peers_may_run` (the others' pre-outage requests may still run: the outage began less
+/// than the longest recent request ago, see [`Slots::longest_recent_hold`]), the share is
+/// also capped by what the others left free: a process that held more than its share when
+/// Redis went away still runs those requests, and its peers must not add their whole share
+/// on top. This process's own requests ending first is not enough to lift the cap: a peer
+/// may have been granted its last ones later.
 pub(crate) fn fallback_limit(
     share: usize,
     capacity: usize,
     from_redis: usize,
     others: usize,
+    peers_may_run: bool,
 ) -> usize {
-    let share = if from_redis > 0 {
+    let share = if from_redis > 0 || peers_may_run {
         share.min(capacity.saturating_sub(others))
     } else {
         share
@@ -66,6 +132,10 @@ pub(crate) struct Slots {
     from_redis: AtomicUsize,
     global: AtomicUsize,
     others: AtomicUsize,
+    /// How long the permits from Redis lasted lately, in ms.
+    holds: RecentMax,
+    /// The origin of the [`holds`](Self::holds) epochs.
+    origin: Instant,
 }
 
 impl Slots {
@@ -77,6 +147,8 @@ impl Slots {
             from_redis: AtomicUsize::new(0),
             global: AtomicUsize::new(0),
             others: AtomicUsize::new(0),
+            holds: RecentMax::default(),
+            origin: Instant::now(),
         }
     }
 
@@ -177,13 +249,34 @@ impl Slots {
     }
 
     /// The fallback limit during an `on_error: local` outage ([`fallback_limit`]) for an
-    /// outage share `share` of `capacity` (`SeqCst` with the outage start and the end of a
-    /// permit from Redis: either the start sees the end, or the end sees the outage and
-    /// fits the limit again).
-    pub(crate) fn fallback_limit(&self, share: usize, capacity: usize) -> usize {
+    /// outage share `share` of `capacity`, in an outage that began at `since` (`SeqCst`
+    /// with the outage start and the end of a permit from Redis: either the start sees the
+    /// end, or the end sees the outage and fits the limit again).
+    pub(crate) fn fallback_limit(&self, share: usize, capacity: usize, since: Instant) -> usize {
         let from_redis = self.from_redis.load(Ordering::SeqCst);
         let others = self.others.load(Ordering::Acquire);
-        fallback_limit(share, capacity, from_redis, others)
+        let now = Instant::now();
+        let peers_may_run = now < since + self.longest_recent_hold(now);
+        fallback_limit(share, capacity, from_redis, others, peers_may_run)
+    }
+
+    fn epoch(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_secs() / HOLD_EPOCH.as_secs()
+    }
+
+    /// A permit from Redis ended after `held` (what [`longest_recent_hold`] follows).
+    ///
+    /// [`longest_recent_hold`]: Self::longest_recent_hold
+    pub(crate) fn hold_ended(&self, held: Duration) {
+        let ms = u64::try_from(held.as_millis()).unwrap_or(u64::MAX);
+        self.holds.record(self.epoch(Instant::now()), ms);
+    }
+
+    /// The longest a permit from Redis lasted in the last 10 to 20 s: how long the
+    /// requests every process was granted before an outage may still run after it began
+    /// (the others' requests go to the same backend as this process's).
+    pub(crate) fn longest_recent_hold(&self, now: Instant) -> Duration {
+        Duration::from_millis(self.holds.get(self.epoch(now)))
     }
 }
 
@@ -194,14 +287,57 @@ mod tests {
     #[test]
     fn fallback_share_counts_the_permits_from_redis_and_the_others() {
         // No permit from Redis: the whole share, whatever the others held.
-        assert_eq!(fallback_limit(5, 10, 0, 10), 5);
+        assert_eq!(fallback_limit(5, 10, 0, 10, false), 5);
         // Two of this process's requests still run: they take their place in the share.
-        assert_eq!(fallback_limit(5, 10, 2, 0), 3);
+        assert_eq!(fallback_limit(5, 10, 2, 0, false), 3);
         // The others held 7 of 10: only 3 were free, and 2 of those are this process's.
-        assert_eq!(fallback_limit(5, 10, 2, 7), 1);
+        assert_eq!(fallback_limit(5, 10, 2, 7, false), 1);
         // More than the share still runs: the fallback stays closed.
-        assert_eq!(fallback_limit(5, 10, 6, 0), 0);
-        assert_eq!(fallback_limit(5, 10, 1, 12), 0);
+        assert_eq!(fallback_limit(5, 10, 6, 0, false), 0);
+        assert_eq!(fallback_limit(5, 10, 1, 12, false), 0);
+        // This process's own requests have ended, but the others' may still run: they
+        // held 7, so only 3 are free.
+        assert_eq!(fallback_limit(5, 10, 0, 7, true), 3);
+        assert_eq!(fallback_limit(5, 10, 0, 12, true), 0);
+    }
+
+    #[test]
+    fn recent_max_keeps_two_epochs() {
+        let m = RecentMax::default();
+        assert_eq!(m.get(0), 0);
+        m.record(0, 40);
+        m.record(0, 30);
+        assert_eq!(m.get(0), 40);
+        m.record(1, 10);
+        assert_eq!(m.get(1), 40, "the previous epoch still counts");
+        assert_eq!(m.get(2), 10, "only the last epoch recorded");
+        assert_eq!(m.get(3), 0, "forgotten");
+        m.record(0, 99);
+        assert_eq!(m.get(1), 40, "a late record of an old epoch is dropped");
+        m.record(5, 7);
+        assert_eq!(m.get(5), 7, "an epoch after a gap carries nothing over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_lasts_the_longest_recent_request_after_the_outage_began() {
+        let s = Slots::new();
+        s.confirmed(0, 7);
+        s.hold_ended(Duration::from_millis(300));
+        let since = Instant::now();
+        assert_eq!(s.longest_recent_hold(since), Duration::from_millis(300));
+        assert_eq!(
+            s.fallback_limit(5, 10, since),
+            3,
+            "the others may still run 7"
+        );
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert_eq!(
+            s.fallback_limit(5, 10, since),
+            5,
+            "their requests have ended"
+        );
+        tokio::time::advance(HOLD_EPOCH * 2).await;
+        assert_eq!(s.longest_recent_hold(Instant::now()), Duration::ZERO);
     }
 
     #[test]
@@ -236,9 +372,16 @@ mod tests {
         s.confirmed(s.held(), 5);
         assert!(!s.out_of_sync());
         // The others' part follows a read: 3 held elsewhere.
-        assert_eq!(s.fallback_limit(10, 10), fallback_limit(10, 10, 2, 3));
+        let since = Instant::now();
+        assert_eq!(
+            s.fallback_limit(10, 10, since),
+            fallback_limit(10, 10, 2, 3, false)
+        );
         s.read_answered(9);
-        assert_eq!(s.fallback_limit(10, 10), fallback_limit(10, 10, 2, 7));
+        assert_eq!(
+            s.fallback_limit(10, 10, since),
+            fallback_limit(10, 10, 2, 7, false)
+        );
     }
 
     #[test]

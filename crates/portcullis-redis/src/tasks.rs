@@ -87,7 +87,7 @@ pub(crate) fn spawn(
 /// the end of the outage.
 async fn heartbeat_loop(process: Arc<Process>, registry: Arc<Registry>, hook: RecoveryHook) {
     let interval = process.config.lease_ttl / 3;
-    let beat_timeout = process.config.timeout * 4;
+    let beat_timeout = process.heartbeat_timeout();
     let mut backoff = process.recovery_backoff().delays();
     loop {
         if process.is_degraded() {
@@ -105,7 +105,10 @@ async fn heartbeat_loop(process: Arc<Process>, registry: Arc<Registry>, hook: Re
                         ep.after_recovery();
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "redis storage still unavailable"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "redis storage still unavailable");
+                    process.refit_fallbacks();
+                }
             }
         } else {
             tokio::select! {
