@@ -18,6 +18,9 @@
 //! HAProxy. The `hyper-bare` target (`bare.rs`) is the smallest hyper server plus hyper-util
 //! client proxy: the cost of the hyper stack alone.
 //! The `gateway-access-log` target is the pure proxy with the JSON access log on.
+//! After the rounds, a constant-rate run (`rate.rs`: oha at one fixed rate for every target,
+//! 70 % of nginx's req/s by default, latency corrected for coordinated omission) reports
+//! p50, p99 and p99.9 under the same offered load (`--rate auto|off|N`; off with `--smoke`).
 //!
 //! Everything binds 127.0.0.1; every process it starts is stopped by pid when the harness ends,
 //! panics or gets SIGINT/SIGTERM; every wait is bounded.
@@ -27,6 +30,7 @@ mod backend;
 mod bare;
 mod procfs;
 mod procs;
+mod rate;
 mod report;
 mod targets;
 mod wrk;
@@ -93,6 +97,14 @@ struct Cli {
     /// Stop measuring (and fail) after this many minutes in total.
     #[arg(long, default_value_t = 15.0)]
     max_minutes: f64,
+    /// The constant-rate latency run after the rounds (oha, latency corrected for coordinated
+    /// omission): `auto` offers 70 % of nginx's req/s at the first connection count, a number
+    /// offers that many req/s, `off` skips it (default `auto`; `off` with --smoke).
+    #[arg(long)]
+    rate: Option<String>,
+    /// Seconds of the constant-rate run per target.
+    #[arg(long, default_value_t = 10)]
+    rate_duration: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,6 +146,33 @@ struct Plan {
     connections: Vec<u32>,
     modes: Vec<Mode>,
     warmup: u64,
+    rate: RatePlan,
+}
+
+/// Whether and at what rate the constant-rate run goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RatePlan {
+    Off,
+    /// [`rate::DEFAULT_SHARE`] of nginx's req/s in this run.
+    Auto,
+    /// This many requests per second.
+    Fixed(f64),
+}
+
+impl RatePlan {
+    fn parse(s: Option<&str>, smoke: bool) -> Result<Self, String> {
+        match s {
+            None if smoke => Ok(Self::Off),
+            None | Some("auto") => Ok(Self::Auto),
+            Some("off") => Ok(Self::Off),
+            Some(n) => match n.parse::<f64>() {
+                Ok(v) if v.is_finite() && v >= 1.0 => Ok(Self::Fixed(v)),
+                _ => Err(format!(
+                    "--rate {n}: expected auto, off or a rate ≥ 1 req/s"
+                )),
+            },
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -165,7 +204,7 @@ fn ms(v: f64) -> Duration {
     Duration::from_secs_f64(if v.is_finite() && v > 0.0 { v } else { 0.0 } / 1000.0)
 }
 
-fn plan(cli: &Cli) -> Plan {
+fn plan(cli: &Cli) -> Result<Plan, String> {
     let smoke = cli.smoke;
     let mut connections =
         cli.connections
@@ -180,14 +219,15 @@ fn plan(cli: &Cli) -> Plan {
         .copied()
         .filter(|m| modes.contains(m))
         .collect();
-    Plan {
+    Ok(Plan {
         smoke,
         duration: cli.duration.unwrap_or(if smoke { 2 } else { 8 }).max(1),
         rounds: cli.rounds.unwrap_or(if smoke { 1 } else { 3 }).max(1),
         connections,
         modes,
         warmup: cli.warmup.unwrap_or(1),
-    }
+        rate: RatePlan::parse(cli.rate.as_deref(), smoke)?,
+    })
 }
 
 /// A running target.
@@ -200,6 +240,19 @@ struct Target {
 }
 
 impl Target {
+    /// The pids of the target's process tree and the URL to load, or why it cannot be
+    /// loaded (it exited).
+    fn load_point(&mut self) -> Result<(Vec<u32>, String), String> {
+        if let Some(status) = self.proc.exited() {
+            return Err(format!(
+                "the target exited ({status}): {}",
+                self.proc.log_tail(5)
+            ));
+        }
+        let pids = procfs::tree(self.proc.pid());
+        Ok((pids, format!("http://127.0.0.1:{}{BENCH_PATH}", self.port)))
+    }
+
     fn sample_rss(&mut self, pids: &[u32]) {
         self.peak_rss_kib = self.peak_rss_kib.max(procfs::rss_kib(pids));
     }
@@ -207,7 +260,7 @@ impl Target {
 
 fn bench(cli: &Cli) -> Result<ExitCode, String> {
     let started = Instant::now();
-    let plan = plan(cli);
+    let plan = plan(cli)?;
     if plan.modes.is_empty() || plan.connections.is_empty() {
         return Err("nothing to measure (empty --modes or --connections)".into());
     }
@@ -418,6 +471,51 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
         }
     }
 
+    // The constant-rate run, at one rate for every target.
+    let mut rate_runs: Vec<rate::RateRun> = Vec::new();
+    if !incomplete {
+        if let Some(offered) = offered_rate(plan.rate, &runs, &plan) {
+            match rate::find_or_install(&root) {
+                Ok(oha) => {
+                    for t in &mut targets {
+                        match drive_rate(t, &oha, offered, &plan, cli.rate_duration, &dir, clk) {
+                            Ok(r) => {
+                                println!(
+                                    "[rate {offered:.0} req/s] {:<18} answered {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99.9 {:>7.2} ms{}",
+                                    t.mode.label(),
+                                    r.oha.rps,
+                                    r.oha.p50_ms,
+                                    r.oha.p99_ms,
+                                    r.oha.p999_ms,
+                                    if r.oha.bad > 0 { format!("  ({} failed)", r.oha.bad) } else { String::new() }
+                                );
+                                if r.oha.requests == 0 || r.oha.bad > r.oha.requests / 100 {
+                                    failed.push(format!(
+                                        "{} at {offered:.0} req/s: {} answers, {} failed",
+                                        t.mode.label(),
+                                        r.oha.requests,
+                                        r.oha.bad
+                                    ));
+                                }
+                                rate_runs.push(r);
+                            }
+                            Err(e) => {
+                                let msg = format!("{} at {offered:.0} req/s: {e}", t.mode.label());
+                                println!("loadbench: {msg}");
+                                failed.push(msg);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("constant-rate run skipped: {e}");
+                    println!("loadbench: {msg}");
+                    notes.push(msg);
+                }
+            }
+        }
+    }
+
     // After the load: peak RSS (VmHWM of the main process), liveness, Redis use.
     let mut peak: BTreeMap<Mode, u64> = BTreeMap::new();
     for t in &mut targets {
@@ -460,8 +558,13 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
     let rows = report::aggregate(&runs, &peak);
     let checks = report::check_targets(&rows, redis_used);
     let table = report::table(&rows);
-    let targets_md = report::targets_markdown(&checks);
+    let mut targets_md = report::targets_markdown(&checks);
+    let rate_md = (!rate_runs.is_empty()).then(|| rate::table(&rate_runs));
+    targets_md.push_str(&rate::target_line(&rate_runs).unwrap_or_default());
     println!("\n{table}\nTargets at -c64:\n{targets_md}");
+    if let Some(t) = &rate_md {
+        println!("\nAt a constant rate (oha, latency corrected):\n{t}");
+    }
     for n in &notes {
         println!("note: {n}");
     }
@@ -480,7 +583,16 @@ fn bench(cli: &Cli) -> Result<ExitCode, String> {
         } else if incomplete || !failed.is_empty() {
             println!("loadbench: not writing BENCHMARKS.md: the run had failures");
         } else {
-            let section = section_markdown(cli, &plan, &table, &targets_md, &notes, &root, elapsed);
+            let section = section_markdown(
+                cli,
+                &plan,
+                &table,
+                rate_md.as_deref(),
+                &targets_md,
+                &notes,
+                &root,
+                elapsed,
+            );
             let path = root.join("BENCHMARKS.md");
             report::write_section(&path, &section)
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -507,14 +619,7 @@ fn drive(
     clk: f64,
     backend_port: u16,
 ) -> Result<Run, String> {
-    if let Some(status) = t.proc.exited() {
-        return Err(format!(
-            "the target exited ({status}): {}",
-            t.proc.log_tail(5)
-        ));
-    }
-    let pids = procfs::tree(t.proc.pid());
-    let url = format!("http://127.0.0.1:{}{BENCH_PATH}", t.port);
+    let (pids, url) = t.load_point()?;
     let mut cmd = Command::new(wrk);
     cmd.arg("-t")
         .arg(threads.clamp(1, conns).to_string())
@@ -529,18 +634,7 @@ fn drive(
     let accepted0 = backends_accepted(backend_port);
     let cpu0 = procfs::cpu_ticks(&pids);
     let mut w = Proc::spawn("wrk", &mut cmd, dir).map_err(|e| format!("cannot run wrk: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(secs + 20);
-    let status = loop {
-        if let Some(s) = w.exited() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            w.stop();
-            return Err("wrk did not finish in time".into());
-        }
-        t.sample_rss(&pids);
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_sampling(t, &pids, &mut w, secs)?;
     let cpu1 = procfs::cpu_ticks(&pids);
     let accepted1 = backends_accepted(backend_port);
     t.sample_rss(&pids);
@@ -559,6 +653,93 @@ fn drive(
         upstream_conns: accepted0
             .zip(accepted1)
             .map(|(a, b)| b.saturating_sub(a).saturating_sub(1)),
+    })
+}
+
+/// Waits for the load tool `load`, due to end after `secs`, sampling the target's RSS every
+/// 100 ms; stops it (an error) when it runs 20 s over.
+fn wait_sampling(
+    t: &mut Target,
+    pids: &[u32],
+    load: &mut Proc,
+    secs: u64,
+) -> Result<std::process::ExitStatus, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs + 20);
+    loop {
+        if let Some(s) = load.exited() {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            load.stop();
+            return Err(format!("{} did not finish in time", load.name()));
+        }
+        t.sample_rss(pids);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The rate of the constant-rate run: fixed, or [`rate::DEFAULT_SHARE`] of nginx's mean
+/// req/s at the first connection count (of the slowest target's when nginx did not run).
+fn offered_rate(rate_plan: RatePlan, runs: &[Run], plan: &Plan) -> Option<f64> {
+    let conns = *plan.connections.first()?;
+    let mean = |mode: Mode| {
+        let rps: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.mode == mode && r.conns == conns)
+            .map(|r| r.wrk.rps)
+            .collect();
+        (!rps.is_empty()).then(|| rps.iter().sum::<f64>() / rps.len() as f64)
+    };
+    match rate_plan {
+        RatePlan::Off => None,
+        RatePlan::Fixed(v) => Some(v),
+        RatePlan::Auto => mean(Mode::Nginx)
+            .or_else(|| {
+                plan.modes
+                    .iter()
+                    .filter_map(|&m| mean(m))
+                    .min_by(f64::total_cmp)
+            })
+            .map(rate::auto_rate),
+    }
+}
+
+/// One constant-rate oha run against `t` at `offered` req/s, measuring the target's CPU.
+fn drive_rate(
+    t: &mut Target,
+    oha: &Path,
+    offered: f64,
+    plan: &Plan,
+    secs: u64,
+    dir: &Path,
+    clk: f64,
+) -> Result<rate::RateRun, String> {
+    let (pids, url) = t.load_point()?;
+    let conns = plan.connections.first().copied().unwrap_or(64);
+    let json_path = dir.join("oha.json");
+    let json = std::fs::File::create(&json_path).map_err(|e| format!("oha.json: {e}"))?;
+    let log = dir.join("oha.log");
+    let err = std::fs::File::create(&log).map_err(|e| format!("oha.log: {e}"))?;
+    let mut cmd = Command::new(oha);
+    cmd.args(rate::args(&url, offered, conns, secs))
+        .stdin(Stdio::null())
+        .stdout(json)
+        .stderr(err);
+    let cpu0 = procfs::cpu_ticks(&pids);
+    let mut o = Proc::spawn_with("oha", &mut cmd, log.clone())
+        .map_err(|e| format!("cannot run oha: {e}"))?;
+    let status = wait_sampling(t, &pids, &mut o, secs)?;
+    let cpu1 = procfs::cpu_ticks(&pids);
+    if !status.success() {
+        let why = std::fs::read_to_string(&log).unwrap_or_default();
+        return Err(format!("oha failed ({status}): {}", why.trim()));
+    }
+    let out = std::fs::read_to_string(&json_path).unwrap_or_default();
+    Ok(rate::RateRun {
+        mode: t.mode,
+        rate: offered,
+        oha: rate::parse(&out)?,
+        cpu_s: cpu1.1.saturating_sub(cpu0.1) as f64 / clk,
     })
 }
 
@@ -1056,10 +1237,12 @@ fn git_commit(root: &Path) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn section_markdown(
     cli: &Cli,
     plan: &Plan,
     table: &str,
+    rate_table: Option<&str>,
     targets_md: &str,
     notes: &[String],
     root: &Path,
@@ -1107,6 +1290,16 @@ fn section_markdown(
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     ));
     s.push_str(table);
+    if let Some(t) = rate_table {
+        s.push_str(&format!(
+            "\nAt one constant rate for every target (oha `-q RATE --latency-correction`, \
+             -c{}, {} s each, after the rounds; latency from each request's scheduled start, so \
+             queueing is counted):\n\n",
+            plan.connections.first().copied().unwrap_or(64),
+            cli.rate_duration
+        ));
+        s.push_str(t);
+    }
     s.push_str("\nThe issue's targets, at -c64:\n\n");
     s.push_str(targets_md);
     if !notes.is_empty() {
@@ -1138,10 +1331,10 @@ mod tests {
     #[test]
     fn smoke_plan_is_short() {
         let cli = Cli::parse_from(["portcullis-loadbench", "--smoke"]);
-        let p = plan(&cli);
+        let p = plan(&cli).unwrap();
         assert_eq!(
-            (p.duration, p.rounds, p.connections.clone()),
-            (2, 1, vec![64])
+            (p.duration, p.rounds, p.connections.clone(), p.rate),
+            (2, 1, vec![64], RatePlan::Off)
         );
         assert_eq!(p.modes.len(), Mode::ALL.len());
         let cli = Cli::parse_from([
@@ -1151,8 +1344,14 @@ mod tests {
             "--connections",
             "64,256",
         ]);
-        let p = plan(&cli);
+        let p = plan(&cli).unwrap();
         assert_eq!(p.modes, vec![Mode::Gateway, Mode::Nginx]);
         assert_eq!((p.duration, p.rounds, p.connections), (8, 3, vec![64, 256]));
+        assert_eq!(p.rate, RatePlan::Auto);
+        let rate = |v: &str| RatePlan::parse(Some(v), false);
+        assert_eq!(rate("off"), Ok(RatePlan::Off));
+        assert_eq!(rate("15000"), Ok(RatePlan::Fixed(15000.0)));
+        assert!(rate("fast").unwrap_err().contains("--rate fast"));
+        assert!(rate("0").is_err());
     }
 }

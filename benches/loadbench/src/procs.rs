@@ -87,6 +87,11 @@ impl Proc {
         })
     }
 
+    /// The name it was spawned with.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The process id.
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
