@@ -13,6 +13,23 @@
 //! the threshold. The in-flight requests are then drained, not abandoned, so the next level
 //! starts on a quiet backend. The verdict is always recomputed from the requests actually
 //! sent, and equals the one the full plan would have given.
+//!
+//! # The latency statistic
+//!
+//! The reference schedules ([`Schedule::Plain`](crate::Schedule::Plain) and
+//! [`Schedule::Adaptive`](crate::Schedule::Adaptive)) compare the nearest-rank p99 with the
+//! threshold. Below 100 samples that p99 *is* the worst sample, so one slow response (a GC
+//! pause, a scheduler hiccup) fails the whole level: the probe once reported 14 for a knee of
+//! 24-28. The gentle schedule ([`Schedule::Gentle`](crate::Schedule::Gentle)) therefore uses
+//! a statistic that is defined for the sample size: the p99 when the level has at least 100
+//! samples, the **second-worst sample** below that (a level of `n` requests fails on latency
+//! when at least `max(2, floor(n / 100) + 1)` of them exceed the threshold; a one-request
+//! level keeps its single sample). A single slow response can therefore never fail a level of
+//! two or more requests. `LevelMeasurement::verdict_latency_ms` is the value compared.
+//!
+//! An error cannot be absorbed the same way on a small level (one error of 9 is 11%, above
+//! any sensible `error_threshold`), so the gentle schedule re-measures, once, a level whose
+//! failure rests on a single error (see the `prober` module).
 
 use crate::target::{ProbeTransport, RequestOutcome};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -27,8 +44,10 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
-    /// Stepping up 1, 2, 4, 8, ...
+    /// Stepping up 1, 2, 4, 8, ... (the reference schedules).
     Doubling,
+    /// Stepping up by at most `probe_growth` per level (the gentle schedule).
+    Growing,
     /// Refining between the last passing and the first failing level.
     Bisecting,
 }
@@ -70,6 +89,11 @@ pub struct LevelMeasurement {
     /// latency: an estimate of the concurrency the endpoint serves without slowing down.
     /// `None` when no baseline was known (level 1).
     pub first_wave_fast: Option<usize>,
+    /// The latency compared with `latency_threshold_ms`: `p99_ms` under the reference
+    /// schedules, and under the gentle one the p99 from 100 samples up and the second-worst
+    /// sample below (see the module docs). Absent (0) in reports written before it existed.
+    #[serde(default)]
+    pub verdict_latency_ms: f64,
 }
 
 impl LevelMeasurement {
@@ -115,11 +139,30 @@ pub(crate) struct LevelPlan {
     pub(crate) early_verdict: bool,
     /// Latency up to which a first-wave success counts as "fast".
     pub(crate) fast_cutoff: Option<Duration>,
+    /// Use the outlier-tolerant latency statistic (see the module docs) instead of the
+    /// nearest-rank p99.
+    pub(crate) tolerant_latency: bool,
 }
 
 /// Requests of `n` that must exceed the threshold for the nearest-rank p99 to exceed it.
 pub(crate) fn slow_needed(n: usize) -> usize {
     n / 100 + 1
+}
+
+/// Requests of `n` that must exceed the threshold to fail a level under the outlier-tolerant
+/// statistic: as many as the p99 needs, and never fewer than two (one for a single sample).
+pub(crate) fn slow_needed_tolerant(n: usize) -> usize {
+    slow_needed(n).max(2).min(n.max(1))
+}
+
+impl LevelPlan {
+    fn slow_needed(&self, n: usize) -> usize {
+        if self.tolerant_latency {
+            slow_needed_tolerant(n)
+        } else {
+            slow_needed(n)
+        }
+    }
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -217,7 +260,7 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
                 .take_while(|t| now.saturating_duration_since(**t) > thr)
                 .count();
             let errors_certain = errors as f64 > plan.error_threshold * planned as f64;
-            let latency_certain = slow_done + slow_inflight >= slow_needed(planned);
+            let latency_certain = slow_done + slow_inflight >= plan.slow_needed(planned);
             if errors_certain || latency_certain {
                 stop_issuing = true;
             }
@@ -231,7 +274,15 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
     let p50 = percentile(&latencies, 0.50);
     let p99 = percentile(&latencies, 0.99);
     let errors_exceeded = error_rate > plan.error_threshold;
-    let latency_exceeded = p99 > thr;
+    // The k-th worst sample, k = the number of slow requests that fails the level: it
+    // exceeds the threshold exactly when at least k samples do.
+    let verdict = if latencies.is_empty() {
+        Duration::ZERO
+    } else {
+        let k = plan.slow_needed(latencies.len());
+        latencies[latencies.len() - k]
+    };
+    let latency_exceeded = verdict > thr;
     let secs = elapsed.as_secs_f64();
     LevelMeasurement {
         level,
@@ -254,6 +305,7 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
         stopped_early: stop_issuing,
         outcomes: outcomes.into_iter().collect(),
         first_wave_fast: plan.fast_cutoff.map(|_| first_wave_fast),
+        verdict_latency_ms: verdict.as_secs_f64() * 1000.0,
     }
 }
 
@@ -282,6 +334,18 @@ mod tests {
                 w.extend(std::iter::repeat_n(ms(100), need - 1));
                 assert_eq!(percentile(&w, 0.99), ms(1), "n={n}");
             }
+        }
+    }
+
+    #[test]
+    fn tolerant_statistic_absorbs_one_outlier() {
+        assert_eq!(slow_needed_tolerant(1), 1);
+        assert_eq!(slow_needed_tolerant(2), 2);
+        assert_eq!(slow_needed_tolerant(32), 2);
+        assert_eq!(slow_needed_tolerant(99), 2);
+        // from 100 samples on it is the p99 itself
+        for n in [100usize, 199, 200, 256, 1000] {
+            assert_eq!(slow_needed_tolerant(n), slow_needed(n), "n={n}");
         }
     }
 }
