@@ -89,6 +89,12 @@ pub struct LevelMeasurement {
     /// latency: an estimate of the concurrency the endpoint serves without slowing down.
     /// `None` when no baseline was known (level 1).
     pub first_wave_fast: Option<usize>,
+    /// Of the first `level` requests, how many succeeded within `latency_threshold_ms`: with
+    /// the whole wave in flight together, that many were served within the thresholds at once
+    /// (the gentle schedule's knee estimate). `None` at level 1; absent (`None`) in reports
+    /// written before it existed.
+    #[serde(default)]
+    pub first_wave_within_threshold: Option<usize>,
     /// The latency compared with `latency_threshold_ms`: `p99_ms` under the reference
     /// schedules, and under the gentle one the p99 from 100 samples up and the second-worst
     /// sample below (see the module docs). Absent (0) in reports written before it existed.
@@ -196,6 +202,7 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
     let mut errors = 0usize;
     let mut slow_done = 0usize;
     let mut first_wave_fast = 0usize;
+    let mut first_wave_ok = 0usize;
     let mut stop_issuing = false;
 
     loop {
@@ -244,6 +251,9 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
                     if let Some(cut) = plan.fast_cutoff {
                         if ok && (id as usize) < level && latency <= cut {
                             first_wave_fast += 1;
+                        }
+                        if ok && (id as usize) < level && latency <= thr {
+                            first_wave_ok += 1;
                         }
                     }
                     *outcomes.entry(outcome.label()).or_default() += 1;
@@ -305,6 +315,7 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
         stopped_early: stop_issuing,
         outcomes: outcomes.into_iter().collect(),
         first_wave_fast: plan.fast_cutoff.map(|_| first_wave_fast),
+        first_wave_within_threshold: plan.fast_cutoff.map(|_| first_wave_ok),
         verdict_latency_ms: verdict.as_secs_f64() * 1000.0,
     }
 }

@@ -25,15 +25,16 @@
 //!
 //!    The first failing level ends the growth.
 //! 3. **Refining.** The failing level `hi`'s wave had `hi` requests in flight together; the
-//!    `e` of them answered successfully within the fast cutoff (`first_wave_fast`) show the
-//!    backend serving `e` at once at near-baseline latency, which is what a passing wave of
-//!    `e` would show. When `lo < e < hi`, `e` is the result and the search ends without
-//!    another level (on a step knee `e` is the knee itself: 100 for K = 100, where the
-//!    growth passed 94 and failed 141). When `e = lo` the result is `lo`. Otherwise (latency
-//!    rose gradually so nothing counted as fast, or noise) the next level is the geometric
-//!    midpoint `sqrt(lo x hi)`, one wave, until `hi <= lo x (1 + tolerance)` or
-//!    `hi = lo + 1`; a failing midpoint's own estimate is used the same way. The result is
-//!    `lo`: a passing level, or a count of requests served fast together.
+//!    `e` of them that succeeded within the latency threshold
+//!    (`first_wave_within_threshold`) show the backend serving `e` at once within the
+//!    thresholds, which is what a passing wave of `e` shows. When `lo < e < hi`, `e` is the
+//!    result and the search ends without another level (on a step knee `e` is the knee
+//!    itself: 100 for K = 100, where the growth passed 94 and failed 141; on a smoothly
+//!    rising one it is where the threshold is crossed). When `e = lo` the result is `lo`.
+//!    Otherwise (noise) the next level is the geometric midpoint `sqrt(lo x hi)`, one wave,
+//!    until `hi <= lo x (1 + tolerance)` or `hi = lo + 1`; a failing midpoint's own estimate
+//!    is used the same way. The result is `lo`: a passing level, or a count of requests
+//!    served within the thresholds together.
 //!
 //! **Peak in-flight.** A level is never more than `probe_growth` times the number of
 //! requests the previous level had answered fast, or one more than the previous level; and
@@ -576,11 +577,11 @@ where
         if h - lo <= 1 || within(lo, h) {
             break;
         }
-        let est = hi_m.first_wave_fast.unwrap_or(0);
+        let est = hi_m.first_wave_within_threshold.unwrap_or(0);
         if est > lo && est < h {
             // The failing wave had `h` requests in flight together, and `est` of them were
-            // answered successfully at near-baseline latency: the backend served `est` at
-            // once, which is what a passing wave of `est` would have shown.
+            // answered successfully within the latency threshold: the backend served `est` at
+            // once within the thresholds, which is what a passing wave of `est` shows.
             lo = est;
             break;
         }
