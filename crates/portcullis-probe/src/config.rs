@@ -40,8 +40,9 @@ pub struct ProbeConfig {
     pub probe_min_requests: usize,
     /// The gentle schedule's largest factor from one level to the next: a level is at most
     /// `floor(probe_growth × n)` where `n` is how many requests the previous level had
-    /// answered at near-baseline latency, which bounds the in-flight requests at the backend
-    /// by `probe_growth × K` for a backend that serves `K` at once. Greater than 1, at most 2.
+    /// answered at near-baseline latency (or 10% above the previous level once latency has
+    /// risen, or one above it), which bounds the in-flight requests at the backend by
+    /// `probe_growth × K` for a backend that serves `K` at once. Greater than 1, at most 2.
     /// Default `1.5`.
     pub probe_growth: f64,
 }

@@ -16,12 +16,12 @@
 //! 2. **Growing.** Every further level is **one wave**: `level` requests sent together, so
 //!    the backend has exactly `level` in flight, and the level ends when they have all
 //!    answered (nothing of one level is still running when the next starts). After a
-//!    passing level `L` with `f` fast responses:
-//!    * if the level was flat (`f >= L - 1`, one slow response tolerated) the next level is
-//!      `max(L + 1, floor(probe_growth x f))` (1, 2, 3, 4, 6, 9, 13, 19, 28, 42, 63, 94,
-//!      141, ... with the default `probe_growth` 1.5);
-//!    * once latency has risen against the baseline (`f < L - 1`) the growth slows to
-//!      `max(L + 1, floor(L x (1 + tolerance)))`.
+//!    passing level `L` with `f` fast responses the next level is
+//!    `max(L + 1, floor(probe_growth x f), floor(L x (1 + tolerance)))`: while latency is flat
+//!    (`f` close to `L`) that is 1.5 x `f` (1, 2, 3, 4, 6, 9, 13, 19, 28, 42, 63, 94, 141, ...
+//!    with the default `probe_growth` 1.5); once latency has risen against the baseline (few
+//!    fast answers) the growth slows to `1 + tolerance` (10%) per level, and a few noisy
+//!    answers only slow it in proportion.
 //!
 //!    The first failing level ends the growth.
 //! 3. **Refining.** The failing level `hi`'s wave had `hi` requests in flight together; the
@@ -37,15 +37,15 @@
 //!    served within the thresholds together.
 //!
 //! **Peak in-flight.** A level is never more than `probe_growth` times the number of
-//! requests the previous level had answered fast, or one more than the previous level; and
-//! levels never overlap. A backend that serves at most `K` requests at once at its baseline
-//! latency (the knee) can answer at most `K` of one wave fast, so no level exceeds
-//! `max(probe_growth x K, K + 2)`: **1.5 x K** for `K >= 4` with the default growth
-//! (refinement levels lie strictly between `lo` and `hi`, so they are smaller still). A
-//! backend whose latency rises smoothly before its thresholds fail is stepped up by
-//! `1 + tolerance` per level from the first slowed level on. (`K + 2` covers the tiny
-//! knees: from level 1 the next level is 2, and a level `K + 1` may pass the error
-//! threshold.) The reference doubling puts up to `2 x` the last passing level in flight:
+//! requests the previous level had answered fast, `1 + tolerance` times the previous
+//! (passing) level, or one more than it; and levels never overlap, so the backend's in-flight
+//! count is the level. A backend that serves at most `K` requests at once at its baseline
+//! latency (the knee) can answer at most `K` of one wave fast, and a wave much above `K`
+//! fails (a one-wave level passes only up to about `1.05 x K`, where 5% of it got 503s), so no
+//! level exceeds `max(probe_growth x K, 1.16 x K, K + 2)`: **1.5 x K** for `K >= 4` with the
+//! defaults (refinement levels lie strictly between `lo` and `hi`, so they are smaller
+//! still). `K + 2` covers the tiny knees: from level 1 the next level is 2, and a level
+//! `K + 1` may pass the error threshold. The reference doubling puts up to `2 x` the last passing level in flight:
 //! 2.56 x K for K = 100 (it steps from 128 to 256).
 //!
 //! **Requests.** One wave per level instead of two rounds, no `probe_min_requests` floor past
@@ -554,13 +554,10 @@ where
     let mut lo_fast = 1usize;
     let mut hi: Option<(usize, LevelMeasurement)> = None;
     while lo < max {
-        let flat = lo_fast + 1 >= lo;
-        let next = if flat {
-            (growth * lo_fast as f64).floor() as usize
-        } else {
-            (lo as f64 * (1.0 + tolerance)).floor() as usize
-        };
-        let next = next.max(lo + 1).min(max);
+        // `growth x` the fast answers while latency is flat; `1 + tolerance` once it rose.
+        let by_fast = (growth * lo_fast as f64).floor() as usize;
+        let by_level = (lo as f64 * (1.0 + tolerance)).floor() as usize;
+        let next = by_fast.max(by_level).max(lo + 1).min(max);
         let m = measure_wave(transport, wave(next, Phase::Growing), levels, on_event).await;
         if m.passed {
             lo = next;
