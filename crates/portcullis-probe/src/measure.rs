@@ -1,8 +1,9 @@
 //! Measuring one concurrency level.
 //!
-//! A level `L` is *planned* at `max(probe_min_requests, 2 * L)` requests. `L` requests are
-//! kept in flight continuously (a new one starts as soon as one finishes) until the plan is
-//! sent, then the level waits for the last responses. Error rate counts non-2xx responses,
+//! Under the reference schedules a level `L` is *planned* at `max(probe_min_requests, 2 * L)`
+//! requests; under the gentle one at `L` (one wave), except the level-1 baseline at
+//! `probe_min_requests`. `L` requests are kept in flight continuously (a new one starts as
+//! soon as one finishes) until the plan is sent, then the level waits for the last responses. Error rate counts non-2xx responses,
 //! timeouts and transport errors; p50/p99 are nearest-rank percentiles over every request;
 //! requests/s is completed requests over the level's wall time.
 //!
@@ -59,7 +60,8 @@ pub struct LevelMeasurement {
     pub level: usize,
     /// Part of the search this level belongs to.
     pub phase: Phase,
-    /// Requests planned: `max(probe_min_requests, 2 * level)`.
+    /// Requests planned: `max(probe_min_requests, 2 * level)` under the reference schedules,
+    /// `level` (one wave) under the gentle one past its baseline.
     pub planned: usize,
     /// Requests sent (all of them completed or timed out).
     pub requests: usize,
@@ -69,7 +71,8 @@ pub struct LevelMeasurement {
     pub error_rate: f64,
     /// Median latency in milliseconds.
     pub p50_ms: f64,
-    /// 99th-percentile latency in milliseconds.
+    /// 99th-percentile latency in milliseconds (nearest rank; below 100 samples the worst
+    /// one). The gentle schedule judges `verdict_latency_ms` instead.
     pub p99_ms: f64,
     /// Completed requests per second of the level's wall time.
     pub rps: f64,
@@ -77,7 +80,7 @@ pub struct LevelMeasurement {
     pub elapsed_secs: f64,
     /// `error_rate` was above `error_threshold`.
     pub errors_exceeded: bool,
-    /// `p99_ms` was above `latency_threshold_ms`.
+    /// The latency statistic (`verdict_latency_ms`) was above `latency_threshold_ms`.
     pub latency_exceeded: bool,
     /// Neither threshold was exceeded.
     pub passed: bool,
@@ -114,10 +117,14 @@ impl LevelMeasurement {
             ));
         }
         if self.latency_exceeded {
-            parts.push(format!(
-                "p99 {:.1} ms > {} ms",
-                self.p99_ms, latency_threshold_ms
-            ));
+            // The statistic the verdict compared (see the module docs).
+            let (name, ms) =
+                if self.verdict_latency_ms > 0.0 && self.verdict_latency_ms != self.p99_ms {
+                    ("second-worst latency", self.verdict_latency_ms)
+                } else {
+                    ("p99", self.p99_ms)
+                };
+            parts.push(format!("{name} {ms:.1} ms > {latency_threshold_ms} ms"));
         }
         parts.join(", ")
     }
