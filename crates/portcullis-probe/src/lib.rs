@@ -68,7 +68,9 @@ pub use config::{InvalidProbeConfig, ProbeConfig, MAX_PROBE_CONCURRENCY, MAX_PRO
 pub use error::ProbeError;
 pub use measure::{LevelMeasurement, Phase};
 pub use prober::{ProbeBound, ProbeEvent, ProbeReport, Prober, Schedule};
-pub use target::{HttpTransport, ProbeTarget, ProbeTransport, RequestOutcome, SendFuture};
+pub use target::{
+    HttpTransport, PrepareFuture, ProbeTarget, ProbeTransport, RequestOutcome, SendFuture,
+};
 
 #[cfg(test)]
 mod sim_tests;

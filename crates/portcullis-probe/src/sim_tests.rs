@@ -404,6 +404,36 @@ async fn one_outlier_does_not_fail_a_level() {
     assert!(r.max_concurrency < 16, "{}", r.table());
 }
 
+/// A step latency knee hit at `K + 1` (the gentle levels 1, 2, 3, 4, 6, 9, 13 reach 6, 9 and
+/// 13 for K = 5, 8 and 12): that wave has exactly one slow response, which the statistic
+/// excuses, so the level is measured again and the second slow response fails it. Without
+/// that, K + 1 passed and K = 5 found 6 (20% off).
+#[tokio::test(start_paused = true)]
+async fn a_level_one_past_a_latency_knee_fails_on_its_second_wave() {
+    for knee in [5, 8, 12] {
+        let sim = Sim::new(knee, Past::Slow(Duration::from_millis(500)));
+        let r = run(&sim, Schedule::default()).await;
+        assert_eq!(r.max_concurrency, knee, "{}", r.table());
+        let twice: Vec<_> = r.levels.iter().filter(|m| m.level == knee + 1).collect();
+        assert_eq!(twice.len(), 2, "{}", r.table());
+        assert!(twice[0].passed && !twice[1].passed, "{}", r.table());
+        assert!(twice[1].latency_exceeded, "{}", r.table());
+        assert!(
+            sim.max_seen.load(Ordering::SeqCst) as f64 <= 1.5 * knee as f64,
+            "{}",
+            r.table()
+        );
+    }
+    // a transient slow response at a level below the knee is measured again and passes
+    let mut sim = Sim::new(24, Past::Slow(Duration::from_millis(500)));
+    sim.outlier = Some((9, Outlier::Slow(Duration::from_secs(1))));
+    let r = run(&sim, Schedule::default()).await;
+    let nines: Vec<_> = r.levels.iter().filter(|m| m.level == 9).collect();
+    assert_eq!(nines.len(), 2, "{}", r.table());
+    assert!(nines.iter().all(|m| m.passed), "{}", r.table());
+    assert_eq!(r.max_concurrency, 24, "{}", r.table());
+}
+
 /// The slow-growth branch: a backend whose latency rises smoothly with concurrency (no step)
 /// is stepped up by `1 + tolerance` once latency has doubled, and the result still lands
 /// within 10% of where the latency threshold is crossed.

@@ -193,8 +193,20 @@ async fn never_exceeds_max_probe_concurrency() {
         .await
         .unwrap();
     assert_eq!(r.max_concurrency, 12);
+    // The gentle levels depend on how many answers came back fast (timing), so what is
+    // asserted is the schedule's rule: each level at most 1.5 x the one before (and one
+    // more than it at least), the last one at the cap, none above it.
     let levels: Vec<_> = r.levels.iter().map(|m| m.level).collect();
-    assert_eq!(levels, [1, 2, 3, 4, 6, 9, 12]);
+    assert_eq!(levels.first(), Some(&1), "{levels:?}");
+    assert_eq!(levels.last(), Some(&12), "{levels:?}");
+    for pair in levels.windows(2) {
+        assert!(pair[1] > pair[0], "{levels:?}");
+        assert!(
+            pair[1] as f64 <= 1.5 * pair[0] as f64 || pair[1] == pair[0] + 1,
+            "{levels:?}"
+        );
+    }
+    assert!(levels.iter().all(|&l| l <= 12), "{levels:?}");
     assert!(backend.counters.max_inflight.load(Ordering::SeqCst) <= 12);
     // the reference doubling, likewise capped
     let r = p
