@@ -46,6 +46,11 @@
 //!    is used the same way. The result is `lo`: a passing level, or a count of requests
 //!    served within the thresholds together.
 //!
+//!    A passing wave that had errors (within `error_threshold`) counts for the requests it
+//!    served, not for its size: on a 503 knee at 100 a wave of 103 passes with 3 errors
+//!    (2.9%), and sets `lo` to 100, so the probe is exact on a 503 knee (it reported 103
+//!    once, then spent 3 more waves bisecting above it).
+//!
 //! **Peak in-flight.** A level is never more than `probe_growth` times the number of
 //! requests the previous level had answered fast, `1 + tolerance` times the previous
 //! (passing) level, or one more than it; and levels never overlap, so the backend's in-flight
@@ -585,7 +590,7 @@ where
         let next = by_fast.max(by_level).max(lo + 1).min(max);
         let m = measure_wave(transport, wave(next, Phase::Growing), levels, on_event).await;
         if m.passed {
-            lo = next;
+            lo = lo.max(credited(next, &m));
             lo_fast = m.first_wave_fast.unwrap_or(0);
         } else {
             hi = Some((next, m));
@@ -614,12 +619,24 @@ where
         let p = (((lo as f64) * (h as f64)).sqrt().round() as usize).clamp(lo + 1, h - 1);
         let m = measure_wave(transport, wave(p, Phase::Bisecting), levels, on_event).await;
         if m.passed {
-            lo = p;
+            lo = lo.max(credited(p, &m));
         } else {
             hi = Some((p, m));
         }
     }
     (lo, hi)
+}
+
+/// What a passing wave of `level` shows the backend serves: `level`, or when some of its
+/// requests failed (within the error threshold), the ones that succeeded within the latency
+/// threshold, all in flight together. On a 503 knee at 100 a wave of 103 passes with 3 errors
+/// (2.9% < 5%), and serving 103 at once is what it did not do.
+fn credited(level: usize, m: &LevelMeasurement) -> usize {
+    if m.errors == 0 {
+        return level;
+    }
+    m.first_wave_within_threshold
+        .map_or(level, |ok| ok.min(level))
 }
 
 /// Measures one gentle wave, once more when its verdict rests on a single sample (see the

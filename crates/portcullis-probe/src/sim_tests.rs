@@ -434,6 +434,20 @@ async fn a_level_one_past_a_latency_knee_fails_on_its_second_wave() {
     assert_eq!(r.max_concurrency, 24, "{}", r.table());
 }
 
+/// A wave just past a 503 knee passes on the error threshold (94 in flight at K = 90: 4
+/// errors, 4.3% < 5%; 63 at K = 60: 4.8%) but counts for the requests it served, so the
+/// probe stays exact on a 503 knee instead of reporting the wave's size.
+#[tokio::test(start_paused = true)]
+async fn a_passing_wave_with_errors_counts_for_what_it_served() {
+    for (knee, wave) in [(90, 94), (60, 63)] {
+        let sim = Sim::new(knee, Past::Unavailable);
+        let r = run(&sim, Schedule::default()).await;
+        let m = r.levels.iter().find(|m| m.level == wave).unwrap();
+        assert!(m.passed && m.errors > 0, "{}", r.table());
+        assert_eq!(r.max_concurrency, knee, "{}", r.table());
+    }
+}
+
 /// The slow-growth branch: a backend whose latency rises smoothly with concurrency (no step)
 /// is stepped up by `1 + tolerance` once latency has doubled, and the result still lands
 /// within 10% of where the latency threshold is crossed.
