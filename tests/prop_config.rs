@@ -47,6 +47,7 @@ const KEYS: &[&str] = &[
     "latency_threshold_ms",
     "max_probe_concurrency",
     "probe_min_requests",
+    "probe_growth",
     "fallback",
     "ui",
     "health_server",

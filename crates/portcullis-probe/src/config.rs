@@ -34,8 +34,17 @@ pub struct ProbeConfig {
     /// Upper bound of the probed concurrency; never exceeded. Default `1024`.
     pub max_probe_concurrency: usize,
     /// Minimum requests per level (a level also sends at least two rounds of itself).
-    /// Default `32`.
+    /// Default `32`. Under the gentle schedule (the default) this is the size of the
+    /// level-1 baseline; the other levels send one wave of `level` requests (see
+    /// [`Schedule::Gentle`](crate::Schedule::Gentle)).
     pub probe_min_requests: usize,
+    /// The gentle schedule's largest factor from one level to the next: a level is at most
+    /// `floor(probe_growth × n)` where `n` is how many requests the previous level had
+    /// answered at near-baseline latency (or 10% above the previous level once latency has
+    /// risen, or one above it), which bounds the in-flight requests at the backend by
+    /// `probe_growth × K` for a backend that serves `K` at once. Greater than 1, at most 2.
+    /// Default `1.5`.
+    pub probe_growth: f64,
 }
 
 impl Default for ProbeConfig {
@@ -47,6 +56,7 @@ impl Default for ProbeConfig {
             latency_threshold_ms: 2000.0,
             max_probe_concurrency: 1024,
             probe_min_requests: 32,
+            probe_growth: 1.5,
         }
     }
 }
@@ -89,6 +99,15 @@ impl ProbeConfig {
                 format!(
                     "must be between 1 and {MAX_PROBE_MIN_REQUESTS}, got {}",
                     self.probe_min_requests
+                ),
+            ));
+        }
+        if !(self.probe_growth.is_finite() && self.probe_growth > 1.0 && self.probe_growth <= 2.0) {
+            return Err(ConfigError::new(
+                "probe_growth",
+                format!(
+                    "must be a factor greater than 1 and at most 2, got {}",
+                    self.probe_growth
                 ),
             ));
         }
@@ -165,6 +184,27 @@ mod tests {
                     ..Default::default()
                 },
                 "probe_min_requests",
+            ),
+            (
+                ProbeConfig {
+                    probe_growth: 1.0,
+                    ..Default::default()
+                },
+                "probe_growth",
+            ),
+            (
+                ProbeConfig {
+                    probe_growth: 2.5,
+                    ..Default::default()
+                },
+                "probe_growth",
+            ),
+            (
+                ProbeConfig {
+                    probe_growth: f64::NAN,
+                    ..Default::default()
+                },
+                "probe_growth",
             ),
         ];
         for (cfg, field) in bad {

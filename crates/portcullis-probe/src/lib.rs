@@ -1,22 +1,28 @@
 //! Throughput probing: finds how many concurrent requests an endpoint can take.
 //!
-//! The [`Prober`] follows the throughput-probing scheme of `fastapi-balancer` (the project's
-//! reference behaviour): it steps the concurrency up 1, 2, 4, 8, ... up to
-//! `max_probe_concurrency`, measures each level's error rate, p99 latency and requests/s, stops
-//! at the first level exceeding `error_threshold` or `latency_threshold_ms`, and searches
-//! between the last passing and the first failing level. The highest passing level is the
-//! endpoint's `max_concurrency`, used as its admission `capacity`.
+//! The [`Prober`] steps the concurrency up, measures each level's error rate, latency and
+//! requests/s, stops at the first level exceeding `error_threshold` or
+//! `latency_threshold_ms`, and settles between the last passing and the first failing level.
+//! The result is the endpoint's `max_concurrency`, used as its admission `capacity`. Level 1
+//! is the baseline (`probe_min_requests` requests, one at a time): when it already fails, the
+//! endpoint is down or misconfigured and the probe aborts with
+//! [`ProbeError::FirstLevelFailed`], listing the status codes and errors seen.
 //!
-//! A level `L` sends at least `probe_min_requests` requests and at least two rounds of
-//! itself, keeping `L` requests in flight continuously (see [`LevelMeasurement`]). Level 1 is
-//! the baseline: when it already fails, the endpoint is down or misconfigured and the probe
-//! aborts with [`ProbeError::FirstLevelFailed`], listing the status codes and errors seen.
+//! Three schedules (see [`Schedule`] and the `prober` module docs):
 //!
-//! Two schedules (see [`Schedule`]): [`Schedule::Plain`] is the reference doubling-then-bisect
-//! search to an exact answer; [`Schedule::Adaptive`] (the default) reaches a result within
-//! 10% of the knee with fewer requests and less wall time, by stopping failing levels as soon
-//! as their verdict is certain, probing a knee estimate taken from the latency growth relative
-//! to level 1, and bisecting geometrically. `BENCHMARKS.md` compares them.
+//! * [`Schedule::Gentle`] (the default) sends every level as one wave of `level` requests and
+//!   grows by at most `probe_growth` (1.5) times the previous level's near-baseline answers
+//!   (1, 2, 3, 4, 6, 9, 13, ...), so a backend with a knee at K never has more than 1.5 x K
+//!   requests in flight; the failing wave's own successes estimate the knee, which usually
+//!   ends the search there. Its latency statistic is the p99 from 100 samples up and the
+//!   second-worst sample below, so one slow response does not fail a level, and a level whose
+//!   failure rests on one error is measured once more. About half the requests of the others.
+//! * [`Schedule::Adaptive`] (the default before) and [`Schedule::Plain`] follow the
+//!   throughput-probing scheme of `fastapi-balancer` (the project's reference behaviour):
+//!   1, 2, 4, 8, ... with `max(probe_min_requests, 2 x level)` requests per level, then an
+//!   adaptive (estimate, geometric bisection, 10% tolerance) or plain binary search.
+//!
+//! `BENCHMARKS.md` compares them.
 //!
 //! Probing never exceeds `max_probe_concurrency` requests in flight, applies the request
 //! timeout (the gateway's `upstream_timeout`) to every request, uses one pooled `hyper-util`
@@ -62,7 +68,9 @@ pub use config::{InvalidProbeConfig, ProbeConfig, MAX_PROBE_CONCURRENCY, MAX_PRO
 pub use error::ProbeError;
 pub use measure::{LevelMeasurement, Phase};
 pub use prober::{ProbeBound, ProbeEvent, ProbeReport, Prober, Schedule};
-pub use target::{HttpTransport, ProbeTarget, ProbeTransport, RequestOutcome, SendFuture};
+pub use target::{
+    HttpTransport, PrepareFuture, ProbeTarget, ProbeTransport, RequestOutcome, SendFuture,
+};
 
 #[cfg(test)]
 mod sim_tests;

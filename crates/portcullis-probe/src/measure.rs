@@ -1,8 +1,9 @@
 //! Measuring one concurrency level.
 //!
-//! A level `L` is *planned* at `max(probe_min_requests, 2 * L)` requests. `L` requests are
-//! kept in flight continuously (a new one starts as soon as one finishes) until the plan is
-//! sent, then the level waits for the last responses. Error rate counts non-2xx responses,
+//! Under the reference schedules a level `L` is *planned* at `max(probe_min_requests, 2 * L)`
+//! requests; under the gentle one at `L` (one wave), except the level-1 baseline at
+//! `probe_min_requests`. `L` requests are kept in flight continuously (a new one starts as
+//! soon as one finishes) until the plan is sent, then the level waits for the last responses. Error rate counts non-2xx responses,
 //! timeouts and transport errors; p50/p99 are nearest-rank percentiles over every request;
 //! requests/s is completed requests over the level's wall time.
 //!
@@ -13,6 +14,23 @@
 //! the threshold. The in-flight requests are then drained, not abandoned, so the next level
 //! starts on a quiet backend. The verdict is always recomputed from the requests actually
 //! sent, and equals the one the full plan would have given.
+//!
+//! # The latency statistic
+//!
+//! The reference schedules ([`Schedule::Plain`](crate::Schedule::Plain) and
+//! [`Schedule::Adaptive`](crate::Schedule::Adaptive)) compare the nearest-rank p99 with the
+//! threshold. Below 100 samples that p99 *is* the worst sample, so one slow response (a GC
+//! pause, a scheduler hiccup) fails the whole level: the probe once reported 14 for a knee of
+//! 24-28. The gentle schedule ([`Schedule::Gentle`](crate::Schedule::Gentle)) therefore uses
+//! a statistic that is defined for the sample size: the p99 when the level has at least 100
+//! samples, the **second-worst sample** below that (a level of `n` requests fails on latency
+//! when at least `max(2, floor(n / 100) + 1)` of them exceed the threshold; a one-request
+//! level keeps its single sample). A single slow response can therefore never fail a level of
+//! two or more requests. `LevelMeasurement::verdict_latency_ms` is the value compared.
+//!
+//! An error cannot be absorbed the same way on a small level (one error of 9 is 11%, above
+//! any sensible `error_threshold`), so the gentle schedule re-measures, once, a level whose
+//! failure rests on a single error (see the `prober` module).
 
 use crate::target::{ProbeTransport, RequestOutcome};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -27,8 +45,10 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
-    /// Stepping up 1, 2, 4, 8, ...
+    /// Stepping up 1, 2, 4, 8, ... (the reference schedules).
     Doubling,
+    /// Stepping up by at most `probe_growth` per level (the gentle schedule).
+    Growing,
     /// Refining between the last passing and the first failing level.
     Bisecting,
 }
@@ -40,7 +60,8 @@ pub struct LevelMeasurement {
     pub level: usize,
     /// Part of the search this level belongs to.
     pub phase: Phase,
-    /// Requests planned: `max(probe_min_requests, 2 * level)`.
+    /// Requests planned: `max(probe_min_requests, 2 * level)` under the reference schedules,
+    /// `level` (one wave) under the gentle one past its baseline.
     pub planned: usize,
     /// Requests sent (all of them completed or timed out).
     pub requests: usize,
@@ -50,7 +71,8 @@ pub struct LevelMeasurement {
     pub error_rate: f64,
     /// Median latency in milliseconds.
     pub p50_ms: f64,
-    /// 99th-percentile latency in milliseconds.
+    /// 99th-percentile latency in milliseconds (nearest rank; below 100 samples the worst
+    /// one). The gentle schedule judges `verdict_latency_ms` instead.
     pub p99_ms: f64,
     /// Completed requests per second of the level's wall time.
     pub rps: f64,
@@ -58,7 +80,7 @@ pub struct LevelMeasurement {
     pub elapsed_secs: f64,
     /// `error_rate` was above `error_threshold`.
     pub errors_exceeded: bool,
-    /// `p99_ms` was above `latency_threshold_ms`.
+    /// The latency statistic (`verdict_latency_ms`) was above `latency_threshold_ms`.
     pub latency_exceeded: bool,
     /// Neither threshold was exceeded.
     pub passed: bool,
@@ -70,6 +92,17 @@ pub struct LevelMeasurement {
     /// latency: an estimate of the concurrency the endpoint serves without slowing down.
     /// `None` when no baseline was known (level 1).
     pub first_wave_fast: Option<usize>,
+    /// Of the first `level` requests, how many succeeded within `latency_threshold_ms`: with
+    /// the whole wave in flight together, that many were served within the thresholds at once
+    /// (the gentle schedule's knee estimate). `None` at level 1; absent (`None`) in reports
+    /// written before it existed.
+    #[serde(default)]
+    pub first_wave_within_threshold: Option<usize>,
+    /// The latency compared with `latency_threshold_ms`: `p99_ms` under the reference
+    /// schedules, and under the gentle one the p99 from 100 samples up and the second-worst
+    /// sample below (see the module docs). Absent (0) in reports written before it existed.
+    #[serde(default)]
+    pub verdict_latency_ms: f64,
 }
 
 impl LevelMeasurement {
@@ -84,10 +117,14 @@ impl LevelMeasurement {
             ));
         }
         if self.latency_exceeded {
-            parts.push(format!(
-                "p99 {:.1} ms > {} ms",
-                self.p99_ms, latency_threshold_ms
-            ));
+            // The statistic the verdict compared (see the module docs).
+            let (name, ms) =
+                if self.verdict_latency_ms > 0.0 && self.verdict_latency_ms != self.p99_ms {
+                    ("second-worst latency", self.verdict_latency_ms)
+                } else {
+                    ("p99", self.p99_ms)
+                };
+            parts.push(format!("{name} {ms:.1} ms > {latency_threshold_ms} ms"));
         }
         parts.join(", ")
     }
@@ -115,11 +152,30 @@ pub(crate) struct LevelPlan {
     pub(crate) early_verdict: bool,
     /// Latency up to which a first-wave success counts as "fast".
     pub(crate) fast_cutoff: Option<Duration>,
+    /// Use the outlier-tolerant latency statistic (see the module docs) instead of the
+    /// nearest-rank p99.
+    pub(crate) tolerant_latency: bool,
 }
 
 /// Requests of `n` that must exceed the threshold for the nearest-rank p99 to exceed it.
 pub(crate) fn slow_needed(n: usize) -> usize {
     n / 100 + 1
+}
+
+/// Requests of `n` that must exceed the threshold to fail a level under the outlier-tolerant
+/// statistic: as many as the p99 needs, and never fewer than two (one for a single sample).
+pub(crate) fn slow_needed_tolerant(n: usize) -> usize {
+    slow_needed(n).max(2).min(n.max(1))
+}
+
+impl LevelPlan {
+    fn slow_needed(&self, n: usize) -> usize {
+        if self.tolerant_latency {
+            slow_needed_tolerant(n)
+        } else {
+            slow_needed(n)
+        }
+    }
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -153,6 +209,7 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
     let mut errors = 0usize;
     let mut slow_done = 0usize;
     let mut first_wave_fast = 0usize;
+    let mut first_wave_ok = 0usize;
     let mut stop_issuing = false;
 
     loop {
@@ -202,6 +259,9 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
                         if ok && (id as usize) < level && latency <= cut {
                             first_wave_fast += 1;
                         }
+                        if ok && (id as usize) < level && latency <= thr {
+                            first_wave_ok += 1;
+                        }
                     }
                     *outcomes.entry(outcome.label()).or_default() += 1;
                     latencies.push(latency);
@@ -217,7 +277,7 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
                 .take_while(|t| now.saturating_duration_since(**t) > thr)
                 .count();
             let errors_certain = errors as f64 > plan.error_threshold * planned as f64;
-            let latency_certain = slow_done + slow_inflight >= slow_needed(planned);
+            let latency_certain = slow_done + slow_inflight >= plan.slow_needed(planned);
             if errors_certain || latency_certain {
                 stop_issuing = true;
             }
@@ -231,7 +291,15 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
     let p50 = percentile(&latencies, 0.50);
     let p99 = percentile(&latencies, 0.99);
     let errors_exceeded = error_rate > plan.error_threshold;
-    let latency_exceeded = p99 > thr;
+    // The k-th worst sample, k = the number of slow requests that fails the level: it
+    // exceeds the threshold exactly when at least k samples do.
+    let verdict = if latencies.is_empty() {
+        Duration::ZERO
+    } else {
+        let k = plan.slow_needed(latencies.len());
+        latencies[latencies.len() - k]
+    };
+    let latency_exceeded = verdict > thr;
     let secs = elapsed.as_secs_f64();
     LevelMeasurement {
         level,
@@ -254,6 +322,8 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
         stopped_early: stop_issuing,
         outcomes: outcomes.into_iter().collect(),
         first_wave_fast: plan.fast_cutoff.map(|_| first_wave_fast),
+        first_wave_within_threshold: plan.fast_cutoff.map(|_| first_wave_ok),
+        verdict_latency_ms: verdict.as_secs_f64() * 1000.0,
     }
 }
 
@@ -282,6 +352,18 @@ mod tests {
                 w.extend(std::iter::repeat_n(ms(100), need - 1));
                 assert_eq!(percentile(&w, 0.99), ms(1), "n={n}");
             }
+        }
+    }
+
+    #[test]
+    fn tolerant_statistic_absorbs_one_outlier() {
+        assert_eq!(slow_needed_tolerant(1), 1);
+        assert_eq!(slow_needed_tolerant(2), 2);
+        assert_eq!(slow_needed_tolerant(32), 2);
+        assert_eq!(slow_needed_tolerant(99), 2);
+        // from 100 samples on it is the p99 itself
+        for n in [100usize, 199, 200, 256, 1000] {
+            assert_eq!(slow_needed_tolerant(n), slow_needed(n), "n={n}");
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::*;
 use http::StatusCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +15,23 @@ enum Past {
     Unavailable,
 }
 
+/// One odd response, injected the first time the backend has a given number in flight.
+#[derive(Clone, Copy)]
+enum Outlier {
+    /// That request takes this long (past any latency threshold).
+    Slow(Duration),
+    /// That request gets a 503.
+    Error,
+}
+
 struct Sim {
     knee: usize,
     base: Duration,
     past: Past,
+    /// `(in flight, what)`: the first request that arrives with exactly that many in flight
+    /// (itself included) gets the outlier.
+    outlier: Option<(usize, Outlier)>,
+    outlier_done: Arc<AtomicBool>,
     inflight: Arc<AtomicUsize>,
     max_seen: Arc<AtomicUsize>,
     started: Arc<AtomicUsize>,
@@ -30,6 +43,8 @@ impl Sim {
             knee,
             base: Duration::from_millis(20),
             past,
+            outlier: None,
+            outlier_done: Arc::default(),
             inflight: Arc::default(),
             max_seen: Arc::default(),
             started: Arc::default(),
@@ -46,7 +61,8 @@ impl Drop for Dec {
 
 impl ProbeTransport for Sim {
     fn send(&self) -> SendFuture {
-        let (knee, base, past) = (self.knee, self.base, self.past);
+        let (knee, base, past, outlier) = (self.knee, self.base, self.past, self.outlier);
+        let outlier_done = self.outlier_done.clone();
         let (inflight, max_seen, started) = (
             self.inflight.clone(),
             self.max_seen.clone(),
@@ -57,6 +73,17 @@ impl ProbeTransport for Sim {
             let now = inflight.fetch_add(1, Ordering::SeqCst) + 1;
             let _dec = Dec(inflight);
             max_seen.fetch_max(now, Ordering::SeqCst);
+            if let Some((at, what)) = outlier {
+                if now == at && !outlier_done.swap(true, Ordering::SeqCst) {
+                    match what {
+                        Outlier::Slow(d) => tokio::time::sleep(d).await,
+                        Outlier::Error => {
+                            return RequestOutcome::Status(StatusCode::SERVICE_UNAVAILABLE)
+                        }
+                    }
+                    return RequestOutcome::Status(StatusCode::OK);
+                }
+            }
             match past {
                 Past::Slow(penalty) if now > knee => tokio::time::sleep(base + penalty).await,
                 Past::Unavailable if now > knee => {
@@ -88,6 +115,9 @@ async fn run(sim: &Sim, schedule: Schedule) -> ProbeReport {
         .await
         .unwrap()
 }
+
+/// Today's default before the gentle schedule.
+const ADAPTIVE: Schedule = Schedule::Adaptive { tolerance: 0.1 };
 
 fn within_10_percent(found: usize, knee: usize) -> bool {
     (found as f64 - knee as f64).abs() <= knee as f64 * 0.1
@@ -153,27 +183,38 @@ async fn bound_reports_latency_or_errors() {
 
 #[tokio::test(start_paused = true)]
 async fn never_exceeds_max_probe_concurrency() {
-    let sim = Sim::new(10_000, Past::Unavailable);
-    let prober = Prober::new(ProbeConfig {
-        max_probe_concurrency: 50,
-        ..config()
-    });
-    let r = prober.probe_transport(&sim, |_| {}).await.unwrap();
-    assert_eq!(r.max_concurrency, 50);
-    assert_eq!(r.bound, ProbeBound::MaxConcurrency);
-    let levels: Vec<_> = r.levels.iter().map(|m| m.level).collect();
-    assert_eq!(levels, [1, 2, 4, 8, 16, 32, 50]);
-    assert_eq!(sim.max_seen.load(Ordering::SeqCst), 50);
+    for (schedule, expected) in [
+        (ADAPTIVE, &[1, 2, 4, 8, 16, 32, 50][..]),
+        (
+            Schedule::default(),
+            &[1, 2, 3, 4, 6, 9, 13, 19, 28, 42, 50][..],
+        ),
+    ] {
+        let sim = Sim::new(10_000, Past::Unavailable);
+        let prober = Prober::new(ProbeConfig {
+            max_probe_concurrency: 50,
+            ..config()
+        })
+        .with_schedule(schedule);
+        let r = prober.probe_transport(&sim, |_| {}).await.unwrap();
+        assert_eq!(r.max_concurrency, 50);
+        assert_eq!(r.bound, ProbeBound::MaxConcurrency);
+        let levels: Vec<_> = r.levels.iter().map(|m| m.level).collect();
+        assert_eq!(levels, expected);
+        assert_eq!(sim.max_seen.load(Ordering::SeqCst), 50);
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn levels_send_min_requests_and_two_rounds() {
+    // The reference schedules' plan; the gentle one's is `gentle_levels_are_one_wave`.
     let sim = Sim::new(10_000, Past::Unavailable);
     let prober = Prober::new(ProbeConfig {
         max_probe_concurrency: 64,
         probe_min_requests: 40,
         ..config()
-    });
+    })
+    .with_schedule(ADAPTIVE);
     let r = prober.probe_transport(&sim, |_| {}).await.unwrap();
     for m in &r.levels {
         assert_eq!(m.requests, 40.max(2 * m.level), "level {}", m.level);
@@ -259,7 +300,7 @@ async fn dropping_the_probe_cancels_in_flight_requests() {
     let sim = Sim::new(10_000, Past::Unavailable);
     let prober = Prober::new(config());
     let res = tokio::time::timeout(
-        Duration::from_millis(1_000),
+        Duration::from_millis(700),
         prober.probe_transport(&sim, |_| {}),
     )
     .await;
@@ -268,4 +309,184 @@ async fn dropping_the_probe_cancels_in_flight_requests() {
     let started = sim.started.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(sim.started.load(Ordering::SeqCst), started);
+}
+
+#[tokio::test(start_paused = true)]
+async fn gentle_levels_are_one_wave() {
+    let sim = Sim::new(10_000, Past::Unavailable);
+    let prober = Prober::new(ProbeConfig {
+        max_probe_concurrency: 64,
+        probe_min_requests: 40,
+        ..config()
+    });
+    let r = prober.probe_transport(&sim, |_| {}).await.unwrap();
+    // the baseline sends probe_min_requests one at a time, every other level one wave
+    assert_eq!(r.levels[0].requests, 40);
+    assert!((r.levels[0].elapsed_secs - 0.800).abs() < 0.002);
+    for m in &r.levels[1..] {
+        assert_eq!(m.requests, m.level, "level {}", m.level);
+        assert_eq!(m.phase, Phase::Growing);
+        assert!((m.elapsed_secs - 0.020).abs() < 0.002, "{}", m.elapsed_secs);
+    }
+}
+
+/// Issue 17, "the probe, gentler and cheaper": for knees K = 4, 24 and 100, latency and 503
+/// knees, the gentle schedule keeps the backend's in-flight requests within 1.5 x K, finds
+/// K within 10%, and sends at most half the requests of the adaptive doubling schedule
+/// (0.56 x on the 503 knee at K = 100).
+#[tokio::test(start_paused = true)]
+async fn gentle_schedule_is_gentle_accurate_and_half_the_requests() {
+    for knee in [4, 24, 100] {
+        for past in [Past::Slow(Duration::from_millis(500)), Past::Unavailable] {
+            let before = Sim::new(knee, past);
+            let old = run(&before, ADAPTIVE).await;
+            let sim = Sim::new(knee, past);
+            let r = run(&sim, Schedule::default()).await;
+            let peak = sim.max_seen.load(Ordering::SeqCst);
+            let old_peak = before.max_seen.load(Ordering::SeqCst);
+            let ctx = format!(
+                "K = {knee}: gentle {} requests, peak {peak}; adaptive {} requests, peak {old_peak}\n{}",
+                r.total_requests,
+                old.total_requests,
+                r.table()
+            );
+            assert_eq!(r.schedule, "gentle");
+            assert!(within_10_percent(r.max_concurrency, knee), "{ctx}");
+            assert!(peak as f64 <= 1.5 * knee as f64, "{ctx}");
+            // Half the requests, except on the 503 knee at K = 100: one wave per level growing
+            // by 1.5 costs about 3 x the failing level (2 + 3 + ... + 94 + 141 = 424, plus the
+            // 32-request baseline), 456 against 813 (0.56 x). Not met there; see BENCHMARKS.md.
+            let budget = if knee == 100 && matches!(past, Past::Unavailable) {
+                0.6
+            } else {
+                0.5
+            };
+            assert!(
+                r.total_requests as f64 <= budget * old.total_requests as f64,
+                "{ctx}"
+            );
+            assert_eq!(r.total_requests, sim.started.load(Ordering::SeqCst));
+            // never more than the doubling (2 x K at K = 4, 1.33 x K at K = 24, 1.28 x K at
+            // K = 100 here, since the simulated 503 answers within its own poll; the real
+            // backends of the benchmark count 2.56 x K at K = 100)
+            assert!(peak <= old_peak.max(knee + knee / 2), "{ctx}");
+            println!("{ctx}");
+        }
+    }
+}
+
+/// One slow response or one error below the knee does not fail a level of the gentle
+/// schedule; it did fail the adaptive doubling schedule's level 16 (the issue's "found 14 for
+/// a knee of 24-28").
+#[tokio::test(start_paused = true)]
+async fn one_outlier_does_not_fail_a_level() {
+    for knee in [24, 100] {
+        for past in [Past::Slow(Duration::from_millis(500)), Past::Unavailable] {
+            for outlier in [Outlier::Slow(Duration::from_secs(1)), Outlier::Error] {
+                let mut sim = Sim::new(knee, past);
+                // level 16 of the doubling schedule, level 19 of the gentle one
+                sim.outlier = Some((16, outlier));
+                let r = run(&sim, Schedule::default()).await;
+                assert!(sim.outlier_done.load(Ordering::SeqCst));
+                assert!(within_10_percent(r.max_concurrency, knee), "{}", r.table());
+                assert!(
+                    sim.max_seen.load(Ordering::SeqCst) as f64 <= 1.5 * knee as f64,
+                    "{}",
+                    r.table()
+                );
+            }
+        }
+    }
+    // the old schedule, fooled by one slow response at level 16
+    let mut sim = Sim::new(24, Past::Slow(Duration::from_millis(500)));
+    sim.outlier = Some((16, Outlier::Slow(Duration::from_secs(1))));
+    let r = run(&sim, ADAPTIVE).await;
+    assert!(r.max_concurrency < 16, "{}", r.table());
+}
+
+/// A step latency knee hit at `K + 1` (the gentle levels 1, 2, 3, 4, 6, 9, 13 reach 6, 9 and
+/// 13 for K = 5, 8 and 12): that wave has exactly one slow response, which the statistic
+/// excuses, so the level is measured again and the second slow response fails it. Without
+/// that, K + 1 passed and K = 5 found 6 (20% off).
+#[tokio::test(start_paused = true)]
+async fn a_level_one_past_a_latency_knee_fails_on_its_second_wave() {
+    for knee in [5, 8, 12] {
+        let sim = Sim::new(knee, Past::Slow(Duration::from_millis(500)));
+        let r = run(&sim, Schedule::default()).await;
+        assert_eq!(r.max_concurrency, knee, "{}", r.table());
+        let twice: Vec<_> = r.levels.iter().filter(|m| m.level == knee + 1).collect();
+        assert_eq!(twice.len(), 2, "{}", r.table());
+        assert!(twice[0].passed && !twice[1].passed, "{}", r.table());
+        assert!(twice[1].latency_exceeded, "{}", r.table());
+        assert!(
+            sim.max_seen.load(Ordering::SeqCst) as f64 <= 1.5 * knee as f64,
+            "{}",
+            r.table()
+        );
+    }
+    // a transient slow response at a level below the knee is measured again and passes
+    let mut sim = Sim::new(24, Past::Slow(Duration::from_millis(500)));
+    sim.outlier = Some((9, Outlier::Slow(Duration::from_secs(1))));
+    let r = run(&sim, Schedule::default()).await;
+    let nines: Vec<_> = r.levels.iter().filter(|m| m.level == 9).collect();
+    assert_eq!(nines.len(), 2, "{}", r.table());
+    assert!(nines.iter().all(|m| m.passed), "{}", r.table());
+    assert_eq!(r.max_concurrency, 24, "{}", r.table());
+}
+
+/// A wave just past a 503 knee passes on the error threshold (94 in flight at K = 90: 4
+/// errors, 4.3% < 5%; 63 at K = 60: 4.8%) but counts for the requests it served, so the
+/// probe stays exact on a 503 knee instead of reporting the wave's size.
+#[tokio::test(start_paused = true)]
+async fn a_passing_wave_with_errors_counts_for_what_it_served() {
+    for (knee, wave) in [(90, 94), (60, 63)] {
+        let sim = Sim::new(knee, Past::Unavailable);
+        let r = run(&sim, Schedule::default()).await;
+        let m = r.levels.iter().find(|m| m.level == wave).unwrap();
+        assert!(m.passed && m.errors > 0, "{}", r.table());
+        assert_eq!(r.max_concurrency, knee, "{}", r.table());
+    }
+}
+
+/// The slow-growth branch: a backend whose latency rises smoothly with concurrency (no step)
+/// is stepped up by `1 + tolerance` once latency has doubled, and the result still lands
+/// within 10% of where the latency threshold is crossed.
+#[tokio::test(start_paused = true)]
+async fn rising_latency_slows_the_growth() {
+    struct Rising {
+        inflight: Arc<AtomicUsize>,
+        max_seen: Arc<AtomicUsize>,
+    }
+    impl ProbeTransport for Rising {
+        fn send(&self) -> SendFuture {
+            let inflight = self.inflight.clone();
+            let max_seen = self.max_seen.clone();
+            Box::pin(async move {
+                let now = inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                let _dec = Dec(inflight);
+                max_seen.fetch_max(now, Ordering::SeqCst);
+                // 20 ms, plus 4 ms per request in flight past 10: 200 ms is crossed at 55
+                let extra = now.saturating_sub(10) as u64 * 4;
+                tokio::time::sleep(Duration::from_millis(20 + extra)).await;
+                RequestOutcome::Status(StatusCode::OK)
+            })
+        }
+        fn describe(&self) -> String {
+            "RISING /work".into()
+        }
+    }
+    let sim = Rising {
+        inflight: Arc::default(),
+        max_seen: Arc::default(),
+    };
+    let r = Prober::new(config())
+        .with_request_timeout(Duration::from_secs(5))
+        .probe_transport(&sim, |_| {})
+        .await
+        .unwrap();
+    // A wave of L holds requests that arrived with 1..=L in flight; its second-worst sample
+    // came in with L - 1, so L passes while 20 + 4 (L - 11) <= 200, i.e. L <= 56.
+    assert!(within_10_percent(r.max_concurrency, 56), "{}", r.table());
+    assert!(sim.max_seen.load(Ordering::SeqCst) <= 62, "{}", r.table());
+    assert_eq!(r.bound, ProbeBound::Latency);
 }

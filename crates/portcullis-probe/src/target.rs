@@ -7,10 +7,15 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use std::collections::BTreeMap;
+use hyper_util::rt::TokioIo;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::net::TcpStream;
 
 /// One endpoint to probe: base URL, path, method, headers and an optional JSON body.
 ///
@@ -147,6 +152,9 @@ impl RequestOutcome {
 /// The future a [`ProbeTransport`] returns.
 pub type SendFuture = Pin<Box<dyn Future<Output = RequestOutcome> + Send + 'static>>;
 
+/// The future of [`ProbeTransport::prepare`].
+pub type PrepareFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
 /// Sends one probe request to the endpoint under test.
 ///
 /// The [`Prober`](crate::Prober) measures latency and applies the request timeout around
@@ -159,6 +167,17 @@ pub trait ProbeTransport: Send + Sync {
 
     /// A human description of the endpoint, used in reports and errors.
     fn describe(&self) -> String;
+
+    /// Gets ready to send `concurrency` requests at once, before a level that sends them
+    /// as one wave: [`HttpTransport`] opens the connections its pool lacks, so that the
+    /// wave's requests reach the endpoint together instead of the ones on new connections
+    /// arriving a connect later (see the `prober` module docs). Best effort: a connection
+    /// that cannot be opened is left to the request. The prober bounds the wait with the
+    /// request timeout. The default does nothing.
+    fn prepare(&self, concurrency: usize) -> PrepareFuture {
+        let _ = concurrency;
+        Box::pin(std::future::ready(()))
+    }
 }
 
 impl<T: ProbeTransport + ?Sized> ProbeTransport for &T {
@@ -168,6 +187,10 @@ impl<T: ProbeTransport + ?Sized> ProbeTransport for &T {
 
     fn describe(&self) -> String {
         (**self).describe()
+    }
+
+    fn prepare(&self, concurrency: usize) -> PrepareFuture {
+        (**self).prepare(concurrency)
     }
 }
 
@@ -179,10 +202,82 @@ impl<T: ProbeTransport + ?Sized> ProbeTransport for std::sync::Arc<T> {
     fn describe(&self) -> String {
         (**self).describe()
     }
+
+    fn prepare(&self, concurrency: usize) -> PrepareFuture {
+        (**self).prepare(concurrency)
+    }
 }
 
 /// The shared, pooled HTTP client type the prober uses.
-pub(crate) type ProbeClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type ProbeClient = Client<WarmConnector, Full<Bytes>>;
+
+/// The prober's connector: an [`HttpConnector`] that first hands out connections opened
+/// ahead of a wave by [`HttpTransport::prepare`], so that the pool's new connections are
+/// ready the moment the wave's requests ask for them.
+#[derive(Debug, Clone)]
+pub(crate) struct WarmConnector {
+    inner: HttpConnector,
+    /// Connections opened ahead, per `host:port`, each taken by one pool connect.
+    opened: Arc<Mutex<HashMap<String, Vec<TcpStream>>>>,
+}
+
+impl WarmConnector {
+    pub(crate) fn new(inner: HttpConnector) -> Self {
+        Self {
+            inner,
+            opened: Arc::default(),
+        }
+    }
+
+    /// A connection opened ahead that the endpoint has not closed meanwhile.
+    fn take(&self, authority: &str) -> Option<TcpStream> {
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        let streams = opened.get_mut(authority)?;
+        while let Some(stream) = streams.pop() {
+            // Nothing to read yet means open; end of file (or an error) means closed.
+            let mut byte = [0u8; 1];
+            if matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn put(&self, authority: &str, streams: Vec<TcpStream>) {
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened
+            .entry(authority.to_owned())
+            .or_default()
+            .extend(streams);
+    }
+
+    fn waiting(&self, authority: &str) -> usize {
+        let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.get(authority).map_or(0, Vec::len)
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for WarmConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let authority = dst.authority().map(|a| a.as_str().to_owned());
+        if let Some(stream) = authority.and_then(|a| self.take(&a)) {
+            return Box::pin(std::future::ready(Ok(TokioIo::new(stream))));
+        }
+        let connecting = self.inner.call(dst);
+        Box::pin(async move { connecting.await.map_err(Into::into) })
+    }
+}
 
 /// A [`ProbeTransport`] sending one fixed HTTP request on the prober's pooled client.
 ///
@@ -190,6 +285,12 @@ pub(crate) type ProbeClient = Client<HttpConnector, Full<Bytes>>;
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     client: ProbeClient,
+    connector: WarmConnector,
+    /// The most requests this transport (and its clones) had in flight at once: the pool
+    /// holds at least that many connections (it keeps idle ones for 30 s).
+    peak: Arc<InFlight>,
+    /// `host:port`, the key of the connections opened ahead.
+    authority: String,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -198,7 +299,11 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    pub(crate) fn new(client: ProbeClient, target: &ProbeTarget) -> Result<Self, ProbeError> {
+    pub(crate) fn new(
+        client: ProbeClient,
+        connector: WarmConnector,
+        target: &ProbeTarget,
+    ) -> Result<Self, ProbeError> {
         let url = target.url();
         let uri: Uri = url
             .parse()
@@ -233,8 +338,15 @@ impl HttpTransport {
             }
             None => Bytes::new(),
         };
+        let authority = uri.authority().map(|a| a.as_str().to_owned());
+        let authority = authority.ok_or_else(|| {
+            ProbeError::InvalidTarget(format!("`{url}` has no host to connect to"))
+        })?;
         Ok(Self {
             client,
+            connector,
+            peak: Arc::default(),
+            authority,
             method,
             uri,
             headers,
@@ -251,7 +363,9 @@ impl ProbeTransport for HttpTransport {
         *req.uri_mut() = self.uri.clone();
         *req.headers_mut() = self.headers.clone();
         let fut = self.client.request(req);
+        let guard = self.peak.enter();
         Box::pin(async move {
+            let _guard = guard;
             match fut.await {
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
@@ -272,6 +386,66 @@ impl ProbeTransport for HttpTransport {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    /// Opens, all at once, the connections the pool lacks for `concurrency` requests: the
+    /// pool holds about as many as this transport ever had in flight together, and the
+    /// connector hands the new ones to the wave's first connects.
+    fn prepare(&self, concurrency: usize) -> PrepareFuture {
+        let have = self.peak.peak() + self.connector.waiting(&self.authority);
+        let missing = concurrency.saturating_sub(have);
+        if missing == 0 {
+            return Box::pin(std::future::ready(()));
+        }
+        let (connector, authority) = (self.connector.clone(), self.authority.clone());
+        Box::pin(async move {
+            let opened = futures_util::future::join_all(
+                (0..missing).map(|_| TcpStream::connect(authority.as_str())),
+            )
+            .await;
+            let streams: Vec<TcpStream> = opened
+                .into_iter()
+                .filter_map(Result::ok)
+                .filter(|s| s.set_nodelay(true).is_ok())
+                .collect();
+            let opened_any = !streams.is_empty();
+            connector.put(&authority, streams);
+            if opened_any {
+                // A moment for the endpoint to accept them, so that the wave's requests do
+                // not wait in its accept queue either.
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+            }
+        })
+    }
+}
+
+/// How long [`HttpTransport::prepare`] waits after opening connections.
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Requests in flight on an [`HttpTransport`] and the most there have been at once.
+#[derive(Debug, Default)]
+struct InFlight {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        let now = self.now.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        InFlightGuard(Arc::clone(self))
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -161,6 +161,7 @@ impl Progress {
 fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Doubling => "doubling",
+        Phase::Growing => "growing",
         Phase::Bisecting => "bisecting",
     }
 }
