@@ -403,6 +403,58 @@ async fn a_reload_that_changes_the_routes_moves_the_traffic_and_keeps_the_other_
     assert_eq!(pool_upstream(&stats, "edge")["requests"], 1, "{stats}");
 }
 
+/// A backend that speaks only HTTP/2 with prior knowledge (an HTTP/1.1 request on it is a
+/// protocol error), answering `<name> <version> <path>`.
+async fn h2c_only(name: &'static str) -> Server {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let app = Router::new()
+        .route("/healthz", any(|| async { "ok" }))
+        .fallback(any(move |req: Request| async move {
+            format!("{name} {:?} {}", req.version(), req.uri().path())
+        }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Server::new(addr, task)
+}
+
+#[tokio::test]
+async fn a_pool_with_http2_reaches_its_h2c_upstream_while_default_stays_http1() {
+    let load = Arc::new(Load::default());
+    let web = start("web", &load).await;
+    let h2 = h2c_only("h2").await;
+    let yaml = format!(
+        "health_check_interval: 0.1\nupstreams:\n  - {{url: \"{}\"}}\n\
+         pools:\n  h2:\n    upstreams: [{{url: \"{}\"}}]\n    http2: true\n    health_check_interval: 0.1\n\
+         routes:\n  - {{prefix: /h2/, pool: h2, strip_prefix: true}}\n",
+        web.url(),
+        h2.url()
+    );
+    let gw = GatewayProcess::start("pools-h2c", &yaml).await;
+    // The h2c-only replica passes its (h2c) health check and stays in: many requests in a
+    // row, each over HTTP/2, the prefix stripped.
+    for _ in 0..20 {
+        let (status, body) = send(&gw, "GET", "/h2/x", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body, "h2 HTTP/2.0 /x");
+        let (status, body) = send(&gw, "GET", "/x", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body, "web /x", "the pool default is HTTP/1");
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, body) = send(&gw, "GET", "/h2/y", None).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "h2 HTTP/2.0 /y"));
+}
+
 #[test]
 fn a_route_to_an_unknown_pool_exits_2_naming_its_index() {
     let (code, text) = support::env_check::check_with_env(

@@ -8,8 +8,11 @@
 //!  ├─ operator prefix → axum Router ── /healthz /readyz /balancer/... /metrics /balancer/ui
 //!  │                        └─ (no route matched) → the data path below
 //!  └─ any other path → the data path (built in super::stack):
+//!     [PoolRouter: with `routes:`, the first matching route picks the chain, and so the
+//!      pool; no match: the pool `default`; without routes there is one chain, no router]
 //!       HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
 //!        └─ HoldOnCancel (`on_client_cancel: hold`: a cancelled request keeps its slot)
+//!          └─ StripPrefix (a route's `strip_prefix`)
 //!            └─ ReplayBuffer (`retry.on: [5xx]`: small idempotent bodies read into memory)
 //!                └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
 //!                      ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin /

@@ -535,4 +535,46 @@ mod tests {
         let text = render(&Stats::default());
         assert!(!text.contains("portcullis_retries_total{"), "{text}");
     }
+
+    #[test]
+    fn upstreams_carry_their_pool() {
+        let up = |url: &str, requests| crate::UpstreamStats {
+            url: url.into(),
+            requests,
+            ..Default::default()
+        };
+        // A source without pools: its upstreams are the pool `default`.
+        let mut stats = Stats {
+            upstreams: vec![up("http://a:1", 3)],
+            ..Stats::default()
+        };
+        let text = render(&stats);
+        assert!(
+            text.contains(
+                "portcullis_upstream_requests_total{upstream=\"http://a:1\",tier=\"primary\",pool=\"default\"} 3"
+            ),
+            "{text}"
+        );
+        // With pools, each replica under its own pool, one in two pools twice.
+        for (name, requests) in [("default", 3), ("gpu", 5)] {
+            stats.pools.insert(
+                name.into(),
+                crate::PoolStats {
+                    upstreams: vec![up("http://a:1", requests)],
+                    ..Default::default()
+                },
+            );
+        }
+        let text = render(&stats);
+        for (pool, n) in [("default", 3), ("gpu", 5)] {
+            let series = format!(
+                "portcullis_upstream_requests_total{{upstream=\"http://a:1\",tier=\"primary\",pool=\"{pool}\"}} {n}"
+            );
+            assert!(text.contains(&series), "{series}: {text}");
+        }
+        assert_eq!(
+            text.matches("portcullis_upstream_requests_total{").count(),
+            2
+        );
+    }
 }
