@@ -200,6 +200,31 @@ fn bad_configs_exit_2_naming_file_and_field() {
         ),
         (Some("retry: {on: [5xx, 4xx]}\n"), "`retry.on[1]`"),
         (Some("retry: {buffer_limit: -1}\n"), "`retry.buffer_limit`"),
+        (
+            Some("upstreams:\n  - {url: \"http://127.0.0.1:1\"}\npools:\n  gpu:\n    upstreams: [{url: \"http://127.0.0.1:2\"}]\nroutes:\n  - {prefix: /v1/chat/, pool: gpu}\n  - {prefix: /v1/embed, pool: tpu}\n"),
+            "`routes[1].pool`",
+        ),
+        (
+            Some("upstreams:\n  - {url: \"http://127.0.0.1:1\"}\npools:\n  default:\n    upstreams: [{url: \"http://127.0.0.1:2\"}]\n"),
+            "`pools.default`",
+        ),
+        (
+            Some("pools:\n  gpu:\n    upstreams: [{url: \"http://127.0.0.1:2\"}]\n    routing_strategy: fastest\n"),
+            "`pools.gpu.routing_strategy`",
+        ),
+        (
+            Some("pools:\n  gpu:\n    upstreams: [{url: \"http://127.0.0.1:2\"}]\n    eject_for: 0\n"),
+            "`pools.gpu.eject_for`",
+        ),
+        (
+            Some("pools:\n  gpu:\n    upstreams: [{url: \"http://127.0.0.1:2\"}]\n    fallback: {url: \"ftp://x\"}\n"),
+            "`pools.gpu.fallback.url`",
+        ),
+        (Some("pools:\n  gpu: {upstreams: []}\n"), "`pools.gpu.upstreams`"),
+        (
+            Some("routes:\n  - {path: /a, pool: default, strip_prefix: true}\n"),
+            "`routes[0].strip_prefix`",
+        ),
     ];
     let long_host = format!("http://{}:1", "a".repeat(300));
     let cases: Vec<(Option<String>, &str)> = cases

@@ -6,6 +6,10 @@
 //! * `DELETE /balancer/upstreams?url=http://host:port`: removes one (200; 404 `not_found`).
 //!   Requests already sent to it finish normally; no new request picks it.
 //!
+//! Each route takes an optional `pool` (`?pool=gpu` on `GET` and `DELETE`, `"pool": "gpu"` in
+//! the `POST` body; default `default`, the top-level `upstreams`): a pool the gateway does
+//! not have answers 404 `unknown_pool`.
+//!
 //! New replicas start `unknown` and get no traffic (except in panic mode) until their first
 //! good health check, from the checker's next cycle.
 //! The routes are off by default (they change where traffic goes); when on, they sit behind
@@ -23,6 +27,7 @@
 //! characters, no userinfo) and, when `upstream_admin_allow` is set, resolve only into its
 //! CIDRs (403 `upstream_not_allowed`).
 
+use super::config::DEFAULT_POOL;
 use super::proxy::{Proxy, ProxyTo, Upstream};
 use super::upstream_url::{validate_upstream_url, AdminAllowlist, AllowlistError};
 use axum::body::{Body, Bytes};
@@ -36,6 +41,7 @@ use http::{header, HeaderMap, Method, StatusCode};
 use portcullis_balance::{ReplicaRegistry, Tier};
 use portcullis_core::{codes, Rejection};
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// The path of the upstream admin routes.
 pub const UPSTREAMS_PATH: &str = "/balancer/upstreams";
@@ -46,6 +52,8 @@ pub const UPSTREAM_EXISTS: &str = "upstream_exists";
 #[derive(Debug, Deserialize)]
 struct RemoveUpstream {
     url: String,
+    #[serde(default)]
+    pool: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +62,51 @@ struct AddUpstream {
     url: String,
     #[serde(default)]
     primary: bool,
+    #[serde(default)]
+    pool: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListUpstreams {
+    #[serde(default)]
+    pool: Option<String>,
+}
+
+/// One pool the admin routes manage: its name, its registry, and how its replicas are
+/// reached (`http2`).
+#[derive(Debug, Clone)]
+pub struct AdminPool {
+    name: String,
+    registry: ReplicaRegistry<ProxyTo>,
+    http2: bool,
+}
+
+impl AdminPool {
+    /// The pool `name` over `registry`; replicas added to it go over h2c when `http2`.
+    pub fn new(name: &str, registry: ReplicaRegistry<ProxyTo>, http2: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            registry,
+            http2,
+        }
+    }
+}
+
+/// The pool named `name` (`None`: `default`), or the 404 `unknown_pool` refusal (boxed:
+/// the refusal is the rare case).
+fn find_pool<'a>(
+    pools: &'a [AdminPool],
+    name: Option<&str>,
+) -> Result<&'a AdminPool, Box<Response>> {
+    let name = name.unwrap_or(DEFAULT_POOL);
+    pools.iter().find(|p| p.name == name).ok_or_else(|| {
+        let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+        Box::new(refuse(
+            StatusCode::NOT_FOUND,
+            codes::UNKNOWN_POOL,
+            format!("no pool named `{name}` (pools: {})", known.join(", ")),
+        ))
+    })
 }
 
 fn refuse(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
@@ -178,26 +231,44 @@ async fn check_new_upstream(
     Ok(upstream)
 }
 
-/// The admin routes over `registry`; new replicas are proxied with `proxy` and, with
-/// `allow`, must resolve into its CIDRs. The caller adds the Basic auth; the routes
-/// carry [`same_site_json`] themselves.
+/// The admin routes over `registry` (the pool `default` alone); new replicas are proxied
+/// with `proxy` and, with `allow`, must resolve into its CIDRs. The caller adds the Basic
+/// auth; the routes carry [`same_site_json`] themselves.
 pub fn routes(
     registry: ReplicaRegistry<ProxyTo>,
     proxy: Proxy,
     allow: Option<AdminAllowlist>,
 ) -> Router {
-    let list = registry.clone();
-    let add = registry.clone();
-    let remove = registry;
+    let http2 = proxy.settings().http2;
+    pool_routes(
+        vec![AdminPool::new(DEFAULT_POOL, registry, http2)],
+        proxy,
+        allow,
+    )
+}
+
+/// The admin routes over `pools` (the request's `pool` picks one, `default` when absent);
+/// otherwise as [`routes`].
+pub fn pool_routes(pools: Vec<AdminPool>, proxy: Proxy, allow: Option<AdminAllowlist>) -> Router {
+    let pools: Arc<[AdminPool]> = pools.into();
+    let (list, add, remove) = (Arc::clone(&pools), Arc::clone(&pools), pools);
     Router::new()
         .route(
             UPSTREAMS_PATH,
-            get(move || {
-                let snapshot = list.snapshot();
-                async move { Json(snapshot).into_response() }
-            })
+            get(
+                move |query: Result<Query<ListUpstreams>, QueryRejection>| {
+                    let pools = Arc::clone(&list);
+                    async move {
+                        let name = query.ok().and_then(|Query(q)| q.pool);
+                        match find_pool(&pools, name.as_deref()) {
+                            Ok(pool) => Json(pool.registry.snapshot()).into_response(),
+                            Err(refused) => *refused,
+                        }
+                    }
+                },
+            )
             .post(move |body: Bytes| {
-                let registry = add.clone();
+                let pools = Arc::clone(&add);
                 let proxy = proxy.clone();
                 let allow = allow.clone();
                 async move {
@@ -208,56 +279,65 @@ pub fn routes(
                                 StatusCode::BAD_REQUEST,
                                 codes::BAD_REQUEST,
                                 format!(
-                            "expected {{\"url\": \"http://host:port\", \"primary\": false}}: {e}"
+                            "expected {{\"url\": \"http://host:port\", \"primary\": false, \"pool\": \"default\"}}: {e}"
                         ),
                             )
                         }
+                    };
+                    let pool = match find_pool(&pools, req.pool.as_deref()) {
+                        Ok(p) => p,
+                        Err(refused) => return *refused,
                     };
                     let upstream = match check_new_upstream(&req.url, allow.as_ref()).await {
                         Ok(u) => u,
                         Err(refused) => return refused,
                     };
                     let key = upstream.url().to_owned();
-                    let added = registry.add_awaiting_check(
+                    let added = pool.registry.add_awaiting_check(
                         key.clone(),
                         Tier::from_primary(req.primary),
-                        proxy.to(upstream),
+                        proxy.to_over(upstream, pool.http2),
                     );
                     if added {
-                        tracing::info!(upstream = %key, primary = req.primary, "upstream added");
-                        let body = serde_json::json!({"added": key, "primary": req.primary});
+                        tracing::info!(upstream = %key, primary = req.primary, pool = %pool.name, "upstream added");
+                        let body = serde_json::json!({"added": key, "primary": req.primary, "pool": pool.name});
                         (StatusCode::CREATED, Json(body)).into_response()
                     } else {
                         refuse(
                             StatusCode::CONFLICT,
                             UPSTREAM_EXISTS,
-                            format!("`{key}` is already in the pool"),
+                            format!("`{key}` is already in the pool `{}`", pool.name),
                         )
                     }
                 }
             })
             .delete(
                 move |query: Result<Query<RemoveUpstream>, QueryRejection>| {
-                    let registry = remove.clone();
+                    let pools = Arc::clone(&remove);
                     async move {
-                        let Ok(Query(RemoveUpstream { url })) = query else {
+                        let Ok(Query(RemoveUpstream { url, pool })) = query else {
                             return refuse(
                                 StatusCode::BAD_REQUEST,
                                 codes::BAD_REQUEST,
-                                "expected ?url=http://host:port",
+                                "expected ?url=http://host:port (and &pool=name)",
                             );
+                        };
+                        let pool = match find_pool(&pools, pool.as_deref()) {
+                            Ok(p) => p,
+                            Err(refused) => return *refused,
                         };
                         let key = Upstream::parse(&url)
                             .map(|u| u.url().to_owned())
                             .unwrap_or(url);
-                        if registry.remove(&key) {
-                            tracing::info!(upstream = %key, "upstream removed");
-                            Json(serde_json::json!({"removed": key})).into_response()
+                        if pool.registry.remove(&key) {
+                            tracing::info!(upstream = %key, pool = %pool.name, "upstream removed");
+                            Json(serde_json::json!({"removed": key, "pool": pool.name}))
+                                .into_response()
                         } else {
                             refuse(
                                 StatusCode::NOT_FOUND,
                                 codes::NOT_FOUND,
-                                format!("`{key}` is not in the pool"),
+                                format!("`{key}` is not in the pool `{}`", pool.name),
                             )
                         }
                     }

@@ -8,8 +8,11 @@
 //!  ├─ operator prefix → axum Router ── /healthz /readyz /balancer/... /metrics /balancer/ui
 //!  │                        └─ (no route matched) → the data path below
 //!  └─ any other path → the data path (built in super::stack):
+//!     [PoolRouter: with `routes:`, the first matching route picks the chain, and so the
+//!      pool; no match: the pool `default`; without routes there is one chain, no router]
 //!       HttpAdmission (watched endpoints: capacity, FIFO queue, 504, 503)
 //!        └─ HoldOnCancel (`on_client_cancel: hold`: a cancelled request keeps its slot)
+//!          └─ StripPrefix (a route's `strip_prefix`)
 //!            └─ ReplayBuffer (`retry.on: [5xx]`: small idempotent bodies read into memory)
 //!                └─ HttpFallback (only with `fallback:`; primary → fallback after N failures)
 //!                      ├─ primary: RetryingHttpBalance (health-gated p2c / round-robin /
@@ -41,16 +44,18 @@
 //! [`LocalCapacity`]: portcullis_admission::LocalCapacity
 
 use super::access_log::AccessLog;
+use super::admin::AdminPool;
 use super::admin_listener::AdminListener;
-use super::config::{ConfigError, GatewayConfig, StorageType};
+use super::config::{ConfigError, GatewayConfig, PoolConfig, StorageType, DEFAULT_POOL};
 use super::front::App;
-use super::proxy::{Proxy, ProxySettings, ProxyTo};
+use super::proxy::{Proxy, ProxySettings, ProxyTo, Upstream};
 use super::reload::{
     changed_sections, keep_restart_fields, pool_settings, ConfigFile, ReloadError, ReloadHandle,
     ReloadReport, ReloadSource, ReloadStatus,
 };
+use super::routes::RouteTable;
 use super::server::ConnectionLimits;
-use super::stack::{self, CanServe};
+use super::stack;
 use super::startup;
 use super::stats::{AdmissionStatsFn, GatewayStats};
 use super::tls::{TlsTerminator, UpstreamTls};
@@ -144,32 +149,78 @@ struct Shared {
 /// subscriber: the process installs this hook ([`Gateway::set_log_filter_hook`]).
 pub type LogFilterHook = Arc<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>;
 
-/// What one config builds (a generation): the pool, the breaker and the watched endpoints
-/// the data path runs over. Replaced as a whole by a reload.
+/// What one config builds (a generation): the upstream pools, the routes to them and the
+/// watched endpoints the data path runs over. Replaced as a whole by a reload.
 struct Generation {
     config: Arc<GatewayConfig>,
-    registry: ReplicaRegistry<ProxyTo>,
-    fallback: Option<stack::Fallback>,
+    /// Every pool, `default` first, then the named pools in name order (the indexes of
+    /// `routes`).
+    pools: Vec<PoolState>,
+    routes: Arc<RouteTable>,
     endpoints: Watched,
-    /// The pool's retry policy, budget and counters (the stats read the counters); kept by
-    /// a reload that leaves `retry:` as it is.
-    retries: Arc<Retries>,
-    /// The pool's health checker and readiness refresher, shared by the generations that
-    /// keep the same pool.
-    _pool_tasks: Arc<PoolTasks>,
 }
 
 impl std::fmt::Debug for Generation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Generation")
+            .field("pools", &self.pools)
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generation {
+    /// The pool `default` (the top-level `upstreams`).
+    fn default_pool(&self) -> &PoolState {
+        &self.pools[0]
+    }
+
+    /// The pool named `name`.
+    fn pool(&self, name: &str) -> Option<&PoolState> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// One upstream pool of a generation: its balancer's registry, its breaker, its retries and
+/// the tasks it owns. A reload that leaves the pool's settings as they are hands all of it
+/// on (see [`super::reload`]).
+struct PoolState {
+    name: String,
+    /// Its settings, resolved (see [`GatewayConfig::pool_configs`]).
+    config: PoolConfig,
+    registry: ReplicaRegistry<ProxyTo>,
+    fallback: Option<stack::Fallback>,
+    /// The pool's retry policy, budget and counters (the stats read the counters); kept by
+    /// a reload that leaves its `retry:` as it is.
+    retries: Arc<Retries>,
+    /// The pool's health checker (and for `default`, the readiness refresher), shared by
+    /// the generations that keep the same pool.
+    _tasks: Arc<PoolTasks>,
+}
+
+impl std::fmt::Debug for PoolState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolState")
+            .field("name", &self.name)
             .field("registry", &self.registry)
             .finish_non_exhaustive()
     }
 }
 
+impl PoolState {
+    fn path(&self) -> stack::PoolPath<'_> {
+        stack::PoolPath {
+            registry: &self.registry,
+            fallback: self.fallback.as_ref(),
+            retries: &self.retries,
+        }
+    }
+}
+
 struct PoolTasks {
     _checker: CheckerHandle,
-    _readiness: AbortOnDropHandle<()>,
+    /// The refresher of the `upstreams` readiness component (the pool `default` only).
+    _readiness: Option<AbortOnDropHandle<()>>,
 }
 
 /// The watched endpoints over the configured storage.
@@ -262,7 +313,8 @@ impl Gateway {
         let startup_ready =
             (!plan.paths().is_empty()).then(|| base.health.register("startup_probe"));
         if let Some(ready) = startup_ready {
-            let (registry, paths) = (generation.registry.clone(), plan.paths().to_vec());
+            let registry = generation.default_pool().registry.clone();
+            let paths = plan.paths().to_vec();
             tasks.push(match (&generation.endpoints, &base.storage) {
                 (Watched::Local(endpoints), _) => spawn_owned(startup::probe_local(
                     Arc::clone(&config),
@@ -356,10 +408,21 @@ impl Gateway {
         Arc::clone(&self.shared.current.load().config)
     }
 
-    /// The upstream registry in force (runtime `add` / `remove`, snapshots). A reload that
-    /// changes the pool's settings replaces it: ask again after one.
+    /// The upstream registry of the pool `default` in force (runtime `add` / `remove`,
+    /// snapshots). A reload that changes the pool's settings replaces it: ask again after
+    /// one.
     pub fn registry(&self) -> ReplicaRegistry<ProxyTo> {
-        self.shared.current.load().registry.clone()
+        self.shared.current.load().default_pool().registry.clone()
+    }
+
+    /// The upstream registry in force of the pool `name` (`default`, or one of `pools:`);
+    /// `None` when there is no such pool.
+    pub fn pool_registry(&self, name: &str) -> Option<ReplicaRegistry<ProxyTo>> {
+        self.shared
+            .current
+            .load()
+            .pool(name)
+            .map(|p| p.registry.clone())
     }
 
     /// The circuit breaker in force, when `fallback` is configured.
@@ -367,6 +430,7 @@ impl Gateway {
         self.shared
             .current
             .load()
+            .default_pool()
             .fallback
             .as_ref()
             .map(|(b, _)| b.clone())
@@ -437,69 +501,84 @@ impl Gateway {
 
 impl Base {
     /// Builds the generation of `config`, carrying over what `prev` (the generation in
-    /// force, on a reload) can hand on (see [`super::reload`]). Everything that can fail
-    /// runs before the running pool is changed.
+    /// force, on a reload) can hand on, pool by pool (see [`super::reload`]). Everything
+    /// that can fail runs before a running pool is changed.
     fn generation(
         &self,
         config: Arc<GatewayConfig>,
         prev: Option<&Generation>,
         plan: &startup::StartupPlan,
     ) -> Result<(Generation, Routers), BuildError> {
-        let keep_pool = prev.filter(|p| same_pool_settings(&p.config, &config));
-        let registry = match keep_pool {
-            Some(p) => p.registry.clone(),
-            None => self.new_pool(&config, prev.map(|p| &p.registry)),
-        };
+        let routes = config
+            .route_table()
+            .map_err(|e| BuildError(format!("{}: {}", e.field, e.message)))?;
         let endpoints = self.endpoints(&config, prev, plan)?;
-        let fallback = match prev {
-            Some(p) if keep_pool.is_some() && p.config.fallback == config.fallback => {
-                p.fallback.clone()
-            }
-            _ => stack::fallback_breaker(&config, &registry, &self.proxy)?,
-        };
+        let mut planned = Vec::new();
+        for (name, pool) in config.pool_configs() {
+            let old = prev.and_then(|p| p.pool(&name));
+            let keep = old.filter(|o| same_pool_settings(&o.config, &pool));
+            let registry = match keep {
+                Some(o) => o.registry.clone(),
+                None => self.new_pool(&pool, old.map(|o| &o.registry)),
+            };
+            let fallback = match keep {
+                Some(o) if o.config.fallback == pool.fallback => o.fallback.clone(),
+                _ => stack::fallback_breaker(&pool, &registry, &self.proxy)?,
+            };
+            planned.push((name, pool, registry, fallback, old, keep));
+        }
         // Nothing below fails.
-        let pool_tasks = match keep_pool {
-            Some(p) => {
-                self.update_pool(&config, &p.registry);
-                Arc::clone(&p._pool_tasks)
-            }
-            None => Arc::new(self.pool_tasks(&config, &registry)),
-        };
-        let retries = match prev {
-            Some(p) if p.config.retry == config.retry => Arc::clone(&p.retries),
-            _ => Arc::new(Retries::new(&config.retry)),
-        };
+        let pools = planned
+            .into_iter()
+            .map(|(name, pool, registry, fallback, old, keep)| {
+                let tasks = match keep {
+                    Some(o) => {
+                        self.update_pool(&pool, &o.registry);
+                        Arc::clone(&o._tasks)
+                    }
+                    None => Arc::new(self.pool_tasks(&name, &pool, &registry)),
+                };
+                let retry = pool.retry.clone().unwrap_or_default();
+                let retries = match old {
+                    Some(o) if o.config.retry == pool.retry => Arc::clone(&o.retries),
+                    _ => Arc::new(Retries::new(&retry)),
+                };
+                PoolState {
+                    name,
+                    config: pool,
+                    registry,
+                    fallback,
+                    retries,
+                    _tasks: tasks,
+                }
+            })
+            .collect();
         let generation = Generation {
             config,
-            registry,
-            fallback,
+            pools,
+            routes: Arc::new(routes),
             endpoints,
-            retries,
-            _pool_tasks: pool_tasks,
         };
         let routers = self.routers(&generation);
         Ok((generation, routers))
     }
 
-    /// A new pool with the upstreams of `config`. Each starts healthy, as at start, except
+    /// A new pool with the upstreams of `pool`. Each starts healthy, as at start, except
     /// that on a reload (`prev`) a replica that was not healthy in the old pool awaits its
     /// first good check in the new one; a replica that carries over keeps its proxy (and so
-    /// its counters).
+    /// its counters) unless the pool's `http2` changed.
     fn new_pool(
         &self,
-        config: &GatewayConfig,
+        pool: &PoolConfig,
         prev: Option<&ReplicaRegistry<ProxyTo>>,
     ) -> ReplicaRegistry<ProxyTo> {
-        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(&config.balance);
-        // Every configured upstream parses (checked at load), so the two lists line up.
-        let weights = config.balance.upstreams.iter().map(|u| u.weight);
-        for ((upstream, primary), weight) in config.parsed_upstreams().into_iter().zip(weights) {
+        let registry: ReplicaRegistry<ProxyTo> = ReplicaRegistry::new(&pool.balance);
+        for (upstream, tier, weight) in parsed_upstreams(&pool.balance) {
             let key = upstream.url().to_owned();
-            let tier = Tier::from_primary(primary);
             let old = prev.and_then(|p| p.get(&key));
             let target = match &old {
-                Some(r) => r.target().clone(),
-                None => self.proxy.to(upstream),
+                Some(r) if r.target().http2() == pool.http2 => r.target().clone(),
+                _ => self.proxy.to_over(upstream, pool.http2),
             };
             match old {
                 Some(r) if !r.health().is_healthy() => {
@@ -511,17 +590,12 @@ impl Base {
         registry
     }
 
-    /// Brings the running pool's replicas in line with `config.upstreams` (same settings):
+    /// Brings the running pool's replicas in line with `pool.upstreams` (same settings):
     /// removed ones leave (and drain), changed ones (tier, weight) are re-added healthy if
     /// they were (with their proxy and counters), new ones join awaiting their first good
     /// check, or healthy when no healthy replica would remain otherwise.
-    fn update_pool(&self, config: &GatewayConfig, registry: &ReplicaRegistry<ProxyTo>) {
-        let wanted: Vec<_> = config
-            .parsed_upstreams()
-            .into_iter()
-            .zip(config.balance.upstreams.iter().map(|u| u.weight))
-            .map(|((upstream, primary), weight)| (upstream, Tier::from_primary(primary), weight))
-            .collect();
+    fn update_pool(&self, pool: &PoolConfig, registry: &ReplicaRegistry<ProxyTo>) {
+        let wanted = parsed_upstreams(&pool.balance);
         // Replicas whose tier or weight changed leave and come back with their health.
         let mut changed: Vec<(Arc<str>, ProxyTo, bool)> = Vec::new();
         for replica in registry.replicas() {
@@ -548,7 +622,7 @@ impl Base {
             let key = upstream.url().to_owned();
             let (target, healthy) = match changed.iter().find(|(k, _, _)| **k == *key) {
                 Some((_, target, healthy)) => (target.clone(), *healthy),
-                None => (self.proxy.to(upstream), none_healthy),
+                None => (self.proxy.to_over(upstream, pool.http2), none_healthy),
             };
             if healthy {
                 registry.add_weighted(key, tier, weight, target);
@@ -558,26 +632,34 @@ impl Base {
         }
     }
 
-    /// The health checker of `config` over `registry`, and the refresher of the
-    /// `upstreams` readiness component.
-    fn pool_tasks(&self, config: &GatewayConfig, registry: &ReplicaRegistry<ProxyTo>) -> PoolTasks {
-        let checker = match config.balance.grpc_health_probe() {
+    /// The health checker of `pool` over `registry`, and for the pool `default` the
+    /// refresher of the `upstreams` readiness component.
+    fn pool_tasks(
+        &self,
+        name: &str,
+        pool: &PoolConfig,
+        registry: &ReplicaRegistry<ProxyTo>,
+    ) -> PoolTasks {
+        let checker = match pool.balance.grpc_health_probe() {
             // `health_check: {kind: grpc}`: grpc.health.v1 over h2c.
-            Some(grpc) => registry.spawn_checker(grpc, config.balance.checker_config()),
+            Some(grpc) => registry.spawn_checker(grpc, pool.balance.checker_config()),
             None => registry.spawn_checker(
-                UpstreamProbe::new(
-                    config.balance.health_endpoint.clone(),
-                    config.balance.health_check_timeout,
+                UpstreamProbe::over(
+                    pool.balance.health_endpoint.clone(),
+                    pool.balance.health_check_timeout,
                     &self.proxy,
+                    pool.http2,
                 ),
-                config.balance.checker_config(),
+                pool.balance.checker_config(),
             ),
         };
-        let (ready, registry) = (self.upstreams_ready.clone(), registry.clone());
-        let has_fallback = has_fallback_url(config);
-        let readiness = spawn_owned(refresh_readiness(move || {
-            ready.set_ready(has_fallback || registry.can_serve());
-        }));
+        let readiness = (name == DEFAULT_POOL).then(|| {
+            let (ready, registry) = (self.upstreams_ready.clone(), registry.clone());
+            let has_fallback = has_fallback_url(pool);
+            spawn_owned(refresh_readiness(move || {
+                ready.set_ready(has_fallback || registry.can_serve());
+            }))
+        });
         PoolTasks {
             _checker: checker,
             _readiness: readiness,
@@ -651,42 +733,50 @@ impl Base {
     /// The data path, the operator routes and where each is served.
     fn routers(&self, generation: &Generation) -> Routers {
         let config = &generation.config;
-        let can_serve = CanServe {
-            registry: generation.registry.clone(),
-            has_fallback: generation
-                .fallback
-                .as_ref()
-                .is_some_and(|(b, _)| b.has_fallback()),
-        };
-        let fallback = generation.fallback.as_ref();
+        let paths: Vec<_> = generation.pools.iter().map(PoolState::path).collect();
+        let routes = &generation.routes;
         let (data, admission_stats): (GatewayService, AdmissionStatsFn) =
             match &generation.endpoints {
                 Watched::Local(e) => {
                     let stats = e.clone();
                     (
-                        stack::admission_over(config, e, &can_serve, fallback, &generation.retries),
+                        stack::admission_over(config, e, &paths, routes),
                         Arc::new(move || stats.stats()),
                     )
                 }
                 Watched::Shared(e) => {
                     let stats = e.clone();
                     (
-                        stack::admission_over(config, e, &can_serve, fallback, &generation.retries),
+                        stack::admission_over(config, e, &paths, routes),
                         Arc::new(move || stats.stats()),
                     )
                 }
             };
-        let stats = GatewayStats::new(
+        let default = generation.default_pool();
+        let mut stats = GatewayStats::new(
             self.started,
-            generation.registry.clone(),
-            generation.fallback.clone(),
+            default.registry.clone(),
+            default.fallback.clone(),
             admission_stats,
             self.storage.clone(),
         )
         .with_listener(self.tls.clone(), self.access_log.clone())
         .with_reload_status(Arc::clone(&self.reload_status))
-        .with_retries(Arc::clone(&generation.retries));
-        let breaker = generation.fallback.as_ref().map(|(b, _)| b.clone());
+        .with_retries(Arc::clone(&default.retries));
+        for pool in &generation.pools[1..] {
+            stats = stats.with_pool(
+                &pool.name,
+                pool.registry.clone(),
+                pool.fallback.clone(),
+                Arc::clone(&pool.retries),
+            );
+        }
+        let admin_pools: Vec<_> = generation
+            .pools
+            .iter()
+            .map(|p| AdminPool::new(&p.name, p.registry.clone(), p.config.http2))
+            .collect();
+        let breaker = default.fallback.as_ref().map(|(b, _)| b.clone());
         let operator = Router::new()
             .merge(portcullis_dashboard::router(
                 &config.ui,
@@ -696,7 +786,7 @@ impl Base {
             .merge(operator_actions(
                 config,
                 breaker,
-                &generation.registry,
+                admin_pools,
                 &self.proxy,
                 &self.reloads,
             ));
@@ -727,15 +817,29 @@ impl Watched {
 }
 
 /// Whether `old` and `new` run the pool the same way (every balance setting but the
-/// upstream list), so a reload can keep the running pool.
-fn same_pool_settings(old: &GatewayConfig, new: &GatewayConfig) -> bool {
-    pool_settings(old) == pool_settings(new) && has_fallback_url(old) == has_fallback_url(new)
+/// upstream list, and `http2`), so a reload can keep the running pool.
+fn same_pool_settings(old: &PoolConfig, new: &PoolConfig) -> bool {
+    pool_settings(&old.balance) == pool_settings(&new.balance)
+        && has_fallback_url(old) == has_fallback_url(new)
+        && old.http2 == new.http2
 }
 
-/// Whether `config` has a fallback to route to (a `fallback.url`): then the gateway can
-/// serve with no healthy replica.
-fn has_fallback_url(config: &GatewayConfig) -> bool {
-    config.fallback.as_ref().is_some_and(|f| f.url.is_some())
+/// Whether `pool` has a fallback to route to (a `fallback.url`): then it can serve with no
+/// healthy replica.
+fn has_fallback_url(pool: &PoolConfig) -> bool {
+    pool.fallback.as_ref().is_some_and(|f| f.url.is_some())
+}
+
+/// The upstreams of `balance`, parsed (checked at load), with their tier and weight.
+fn parsed_upstreams(balance: &portcullis_balance::Config) -> Vec<(Upstream, Tier, u32)> {
+    balance
+        .upstreams
+        .iter()
+        .filter_map(|u| {
+            let parsed = Upstream::parse(&u.url).ok()?;
+            Some((parsed, Tier::from_primary(u.primary), u.weight))
+        })
+        .collect()
 }
 
 /// The reload task: applies one reload at a time, for as long as the gateway lives.
@@ -837,7 +941,7 @@ impl Shared {
 fn operator_actions(
     config: &GatewayConfig,
     breaker: Option<Breaker>,
-    registry: &ReplicaRegistry<ProxyTo>,
+    pools: Vec<AdminPool>,
     proxy: &Proxy,
     reloads: &ReloadHandle,
 ) -> Router {
@@ -861,8 +965,8 @@ fn operator_actions(
     };
     let router = router.merge(super::reload::route(reloads.clone()));
     let router = if config.upstream_admin {
-        router.merge(super::admin::routes(
-            registry.clone(),
+        router.merge(super::admin::pool_routes(
+            pools,
             proxy.clone(),
             config.admin_allowlist(),
         ))

@@ -17,18 +17,23 @@
 mod compat;
 mod env;
 mod operate;
+mod pools;
 mod sections;
 
 pub use env::{Environment, IGNORED_VARIABLES};
 
 pub use operate::{AccessLogConfig, AccessLogFormat, AdminConfig, TlsConfig, UpstreamTlsConfig};
 
+pub use pools::{PoolConfig, DEFAULT_POOL};
+
+pub use super::routes::RouteConfig;
+
 use super::proxy::Upstream;
 use super::upstream_url::{parse_cidr, AdminAllowlist};
 use portcullis_core::ConfigError as FieldError;
 use portcullis_probe::ProbeConfig;
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -193,6 +198,12 @@ pub struct GatewayConfig {
     /// Retries on another replica: of requests that were never sent (always), and of
     /// buffered idempotent requests after a 502/503 (`on: [5xx]`), within a budget.
     pub retry: RetryConfig,
+    /// Named upstream pools besides `default` (the top-level `upstreams` and settings), by
+    /// name (lowercase letters, digits, `-`, `_`).
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// Which pool serves a request: matched in order, first match wins; a request that
+    /// matches none goes to `default`.
+    pub routes: Vec<RouteConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -229,6 +240,8 @@ impl Default for GatewayConfig {
             access_log: AccessLogConfig::default(),
             log_level: None,
             retry: RetryConfig::default(),
+            pools: BTreeMap::new(),
+            routes: Vec::new(),
         }
     }
 }
@@ -445,35 +458,8 @@ impl GatewayConfig {
                 format!("must be at least 1, got {}", self.default_capacity),
             ));
         }
-        self.balance.validate()?;
-        let mut seen = HashSet::new();
-        for (i, u) in self.balance.upstreams.iter().enumerate() {
-            let field = format!("upstreams[{i}].url");
-            let parsed = Upstream::parse(&u.url).map_err(|e| FieldError::new(&field, e.0))?;
-            if parsed.url().starts_with("https://")
-                && self.balance.health_check.kind == portcullis_balance::HealthCheckKind::Grpc
-            {
-                return Err(FieldError::new(
-                    field,
-                    "an https:// upstream with `health_check: {kind: grpc}`: the gRPC health check and gRPC proxying speak h2c (cleartext HTTP/2) only",
-                ));
-            }
-            if self.http2 && parsed.url().starts_with("https://") {
-                return Err(FieldError::new(
-                    "http2",
-                    format!(
-                        "`http2: true` with the https:// upstream `{}` (upstreams[{i}]): HTTP/2 to the upstreams is h2c (cleartext, prior knowledge) only, not h2 over TLS",
-                        parsed.url()
-                    ),
-                ));
-            }
-            if !seen.insert(parsed.url().to_string()) {
-                return Err(FieldError::new(
-                    field,
-                    format!("duplicate upstream `{}`", parsed.url()),
-                ));
-            }
-        }
+        check_pool("", &self.balance, self.fallback.as_ref(), self.http2)?;
+        self.check_pools()?;
         self.admission.validate()?;
         // `default_capacity` is the initial limit of the adaptive endpoints without one.
         for (path, ep) in &self.admission.endpoints {
@@ -498,22 +484,6 @@ impl GatewayConfig {
             }
         }
         self.storage.validate().map_err(|e| e.within("storage"))?;
-        if let Some(f) = &self.fallback {
-            f.validate().map_err(|e| e.within("fallback"))?;
-            if let Some(url) = &f.url {
-                let parsed =
-                    Upstream::parse(url).map_err(|e| FieldError::new("fallback.url", e.0))?;
-                if self.http2 && parsed.url().starts_with("https://") {
-                    return Err(FieldError::new(
-                        "http2",
-                        format!(
-                            "`http2: true` with the https:// fallback `{}`: HTTP/2 to the upstreams is h2c (cleartext, prior knowledge) only, not h2 over TLS",
-                            parsed.url()
-                        ),
-                    ));
-                }
-            }
-        }
         self.admin.validate(
             &self.listen,
             &self.state_changing_routes(),
@@ -540,6 +510,76 @@ impl GatewayConfig {
         self.probe.validate()
     }
 
+    /// The named pools (`pools:`) and the routes to them: each pool checked like the
+    /// top-level one, its fields named `pools.<name>.<field>`; each route names a pool that
+    /// exists (`routes[1].pool`).
+    fn check_pools(&self) -> Result<(), FieldError> {
+        if self.pools.contains_key(DEFAULT_POOL) {
+            return Err(FieldError::new(
+                format!("pools.{DEFAULT_POOL}"),
+                "`default` is the pool of the top-level `upstreams` and settings: set them at the top level, or give this pool another name",
+            ));
+        }
+        for (name, pool) in &self.pools {
+            let at = format!("pools.{name}");
+            if !pools::is_pool_name(name) {
+                return Err(FieldError::new(
+                    at,
+                    format!("`{name}` is not a pool name: lowercase letters, digits, `-` and `_`, starting with a letter or digit"),
+                ));
+            }
+            if pool.balance.upstreams.is_empty() {
+                return Err(FieldError::new(
+                    format!("{at}.upstreams"),
+                    "a pool needs at least one upstream (upstreams: [{url: \"http://host:port\"}])",
+                ));
+            }
+            check_pool(&at, &pool.balance, pool.fallback.as_ref(), pool.http2)?;
+            if let Some(retry) = &pool.retry {
+                retry
+                    .validate()
+                    .map_err(|e| e.within(&format!("{at}.retry")))?;
+            }
+        }
+        super::routes::RouteTable::new(&self.routes, &self.pool_names())?;
+        Ok(())
+    }
+
+    /// The pool names, `default` first, then the named pools in name order: the order of
+    /// [`pool_configs`](Self::pool_configs).
+    pub fn pool_names(&self) -> Vec<&str> {
+        std::iter::once(DEFAULT_POOL)
+            .chain(self.pools.keys().map(String::as_str))
+            .collect()
+    }
+
+    /// Every pool with its settings resolved, in the order of
+    /// [`pool_names`](Self::pool_names): `default` from the top-level fields, then each
+    /// named pool, its `retry` the top-level one unless it has its own, its
+    /// `grpc_failure_codes` the top-level one.
+    pub fn pool_configs(&self) -> Vec<(String, PoolConfig)> {
+        let default = PoolConfig {
+            balance: self.balance.clone(),
+            fallback: self.fallback.clone(),
+            http2: self.http2,
+            retry: Some(self.retry.clone()),
+        };
+        std::iter::once((DEFAULT_POOL.to_owned(), default))
+            .chain(self.pools.iter().map(|(name, pool)| {
+                let mut pool = pool.clone();
+                pool.balance.grpc_failure_codes = self.balance.grpc_failure_codes;
+                pool.retry.get_or_insert_with(|| self.retry.clone());
+                (name.clone(), pool)
+            }))
+            .collect()
+    }
+
+    /// The route table of `routes` over [`pool_names`](Self::pool_names) (validated at
+    /// load; a config built in code that skipped validation gets its error here).
+    pub fn route_table(&self) -> Result<super::routes::RouteTable, FieldError> {
+        super::routes::RouteTable::new(&self.routes, &self.pool_names())
+    }
+
     /// The state-changing operator routes this config serves.
     fn state_changing_routes(&self) -> Vec<&'static str> {
         let mut routes = Vec::new();
@@ -551,6 +591,66 @@ impl GatewayConfig {
         }
         routes
     }
+}
+
+/// Checks one pool's balancer, upstream URLs and fallback; `at` is where the pool sits
+/// (`pools.gpu`, or empty for the top-level pool `default`), and prefixes every field.
+fn check_pool(
+    at: &str,
+    balance: &portcullis_balance::Config,
+    fallback: Option<&FallbackConfig>,
+    http2: bool,
+) -> Result<(), FieldError> {
+    let within = |e: FieldError| match at {
+        "" => e,
+        at => e.within(at),
+    };
+    balance.validate().map_err(within)?;
+    let mut seen = HashSet::new();
+    for (i, u) in balance.upstreams.iter().enumerate() {
+        let field = format!("upstreams[{i}].url");
+        let parsed = Upstream::parse(&u.url).map_err(|e| within(FieldError::new(&field, e.0)))?;
+        if parsed.url().starts_with("https://")
+            && balance.health_check.kind == portcullis_balance::HealthCheckKind::Grpc
+        {
+            return Err(within(FieldError::new(
+                field,
+                "an https:// upstream with `health_check: {kind: grpc}`: the gRPC health check and gRPC proxying speak h2c (cleartext HTTP/2) only",
+            )));
+        }
+        if http2 && parsed.url().starts_with("https://") {
+            return Err(within(FieldError::new(
+                "http2",
+                format!(
+                    "`http2: true` with the https:// upstream `{}` (upstreams[{i}]): HTTP/2 to the upstreams is h2c (cleartext, prior knowledge) only, not h2 over TLS",
+                    parsed.url()
+                ),
+            )));
+        }
+        if !seen.insert(parsed.url().to_string()) {
+            return Err(within(FieldError::new(
+                field,
+                format!("duplicate upstream `{}`", parsed.url()),
+            )));
+        }
+    }
+    if let Some(f) = fallback {
+        f.validate().map_err(|e| within(e.within("fallback")))?;
+        if let Some(url) = &f.url {
+            let parsed =
+                Upstream::parse(url).map_err(|e| within(FieldError::new("fallback.url", e.0)))?;
+            if http2 && parsed.url().starts_with("https://") {
+                return Err(within(FieldError::new(
+                    "http2",
+                    format!(
+                        "`http2: true` with the https:// fallback `{}`: HTTP/2 to the upstreams is h2c (cleartext, prior knowledge) only, not h2 over TLS",
+                        parsed.url()
+                    ),
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The largest config file read, in bytes (16 MiB).
@@ -780,22 +880,26 @@ fn yaml_error(e: serde_yaml_ng::Error, text: &str, file: &Path) -> ConfigError {
         _ => (None, msg.clone()),
     };
     // Unknown fields: name the field itself.
-    let mut top_level_key = false;
+    let mut unknown_key = false;
     if let Some(start) = rest.find("unknown field `") {
         let tail = &rest[start + "unknown field `".len()..];
         if let Some(end) = tail.find('`') {
             let name = &tail[..end];
-            top_level_key = field.is_none();
+            unknown_key = true;
             field = Some(match field {
                 Some(p) if p != "." => format!("{p}.{name}"),
                 _ => name.to_string(),
             });
         }
     }
-    // A top-level unknown key is found once the whole mapping was read (the sections are
-    // flattened), so the parser's position is the mapping's: look the key up instead.
-    let line = match top_level_key {
-        true => field.as_deref().and_then(|f| find_path_line(text, f)),
+    // An unknown key is reported at the position of its mapping (a top-level one once the
+    // whole mapping was read, since the sections are flattened; a pool's once the pool's
+    // mapping was): look the key up instead.
+    let line = match unknown_key {
+        true => field
+            .as_deref()
+            .and_then(|f| find_path_line(text, f))
+            .or(line),
         false => line.or_else(|| field.as_deref().and_then(|f| find_path_line(text, f))),
     };
     // Strip the trailing " at line N column M" the parser adds; we print the line ourselves.
@@ -990,6 +1094,51 @@ mod tests {
             with(text, &[("HOST", "h")]).unwrap().upstream_timeout,
             Duration::from_secs(30)
         );
+    }
+
+    #[test]
+    fn pools_and_routes_load_and_take_overrides() {
+        let text = "upstreams:\n  - {url: http://a:1}\nretry: {max_attempts: 3}\ngrpc_failure_codes: [internal]\npools:\n  gpu:\n    upstreams: [{url: \"http://g:1\"}]\n    routing_strategy: least-connections\n    http2: true\n  cpu:\n    upstreams: [{url: \"http://c:1\"}]\n    retry: {max_attempts: 1}\nroutes:\n  - {prefix: /v1/chat/, pool: gpu}\n  - {path: /v1/embed, method: POST, pool: cpu}\n";
+        let cfg = load(text).unwrap();
+        assert_eq!(cfg.pool_names(), ["default", "cpu", "gpu"]);
+        let pools = cfg.pool_configs();
+        let (name, gpu) = &pools[2];
+        assert_eq!(name, "gpu");
+        assert!(gpu.http2);
+        assert_eq!(
+            gpu.balance.routing_strategy,
+            RoutingStrategy::LeastConnections
+        );
+        assert_eq!(
+            gpu.retry.as_ref().unwrap().max_attempts,
+            3,
+            "the top-level retry"
+        );
+        assert_eq!(
+            gpu.balance.grpc_failure_codes, cfg.balance.grpc_failure_codes,
+            "one set of codes for every pool"
+        );
+        assert_eq!(pools[1].1.retry.as_ref().unwrap().max_attempts, 1);
+        assert_eq!(pools[0].1.balance.upstreams[0].url, "http://a:1");
+        assert_eq!(cfg.route_table().unwrap().len(), 2);
+        // Overrides reach a pool's fields, and a route's, as any nested field.
+        let env = Environment::from_pairs([
+            ("PORTCULLIS_POOLS__GPU__ROUTING_STRATEGY", "round-robin"),
+            ("PORTCULLIS_ROUTES__1__POOL", "gpu"),
+        ]);
+        let cfg = GatewayConfig::from_yaml_with_env(text, Path::new("t.yml"), &env).unwrap();
+        assert_eq!(
+            cfg.pools["gpu"].balance.routing_strategy,
+            RoutingStrategy::RoundRobin
+        );
+        assert_eq!(cfg.routes[1].pool, "gpu");
+        let env = Environment::from_pairs([("PORTCULLIS_ROUTES__1__POOL", "tpu")]);
+        let e = GatewayConfig::from_yaml_with_env(text, Path::new("t.yml"), &env).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("routes[1].pool"), "{e}");
+        // No pools and no routes: the one pool `default`, as before.
+        let cfg = load("upstreams:\n  - {url: http://a:1}\n").unwrap();
+        assert_eq!(cfg.pool_names(), ["default"]);
+        assert!(cfg.route_table().unwrap().is_empty());
     }
 
     #[test]
@@ -1273,6 +1422,76 @@ mod tests {
                 "upstreams:\n  - {url: http://a:1}\nretry: {attempts: 3}\n",
                 "retry.attempts",
                 Some(3),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams: [{url: \"http://g:1\"}]\nroutes:\n  - {prefix: /a, pool: gpu}\n  - {prefix: /b, pool: tpu}\n",
+                "routes[1].pool",
+                Some(8),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nroutes:\n  - {path: /a, pool: default, strip_prefix: true}\n",
+                "routes[0].strip_prefix",
+                Some(4),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\nroutes:\n  - {prefix: a, pool: default}\n",
+                "routes[0].prefix",
+                Some(4),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  default:\n    upstreams: [{url: \"http://g:1\"}]\n",
+                "pools.default",
+                Some(4),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  GPU:\n    upstreams: [{url: \"http://g:1\"}]\n",
+                "pools.GPU",
+                Some(4),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu: {upstreams: []}\n",
+                "pools.gpu.upstreams",
+                Some(4),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams: [{url: \"http://g:1\"}]\n    routing_strategy: fastest\n",
+                "pools.gpu.routing_strategy",
+                Some(6),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams: [{url: \"http://g:1\"}]\n    bogus: 1\n",
+                "pools.gpu.bogus",
+                Some(6),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams: [{url: \"http://g:1\"}]\n    failure_threshold: 0\n",
+                "pools.gpu.failure_threshold",
+                Some(6),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams:\n      - {url: \"http://g:1\"}\n      - {url: \"http://g:1/\"}\n",
+                "pools.gpu.upstreams[1].url",
+                Some(7),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams:\n      - {url: \"https://g:1\"}\n    http2: true\n",
+                "pools.gpu.http2",
+                Some(7),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams: [{url: \"http://g:1\"}]\n    fallback: {url: \"ftp://f:1\"}\n",
+                "pools.gpu.fallback.url",
+                Some(6),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams: [{url: \"http://g:1\"}]\n    retry: {max_attempts: 0}\n",
+                "pools.gpu.retry.max_attempts",
+                Some(6),
+            ),
+            (
+                "upstreams:\n  - {url: http://a:1}\npools:\n  gpu:\n    upstreams: [{url: \"http://g:1\"}]\n    grpc_failure_codes: []\n",
+                "pools.gpu.grpc_failure_codes",
+                Some(6),
             ),
         ];
         for (text, field, line) in cases {

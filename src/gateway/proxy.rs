@@ -293,8 +293,15 @@ impl Proxy {
     }
 
     /// A tower service that forwards every request to `upstream`, counting its requests,
-    /// failures and response-header latency in [`ProxyTo::metrics`].
+    /// failures and response-header latency in [`ProxyTo::metrics`]; over h2c when
+    /// [`ProxySettings::http2`] says so.
     pub fn to(&self, upstream: Upstream) -> ProxyTo {
+        self.to_over(upstream, self.settings.http2)
+    }
+
+    /// [`to`](Self::to), over h2c (prior knowledge) for every request when `http2` is set,
+    /// whatever [`ProxySettings::http2`] says: the `http2` setting of a named pool.
+    pub fn to_over(&self, upstream: Upstream, http2: bool) -> ProxyTo {
         let pool = Arc::new(UpstreamPool::new(
             Arc::clone(&self.pools),
             &upstream.authority,
@@ -306,6 +313,7 @@ impl Proxy {
                 upstream,
                 pool,
                 metrics: UpstreamMetrics::default(),
+                http2,
             }),
         }
     }
@@ -395,6 +403,8 @@ struct Target {
     upstream: Upstream,
     pool: Arc<UpstreamPool>,
     metrics: UpstreamMetrics,
+    /// Every request over h2c, not only gRPC.
+    http2: bool,
 }
 
 impl Target {
@@ -417,7 +427,7 @@ impl Target {
     ) -> Result<Response<ProxyBody>, Failure> {
         let settings = &*self.proxy.settings;
         check_request(&req)?;
-        let h2 = grpc || settings.http2;
+        let h2 = grpc || self.http2;
         let conn = if h2 {
             None
         } else {
@@ -746,6 +756,12 @@ impl ProxyTo {
     /// This upstream's request counters and latency histogram (clones share them).
     pub fn metrics(&self) -> &UpstreamMetrics {
         &self.target.metrics
+    }
+
+    /// `true` when every request goes to this upstream over h2c (`http2: true`), not only
+    /// gRPC.
+    pub fn http2(&self) -> bool {
+        self.target.http2
     }
 
     /// HTTP/1 connections opened to this upstream so far, by every thread.

@@ -24,6 +24,11 @@
 //!   `default_capacity`: the startup probe runs only at start); removed ones stop being
 //!   watched (their queued requests still finish under their old limit);
 //! * the breaker, unless its `fallback:` section or the pool changed;
+//! * all of this pool by pool: each pool of `pools:` (and `default`) is matched by its name
+//!   and kept, rebuilt or updated on its own as above (a named pool whose `http2` changed
+//!   is rebuilt, its replicas with new proxies and counters); a pool that is new starts as
+//!   at start, one that is gone stops (its health checker with it) once the requests it
+//!   serves have ended; the routes are rebuilt from the new config;
 //! * the listener's certificate: with `tls:`, both files are re-read on every reload
 //!   (before anything is applied: a bad file refuses the reload naming `tls.cert_file`).
 //!
@@ -309,10 +314,10 @@ pub(super) fn route(handle: ReloadHandle) -> Router {
         .route_layer(axum::middleware::from_fn(super::admin::same_site_json))
 }
 
-/// Every balance setting of `config` but the upstream list: what a reload compares to
-/// decide whether the running pool can stay.
-pub(super) fn pool_settings(config: &GatewayConfig) -> portcullis_balance::Config {
-    let mut balance = config.balance.clone();
+/// Every balance setting of a pool but its upstream list: what a reload compares to decide
+/// whether the running pool can stay.
+pub(super) fn pool_settings(balance: &portcullis_balance::Config) -> portcullis_balance::Config {
+    let mut balance = balance.clone();
     balance.upstreams.clear();
     balance
 }
@@ -322,7 +327,12 @@ pub(super) fn pool_settings(config: &GatewayConfig) -> portcullis_balance::Confi
 pub(super) fn changed_sections(old: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
     [
         ("upstreams", old.balance.upstreams != new.balance.upstreams),
-        ("balance", pool_settings(old) != pool_settings(new)),
+        (
+            "balance",
+            pool_settings(&old.balance) != pool_settings(&new.balance),
+        ),
+        ("pools", old.pools != new.pools),
+        ("routes", old.routes != new.routes),
         ("endpoints", old.admission != new.admission),
         (
             "default_capacity",

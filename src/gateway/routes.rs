@@ -9,10 +9,24 @@
 //!
 //! Matching is a scan of the routes with byte comparisons and no allocation; the table is
 //! built once from the config, its pool names already resolved to indexes.
+//!
+//! On the data path ([`PoolRouter`]) each route has a branch of its own, the whole chain
+//! from the admission layer down to its pool's balancer, and a last branch serves the
+//! requests no route matched. The admission layers of every branch share one set of
+//! watched endpoints (one limiter per endpoint path), so a watched endpoint is counted
+//! once, whatever pool serves it, and a request holds one slot; each branch's health gate
+//! asks its own pool. [`StripPrefix`] sits under the admission layer, so admission sees
+//! the path the client sent and the upstream the stripped one. With no route configured
+//! there is one branch and no router at all: a single-pool gateway serves exactly as
+//! before.
 
-use http::{Method, Uri};
+use axum::body::Body;
+use http::{Method, Request, Uri};
 use portcullis_core::ConfigError;
 use serde::Deserialize;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tower::Service;
 
 /// One entry of `routes:` as written in the config.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -97,19 +111,37 @@ impl RouteTable {
     /// nothing stripped.
     #[inline]
     pub fn route(&self, method: &Method, uri: &Uri, host: Option<&str>) -> RouteMatch {
-        let path = uri.path();
-        for r in &self.routes {
-            if r.matches(method, path, uri, host) {
-                return RouteMatch {
-                    pool: r.pool,
-                    strip: r.strip,
-                };
-            }
+        match self.position(method, uri, host) {
+            Some(i) => self.routes[i].target(),
+            None => self.fallthrough(),
         }
+    }
+
+    /// The index of the first route that matches a request, `None` when none does.
+    #[inline]
+    pub fn position(&self, method: &Method, uri: &Uri, host: Option<&str>) -> Option<usize> {
+        let path = uri.path();
+        self.routes
+            .iter()
+            .position(|r| r.matches(method, path, uri, host))
+    }
+
+    /// What each route says, in order.
+    pub fn targets(&self) -> impl ExactSizeIterator<Item = RouteMatch> + '_ {
+        self.routes.iter().map(Route::target)
+    }
+
+    /// Where a request that matches no route goes: the pool `default`, nothing stripped.
+    pub fn fallthrough(&self) -> RouteMatch {
         RouteMatch {
             pool: self.default_pool,
             strip: 0,
         }
+    }
+
+    /// The number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
     }
 
     /// `true` when no route is configured (every request goes to `default`).
@@ -183,6 +215,13 @@ impl Route {
         })
     }
 
+    fn target(&self) -> RouteMatch {
+        RouteMatch {
+            pool: self.pool,
+            strip: self.strip,
+        }
+    }
+
     #[inline]
     fn matches(&self, method: &Method, path: &str, uri: &Uri, host: Option<&str>) -> bool {
         let path_ok = match &self.path {
@@ -219,6 +258,132 @@ pub fn strip_path(path_and_query: &str, strip: usize) -> String {
     } else {
         rest.to_owned()
     }
+}
+
+/// The data path over routes: one branch per route, in the table's order, then the
+/// branch of the requests that match none (see the [module docs](self)).
+///
+/// Ready when every branch is (tower's `Steer` does the same): the branch is chosen in
+/// `call`, from the request. Every branch of the gateway is ready at once.
+#[derive(Debug, Clone)]
+pub struct PoolRouter<S> {
+    table: Arc<RouteTable>,
+    branches: Box<[S]>,
+}
+
+impl<S> PoolRouter<S> {
+    /// Routes over `table` to `branches`: one per route, then the fallthrough branch.
+    ///
+    /// # Panics
+    ///
+    /// When there is not one branch more than the table has routes.
+    pub fn new(table: Arc<RouteTable>, branches: Vec<S>) -> Self {
+        assert_eq!(
+            branches.len(),
+            table.len() + 1,
+            "one branch per route, then the fallthrough"
+        );
+        Self {
+            table,
+            branches: branches.into_boxed_slice(),
+        }
+    }
+
+    /// The branch a request goes to.
+    #[inline]
+    fn branch(&self, req: &Request<Body>) -> usize {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok());
+        self.table
+            .position(req.method(), req.uri(), host)
+            .unwrap_or(self.branches.len() - 1)
+    }
+}
+
+impl<S> Service<Request<Body>> for PoolRouter<S>
+where
+    S: Service<Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        for branch in self.branches.iter_mut() {
+            ready!(branch.poll_ready(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> S::Future {
+        let i = self.branch(&req);
+        self.branches[i].call(req)
+    }
+}
+
+/// Removes the first `strip` bytes of the request's path (a route's `strip_prefix`)
+/// before `inner` sees it; `0` passes the request as it is.
+#[derive(Debug, Clone)]
+pub struct StripPrefix<S> {
+    inner: S,
+    strip: usize,
+}
+
+impl<S> StripPrefix<S> {
+    /// Strips `strip` bytes (see [`RouteMatch::strip`]).
+    pub fn new(inner: S, strip: usize) -> Self {
+        Self { inner, strip }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Service<Request<Body>> for StripPrefix<S>
+where
+    S: Service<Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> S::Future {
+        if self.strip > 0 {
+            *req.uri_mut() = stripped_uri(req.uri(), self.strip);
+        }
+        self.inner.call(req)
+    }
+}
+
+/// `uri` with the first `strip` bytes of its path removed (scheme and authority kept).
+fn stripped_uri(uri: &Uri, strip: usize) -> Uri {
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut parts = uri.clone().into_parts();
+    // A valid path and query less a prefix of its path is still valid.
+    match strip_path(pq, strip).parse() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return uri.clone(),
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
 #[cfg(test)]
@@ -285,10 +450,68 @@ mod tests {
             route(&t, Method::GET, "http://admin.example/x", None),
             m(1, 0)
         );
+        assert_eq!(
+            t.targets().collect::<Vec<_>>(),
+            [m(1, 0), m(2, 0), m(2, 4), m(1, 0)]
+        );
+        assert_eq!(
+            t.position(&Method::GET, &"/none".parse().unwrap(), None),
+            None
+        );
+        assert_eq!(t.fallthrough(), m(0, 0));
+    }
+
+    #[tokio::test]
+    async fn the_router_sends_each_request_to_its_routes_branch() {
+        use tower::ServiceExt;
+        let t = Arc::new(table());
+        let branches = (0..=t.len())
+            .map(|i| {
+                tower::service_fn(move |req: Request<Body>| async move {
+                    Ok::<_, std::convert::Infallible>(format!("{i} {}", req.uri()))
+                })
+            })
+            .collect();
+        let router = PoolRouter::new(t, branches);
+        let send = |method: Method, uri: &str, host: Option<&str>| {
+            let mut req = Request::builder().method(method).uri(uri);
+            if let Some(h) = host {
+                req = req.header("host", h);
+            }
+            router.clone().oneshot(req.body(Body::empty()).unwrap())
+        };
+        assert_eq!(
+            send(Method::GET, "/v1/chat/x", None).await.unwrap(),
+            "0 /v1/chat/x"
+        );
+        assert_eq!(
+            send(Method::POST, "/v1/embed", None).await.unwrap(),
+            "1 /v1/embed"
+        );
+        assert_eq!(send(Method::GET, "/api/u", None).await.unwrap(), "2 /api/u");
+        assert_eq!(
+            send(Method::GET, "/x", Some("admin.example"))
+                .await
+                .unwrap(),
+            "3 /x"
+        );
+        assert_eq!(send(Method::GET, "/x", None).await.unwrap(), "4 /x");
+        let strip = StripPrefix::new(
+            tower::service_fn(|req: Request<Body>| async move {
+                Ok::<_, std::convert::Infallible>(req.uri().to_string())
+            }),
+            4,
+        );
+        let req = Request::get("/api/users?id=1").body(Body::empty()).unwrap();
+        assert_eq!(strip.oneshot(req).await.unwrap(), "/users?id=1");
     }
 
     #[test]
     fn strip_prefix_keeps_a_leading_slash_and_the_query() {
+        let uri: Uri = "http://h:1/api/users?id=1".parse().unwrap();
+        assert_eq!(stripped_uri(&uri, 4), "http://h:1/users?id=1");
+        let uri: Uri = "/api".parse().unwrap();
+        assert_eq!(stripped_uri(&uri, 4), "/");
         assert_eq!(strip_path("/api/users?id=1", 4), "/users?id=1");
         assert_eq!(strip_path("/api/", 4), "/");
         assert_eq!(strip_path("/api", 4), "/");

@@ -13,15 +13,26 @@
 //!                 └─ fallback: Proxy to `fallback.url` (the pool again when none is set)
 //! ```
 //!
+//! With `routes:`, a [`PoolRouter`] picks the chain of the request's route (one per route,
+//! each over its pool, and one for the requests no route matches; see [`super::routes`]):
+//!
+//! ```text
+//! PoolRouter (first matching route; none: the pool `default`)
+//!  └─ one chain per route: HttpAdmission (shared endpoints, the pool's health gate)
+//!       └─ HoldOnCancel └─ StripPrefix (`strip_prefix`) └─ ReplayBuffer └─ HttpFallback
+//!            └─ RetryingHttpBalance over the route's pool
+//! ```
+//!
 //! [`admission_over`] builds that chain over either capacity source (in-process or
 //! Redis-shared); [`local_source`] and [`shared_source`] build one endpoint's source,
 //! adaptive where an `adaptive:` block applies; [`fallback_breaker`] builds the breaker it
 //! routes with.
 
 use super::app::{BuildError, GatewayService};
-use super::config::GatewayConfig;
+use super::config::{GatewayConfig, PoolConfig};
 use super::proxy::{Proxy, ProxyBody, ProxyTo, SendFuture, Upstream};
 use super::replay_buffer::ReplayBuffer;
+use super::routes::{PoolRouter, RouteTable, StripPrefix};
 use axum::body::Body;
 use http::{Request, Response};
 use portcullis_admission::adaptive::AdaptiveCapacity;
@@ -35,6 +46,7 @@ use portcullis_breaker::{Breaker, HttpFallback};
 use portcullis_core::HealthSource;
 use portcullis_health::{GrpcHealthProbe, Probe, ProbeFuture, ProbeResult};
 use portcullis_redis::{RedisCapacity, RedisStorage};
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::util::{BoxCloneSyncService, Either};
@@ -96,69 +108,139 @@ pub(super) fn shared_source(
     }
 }
 
-/// The whole data path over `endpoints`, outermost first (see the [module docs](self)).
+/// What the data path needs of one upstream pool: its balancer's registry, its breaker
+/// and fallback, its retry policy.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PoolPath<'a> {
+    pub(super) registry: &'a ReplicaRegistry<ProxyTo>,
+    pub(super) fallback: Option<&'a Fallback>,
+    pub(super) retries: &'a Arc<Retries>,
+}
+
+impl PoolPath<'_> {
+    /// What the admission layer's health gate of this pool's branches asks.
+    pub(super) fn can_serve(&self) -> CanServe {
+        CanServe {
+            registry: self.registry.clone(),
+            has_fallback: self.fallback.is_some_and(|(b, _)| b.has_fallback()),
+        }
+    }
+}
+
+/// The whole data path over `endpoints`, outermost first (see the [module docs](self)),
+/// for each of `pools` (in the order of `routes`' pool indexes, `default` among them).
+///
+/// With no route, the one chain of the pool `default`, exactly as a single-pool gateway
+/// has it; with routes, a [`PoolRouter`] over one chain per route and one for the
+/// requests that match none (see [`super::routes`]).
 ///
 /// The response body is one concrete type from the proxy up to the admission layer (each
 /// layer wraps it, `http_body_util::Either` joins the branches) and is boxed once, here.
 pub(super) fn admission_over<C>(
     config: &GatewayConfig,
     endpoints: &Endpoints<C>,
-    can_serve: &CanServe,
-    fallback: Option<&Fallback>,
-    retries: &Arc<Retries>,
+    pools: &[PoolPath<'_>],
+    routes: &Arc<RouteTable>,
 ) -> GatewayService
 where
     C: CapacitySource,
     C::Permit: Send + Sync,
 {
-    let admission = HttpAdmissionLayer::new(endpoints.clone())
-        .with_health(can_serve.clone())
-        .honor_request_timeout(config.admission.honor_request_timeout);
-    // gRPC calls are failures by their `grpc-status`, the rest by 5xx: for ejection and for
-    // the breaker alike.
-    let classifier = config.balance.classifier();
-    // Retries happen inside the balancer's response future, under the admission layer: a
-    // retried request holds one admission slot.
-    let pool = RetryingHttpBalance::new(Dispatch, can_serve.registry.clone(), Arc::clone(retries))
-        .with_classifier(classifier.clone());
-    let primary = match fallback {
-        None => Either::Left(pool.map_response(either_left)),
-        Some((breaker, fallback_to)) => {
-            let fallback = match fallback_to {
-                Some(to) => Either::Left(to.clone().map_response(either_left)),
-                None => Either::Right(pool.clone().map_response(either_right)),
-            };
-            Either::Right(
-                HttpFallback::new(pool, fallback, breaker.clone())
-                    .with_classifier(classifier)
-                    .map_response(either_right),
-            )
-        }
+    let admission = |pool: &PoolPath<'_>| {
+        HttpAdmissionLayer::new(endpoints.clone())
+            .with_health(pool.can_serve())
+            .honor_request_timeout(config.admission.honor_request_timeout)
     };
-    // With `retry.on: [5xx]`, small idempotent requests are buffered here, so that the
-    // balancer can send them again after a 502/503.
-    let primary = ReplayBuffer::new(primary, Arc::clone(retries), config.client_body_timeout);
+    // One pool's part of the data path, under the admission layer: the replay buffer, the
+    // breaker when the pool has a `fallback:`, the retrying balancer.
+    let primary = |pool: &PoolPath<'_>| {
+        // gRPC calls are failures by their `grpc-status`, the rest by 5xx: for ejection and for
+        // the breaker alike (one `grpc_failure_codes` for every pool).
+        let classifier = config.balance.classifier();
+        // Retries happen inside the balancer's response future, under the admission layer: a
+        // retried request holds one admission slot.
+        let balance =
+            RetryingHttpBalance::new(Dispatch, pool.registry.clone(), Arc::clone(pool.retries))
+                .with_classifier(classifier.clone());
+        let primary = match pool.fallback {
+            None => Either::Left(balance.map_response(either_left)),
+            Some((breaker, fallback_to)) => {
+                let fallback = match fallback_to {
+                    Some(to) => Either::Left(to.clone().map_response(either_left)),
+                    None => Either::Right(balance.clone().map_response(either_right)),
+                };
+                Either::Right(
+                    HttpFallback::new(balance, fallback, breaker.clone())
+                        .with_classifier(classifier)
+                        .map_response(either_right),
+                )
+            }
+        };
+        // With `retry.on: [5xx]`, small idempotent requests are buffered here, so that the
+        // balancer can send them again after a 502/503.
+        ReplayBuffer::new(
+            primary,
+            Arc::clone(pool.retries),
+            config.client_body_timeout,
+        )
+    };
+    let targets = routes.targets().chain([routes.fallthrough()]);
     match config.on_client_cancel {
-        OnClientCancel::Release => {
-            BoxCloneSyncService::new(admission.layer(primary).map_response(to_body))
-        }
+        OnClientCancel::Release => routed(
+            routes,
+            targets
+                .map(|t| {
+                    let pool = &pools[t.pool];
+                    admission(pool).layer(StripPrefix::new(primary(pool), t.strip))
+                })
+                .collect(),
+        ),
         // Keeps a cancelled request's slot until its upstream request has ended.
         OnClientCancel::Hold => {
             let hold = HoldOnCancelLayer::new(config.client_cancel_hold_limit());
-            BoxCloneSyncService::new(
-                admission
-                    .hold_on_client_cancel(true)
-                    .layer(hold.layer(primary))
-                    .map_response(to_body),
+            routed(
+                routes,
+                targets
+                    .map(|t| {
+                        let pool = &pools[t.pool];
+                        admission(pool)
+                            .hold_on_client_cancel(true)
+                            .layer(hold.layer(StripPrefix::new(primary(pool), t.strip)))
+                    })
+                    .collect(),
             )
         }
     }
 }
 
-/// The breaker of `config.fallback` (none without that section), probing the live pool of
-/// `registry` and the fallback's `url`; its proxy goes through `proxy`.
+/// The data path of one chain (no route), or the router over one chain per route; boxed.
+fn routed<S, B>(routes: &Arc<RouteTable>, mut branches: Vec<S>) -> GatewayService
+where
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    match (routes.is_empty(), branches.pop()) {
+        (true, Some(only)) => BoxCloneSyncService::new(only.map_response(to_body)),
+        (_, last) => {
+            branches.extend(last);
+            BoxCloneSyncService::new(
+                PoolRouter::new(Arc::clone(routes), branches).map_response(to_body),
+            )
+        }
+    }
+}
+
+/// The breaker of a pool's `fallback` (none without that section), probing the live pool
+/// of `registry` and the fallback's `url`; its proxy goes through `proxy` (over h2c with
+/// the pool's `http2`).
 pub(super) fn fallback_breaker(
-    config: &GatewayConfig,
+    config: &PoolConfig,
     registry: &ReplicaRegistry<ProxyTo>,
     proxy: &Proxy,
 ) -> Result<Option<Fallback>, BuildError> {
@@ -179,10 +261,11 @@ pub(super) fn fallback_breaker(
     // The replicas' own kind of check (HTTP or grpc.health.v1), with the breaker's timeout.
     let check: Arc<dyn Probe> = match config.balance.health_check.kind {
         // Over TLS for `https://` targets, with the proxy's own TLS settings.
-        HealthCheckKind::Http => Arc::new(super::upstream_probe::UpstreamProbe::new(
+        HealthCheckKind::Http => Arc::new(super::upstream_probe::UpstreamProbe::over(
             config.balance.health_endpoint.clone(),
             fallback.probe_timeout,
             proxy,
+            config.http2,
         )),
         HealthCheckKind::Grpc => Arc::new(GrpcHealthProbe::new(
             config.balance.health_check.service.clone(),
@@ -199,7 +282,10 @@ pub(super) fn fallback_breaker(
         .health_endpoint(config.balance.health_endpoint.clone())
         .probe(probe)
         .build();
-    Ok(Some((breaker, fallback_url.map(|u| proxy.to(u)))))
+    Ok(Some((
+        breaker,
+        fallback_url.map(|u| proxy.to_over(u, config.http2)),
+    )))
 }
 
 /// Sends `(replica, request)` to the replica's proxy: the balancer's dispatch service. A

@@ -36,11 +36,22 @@ impl UpstreamProbe {
     /// A probe of `path` with a per-check `timeout`; `https://` targets use `proxy`'s TLS,
     /// and `http://` targets are checked over h2c when `proxy` sends its requests so.
     pub fn new(path: impl Into<String>, timeout: Duration, proxy: &super::Proxy) -> Self {
+        Self::over(path, timeout, proxy, proxy.settings().http2)
+    }
+
+    /// [`new`](Self::new), checking `http://` targets over h2c when `http2` is set whatever
+    /// `proxy` does (the `http2` setting of a named pool).
+    pub fn over(
+        path: impl Into<String>,
+        timeout: Duration,
+        proxy: &super::Proxy,
+        http2: bool,
+    ) -> Self {
         let settings = proxy.settings();
         Self {
             http: HttpProbe::new(path, timeout),
             pools: Arc::clone(proxy.pools()),
-            h2: settings.http2.then(|| h2_client(settings)),
+            h2: http2.then(|| h2_client(settings)),
         }
     }
 

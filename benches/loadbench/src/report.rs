@@ -190,6 +190,7 @@ pub(crate) fn check_targets(rows: &[Row], redis_used: bool) -> Vec<TargetCheck> 
     let hp = find(rows, Mode::Haproxy, c);
     let adm = find(rows, Mode::GatewayAdmission, c);
     let redis = find(rows, Mode::GatewayRedis, c).filter(|_| redis_used);
+    let routes = find(rows, Mode::GatewayRoutes, c);
     let mut out = Vec::new();
     let mut ratio_check =
         |goal: &'static str, a: Option<f64>, b: Option<f64>, ok: fn(f64) -> bool| {
@@ -215,7 +216,7 @@ pub(crate) fn check_targets(rows: &[Row], redis_used: bool) -> Vec<TargetCheck> 
     let p99: Figure = |r| r.p99_ms;
     let cpu: Figure = |r| r.cpu_per_10k;
     // (goal, measured row, reference row, figure, met when the ratio ...)
-    let ratios: [Ratio; 6] = [
+    let ratios: [Ratio; 7] = [
         ("gateway req/s ≥ 1.2× nginx", gw, ng, rps, |x| x >= 1.2),
         ("gateway req/s ≥ 1.0× HAProxy", gw, hp, rps, |x| x >= 1.0),
         ("gateway p99 ≤ 0.8× nginx", gw, ng, p99, |x| x <= 0.8),
@@ -228,6 +229,13 @@ pub(crate) fn check_targets(rows: &[Row], redis_used: bool) -> Vec<TargetCheck> 
             adm,
             rps,
             |x| x >= 0.7,
+        ),
+        (
+            "five routes (match on the last) req/s ≥ 0.97× no routes",
+            routes,
+            gw,
+            rps,
+            |x| x >= 0.97,
         ),
         (
             "gateway CPU per request ≤ 1.0× nginx",

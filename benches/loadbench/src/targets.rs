@@ -30,6 +30,10 @@ pub(crate) enum Mode {
     GatewayAccessLog,
     /// Admission with Redis storage (a private redis-server started by the harness).
     GatewayRedis,
+    /// The pure proxy with five routes, the benchmarked path matching the last one, to a
+    /// named pool over the same backends with the same settings (issue 16): what routing
+    /// costs.
+    GatewayRoutes,
     /// nginx, 2 worker processes.
     Nginx,
     /// HAProxy, 2 threads.
@@ -41,8 +45,9 @@ pub(crate) enum Mode {
 
 impl Mode {
     /// Every mode, in measuring order.
-    pub(crate) const ALL: [Mode; 8] = [
+    pub(crate) const ALL: [Mode; 9] = [
         Mode::Gateway,
+        Mode::GatewayRoutes,
         Mode::Nginx,
         Mode::Haproxy,
         Mode::HyperBare,
@@ -59,6 +64,7 @@ impl Mode {
             Mode::GatewayAdmission => "gateway-admission",
             Mode::GatewayP2c => "gateway-p2c",
             Mode::GatewayRedis => "gateway-redis",
+            Mode::GatewayRoutes => "gateway-routes",
             Mode::GatewayAccessLog => "gateway-access-log",
             Mode::Nginx => "nginx",
             Mode::Haproxy => "haproxy",
@@ -101,6 +107,24 @@ pub(crate) fn gateway_yaml(mode: Mode, port: u16, backends: &[u16], redis: Optio
         "health_endpoint: /healthz\nhealth_check_interval: 1\nhealth_check_timeout: 1\n\
          failure_threshold: 3\nrecovery_threshold: 2\neject_after: 5\neject_for: 30\n",
     );
+    if mode == Mode::GatewayRoutes {
+        // Four routes the benchmarked path does not match (one of them only by its method,
+        // one only by its host), then the one it does, to a pool like `default`.
+        y.push_str("pools:\n  bench:\n    upstreams:\n");
+        for p in backends {
+            let _ = writeln!(y, "      - {{url: \"http://127.0.0.1:{p}\"}}");
+        }
+        y.push_str(
+            "    routing_strategy: round-robin\n    health_endpoint: /healthz\n\
+             \x20   health_check_interval: 1\n    health_check_timeout: 1\n\
+             \x20   failure_threshold: 3\n    recovery_threshold: 2\n    eject_after: 5\n\
+             \x20   eject_for: 30\n",
+        );
+        let _ = writeln!(
+            y,
+            "routes:\n  - {{prefix: /v1/chat/, pool: bench}}\n  - {{path: /v1/embed, method: POST, pool: bench}}\n  - {{prefix: /api/, pool: bench, strip_prefix: true}}\n  - {{prefix: {BENCH_PATH}, host: other.example, pool: bench}}\n  - {{prefix: {BENCH_PATH}, pool: bench}}"
+        );
+    }
     if matches!(mode, Mode::GatewayAdmission | Mode::GatewayRedis) {
         let _ = writeln!(
             y,
@@ -215,6 +239,18 @@ mod tests {
         let redis = gateway_yaml(Mode::GatewayRedis, 9000, &[9001, 9002], Some(6400));
         assert!(redis.contains("storage: {type: redis, url: \"redis://127.0.0.1:6400\"}"));
         assert!(redis.contains("/bench: {capacity: 100000}"));
+        let routes = gateway_yaml(Mode::GatewayRoutes, 9000, &[9001, 9002], None);
+        assert_eq!(routes.matches("pool: bench").count(), 5, "{routes}");
+        assert!(
+            routes.ends_with("- {prefix: /bench, pool: bench}\n"),
+            "{routes}"
+        );
+        assert_eq!(
+            routes.matches("http://127.0.0.1:9001").count(),
+            2,
+            "{routes}"
+        );
+        assert!(!pure.contains("routes:"));
     }
 
     #[test]

@@ -56,3 +56,6 @@ pub const INVALID_CONFIG: &str = "invalid_config";
 pub const RELOAD_UNAVAILABLE: &str = "reload_unavailable";
 /// 500: a valid config could not be applied by a reload (the old one keeps running).
 pub const RELOAD_FAILED: &str = "reload_failed";
+/// `404`: an operator route named an upstream pool the gateway does not have
+/// (`POST`/`DELETE /balancer/upstreams` with `pool`).
+pub const UNKNOWN_POOL: &str = "unknown_pool";

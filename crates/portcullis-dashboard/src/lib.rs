@@ -69,8 +69,8 @@ pub mod testing;
 pub use auth::{BasicAuthLayer, Credentials};
 pub use config::{UiConfig, DEFAULT_UI_PATH};
 pub use stats::{
-    AdmissionSource, Bucket, EndpointStats, FallbackStats, HealthSummary, Histogram, ReloadStats,
-    RetryStats, Stats, StatsSource, StorageStats, Tier, UpstreamStats,
+    AdmissionSource, Bucket, EndpointStats, FallbackStats, HealthSummary, Histogram, PoolStats,
+    ReloadStats, RetryStats, Stats, StatsSource, StorageStats, Tier, UpstreamStats,
 };
 
 use axum::http::{header, HeaderValue};

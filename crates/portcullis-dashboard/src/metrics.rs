@@ -4,6 +4,10 @@
 //! scrape (a small [`Collector`] encodes the families directly, so histograms keep the
 //! exact bucket counts of the snapshot). Names are stable and prefixed `portcullis_`:
 //!
+//! Every upstream and fallback series carries the `pool` it belongs to (`pool="default"` for
+//! the top-level `upstreams`), so a replica in two pools is two series; a query that
+//! selects on `upstream` and `tier` alone still matches.
+//!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `portcullis_build_info` | gauge (1) | `version` |
@@ -26,14 +30,14 @@
 //! | `portcullis_endpoint_min_rtt_seconds`, `portcullis_endpoint_sample_rtt_seconds` | gauge | `endpoint` (adaptive endpoints) |
 //! | `portcullis_endpoint_adaptive_state` | gauge (1) | `endpoint`, `state` (adaptive endpoints) |
 //! | `portcullis_endpoint_capacity_changes_total` | counter | `endpoint` (adaptive endpoints) |
-//! | `portcullis_upstream_healthy`, `portcullis_upstream_ejected` | gauge (0/1) | `upstream`, `tier` |
-//! | `portcullis_upstream_inflight` | gauge | `upstream`, `tier` |
-//! | `portcullis_upstream_probe_latency_seconds` | gauge | `upstream`, `tier` |
-//! | `portcullis_upstream_requests_total`, `portcullis_upstream_failures_total`, `portcullis_upstream_client_closed_total` | counter | `upstream`, `tier` |
-//! | `portcullis_upstream_request_duration_seconds` | histogram | `upstream`, `tier` |
-//! | `portcullis_fallback_engaged` | gauge (0/1) | `fallback` |
-//! | `portcullis_fallback_engaged_seconds` | gauge | `fallback` |
-//! | `portcullis_fallback_trips_total`, `portcullis_fallback_requests_total` | counter | `fallback` |
+//! | `portcullis_upstream_healthy`, `portcullis_upstream_ejected` | gauge (0/1) | `upstream`, `tier`, `pool` |
+//! | `portcullis_upstream_inflight` | gauge | `upstream`, `tier`, `pool` |
+//! | `portcullis_upstream_probe_latency_seconds` | gauge | `upstream`, `tier`, `pool` |
+//! | `portcullis_upstream_requests_total`, `portcullis_upstream_failures_total`, `portcullis_upstream_client_closed_total` | counter | `upstream`, `tier`, `pool` |
+//! | `portcullis_upstream_request_duration_seconds` | histogram | `upstream`, `tier`, `pool` |
+//! | `portcullis_fallback_engaged` | gauge (0/1) | `fallback`, `pool` |
+//! | `portcullis_fallback_engaged_seconds` | gauge | `fallback`, `pool` |
+//! | `portcullis_fallback_trips_total`, `portcullis_fallback_requests_total` | counter | `fallback`, `pool` |
 //! | `portcullis_storage_healthy` | gauge (0/1) | `kind` |
 //! | `portcullis_tls_handshakes_failed_total` | counter | |
 //! | `portcullis_access_log_dropped_total` | counter | |
@@ -43,6 +47,9 @@
 //! | `portcullis_last_reload_timestamp_seconds`, `portcullis_last_reload_success` (0/1) | gauge | (absent before the first reload) |
 
 use crate::stats::{Histogram, Stats, Tier};
+
+/// The pool of a source's top-level `upstreams` and `fallback`.
+const DEFAULT_POOL: &str = "default";
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder};
 use prometheus_client::metrics::MetricType;
@@ -325,88 +332,110 @@ impl Collector for StatsCollector {
                 .map(|(path, st)| (vec![("endpoint", path.as_str())], &st.queue_wait)),
         )?;
 
-        fn up(u: &crate::UpstreamStats) -> Labels<'_> {
-            vec![("upstream", u.url.as_str()), ("tier", tier(u.tier))]
+        // Every upstream of every pool, labelled with its pool (`default` for a source
+        // without pools: its `upstreams` are the pool `default`).
+        fn up<'a>((pool, u): &(&'a str, &'a crate::UpstreamStats)) -> Labels<'a> {
+            vec![
+                ("upstream", u.url.as_str()),
+                ("tier", tier(u.tier)),
+                ("pool", pool),
+            ]
         }
-        let ups = &s.upstreams;
+        let ups: Vec<(&str, &crate::UpstreamStats)> = if s.pools.is_empty() {
+            s.upstreams.iter().map(|u| (DEFAULT_POOL, u)).collect()
+        } else {
+            s.pools
+                .iter()
+                .flat_map(|(name, p)| p.upstreams.iter().map(move |u| (name.as_str(), u)))
+                .collect()
+        };
         gauge_i64(
             e,
             "upstream_healthy",
             "1 while the replica is healthy.",
-            ups.iter().map(|u| (up(u), bool_gauge(u.healthy))),
+            ups.iter().map(|u| (up(u), bool_gauge(u.1.healthy))),
         )?;
         gauge_i64(
             e,
             "upstream_ejected",
             "1 while the replica is ejected.",
-            ups.iter().map(|u| (up(u), bool_gauge(u.ejected))),
+            ups.iter().map(|u| (up(u), bool_gauge(u.1.ejected))),
         )?;
         gauge_f64(
             e,
             "upstream_inflight",
             "Requests in flight to the replica.",
-            ups.iter().map(|u| (up(u), u.inflight as f64)),
+            ups.iter().map(|u| (up(u), u.1.inflight as f64)),
         )?;
         gauge_f64(
             e,
             "upstream_probe_latency_seconds",
             "Latency of the last active health probe.",
             ups.iter()
-                .filter_map(|u| u.last_probe_latency_ms.map(|ms| (up(u), ms / 1000.0))),
+                .filter_map(|u| u.1.last_probe_latency_ms.map(|ms| (up(u), ms / 1000.0))),
         )?;
         counter(
             e,
             "upstream_requests",
             "Requests sent to the replica.",
-            ups.iter().map(|u| (up(u), u.requests)),
+            ups.iter().map(|u| (up(u), u.1.requests)),
         )?;
         counter(
             e,
             "upstream_failures",
             "Failed requests to the replica.",
-            ups.iter().map(|u| (up(u), u.failures)),
+            ups.iter().map(|u| (up(u), u.1.failures)),
         )?;
         counter(
             e,
             "upstream_client_closed",
             "Requests to the replica whose client went away before its request body was complete.",
-            ups.iter().map(|u| (up(u), u.client_closed)),
+            ups.iter().map(|u| (up(u), u.1.client_closed)),
         )?;
         histogram(
             e,
             "upstream_request_duration_seconds",
             "Latency of requests proxied to the replica.",
             ups.iter()
-                .filter_map(|u| u.latency.as_ref().map(|h| (up(u), h))),
+                .filter_map(|u| u.1.latency.as_ref().map(|h| (up(u), h))),
         )?;
 
-        if let Some(f) = &s.fallback {
-            let l = || vec![("fallback", f.url.as_str())];
-            gauge_i64(
-                e,
-                "fallback_engaged",
-                "1 while traffic goes to the fallback.",
-                [(l(), bool_gauge(f.engaged))],
-            )?;
-            gauge_f64(
-                e,
-                "fallback_engaged_seconds",
-                "How long the fallback has been engaged.",
-                [(l(), f.engaged_for_seconds)],
-            )?;
-            counter(
-                e,
-                "fallback_trips",
-                "Times the breaker tripped to the fallback.",
-                [(l(), f.trips)],
-            )?;
-            counter(
-                e,
-                "fallback_requests",
-                "Requests served by the fallback.",
-                [(l(), f.fallback_requests)],
-            )?;
+        // Each pool's fallback, labelled with its pool.
+        let fallbacks: Vec<(&str, &crate::FallbackStats)> = if s.pools.is_empty() {
+            s.fallback.iter().map(|f| (DEFAULT_POOL, f)).collect()
+        } else {
+            s.pools
+                .iter()
+                .filter_map(|(name, p)| Some((name.as_str(), p.fallback.as_ref()?)))
+                .collect()
+        };
+        fn fb<'a>((pool, f): &(&'a str, &'a crate::FallbackStats)) -> Labels<'a> {
+            vec![("fallback", f.url.as_str()), ("pool", pool)]
         }
+        gauge_i64(
+            e,
+            "fallback_engaged",
+            "1 while traffic goes to the fallback.",
+            fallbacks.iter().map(|f| (fb(f), bool_gauge(f.1.engaged))),
+        )?;
+        gauge_f64(
+            e,
+            "fallback_engaged_seconds",
+            "How long the fallback has been engaged.",
+            fallbacks.iter().map(|f| (fb(f), f.1.engaged_for_seconds)),
+        )?;
+        counter(
+            e,
+            "fallback_trips",
+            "Times the breaker tripped to the fallback.",
+            fallbacks.iter().map(|f| (fb(f), f.1.trips)),
+        )?;
+        counter(
+            e,
+            "fallback_requests",
+            "Requests served by the fallback.",
+            fallbacks.iter().map(|f| (fb(f), f.1.fallback_requests)),
+        )?;
         gauge_i64(
             e,
             "storage_healthy",
@@ -505,5 +534,47 @@ mod tests {
         // A source without retries has no rows (the families may be declared empty).
         let text = render(&Stats::default());
         assert!(!text.contains("portcullis_retries_total{"), "{text}");
+    }
+
+    #[test]
+    fn upstreams_carry_their_pool() {
+        let up = |url: &str, requests| crate::UpstreamStats {
+            url: url.into(),
+            requests,
+            ..Default::default()
+        };
+        // A source without pools: its upstreams are the pool `default`.
+        let mut stats = Stats {
+            upstreams: vec![up("http://a:1", 3)],
+            ..Stats::default()
+        };
+        let text = render(&stats);
+        assert!(
+            text.contains(
+                "portcullis_upstream_requests_total{upstream=\"http://a:1\",tier=\"primary\",pool=\"default\"} 3"
+            ),
+            "{text}"
+        );
+        // With pools, each replica under its own pool, one in two pools twice.
+        for (name, requests) in [("default", 3), ("gpu", 5)] {
+            stats.pools.insert(
+                name.into(),
+                crate::PoolStats {
+                    upstreams: vec![up("http://a:1", requests)],
+                    ..Default::default()
+                },
+            );
+        }
+        let text = render(&stats);
+        for (pool, n) in [("default", 3), ("gpu", 5)] {
+            let series = format!(
+                "portcullis_upstream_requests_total{{upstream=\"http://a:1\",tier=\"primary\",pool=\"{pool}\"}} {n}"
+            );
+            assert!(text.contains(&series), "{series}: {text}");
+        }
+        assert_eq!(
+            text.matches("portcullis_upstream_requests_total{").count(),
+            2
+        );
     }
 }

@@ -63,6 +63,26 @@ pub struct Stats {
     /// The outcome of the last reload; `null` before the first.
     #[serde(default)]
     pub last_reload: Option<ReloadStats>,
+    /// Every upstream pool by name, `default` (the top-level `upstreams`, also in
+    /// [`upstreams`](Self::upstreams), [`fallback`](Self::fallback) and
+    /// [`retry`](Self::retry)) among them; empty for a source without pools.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolStats>,
+}
+
+/// One upstream pool (`pools.<name>` in `/balancer/stats`): its replicas, its retries and
+/// its breaker's fallback.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// The pool's replicas, in configuration order.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamStats>,
+    /// The pool's retries.
+    #[serde(default)]
+    pub retry: RetryStats,
+    /// The pool's fallback; `null` when it has no `fallback:` section.
+    #[serde(default)]
+    pub fallback: Option<FallbackStats>,
 }
 
 /// The outcome of one config reload (`last_reload` in `/balancer/stats`).

@@ -262,6 +262,79 @@ async fn dashboard_renders_live_stats_in_headless_chromium() {
     client.close().await.unwrap();
     drop(profile);
 
+    // Several pools: one heading per pool, `default` first, each replica under its pool.
+    let mut pooled = sample_stats(1, 0);
+    let gpu = portcullis_dashboard::UpstreamStats {
+        url: "http://10.0.0.50:8000".into(),
+        healthy: true,
+        status: "healthy".into(),
+        ..Default::default()
+    };
+    for (name, upstreams) in [("default", pooled.upstreams.clone()), ("gpu", vec![gpu])] {
+        let pool = portcullis_dashboard::PoolStats {
+            upstreams,
+            ..Default::default()
+        };
+        pooled.pools.insert(name.to_owned(), pool);
+    }
+    let app = router(&UiConfig::default(), move || pooled.clone(), &registry);
+    let (addr, _pooled_server) = serve(app).await;
+    let profile = Profile::new(&out, "pools");
+    let client = driver.open(&profile, false).await;
+    client
+        .goto(&format!("http://{addr}/balancer/ui"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let groups = loop {
+        let groups = client
+            .execute(
+                r#"
+                const heads = Array.from(document.querySelectorAll('#upstreams tr.pool-head'));
+                if (heads.length === 0) return null;
+                return {
+                  heads: heads.map(h => h.getAttribute('data-pool-head')),
+                  text: heads.map(h => h.textContent),
+                  gpu: Array.from(document.querySelectorAll('#upstreams tr[data-pool="gpu"]'))
+                    .map(r => r.getAttribute('data-url')),
+                  rows: document.querySelectorAll('#upstreams tbody tr[data-url]').length,
+                  count: document.getElementById('up-count').textContent,
+                };
+                "#,
+                vec![],
+            )
+            .await
+            .expect("script runs");
+        if !groups.is_null() {
+            break groups;
+        }
+        assert!(Instant::now() < deadline, "no pool headings shown");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        groups["heads"],
+        serde_json::json!(["default", "gpu"]),
+        "{groups}"
+    );
+    assert!(
+        groups["text"][1].as_str().unwrap().contains("Pool gpu"),
+        "{groups}"
+    );
+    assert_eq!(
+        groups["gpu"],
+        serde_json::json!(["http://10.0.0.50:8000"]),
+        "{groups}"
+    );
+    assert_eq!(groups["rows"], 4, "{groups}");
+    assert_eq!(groups["count"], "4", "{groups}");
+    std::fs::write(
+        out.join("dashboard-pools.png"),
+        client.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    client.close().await.unwrap();
+    drop(profile);
+
     if update_docs {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
         std::fs::copy(&desktop, docs.join("dashboard.png")).unwrap();
