@@ -12,12 +12,16 @@
 //! JSON or the combined log format, with the time, method, path, status, upstream,
 //! duration, bytes in and out, admission wait, the rejection `error` code and the request
 //! id. The line is written when the response body ends (or the client goes away), by a
-//! writer thread of its own: the request path formats the line and hands it over a bounded
-//! channel ([`LINE_BUFFER`] lines) with `try_send`, so a slow disk or a full pipe never
-//! blocks a request; a line that does not fit is dropped and counted
-//! ([`AccessLog::dropped`]). This is a channel of our own rather than tracing-appender's
-//! `non_blocking` writer because the access log must not depend on the user's tracing
-//! subscriber or its filter, and it needs no extra dependency.
+//! writer thread of its own: the request path hands the line's raw fields (a plain record
+//! of times, numbers and reference-counted header values, no text) over a bounded channel
+//! ([`LINE_BUFFER`] lines) with `try_send`, so a slow disk or a full pipe never blocks a
+//! request; a line that does not fit is dropped and counted ([`AccessLog::dropped`]). The
+//! writer thread formats the lines, by hand rather than through `serde_json` (the same
+//! text, checked against it by a property test), a batch every [`DRAIN_EVERY`], and
+//! [`AccessLog::flush`] writes out what was sent when the gateway shuts down. This is a
+//! channel of our own rather than tracing-appender's `non_blocking` writer because the
+//! access log must not depend on the user's tracing subscriber or its filter, and it needs
+//! no extra dependency.
 //!
 //! **Spans.** Each request also runs in a `tracing` span named `request` (target
 //! `portcullis::request`, level DEBUG) with the same fields, recorded as they become known.
@@ -35,7 +39,7 @@ use std::cell::Cell;
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
@@ -136,12 +140,14 @@ pub(crate) fn stamp_response(resp: &mut Response<Body>, id: &HeaderValue) -> Opt
 }
 
 /// What the proxy tells the access log about a request: the upstream it went to and when
-/// (the end of the admission wait). Put in the request's extensions by the front only
-/// while the access log or the request span is on.
+/// (the end of the admission wait), and the bytes of the request body as they stream. Put
+/// in the request's extensions by the front only while the access log or the request span
+/// is on.
 #[derive(Debug, Default)]
 pub struct DispatchNote {
     upstream: OnceLock<Arc<str>>,
     at: OnceLock<Instant>,
+    bytes_in: AtomicU64,
 }
 
 impl DispatchNote {
@@ -159,7 +165,7 @@ pub fn note_dispatch<B>(req: &Request<B>, upstream: &Arc<str>) {
     }
 }
 
-/// The access log: its format and the writer thread's channel. Clones share both.
+/// The access log: the writer thread's channel and the dropped-line count. Clones share both.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     inner: Arc<Writer>,
@@ -167,9 +173,21 @@ pub struct AccessLog {
 
 #[derive(Debug)]
 struct Writer {
-    format: AccessLogFormat,
-    lines: SyncSender<String>,
+    lines: SyncSender<Message>,
     dropped: AtomicU64,
+}
+
+/// What the writer thread receives.
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a line travels by value: boxing it would cost the allocation per request the record avoids"
+)]
+enum Message {
+    /// A request's line, to format and write.
+    Line(Record),
+    /// Write and flush everything received so far, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl AccessLog {
@@ -187,12 +205,12 @@ impl AccessLog {
             ),
         };
         let (lines, rx) = std::sync::mpsc::sync_channel(LINE_BUFFER);
+        let format = config.format;
         std::thread::Builder::new()
             .name("portcullis-access-log".into())
-            .spawn(move || write_lines(&rx, out))?;
+            .spawn(move || LineWriter::new(format, out).run(&rx))?;
         Ok(Self {
             inner: Arc::new(Writer {
-                format: config.format,
                 lines,
                 dropped: AtomicU64::new(0),
             }),
@@ -204,8 +222,33 @@ impl AccessLog {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
-    fn send(&self, line: String) {
-        match self.inner.lines.try_send(line) {
+    /// Waits (up to `timeout`) until every line sent before the call is written and the
+    /// output flushed; `false` if the time ran out or the writer is gone. The gateway calls
+    /// it at shutdown, after the last request, so the log is complete when the process exits.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let flushed = async {
+            let mut message = Message::Flush(done);
+            // The channel may be full: the writer empties it every `DRAIN_EVERY`.
+            loop {
+                match self.inner.lines.try_send(message) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(m)) => {
+                        message = m;
+                        tokio::time::sleep(DRAIN_EVERY / 4).await;
+                    }
+                    Err(TrySendError::Disconnected(_)) => return false,
+                }
+            }
+            wait.await.is_ok()
+        };
+        tokio::time::timeout(timeout, flushed)
+            .await
+            .unwrap_or(false)
+    }
+
+    fn send(&self, record: Record) {
+        match self.inner.lines.try_send(Message::Line(record)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.inner.dropped.fetch_add(1, Ordering::Relaxed);
@@ -215,51 +258,157 @@ impl AccessLog {
     }
 }
 
-/// The writer thread: writes lines as they come, flushing whenever it has caught up.
 /// How often the busy writer thread drains the channel (a line reaches the output within
 /// about this long).
 pub const DRAIN_EVERY: Duration = Duration::from_millis(20);
 
-/// The writer thread. Idle, it blocks on the channel; once a line arrives it sleeps
-/// [`DRAIN_EVERY`], writes every line that came meanwhile through a 64 KiB buffer and
-/// flushes, and goes on so until a tick finds the channel empty. While it sleeps no sender
-/// has to wake it, so a request costs a channel push, not a futex wake and a `write`
-/// (which cost the gateway about a quarter of its req/s in the loadbench).
-fn write_lines(rx: &Receiver<String>, out: Box<dyn Write + Send>) {
-    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        loop {
-            let mut wrote = false;
-            while let Some(line) = next.take() {
-                if out.write_all(line.as_bytes()).is_err() {
-                    return;
-                }
-                wrote = true;
-                next = match rx.try_recv() {
-                    Ok(line) => Some(line),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => {
-                        let _ = out.flush();
-                        return;
-                    }
-                };
-            }
-            if out.flush().is_err() {
-                return;
-            }
-            if !wrote {
-                break;
-            }
-            std::thread::sleep(DRAIN_EVERY);
-            next = match rx.try_recv() {
-                Ok(line) => Some(line),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return,
-            };
+/// Bytes of formatted lines the writer collects before a `write`.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// The writer thread's state: the format, the output and the lines formatted but not yet
+/// written.
+struct LineWriter {
+    format: AccessLogFormat,
+    out: Box<dyn Write + Send>,
+    buf: Vec<u8>,
+    clock: TimeText,
+}
+
+impl LineWriter {
+    fn new(format: AccessLogFormat, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            format,
+            out,
+            buf: Vec::with_capacity(WRITE_BUFFER + 1024),
+            clock: TimeText::default(),
         }
     }
-    let _ = out.flush();
+
+    /// Idle, it blocks on the channel; once a line arrives it sleeps [`DRAIN_EVERY`],
+    /// formats every line that came meanwhile into a 64 KiB buffer, writes and flushes,
+    /// and goes on so until a tick finds the channel empty. While it sleeps no sender has
+    /// to wake it, so a request costs a channel push, not a futex wake and a `write`; and
+    /// the line is formatted here, not on the request path. It ends when every sender is
+    /// gone, after writing what they sent.
+    fn run(mut self, rx: &Receiver<Message>) {
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            loop {
+                let mut got = false;
+                while let Some(message) = next.take() {
+                    got = true;
+                    if self.take(message).is_err() {
+                        return;
+                    }
+                    next = match rx.try_recv() {
+                        Ok(message) => Some(message),
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Disconnected) => {
+                            let _ = self.flush();
+                            return;
+                        }
+                    };
+                }
+                if self.flush().is_err() {
+                    return;
+                }
+                if !got {
+                    break;
+                }
+                std::thread::sleep(DRAIN_EVERY);
+                next = match rx.try_recv() {
+                    Ok(message) => Some(message),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                };
+            }
+        }
+        let _ = self.flush();
+    }
+
+    fn take(&mut self, message: Message) -> io::Result<()> {
+        match message {
+            Message::Line(record) => {
+                match self.format {
+                    AccessLogFormat::Json => json_line(&record, &mut self.clock, &mut self.buf),
+                    AccessLogFormat::Combined => combined_line(&record, &mut self.buf),
+                }
+                if self.buf.len() >= WRITE_BUFFER {
+                    self.out.write_all(&self.buf)?;
+                    self.buf.clear();
+                }
+            }
+            Message::Flush(done) => {
+                self.flush()?;
+                let _ = done.send(());
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.out.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        self.out.flush()
+    }
+}
+
+/// One request's line in raw fields, as the request path hands it to the writer thread:
+/// plain values and reference counts, no text formatted and no allocation (a path longer
+/// than [`LogPath`]'s inline room is the exception).
+#[derive(Debug)]
+struct Record {
+    time: SystemTime,
+    duration: Duration,
+    admission_wait: Option<Duration>,
+    bytes_in: u64,
+    bytes_out: u64,
+    method: Method,
+    path: LogPath,
+    version: http::Version,
+    remote: Option<IpAddr>,
+    user_agent: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+    request_id: HeaderValue,
+    upstream: Option<Arc<str>>,
+    status: StatusCode,
+    error: Option<&'static str>,
+}
+
+/// Bytes of a request path kept inline in a [`Record`]; a longer path is copied to the heap.
+const INLINE_PATH: usize = 62;
+
+/// A request path, copied out of the request (a clone of its `Uri` would keep the
+/// connection's read buffer alive until the writer thread gets to the line).
+#[derive(Debug)]
+enum LogPath {
+    Inline { len: u8, bytes: [u8; INLINE_PATH] },
+    Heap(Box<str>),
+}
+
+impl LogPath {
+    fn new(path: &str) -> Self {
+        match u8::try_from(path.len()) {
+            Ok(len) if path.len() <= INLINE_PATH => {
+                let mut bytes = [0; INLINE_PATH];
+                bytes[..path.len()].copy_from_slice(path.as_bytes());
+                Self::Inline { len, bytes }
+            }
+            _ => Self::Heap(path.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied whole from a `&str`, so it is UTF-8.
+            Self::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Self::Heap(path) => path,
+        }
+    }
 }
 
 /// One request on its way: what its log line and span need, gathered from the request, the
@@ -269,18 +418,8 @@ pub(crate) struct Pending {
     log: Option<AccessLog>,
     span: Option<tracing::Span>,
     started: Instant,
-    time: SystemTime,
-    method: Method,
-    path: Box<str>,
-    version: http::Version,
-    peer: Option<SocketAddr>,
-    user_agent: Option<HeaderValue>,
-    referer: Option<HeaderValue>,
-    request_id: HeaderValue,
     note: Arc<DispatchNote>,
-    bytes_in: Arc<AtomicU64>,
-    status: StatusCode,
-    error: Option<&'static str>,
+    record: Record,
 }
 
 impl Pending {
@@ -290,7 +429,7 @@ impl Pending {
         log: Option<&AccessLog>,
         req: &mut Request<Body>,
         request_id: &HeaderValue,
-    ) -> Option<Box<Self>> {
+    ) -> Option<Self> {
         let span = tracing::debug_span!(
             target: "portcullis::request",
             "request",
@@ -311,37 +450,38 @@ impl Pending {
         }
         let note = Arc::new(DispatchNote::default());
         req.extensions_mut().insert(Arc::clone(&note));
-        let bytes_in = Arc::new(AtomicU64::new(0));
         if !http_body::Body::is_end_stream(req.body()) {
-            let counted = Arc::clone(&bytes_in);
             let body = std::mem::take(req.body_mut());
-            *req.body_mut() = Body::new(Counted {
-                inner: body,
-                count: counted,
-                pending: None,
-            });
+            *req.body_mut() = Body::new(Counted::request(body, Arc::clone(&note)));
         }
         let headers = req.headers();
-        Some(Box::new(Self {
-            log: log.cloned(),
-            span,
-            started: Instant::now(),
+        let record = Record {
             time: SystemTime::now(),
+            duration: Duration::ZERO,
+            admission_wait: None,
+            bytes_in: 0,
+            bytes_out: 0,
             method: req.method().clone(),
-            path: req.uri().path().into(),
+            path: LogPath::new(req.uri().path()),
             version: req.version(),
-            peer: req
+            remote: req
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
+                .map(|c| c.0.ip()),
             user_agent: headers.get(http::header::USER_AGENT).cloned(),
             referer: headers.get(http::header::REFERER).cloned(),
             request_id: request_id.clone(),
-            note,
-            bytes_in,
+            upstream: None,
             status: StatusCode::OK,
             error: None,
-        }))
+        };
+        Some(Self {
+            log: log.cloned(),
+            span,
+            started: Instant::now(),
+            note,
+            record,
+        })
     }
 
     /// The span to run the request's future in.
@@ -351,136 +491,105 @@ impl Pending {
 
     /// The response head is known: records it and wraps the body, whose end writes the line.
     pub(crate) fn respond(
-        mut self: Box<Self>,
+        mut self,
         resp: Response<Body>,
         error: Option<&'static str>,
     ) -> Response<Body> {
-        self.status = resp.status();
-        self.error = error;
+        self.record.status = resp.status();
+        self.record.error = error;
         if let Some(span) = &self.span {
-            span.record("status", self.status.as_u16());
+            span.record("status", self.record.status.as_u16());
             if let Some(u) = self.note.upstream.get() {
                 span.record("upstream", &**u);
             }
             if let Some(e) = error {
                 span.record("error", e);
             }
-            if let Some(w) = self.admission_wait_ms() {
-                span.record("admission_wait_ms", w);
+            if let Some(w) = self.admission_wait() {
+                span.record("admission_wait_ms", millis(w));
             }
         }
-        resp.map(|body| {
-            Body::new(Counted {
-                inner: body,
-                count: Arc::new(AtomicU64::new(0)),
-                pending: Some(self),
-            })
-        })
+        resp.map(|body| Body::new(Counted::response(body, self)))
     }
 
     /// The client went away before the response head: the line says 499 `client_closed`.
-    pub(crate) fn abandoned(mut self: Box<Self>) {
-        self.status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
-        self.error = Some(portcullis_core::codes::CLIENT_CLOSED);
+    pub(crate) fn abandoned(mut self) {
+        self.record.status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+        self.record.error = Some(portcullis_core::codes::CLIENT_CLOSED);
         self.finish(0);
     }
 
-    fn admission_wait_ms(&self) -> Option<f64> {
+    fn admission_wait(&self) -> Option<Duration> {
         self.note
             .at
             .get()
-            .map(|at| at.saturating_duration_since(self.started).as_secs_f64() * 1e3)
+            .map(|at| at.saturating_duration_since(self.started))
     }
 
-    /// Writes the line (and closes the span's fields) with `bytes_out` sent.
-    fn finish(self: Box<Self>, bytes_out: u64) {
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+    /// Sends the line (and closes the span's fields) with `bytes_out` sent.
+    fn finish(mut self, bytes_out: u64) {
+        let duration = self.started.elapsed();
+        let bytes_in = self.note.bytes_in.load(Ordering::Relaxed);
         if let Some(span) = &self.span {
-            span.record("duration_ms", duration_ms);
+            span.record("duration_ms", millis(duration));
             span.record("bytes_in", bytes_in);
             span.record("bytes_out", bytes_out);
         }
-        let Some(log) = &self.log else {
+        let Some(log) = self.log.take() else {
             return;
         };
-        let line = match log.inner.format {
-            AccessLogFormat::Json => self.json_line(duration_ms, bytes_in, bytes_out),
-            AccessLogFormat::Combined => self.combined_line(duration_ms, bytes_in, bytes_out),
-        };
-        log.send(line);
-    }
-
-    fn json_line(&self, duration_ms: f64, bytes_in: u64, bytes_out: u64) -> String {
-        let text =
-            |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let mut line = serde_json::json!({
-            "time": rfc3339(self.time),
-            "request_id": self.request_id.to_str().unwrap_or_default(),
-            "remote": self.peer.map(|p| p.ip().to_string()),
-            "method": self.method.as_str(),
-            "path": &*self.path,
-            "status": self.status.as_u16(),
-            "upstream": self.note.upstream.get().map(|u| &**u),
-            "duration_ms": round3(duration_ms),
-            "admission_wait_ms": self.admission_wait_ms().map(round3),
-            "bytes_in": bytes_in,
-            "bytes_out": bytes_out,
-            "error": self.error,
-            "user_agent": text(&self.user_agent),
-        })
-        .to_string();
-        line.push('\n');
-        line
-    }
-
-    fn combined_line(&self, duration_ms: f64, bytes_in: u64, bytes_out: u64) -> String {
-        let quoted = |v: &Option<HeaderValue>| {
-            v.as_ref()
-                .and_then(|v| v.to_str().ok())
-                .map_or_else(|| "-".to_owned(), |s| s.replace('"', "\\\""))
-        };
-        let mut line = String::with_capacity(256);
-        let _ = writeln!(
-            line,
-            "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" request_id={} upstream={} duration_ms={:.3} admission_wait_ms={} bytes_in={} error={}",
-            self.peer.map_or_else(|| "-".to_owned(), |p| p.ip().to_string()),
-            clf_time(self.time),
-            self.method,
-            self.path.replace('"', "%22"),
-            self.version,
-            self.status.as_u16(),
-            bytes_out,
-            quoted(&self.referer),
-            quoted(&self.user_agent),
-            self.request_id.to_str().unwrap_or("-"),
-            self.note.upstream.get().map_or("-", |u| &**u),
-            duration_ms,
-            self.admission_wait_ms()
-                .map_or_else(|| "-".to_owned(), |w| format!("{w:.3}")),
-            bytes_in,
-            self.error.unwrap_or("-"),
-        );
-        line
+        self.record.admission_wait = self.admission_wait();
+        self.record.upstream = self.note.upstream.get().cloned();
+        self.record.duration = duration;
+        self.record.bytes_in = bytes_in;
+        self.record.bytes_out = bytes_out;
+        log.send(self.record);
     }
 }
 
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
+/// `d` in milliseconds.
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
-/// A body that counts the bytes of its data frames; with `pending` (a response body), the
-/// request's line is written when the body is done with (sent whole, failed, or dropped).
+/// `d` in milliseconds rounded to the microsecond, as a count of microseconds (the value
+/// the log writes).
+fn rounded_micros(d: Duration) -> f64 {
+    (millis(d) * 1000.0).round()
+}
+
+/// A body that counts the bytes of its data frames: a request body's into the request's
+/// note; with `pending` (a response body), the request's line is written when the body is
+/// done with (sent whole, failed, or dropped).
 struct Counted {
     inner: Body,
-    count: Arc<AtomicU64>,
-    pending: Option<Box<Pending>>,
+    bytes: u64,
+    note: Option<Arc<DispatchNote>>,
+    pending: Option<Pending>,
 }
 
 impl Counted {
+    fn request(inner: Body, note: Arc<DispatchNote>) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            note: Some(note),
+            pending: None,
+        }
+    }
+
+    fn response(inner: Body, pending: Pending) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            note: None,
+            pending: Some(pending),
+        }
+    }
+
     fn finish(&mut self) {
         if let Some(p) = self.pending.take() {
-            p.finish(self.count.load(Ordering::Relaxed));
+            p.finish(self.bytes);
         }
     }
 }
@@ -504,7 +613,11 @@ impl http_body::Body for Counted {
         match &frame {
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
-                    this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let len = data.len() as u64;
+                    this.bytes += len;
+                    if let Some(note) = &this.note {
+                        note.bytes_in.fetch_add(len, Ordering::Relaxed);
+                    }
                 }
             }
             // The end, or an error that ends it: the line goes now.
@@ -519,6 +632,197 @@ impl http_body::Body for Counted {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Appends `record`'s JSON line: the fields in the order of their names, as `serde_json`
+/// writes an object (the format the log had when it was built with `serde_json::json!`).
+fn json_line(r: &Record, clock: &mut TimeText, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"admission_wait_ms\":");
+    match r.admission_wait {
+        Some(w) => json_millis(out, w),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"bytes_in\":");
+    write_u64(out, r.bytes_in);
+    out.extend_from_slice(b",\"bytes_out\":");
+    write_u64(out, r.bytes_out);
+    out.extend_from_slice(b",\"duration_ms\":");
+    json_millis(out, r.duration);
+    out.extend_from_slice(b",\"error\":");
+    json_opt_str(out, r.error);
+    out.extend_from_slice(b",\"method\":");
+    json_str(out, r.method.as_str());
+    out.extend_from_slice(b",\"path\":");
+    json_str(out, r.path.as_str());
+    out.extend_from_slice(b",\"remote\":");
+    match r.remote {
+        Some(ip) => {
+            out.push(b'"');
+            let _ = write!(out, "{ip}");
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"request_id\":");
+    json_str(out, r.request_id.to_str().unwrap_or_default());
+    out.extend_from_slice(b",\"status\":");
+    write_u64(out, u64::from(r.status.as_u16()));
+    out.extend_from_slice(b",\"time\":\"");
+    clock.rfc3339(r.time, out);
+    out.extend_from_slice(b"\",\"upstream\":");
+    json_opt_str(out, r.upstream.as_deref());
+    out.extend_from_slice(b",\"user_agent\":");
+    json_opt_str(out, r.user_agent.as_ref().and_then(|v| v.to_str().ok()));
+    out.extend_from_slice(b"}\n");
+}
+
+/// Appends `record`'s line in the combined log format, with the gateway's fields after it.
+fn combined_line(r: &Record, out: &mut Vec<u8>) {
+    let quoted = |v: &Option<HeaderValue>| {
+        v.as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(|| "-".to_owned(), |s| s.replace('"', "\\\""))
+    };
+    let _ = writeln!(
+        out,
+        "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" request_id={} upstream={} duration_ms={:.3} admission_wait_ms={} bytes_in={} error={}",
+        r.remote.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+        clf_time(r.time),
+        r.method,
+        r.path.as_str().replace('"', "%22"),
+        r.version,
+        r.status.as_u16(),
+        r.bytes_out,
+        quoted(&r.referer),
+        quoted(&r.user_agent),
+        r.request_id.to_str().unwrap_or("-"),
+        r.upstream.as_deref().unwrap_or("-"),
+        millis(r.duration),
+        r.admission_wait
+            .map_or_else(|| "-".to_owned(), |w| format!("{:.3}", millis(w))),
+        r.bytes_in,
+        r.error.unwrap_or("-"),
+    );
+}
+
+/// `d` in milliseconds rounded to the microsecond, as `serde_json` writes that `f64`: the
+/// shortest decimal that reads back as it, which for a whole number of microseconds below
+/// 10^15 is the number itself with its trailing zeros dropped (`12.5`, `0.001`, `3.0`).
+fn json_millis(out: &mut Vec<u8>, d: Duration) {
+    let micros = rounded_micros(d);
+    if micros >= 1e15 {
+        // Over 31 years: leave the digits to serde_json.
+        let _ = serde_json::to_writer(&mut *out, &(micros / 1000.0));
+        return;
+    }
+    let micros = micros as u64;
+    write_u64(out, micros / 1000);
+    out.push(b'.');
+    let mut frac = micros % 1000;
+    if frac == 0 {
+        out.push(b'0');
+        return;
+    }
+    let mut digits = 3;
+    while frac % 10 == 0 {
+        frac /= 10;
+        digits -= 1;
+    }
+    let mut text = [b'0'; 3];
+    for slot in text[..digits].iter_mut().rev() {
+        *slot = b'0' + (frac % 10) as u8;
+        frac /= 10;
+    }
+    out.extend_from_slice(&text[..digits]);
+}
+
+/// Appends `v` in decimal.
+fn write_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut text = [0u8; 20];
+    let mut at = text.len();
+    loop {
+        at -= 1;
+        text[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&text[at..]);
+}
+
+fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Appends `s` as a JSON string, escaped as `serde_json` escapes it: `"` and `\`, and the
+/// control characters below 0x20 (`\b \f \n \r \t` by name, the rest as `\u00XX`); every
+/// other character as it is.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut from = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&bytes[from..i]);
+        from = i + 1;
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
+        }
+    }
+    out.extend_from_slice(&bytes[from..]);
+    out.push(b'"');
+}
+
+/// The writer's clock text: the RFC 3339 date and time up to the second, kept for the
+/// second it was made for (lines come in bursts from the same second).
+#[derive(Debug, Default)]
+struct TimeText {
+    second: Option<u64>,
+    text: String,
+}
+
+impl TimeText {
+    /// Appends `2026-12-02T18:03:53.123Z`.
+    fn rfc3339(&mut self, t: SystemTime, out: &mut Vec<u8>) {
+        let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            let (y, mo, d, h, mi, s, _) = civil(t);
+            self.text.clear();
+            let _ = write!(self.text, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}");
+            self.second = Some(second);
+        }
+        out.extend_from_slice(self.text.as_bytes());
+        let ms = since.subsec_millis();
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (ms / 100) as u8,
+            b'0' + (ms / 10 % 10) as u8,
+            b'0' + (ms % 10) as u8,
+            b'Z',
+        ]);
     }
 }
 
@@ -546,12 +850,6 @@ fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
         (rem % 60) as u32,
         d.subsec_millis(),
     )
-}
-
-/// `2026-12-02T18:03:53.123Z`.
-fn rfc3339(t: SystemTime) -> String {
-    let (y, mo, d, h, mi, s, ms) = civil(t);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
 }
 
 /// `02/Dec/2026:18:03:53 +0000` (the combined log format's `%t`).
@@ -587,6 +885,12 @@ mod tests {
         assert_eq!(text.split('-').next().unwrap().len(), 16, "{text}");
     }
 
+    fn rfc3339(t: SystemTime) -> String {
+        let mut out = Vec::new();
+        TimeText::default().rfc3339(t, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn times_are_utc_civil_dates() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_698_633_123);
@@ -595,5 +899,203 @@ mod tests {
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        // The kept text of one second is not reused for the next.
+        let mut clock = TimeText::default();
+        let mut out = Vec::new();
+        clock.rfc3339(t, &mut out);
+        clock.rfc3339(t + Duration::from_millis(5), &mut out);
+        clock.rfc3339(t + Duration::from_millis(900), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2025-12-02T18:03:53.123Z2025-12-02T18:03:53.128Z2025-12-02T18:03:54.023Z"
+        );
+    }
+
+    /// The line as the log wrote it before it formatted lines by hand: `serde_json::json!`.
+    fn serde_json_line(r: &Record) -> String {
+        let round3 = |v: f64| (v * 1000.0).round() / 1000.0;
+        let mut line = serde_json::json!({
+            "time": rfc3339(r.time),
+            "request_id": r.request_id.to_str().unwrap_or_default(),
+            "remote": r.remote.map(|ip| ip.to_string()),
+            "method": r.method.as_str(),
+            "path": r.path.as_str(),
+            "status": r.status.as_u16(),
+            "upstream": r.upstream.as_deref(),
+            "duration_ms": round3(millis(r.duration)),
+            "admission_wait_ms": r.admission_wait.map(|w| round3(millis(w))),
+            "bytes_in": r.bytes_in,
+            "bytes_out": r.bytes_out,
+            "error": r.error,
+            "user_agent": r.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+        })
+        .to_string();
+        line.push('\n');
+        line
+    }
+
+    fn record() -> Record {
+        Record {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_698_633_123),
+            duration: Duration::from_micros(1_500),
+            admission_wait: Some(Duration::from_micros(20)),
+            bytes_in: 5,
+            bytes_out: 2,
+            method: Method::GET,
+            path: LogPath::new("/bench"),
+            version: http::Version::HTTP_11,
+            remote: Some(IpAddr::from([127, 0, 0, 1])),
+            user_agent: None,
+            referer: None,
+            request_id: HeaderValue::from_static("3f9a0c21d4e8b705-1c"),
+            upstream: Some("http://127.0.0.1:9000".into()),
+            status: StatusCode::OK,
+            error: None,
+        }
+    }
+
+    fn json(r: &Record) -> String {
+        let mut out = Vec::new();
+        json_line(r, &mut TimeText::default(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_json_line_is_what_serde_json_wrote() {
+        let r = record();
+        assert_eq!(
+            json(&r),
+            "{\"admission_wait_ms\":0.02,\"bytes_in\":5,\"bytes_out\":2,\"duration_ms\":1.5,\"error\":null,\"method\":\"GET\",\"path\":\"/bench\",\"remote\":\"127.0.0.1\",\"request_id\":\"3f9a0c21d4e8b705-1c\",\"status\":200,\"time\":\"2025-12-02T18:03:53.123Z\",\"upstream\":\"http://127.0.0.1:9000\",\"user_agent\":null}\n"
+        );
+        assert_eq!(json(&r), serde_json_line(&r));
+        for micros in [
+            0,
+            1,
+            10,
+            100,
+            999,
+            1_000,
+            1_001,
+            10_000_000,
+            999_999_999_999,
+        ] {
+            let r = Record {
+                duration: Duration::from_micros(micros),
+                admission_wait: None,
+                ..record()
+            };
+            assert_eq!(json(&r), serde_json_line(&r), "{micros} us");
+        }
+    }
+
+    #[test]
+    fn paths_long_and_short_are_kept_whole() {
+        for len in [0, 1, INLINE_PATH - 1, INLINE_PATH, INLINE_PATH + 1, 300] {
+            let path = format!("/{}", "é".repeat(len / 2));
+            assert_eq!(LogPath::new(&path).as_str(), path);
+        }
+    }
+
+    #[test]
+    fn a_flush_returns_once_every_line_sent_before_it_is_written() {
+        let dir = std::env::temp_dir().join(format!("portcullis-alog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let _ = std::fs::remove_file(&path);
+        let config = AccessLogConfig {
+            enable: true,
+            format: AccessLogFormat::Json,
+            path: path.display().to_string(),
+        };
+        let log = AccessLog::start(&config).unwrap();
+        let count = |path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .inspect(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap();
+                })
+                .count()
+        };
+        for _ in 0..1000 {
+            log.send(record());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Flushed: every line sent before is in the file, at once.
+        assert!(rt.block_on(log.flush(Duration::from_secs(5))));
+        assert_eq!(count(&path), 1000);
+        assert_eq!(log.dropped(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn header(text: String) -> Option<HeaderValue> {
+            HeaderValue::from_str(&text).ok()
+        }
+
+        prop_compose! {
+            fn records()(
+                time_ms in 0u64..8_000_000_000_000,
+                duration_ns in prop_oneof![0u64..10_000_000, 0u64..u64::MAX / 4],
+                wait_ns in proptest::option::of(0u64..100_000_000_000),
+                bytes in any::<(u64, u64)>(),
+                method in prop_oneof![
+                    Just(Method::GET), Just(Method::POST), Just(Method::DELETE),
+                    Just(Method::from_bytes(b"PURGE").unwrap()),
+                ],
+                path in any::<String>(),
+                remote in proptest::option::of(prop_oneof![
+                    any::<[u8; 4]>().prop_map(IpAddr::from),
+                    any::<[u8; 16]>().prop_map(IpAddr::from),
+                ]),
+                user_agent in proptest::option::of("[\\t\\x20-\\x7e\\u{80}-\\u{ff}]{0,40}"),
+                request_id in "[\\x20-\\x7e]{1,40}",
+                upstream in proptest::option::of(any::<String>()),
+                status in 100u16..1000,
+                error in proptest::option::of(prop_oneof![Just("bad_gateway"), Just("overloaded")]),
+            ) -> Record {
+                Record {
+                    time: SystemTime::UNIX_EPOCH + Duration::from_millis(time_ms),
+                    duration: Duration::from_nanos(duration_ns),
+                    admission_wait: wait_ns.map(Duration::from_nanos),
+                    bytes_in: bytes.0,
+                    bytes_out: bytes.1,
+                    method,
+                    path: LogPath::new(&path),
+                    version: http::Version::HTTP_11,
+                    remote,
+                    user_agent: user_agent.and_then(header),
+                    referer: None,
+                    request_id: HeaderValue::from_str(&request_id).unwrap(),
+                    upstream: upstream.map(Into::into),
+                    status: StatusCode::from_u16(status).unwrap(),
+                    error,
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            /// The hand-written line is byte for byte the line `serde_json` wrote: the same
+            /// field order, escaping and number text.
+            #[test]
+            fn json_lines_are_serde_jsons(r in records()) {
+                prop_assert_eq!(json(&r), serde_json_line(&r));
+            }
+
+            #[test]
+            fn strings_are_escaped_as_serde_json_escapes_them(s in any::<String>()) {
+                let mut out = Vec::new();
+                json_str(&mut out, &s);
+                prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
+            }
+        }
     }
 }

@@ -487,9 +487,12 @@ impl Gateway {
         self.reloads.reload_from_file().await
     }
 
-    /// Stops the standalone health server and the admin listener (frees their ports); the
-    /// rest stops on drop.
+    /// Stops the standalone health server and the admin listener (frees their ports) and
+    /// writes out the access log; the rest stops on drop.
     pub async fn shutdown(mut self) {
+        if let Some(log) = &self.shared.base.access_log {
+            log.flush(std::time::Duration::from_secs(2)).await;
+        }
         if let Some(mut s) = self.health_server.take() {
             s.stop().await;
         }

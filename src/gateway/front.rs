@@ -318,7 +318,7 @@ pin_project! {
         #[pin]
         inner: Dispatch,
         request_id: http::HeaderValue,
-        pending: Option<Box<Pending>>,
+        pending: Option<Pending>,
     }
 
     impl PinnedDrop for AppFuture {
@@ -339,7 +339,7 @@ impl Future for AppFuture {
         let mut resp = {
             let _entered = this
                 .pending
-                .as_deref()
+                .as_ref()
                 .and_then(Pending::span)
                 .map(tracing::Span::enter);
             ready!(this.inner.poll(cx))
