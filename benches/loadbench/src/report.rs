@@ -216,7 +216,7 @@ pub(crate) fn check_targets(rows: &[Row], redis_used: bool) -> Vec<TargetCheck> 
     let p99: Figure = |r| r.p99_ms;
     let cpu: Figure = |r| r.cpu_per_10k;
     // (goal, measured row, reference row, figure, met when the ratio ...)
-    let ratios: [Ratio; 7] = [
+    let ratios: [Ratio; 6] = [
         ("gateway req/s ≥ 1.2× nginx", gw, ng, rps, |x| x >= 1.2),
         ("gateway req/s ≥ 1.0× HAProxy", gw, hp, rps, |x| x >= 1.0),
         ("gateway p99 ≤ 0.8× nginx", gw, ng, p99, |x| x <= 0.8),
@@ -229,13 +229,6 @@ pub(crate) fn check_targets(rows: &[Row], redis_used: bool) -> Vec<TargetCheck> 
             adm,
             rps,
             |x| x >= 0.7,
-        ),
-        (
-            "five routes (match on the last) req/s ≥ 0.97× no routes",
-            routes,
-            gw,
-            rps,
-            |x| x >= 0.97,
         ),
         (
             "gateway CPU per request ≤ 1.0× nginx",
@@ -266,6 +259,16 @@ pub(crate) fn check_targets(rows: &[Row], redis_used: bool) -> Vec<TargetCheck> 
         goal: "gateway peak RSS under load ≤ 64 MiB",
         measured: peak.map_or("not measured".into(), |p| format!("{p:.1} MiB")),
         met: peak.map(|p| p <= 64.0),
+    });
+    // Issue 16: what five routes (the match on the last) cost against none.
+    let ratio = routes
+        .zip(gw)
+        .filter(|(_, g)| g.rps > 0.0)
+        .map(|(r, g)| r.rps / g.rps);
+    out.push(TargetCheck {
+        goal: "five routes (match on the last) req/s ≥ 0.97× no routes",
+        measured: ratio.map_or("not measured".into(), |x| format!("{x:.2}×")),
+        met: ratio.map(|x| x >= 0.97),
     });
     out
 }
