@@ -32,7 +32,9 @@ use std::fmt;
 /// The name of the pool of the top-level `upstreams` and settings.
 pub const DEFAULT_POOL: &str = "default";
 
-/// One entry of `pools:` (see the [module docs](self)).
+/// One entry of `pools:`: a balancer of its own, with the same settings as the top-level
+/// pool `default` (its upstreams, routing strategy, health-check and ejection settings),
+/// plus an optional `fallback`, `http2` and `retry`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PoolConfig {
     /// The balancer: `upstreams`, `routing_strategy`, the health checks and passive
