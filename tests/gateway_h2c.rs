@@ -27,7 +27,21 @@ struct Seen {
     h2: AtomicU64,
     /// Health checks (`GET /healthz`), all over HTTP/2 (nothing else gets through).
     health: AtomicU64,
+    /// TCP connections accepted.
+    connections: AtomicU64,
+    /// The connections (by accept order) that carried an `/echo` request.
+    echo_connections: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
+
+impl Seen {
+    fn echo_connections(&self) -> usize {
+        self.echo_connections.lock().unwrap().len()
+    }
+}
+
+/// The accept order of the connection a request came on.
+#[derive(Clone, Copy)]
+struct ConnId(u64);
 
 /// A backend that speaks only HTTP/2 with prior knowledge: an HTTP/1.1 request on it is a
 /// protocol error and the connection is closed.
@@ -49,6 +63,9 @@ async fn h2c_only_backend() -> (Server, Arc<Seen>) {
                 any(move |req: Request| async move {
                     if req.version() == http::Version::HTTP_2 {
                         any_seen.h2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(ConnId(id)) = req.extensions().get::<ConnId>() {
+                        any_seen.echo_connections.lock().unwrap().insert(*id);
                     }
                     let version = format!("{:?}", req.version());
                     let method = req.method().to_string();
@@ -82,12 +99,14 @@ async fn h2c_only_backend() -> (Server, Arc<Seen>) {
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::clone(&seen);
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let service = TowerToHyperService::new(app.clone());
+            let id = accepted.connections.fetch_add(1, Ordering::Relaxed);
+            let service = TowerToHyperService::new(app.clone().layer(axum::Extension(ConnId(id))));
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -272,28 +291,87 @@ fn with_a_dead_replica(be: &Server, dead_port: u16, extra: &str) -> String {
     )
 }
 
-async fn statuses(gw: &TestGateway, n: usize) -> Vec<u16> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let req = http::Request::get(gw.url(&format!("/echo/{i}")))
-            .body(Body::empty())
-            .unwrap();
-        out.push(send(req).await.0.as_u16());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_connect_failure_is_retried_on_the_other_replica_for_every_post() {
+    let (be, seen) = h2c_only_backend().await;
+    let dead = support::closed_port().await;
+    let gw = Arc::new(TestGateway::start(&with_a_dead_replica(&be, dead, "")).await);
+    let mut tasks = Vec::new();
+    for worker in 0..10 {
+        let gw = Arc::clone(&gw);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let payload = format!("post {worker}-{i}");
+                let req = http::Request::post(gw.url(&format!("/echo/{worker}-{i}")))
+                    .body(Body::from(payload.clone()))
+                    .unwrap();
+                let (status, body) = send(req).await;
+                assert_eq!(status, 200, "POST {worker}-{i}: {body}");
+                assert_eq!(body["head"], payload, "the body reached the replica whole");
+                assert_eq!(body["version"], "HTTP/2.0", "{body}");
+            }
+        }));
     }
-    out
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Each POST reached the live replica once: the refused ones were never sent.
+    assert_eq!(seen.h2.load(Ordering::Relaxed), 200);
+    let req = http::Request::get(gw.url("/balancer/stats"))
+        .body(Body::empty())
+        .unwrap();
+    let (_, stats) = send(req).await;
+    let retries = stats["retry"]["default"]["retries"].as_u64().unwrap();
+    assert!(retries > 0, "round-robin picked the dead replica: {stats}");
+    assert_eq!(stats["retry"]["default"]["retries_budget_exhausted"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_h2c_connect_failure_answers_502_unless_retry_on_5xx() {
-    let (be, _seen) = h2c_only_backend().await;
-    let dead = support::closed_port().await;
-    // Not handed back unsent: the replica that refuses answers 502 (README, `http2`).
-    let gw = TestGateway::start(&with_a_dead_replica(&be, dead, "")).await;
-    let got = statuses(&gw, 4).await;
-    assert!(got.contains(&502), "{got:?}");
-    assert!(got.contains(&200), "{got:?}");
-    drop(gw);
-    // With `retry.on: [5xx]` the buffered GET goes again to the other replica.
-    let gw = TestGateway::start(&with_a_dead_replica(&be, dead, "retry: {on: [5xx]}\n")).await;
-    assert_eq!(statuses(&gw, 4).await, vec![200; 4]);
+async fn concurrent_h2c_requests_share_one_connection_per_serving_thread() {
+    let (be, seen) = h2c_only_backend().await;
+    // In process, on the test's two runtime threads: a connection per thread at most.
+    let gw = Arc::new(TestGateway::start(&yaml(&be, "http2: true\n")).await);
+    for round in 0..5 {
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let gw = Arc::clone(&gw);
+            tasks.push(tokio::spawn(async move {
+                let req = http::Request::get(gw.url(&format!("/echo/{round}-{i}")))
+                    .body(Body::empty())
+                    .unwrap();
+                send(req).await.0
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+    }
+    assert_eq!(seen.h2.load(Ordering::Relaxed), 320);
+    // One connection per thread (2), opened once even when 64 requests arrive at a
+    // cold thread together.
+    let opened = seen.echo_connections();
+    assert!(opened <= 2, "{opened} connections for 320 requests");
+}
+
+// One thread: the in-process gateway's requests all share one connection.
+#[tokio::test]
+async fn an_idle_h2c_connection_is_let_go_after_upstream_idle_timeout() {
+    let (be, seen) = h2c_only_backend().await;
+    let gw = TestGateway::start(&yaml(&be, "http2: true\nupstream_idle_timeout: 0.3\n")).await;
+    let get = |path: &str| {
+        http::Request::get(gw.url(path))
+            .body(Body::empty())
+            .unwrap()
+    };
+    for i in 0..3 {
+        assert_eq!(send(get(&format!("/echo/warm-{i}"))).await.0, 200);
+    }
+    assert_eq!(seen.echo_connections(), 1, "reused");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(send(get("/echo/after-idle")).await.0, 200);
+    assert_eq!(
+        seen.echo_connections(),
+        2,
+        "a new connection after the idle timeout"
+    );
 }

@@ -31,6 +31,11 @@
 //!
 //! Each connection has one task (spawned when it is opened, not per request) that drives
 //! hyper's connection and watches its idle time.
+//!
+//! HTTP/2 upstreams (gRPC, and pools with `http2: true`) share one multiplexed connection
+//! per upstream and thread instead: see [`h2`].
+
+pub(crate) mod h2;
 
 use super::bodies::ClientBody;
 use super::tls::UpstreamTls;
@@ -141,8 +146,12 @@ pub(crate) enum ConnectError {
     TimedOut,
     /// The TLS handshake failed (a certificate not trusted, a name mismatch, ...).
     Tls(io::Error),
-    /// The HTTP/1 handshake failed.
+    /// The HTTP/1 or HTTP/2 handshake failed.
     Handshake(hyper::Error),
+    /// Another request's connect to the same upstream failed, with this error.
+    Shared(Arc<str>),
+    /// The upstream cannot be reached this way.
+    Unsupported(&'static str),
 }
 
 impl fmt::Display for ConnectError {
@@ -152,6 +161,8 @@ impl fmt::Display for ConnectError {
             Self::TimedOut => f.write_str("connect timed out"),
             Self::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             Self::Handshake(e) => write!(f, "handshake failed: {e}"),
+            Self::Shared(e) => f.write_str(e),
+            Self::Unsupported(e) => f.write_str(e),
         }
     }
 }

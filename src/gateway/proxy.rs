@@ -3,8 +3,9 @@
 //! * HTTP/1 upstreams are reached through the proxy's own per-thread connection pool on
 //!   `hyper::client::conn::http1` ([`super::pool`]): LIFO idle stacks, a connection back in
 //!   its stack the moment its response body ends, no lock. HTTP/2 upstreams (gRPC, which
-//!   needs HTTP/2 end to end, and every request with [`ProxySettings::http2`]) go through a
-//!   per-thread pooled `hyper-util` client, h2c with prior knowledge.
+//!   needs HTTP/2 end to end, and every request with [`ProxySettings::http2`]) share one
+//!   h2c (prior knowledge) connection per upstream and thread on
+//!   `hyper::client::conn::http2` ([`super::pool::h2`]).
 //! * Request and response bodies are streamed through, never buffered whole.
 //! * Hop-by-hop headers (RFC 9110 §7.6.1, plus every header named in `Connection`) are removed
 //!   both ways; `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are added. The
@@ -12,8 +13,8 @@
 //! * A connect error (or a connection the upstream broke) answers 502 `bad_gateway`; no
 //!   response headers within `upstream_timeout` answers 504 `upstream_timeout`. Through
 //!   the balancer ([`ProxyTo::send`]) a connect error hands the request back unsent
-//!   ([`NotSent`]) instead, and the request is retried on another replica (HTTP/1 only:
-//!   the HTTP/2 client does not hand a request back, see [`ProxySettings::http2`]). The JSON body
+//!   ([`NotSent`]) instead, and the request is retried on another replica (HTTP/1 and
+//!   HTTP/2 alike: the connection is had before the request is rewritten). The JSON body
 //!   never names the upstream: internal addresses stay internal (they are logged instead).
 //! * Errors are classified by side. The client's request body is watched while it streams
 //!   ([`ClientBody`]): malformed framing answers 400 `bad_request`, a client that went away
@@ -24,6 +25,7 @@
 //!   upload is never blamed on the upstream.
 
 use super::bodies::{BodyOutcome, BodyWatch, ClientBody, UpstreamBody};
+use super::pool::h2::{self, H2Sender};
 use super::pool::{ConnectError, PooledConn, Pools, UpstreamPool, UpstreamRequestBody};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -36,14 +38,13 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use portcullis_balance::NotSent;
 use portcullis_core::classify::GrpcFailures;
 use portcullis_core::Rejection;
-use std::cell::RefCell;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -170,9 +171,7 @@ pub struct ProxySettings {
     /// response headers, or from the trailers at the end of the body).
     pub grpc_failures: GrpcFailures,
     /// Every request goes to the upstream over HTTP/2 with prior knowledge (h2c), not only
-    /// gRPC (config `http2`). Such a request goes through hyper-util's pooled client, which
-    /// tells a connect error apart but does not hand the request back: a connect failure
-    /// answers 502 `bad_gateway` and is not retried on another replica.
+    /// gRPC (config `http2`): one multiplexed connection per upstream and serving thread.
     pub http2: bool,
 }
 
@@ -205,13 +204,8 @@ pub struct Proxy {
     pools: Arc<Pools>,
 }
 
-thread_local! {
-    /// This thread's HTTP/2 client, per live [`Proxy`] (keyed by its settings' allocation).
-    static H2_CLIENTS: RefCell<Vec<(Weak<ProxySettings>, H2Client)>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The HTTP/2 (prior knowledge) client for gRPC requests, and for every request with
-/// [`ProxySettings::http2`].
+/// A pooled HTTP/2 (prior knowledge) client: the health checks' client for upstreams
+/// reached over h2c.
 pub(super) type H2Client = Client<HttpConnector, UpstreamRequestBody>;
 
 /// A pooled h2c (prior knowledge) client with `settings`' timeouts and pool bounds.
@@ -249,24 +243,6 @@ impl Proxy {
             settings: Arc::new(settings),
             pools: Arc::new(pools),
         }
-    }
-
-    /// This thread's HTTP/2 client (created on first use).
-    fn h2(&self) -> H2Client {
-        H2_CLIENTS.with(|cell| {
-            let mut clients = cell.borrow_mut();
-            let found = clients
-                .iter()
-                .find(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(&self.settings)));
-            if let Some((_, c)) = found {
-                return c.clone();
-            }
-            // Forget the clients of proxies that are gone, then add ours.
-            clients.retain(|(s, _)| s.strong_count() > 0);
-            let client = h2_client(&self.settings);
-            clients.push((Arc::downgrade(&self.settings), client.clone()));
-            client
-        })
     }
 
     /// The settings this proxy was built with.
@@ -334,16 +310,6 @@ impl From<ConnectError> for UpstreamError {
     }
 }
 
-impl From<hyper_util::client::legacy::Error> for UpstreamError {
-    fn from(e: hyper_util::client::legacy::Error) -> Self {
-        if e.is_connect() {
-            Self::Connect(e.to_string())
-        } else {
-            Self::Exchange(e.to_string())
-        }
-    }
-}
-
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -396,6 +362,48 @@ async fn send_http1(
     }
 }
 
+/// A connection to send one request on.
+enum UpstreamConn {
+    /// A pooled HTTP/1 connection, this request's alone.
+    Http1(PooledConn),
+    /// This thread's HTTP/2 connection to the upstream, shared by its streams.
+    Http2(H2Sender),
+}
+
+/// A ready connection of the kind the request needs (see [`ready_http1`], [`h2::ready`]).
+async fn ready_conn(pool: &Arc<UpstreamPool>, h2: bool) -> Result<UpstreamConn, UpstreamError> {
+    if h2 {
+        Ok(UpstreamConn::Http2(h2::ready(pool).await?))
+    } else {
+        Ok(UpstreamConn::Http1(ready_http1(pool).await?))
+    }
+}
+
+/// Sends `req` on the HTTP/2 connection `send` (from [`h2::ready`]).
+///
+/// A connection that closed before taking the request (hyper hands it back unwritten) is
+/// replaced once; a request that was written is never sent twice.
+async fn send_http2(
+    pool: &Arc<UpstreamPool>,
+    mut send: H2Sender,
+    req: Request<UpstreamRequestBody>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    match send.try_send_request(req).await {
+        Ok(resp) => Ok(resp),
+        Err(mut e) => match e.take_message() {
+            Some(unsent) => {
+                let mut send = h2::ready(pool).await?;
+                Ok(send.send_request(unsent).await.map_err(exchange_error)?)
+            }
+            None => Err(exchange_error(e.into_error())),
+        },
+    }
+}
+
+fn exchange_error(e: hyper::Error) -> UpstreamError {
+    UpstreamError::Exchange(e.to_string())
+}
+
 /// What one [`ProxyTo`] and its clones share.
 #[derive(Debug)]
 struct Target {
@@ -409,17 +417,16 @@ struct Target {
 
 impl Target {
     /// Forwards `req`; every failure becomes a [`Rejection`], except a request that was
-    /// not sent at all ([`NotSent`]: no HTTP/1 connection could be had), which is handed back
+    /// not sent at all ([`NotSent`]: no connection could be had), which is handed back
     /// whole so that the balancer may send it to another replica.
     ///
     /// A failure caused by the client's request body (see [`super::bodies`]) becomes the
     /// client's rejection (400 / 408 / 499), never a 502: it does not count against the
     /// upstream. `upstream_timeout` runs from the moment the request body was sent.
     ///
-    /// The HTTP/1 connection is had before the request is rewritten, so a connect failure
-    /// hands back the client's request as it came. HTTP/2 requests (gRPC, and all of them
-    /// with [`ProxySettings::http2`]) go through hyper-util's pooled client, which does not
-    /// hand a request back: their connect failures answer 502 and are not retried.
+    /// The connection (HTTP/1, or this thread's HTTP/2 one for gRPC and
+    /// [`ProxySettings::http2`]) is had before the request is rewritten, so a connect failure
+    /// hands back the client's request as it came.
     async fn forward(
         &self,
         req: Request<Body>,
@@ -428,15 +435,13 @@ impl Target {
         let settings = &*self.proxy.settings;
         check_request(&req)?;
         let h2 = grpc || self.http2;
-        let conn = if h2 {
-            None
-        } else {
-            match ready_http1(&self.pool).await {
-                Ok(conn) => Some(conn),
-                Err(e) => {
-                    tracing::debug!(upstream = %self.upstream.url, error = %e, "upstream connect failed");
-                    return Err(Failure::NotSent(NotSent::new(req, e.to_string())));
-                }
+        // The connection is had before the request is rewritten: a connect failure hands
+        // the client's request back as it came, for another replica.
+        let conn = match ready_conn(&self.pool, h2).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(upstream = %self.upstream.url, error = %e, "upstream connect failed");
+                return Err(Failure::NotSent(NotSent::new(req, e.to_string())));
             }
         };
         let (req, watch) = prepare_request(
@@ -449,13 +454,11 @@ impl Target {
         let timeout = settings.upstream_timeout;
         let sent = async {
             match conn {
-                // HTTP/1: on the connection had above.
-                Some(conn) => {
+                UpstreamConn::Http1(conn) => {
                     let (resp, conn) = send_http1(&self.pool, conn, req).await?;
                     Ok::<_, UpstreamError>((resp, Some(conn)))
                 }
-                // gRPC, or `http2`: hyper-util's HTTP/2 client.
-                None => Ok((self.proxy.h2().request(req).await?, None)),
+                UpstreamConn::Http2(send) => Ok((send_http2(&self.pool, send, req).await?, None)),
             }
         };
         let outcome = match &watch {
