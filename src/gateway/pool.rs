@@ -33,7 +33,7 @@
 //! hyper's connection and watches its idle time.
 //!
 //! HTTP/2 upstreams (gRPC, and pools with `http2: true`) share one multiplexed connection
-//! per upstream and thread instead: see [`h2`].
+//! per upstream and thread instead: see the `h2` module.
 
 pub(crate) mod h2;
 

@@ -5,7 +5,7 @@
 //!   its stack the moment its response body ends, no lock. HTTP/2 upstreams (gRPC, which
 //!   needs HTTP/2 end to end, and every request with [`ProxySettings::http2`]) share one
 //!   h2c (prior knowledge) connection per upstream and thread on
-//!   `hyper::client::conn::http2` ([`super::pool::h2`]).
+//!   `hyper::client::conn::http2` (`pool::h2`).
 //! * Request and response bodies are streamed through, never buffered whole.
 //! * Hop-by-hop headers (RFC 9110 §7.6.1, plus every header named in `Connection`) are removed
 //!   both ways; `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are added. The
