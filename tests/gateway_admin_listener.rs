@@ -124,4 +124,12 @@ fn state_changing_routes_off_loopback_need_credentials() {
     assert!(e.message.contains("fallback/check"), "{e}");
     assert!(load("admin: {listen: \"127.0.0.1:9901\"}\n").is_ok());
     assert!(load("admin: {listen: \"0.0.0.0:9901\"}\nui: {username: a, password: b}\n").is_ok());
+    // A named pool's fallback makes the check a state-changing route too (`?pool=`).
+    let e = portcullis::gateway::GatewayConfig::from_yaml(
+        "upstreams:\n  - {url: \"http://127.0.0.1:1\"}\npools:\n  gpu:\n    upstreams: [{url: \"http://127.0.0.1:2\"}]\n    fallback: {url: \"http://127.0.0.1:3\"}\nadmin: {listen: \"0.0.0.0:9901\"}\n",
+        Path::new("t.yml"),
+    )
+    .unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("admin.listen"), "{e}");
+    assert!(e.message.contains("fallback/check"), "{e}");
 }

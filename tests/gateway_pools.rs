@@ -57,6 +57,15 @@ async fn start(name: &'static str, load: &Arc<Load>) -> Server {
     backend(named(name, Duration::ZERO, Arc::clone(load))).await
 }
 
+/// The backends `web`, `gpu` and `cpu`, counted in `load`.
+async fn web_gpu_cpu(load: &Arc<Load>) -> (Server, Server, Server) {
+    (
+        start("web", load).await,
+        start("gpu", load).await,
+        start("cpu", load).await,
+    )
+}
+
 fn basic() -> String {
     let token = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
     format!("Basic {token}")
@@ -140,11 +149,7 @@ fn pool_upstream<'a>(stats: &'a serde_json::Value, pool: &str) -> &'a serde_json
 #[tokio::test]
 async fn each_request_lands_on_its_routes_pool_and_the_stats_group_upstreams_by_pool() {
     let load = Arc::new(Load::default());
-    let (web, gpu, cpu) = (
-        start("web", &load).await,
-        start("gpu", &load).await,
-        start("cpu", &load).await,
-    );
+    let (web, gpu, cpu) = web_gpu_cpu(&load).await;
     let gw = GatewayProcess::start("pools-routes", &config(&web, &gpu, &cpu, ROUTES)).await;
 
     for (method, path, host, want) in [
@@ -259,11 +264,7 @@ async fn a_watched_endpoint_served_by_two_pools_is_one_limit() {
 #[tokio::test]
 async fn the_upstream_admin_takes_a_pool_and_refuses_an_unknown_one() {
     let load = Arc::new(Load::default());
-    let (web, gpu, cpu) = (
-        start("web", &load).await,
-        start("gpu", &load).await,
-        start("cpu", &load).await,
-    );
+    let (web, gpu, cpu) = web_gpu_cpu(&load).await;
     let gpu2 = start("gpu2", &load).await;
     let gw = GatewayProcess::start("pools-admin", &config(&web, &gpu, &cpu, ROUTES)).await;
 
@@ -345,11 +346,7 @@ async fn the_upstream_admin_takes_a_pool_and_refuses_an_unknown_one() {
 #[tokio::test]
 async fn a_reload_that_changes_the_routes_moves_the_traffic_and_keeps_the_other_pools() {
     let load = Arc::new(Load::default());
-    let (web, gpu, cpu) = (
-        start("web", &load).await,
-        start("gpu", &load).await,
-        start("cpu", &load).await,
-    );
+    let (web, gpu, cpu) = web_gpu_cpu(&load).await;
     let gw = GatewayProcess::start("pools-reload", &config(&web, &gpu, &cpu, ROUTES)).await;
     for _ in 0..3 {
         let (_, body) = send(&gw, "GET", "/v1/chat/x", None).await;
@@ -465,4 +462,242 @@ fn a_route_to_an_unknown_pool_exits_2_naming_its_index() {
     assert!(text.contains("`routes[1].pool`"), "{text}");
     assert!(text.contains("line 8"), "{text}");
     assert!(text.contains("no pool named `cpu`"), "{text}");
+}
+
+/// `GET /readyz` through a fresh client: status and JSON body; `None` while the gateway
+/// does not answer yet.
+async fn readyz(gw: &GatewayProcess) -> Option<(StatusCode, serde_json::Value)> {
+    let req = http::Request::get(gw.url("/readyz"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = client().request(req).await.ok()?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, serde_json::from_slice(&body).ok()?))
+}
+
+/// Polls `/readyz` until it answers `want` (within 15 s); the last body.
+async fn readyz_until(gw: &GatewayProcess, want: StatusCode) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = readyz(gw).await;
+        if let Some((status, body)) = &got {
+            if *status == want {
+                return body.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered {want}: {got:?}\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `web` is the pool default, `cpu` a named pool, and with `gpu` the pool gpu's only
+/// replica is `127.0.0.1:<gpu>`.
+fn readyz_config(web: &Server, cpu: &Server, gpu: Option<u16>) -> String {
+    let (pool, route) = match gpu {
+        Some(port) => (
+            format!("\x20 gpu:\n    upstreams: [{{url: \"http://127.0.0.1:{port}\"}}]\n    health_check_interval: 0.1\n    failure_threshold: 2\n    recovery_threshold: 1\n"),
+            "  - {prefix: /v1/chat/, pool: gpu}\n",
+        ),
+        None => (String::new(), ""),
+    };
+    format!(
+        "ui: {{username: {USER}, password: {PASS}}}\n\
+         health_check_interval: 0.1\n\
+         upstreams:\n  - {{url: \"{}\"}}\n\
+         pools:\n{pool}\
+         \x20 cpu:\n    upstreams: [{{url: \"{}\"}}]\n    health_check_interval: 0.1\n\
+         routes:\n{route}  - {{prefix: /v1/embed, pool: cpu}}\n",
+        web.url(),
+        cpu.url()
+    )
+}
+
+#[tokio::test]
+async fn readyz_names_the_pool_whose_only_upstream_is_down() {
+    let load = Arc::new(Load::default());
+    let (web, cpu) = (start("web", &load).await, start("cpu", &load).await);
+    // The pool gpu's only replica: nothing listens on its port.
+    let down = support::closed_port().await;
+    let yaml = readyz_config(&web, &cpu, Some(down));
+    let gw = GatewayProcess::spawn("pools-readyz", &yaml);
+    let body = readyz_until(&gw, StatusCode::SERVICE_UNAVAILABLE).await;
+    // The failing pool by name, and only it: `upstreams` (the pool default) is fine.
+    assert_eq!(
+        body,
+        serde_json::json!({"status": "not_ready", "failing": ["pools.gpu"]})
+    );
+    let stats = stats(&gw).await;
+    assert_eq!(
+        stats["health"]["failing"],
+        serde_json::json!(["pools.gpu"]),
+        "{stats}"
+    );
+    // The other pools serve on; the failing one answers 503.
+    assert_eq!(
+        send(&gw, "GET", "/v1/embed", None).await,
+        (StatusCode::OK, "cpu /v1/embed".to_owned())
+    );
+    assert_eq!(
+        send(&gw, "GET", "/x", None).await,
+        (StatusCode::OK, "web /x".to_owned())
+    );
+    let (status, body) = send(&gw, "GET", "/v1/chat/x", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("no_healthy_upstream"), "{body}");
+
+    // The replica comes up on its port: the gateway is ready again.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", down))
+        .await
+        .expect("the closed port is free again");
+    let app = named("gpu", Duration::ZERO, Arc::clone(&load));
+    let _gpu = Server::new(
+        listener.local_addr().unwrap(),
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }),
+    );
+    assert_eq!(
+        readyz_until(&gw, StatusCode::OK).await,
+        serde_json::json!({"status": "ok"})
+    );
+    assert_eq!(
+        send(&gw, "GET", "/v1/chat/x", None).await,
+        (StatusCode::OK, "gpu /v1/chat/x".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_pool_removed_by_a_reload_no_longer_counts_for_readiness() {
+    let load = Arc::new(Load::default());
+    let (web, cpu) = (start("web", &load).await, start("cpu", &load).await);
+    let down = support::closed_port().await;
+    let gw = GatewayProcess::spawn(
+        "pools-readyz-reload",
+        &readyz_config(&web, &cpu, Some(down)),
+    );
+    let body = readyz_until(&gw, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(body["failing"], serde_json::json!(["pools.gpu"]), "{body}");
+    gw.rewrite_config(&readyz_config(&web, &cpu, None));
+    let (status, report) = operator(&gw, "POST", "/balancer/reload", "").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let (status, body) = readyz(&gw).await.expect("/readyz answers");
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, serde_json::json!({"status": "ok"}))
+    );
+}
+
+/// A backend with a knee: past `knee` concurrent requests (each takes 20 ms) it answers
+/// 503. It records the path of every request but the health checks.
+fn knee(knee: u64, load: Arc<Load>, paths: Arc<std::sync::Mutex<Vec<String>>>) -> Router {
+    Router::new()
+        .route("/healthz", any(|| async { "ok" }))
+        .fallback(any(move |req: Request| {
+            let (load, paths) = (Arc::clone(&load), Arc::clone(&paths));
+            async move {
+                paths.lock().unwrap().push(req.uri().path().to_owned());
+                load.requests.fetch_add(1, Ordering::SeqCst);
+                let now = load.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                load.inflight.fetch_sub(1, Ordering::SeqCst);
+                if now > knee {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_startup_probe_measures_each_endpoint_through_the_pool_that_serves_it() {
+    let (web_load, cpu_load) = (Arc::new(Load::default()), Arc::new(Load::default()));
+    let (web_paths, cpu_paths) = (Arc::default(), Arc::default());
+    // Different knees: the probed capacity says which backend was measured.
+    let web = backend(knee(12, Arc::clone(&web_load), Arc::clone(&web_paths))).await;
+    let cpu = backend(knee(4, Arc::clone(&cpu_load), Arc::clone(&cpu_paths))).await;
+    let yaml = format!(
+        "health_check_interval: 0.1\neject_after: 3\n\
+         probe_on_startup: true\nmax_probe_concurrency: 32\nprobe_min_requests: 12\nerror_threshold: 0.05\n\
+         upstreams:\n  - {{url: \"{}\"}}\n\
+         pools:\n  cpu:\n    upstreams: [{{url: \"{}\"}}]\n    health_check_interval: 0.1\n\
+         routes:\n  - {{path: /v1/embed, method: POST, pool: cpu}}\n  - {{prefix: /api/, pool: cpu, strip_prefix: true}}\n\
+         endpoints:\n  /v1/embed: {{method: POST}}\n  /api/*: {{method: GET, probe_path: /api/work}}\n",
+        web.url(),
+        cpu.url()
+    );
+    // Ready once both endpoints are probed.
+    let gw = GatewayProcess::start("pools-startup-probe", &yaml).await;
+    let stats = gw.stats().await;
+    for ep in ["/v1/embed", "/api/*"] {
+        let cap = stats["endpoints"][ep]["capacity"].as_u64().unwrap();
+        assert!(
+            (3..=5).contains(&cap),
+            "{ep}: probed capacity {cap}, cpu's knee 4"
+        );
+    }
+    // Every probe request reached cpu's backend, `/api/` stripped as the route says; the
+    // pool default's backend got none.
+    assert_eq!(
+        web_load.requests.load(Ordering::SeqCst),
+        0,
+        "web was probed"
+    );
+    let paths = cpu_paths.lock().unwrap().clone();
+    assert!(paths.iter().any(|p| p == "/v1/embed"), "{paths:?}");
+    assert!(paths.iter().any(|p| p == "/work"), "{paths:?}");
+    assert!(
+        paths.iter().all(|p| p == "/v1/embed" || p == "/work"),
+        "{paths:?}"
+    );
+    assert!(web_paths.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_fallback_check_takes_a_pool() {
+    let load = Arc::new(Load::default());
+    let (web, gpu, cpu) = web_gpu_cpu(&load).await;
+    let fallback = start("fallback", &load).await;
+    // Only gpu has a fallback.
+    let yaml = config(&web, &gpu, &cpu, ROUTES).replace(
+        "    routing_strategy: least-connections\n",
+        &format!(
+            "    routing_strategy: least-connections\n    fallback: {{url: \"{}\", probe_max_retries: 0}}\n",
+            fallback.url()
+        ),
+    );
+    assert!(yaml.contains("fallback:"), "{yaml}");
+    let gw = GatewayProcess::start("pools-fallback-check", &yaml).await;
+
+    let (status, report) = operator(&gw, "POST", "/balancer/fallback/check?pool=gpu", "").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["primary"]["healthy"], true, "{report}");
+    assert_eq!(report["fallback"]["healthy"], true, "{report}");
+    assert_eq!(report["state"], "normal", "{report}");
+    // gpu's breaker: its fallback was probed.
+    assert_eq!(report["fallback"]["target"], fallback.url(), "{report}");
+    assert_eq!(report["counters"]["forced_checks"], 1, "{report}");
+
+    // Without `pool`: the pool default's breaker, as before (it has none).
+    let (status, body) = operator(&gw, "POST", "/balancer/fallback/check", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"], "not_found", "{body}");
+    assert_eq!(body["message"], "no fallback is configured", "{body}");
+    // A pool without a fallback, and a pool that does not exist.
+    let (status, body) = operator(&gw, "POST", "/balancer/fallback/check?pool=cpu", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"], "not_found", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("`cpu`"),
+        "{body}"
+    );
+    let (status, body) = operator(&gw, "POST", "/balancer/fallback/check?pool=nope", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"], "unknown_pool", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("nope"), "{body}");
 }

@@ -8,7 +8,8 @@
 //!
 //! Each route takes an optional `pool` (`?pool=gpu` on `GET` and `DELETE`, `"pool": "gpu"` in
 //! the `POST` body; default `default`, the top-level `upstreams`): a pool the gateway does
-//! not have answers 404 `unknown_pool`.
+//! not have answers 404 `unknown_pool` (as `POST /balancer/fallback/check?pool=`
+//! does).
 //!
 //! New replicas start `unknown` and get no traffic (except in panic mode) until their first
 //! good health check, from the checker's next cycle.
@@ -99,14 +100,21 @@ fn find_pool<'a>(
     name: Option<&str>,
 ) -> Result<&'a AdminPool, Box<Response>> {
     let name = name.unwrap_or(DEFAULT_POOL);
-    pools.iter().find(|p| p.name == name).ok_or_else(|| {
-        let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-        Box::new(refuse(
-            StatusCode::NOT_FOUND,
-            codes::UNKNOWN_POOL,
-            format!("no pool named `{name}` (pools: {})", known.join(", ")),
-        ))
-    })
+    pools
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| Box::new(unknown_pool(name, pools.iter().map(|p| p.name.as_str()))))
+}
+
+/// The 404 `unknown_pool` refusal of an operator route's `pool` that names none of
+/// `known`; the message lists them.
+pub(super) fn unknown_pool<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Response {
+    let known: Vec<&str> = known.collect();
+    refuse(
+        StatusCode::NOT_FOUND,
+        codes::UNKNOWN_POOL,
+        format!("no pool named `{name}` (pools: {})", known.join(", ")),
+    )
 }
 
 fn refuse(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {

@@ -62,6 +62,8 @@ use super::tls::{TlsTerminator, UpstreamTls};
 use super::upstream_probe::UpstreamProbe;
 use arc_swap::ArcSwap;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::Query;
 use axum::response::IntoResponse;
 use axum::Router;
 use http::{Request, Response};
@@ -70,7 +72,7 @@ use portcullis_admission::{EndpointConfig, Endpoints, LocalCapacity};
 use portcullis_balance::{CheckerHandle, ReplicaRegistry, Retries, Tier};
 use portcullis_breaker::Breaker;
 use portcullis_core::classify::GrpcFailures;
-use portcullis_health::{Component, HealthRegistry, HealthServer};
+use portcullis_health::{HealthRegistry, HealthServer};
 use portcullis_redis::{RedisCapacity, RedisStorage};
 use std::convert::Infallible;
 use std::future::Future;
@@ -112,8 +114,6 @@ struct Base {
     started: Instant,
     proxy: Proxy,
     health: HealthRegistry,
-    /// The `upstreams` readiness component, kept up to date by the pool's refresher.
-    upstreams_ready: Component,
     storage: Option<RedisStorage>,
     tls: Option<TlsTerminator>,
     access_log: Option<AccessLog>,
@@ -193,8 +193,8 @@ struct PoolState {
     /// The pool's retry policy, budget and counters (the stats read the counters); kept by
     /// a reload that leaves its `retry:` as it is.
     retries: Arc<Retries>,
-    /// The pool's health checker (and for `default`, the readiness refresher), shared by
-    /// the generations that keep the same pool.
+    /// The pool's health checker and readiness refresher, shared by the generations that
+    /// keep the same pool.
     _tasks: Arc<PoolTasks>,
 }
 
@@ -219,8 +219,8 @@ impl PoolState {
 
 struct PoolTasks {
     _checker: CheckerHandle,
-    /// The refresher of the `upstreams` readiness component (the pool `default` only).
-    _readiness: Option<AbortOnDropHandle<()>>,
+    /// The refresher of the pool's readiness component ([`readiness_component`]).
+    _readiness: AbortOnDropHandle<()>,
 }
 
 /// The watched endpoints over the configured storage.
@@ -267,7 +267,6 @@ impl Gateway {
             proxy.set_upstream_tls(tls);
         }
         let health = HealthRegistry::new();
-        let upstreams_ready = health.register("upstreams");
         let storage = match config.storage.kind {
             StorageType::Memory => None,
             StorageType::Redis => Some(
@@ -297,7 +296,6 @@ impl Gateway {
             started,
             proxy,
             health,
-            upstreams_ready,
             storage,
             tls,
             access_log,
@@ -313,19 +311,27 @@ impl Gateway {
         let startup_ready =
             (!plan.paths().is_empty()).then(|| base.health.register("startup_probe"));
         if let Some(ready) = startup_ready {
-            let registry = generation.default_pool().registry.clone();
+            // Each endpoint through the pool its probe request is routed to.
+            let pools = startup::ProbePools::new(
+                Arc::clone(&generation.routes),
+                generation
+                    .pools
+                    .iter()
+                    .map(|p| (p.name.clone(), p.registry.clone()))
+                    .collect(),
+            );
             let paths = plan.paths().to_vec();
             tasks.push(match (&generation.endpoints, &base.storage) {
                 (Watched::Local(endpoints), _) => spawn_owned(startup::probe_local(
                     Arc::clone(&config),
-                    registry,
+                    pools,
                     endpoints.clone(),
                     paths,
                     ready,
                 )),
                 (Watched::Shared(endpoints), Some(storage)) => spawn_owned(startup::probe_shared(
                     Arc::clone(&config),
-                    registry,
+                    pools,
                     endpoints.clone(),
                     storage.clone(),
                     paths,
@@ -635,8 +641,8 @@ impl Base {
         }
     }
 
-    /// The health checker of `pool` over `registry`, and for the pool `default` the
-    /// refresher of the `upstreams` readiness component.
+    /// The health checker of `pool` over `registry`, and the refresher of the pool's
+    /// readiness component ([`readiness_component`]), registered here and set at once.
     fn pool_tasks(
         &self,
         name: &str,
@@ -656,13 +662,12 @@ impl Base {
                 pool.balance.checker_config(),
             ),
         };
-        let readiness = (name == DEFAULT_POOL).then(|| {
-            let (ready, registry) = (self.upstreams_ready.clone(), registry.clone());
-            let has_fallback = has_fallback_url(pool);
-            spawn_owned(refresh_readiness(move || {
-                ready.set_ready(has_fallback || registry.can_serve());
-            }))
-        });
+        let ready = self.health.register(readiness_component(name));
+        let (registry, has_fallback) = (registry.clone(), has_fallback_url(pool));
+        let refresh = move || ready.set_ready(has_fallback || registry.can_serve());
+        // A pool added by a reload is not reported failing until its first refresh.
+        refresh();
+        let readiness = spawn_owned(refresh_readiness(refresh));
         PoolTasks {
             _checker: checker,
             _readiness: readiness,
@@ -779,7 +784,11 @@ impl Base {
             .iter()
             .map(|p| AdminPool::new(&p.name, p.registry.clone(), p.config.http2))
             .collect();
-        let breaker = default.fallback.as_ref().map(|(b, _)| b.clone());
+        let breakers: Vec<_> = generation
+            .pools
+            .iter()
+            .map(|p| (p.name.clone(), p.fallback.as_ref().map(|(b, _)| b.clone())))
+            .collect();
         let operator = Router::new()
             .merge(portcullis_dashboard::router(
                 &config.ui,
@@ -788,7 +797,7 @@ impl Base {
             ))
             .merge(operator_actions(
                 config,
-                breaker,
+                breakers,
                 admin_pools,
                 &self.proxy,
                 &self.reloads,
@@ -818,6 +827,21 @@ impl Watched {
         };
     }
 }
+
+/// The name of the pool `pool`'s component in `/readyz` (and the stats' `health`):
+/// `upstreams` for the pool `default` (its name before there were pools), `pools.<name>`
+/// for a named pool. The gateway is ready when every pool can serve: a healthy replica or
+/// a `fallback.url`.
+pub fn readiness_component(pool: &str) -> String {
+    if pool == DEFAULT_POOL {
+        UPSTREAMS_COMPONENT.to_owned()
+    } else {
+        format!("pools.{pool}")
+    }
+}
+
+/// The `/readyz` component of the pool `default` (see [`readiness_component`]).
+pub const UPSTREAMS_COMPONENT: &str = "upstreams";
 
 /// Whether `old` and `new` run the pool the same way (every balance setting but the
 /// upstream list, and `http2`), so a reload can keep the running pool.
@@ -921,7 +945,18 @@ impl Shared {
             tracing::warn!(fields = ?needs_restart, "these fields changed but need a restart; their running values stay");
         }
         portcullis_dashboard::log_auth_mode(&new.ui);
+        let removed: Vec<String> = old
+            .pools
+            .iter()
+            .filter(|p| generation.pool(&p.name).is_none())
+            .map(|p| p.name.clone())
+            .collect();
         self.current.store(Arc::new(generation));
+        // A removed pool no longer counts for `/readyz` (its refresher stops with the old
+        // generation; what it writes until then is not read).
+        for name in removed {
+            self.base.health.remove(&readiness_component(&name));
+        }
         self.app
             .swap(routers.router, routers.data, routers.prefixes);
         if let (Some(app), Some(router)) = (&self.admin_app, routers.admin) {
@@ -943,12 +978,12 @@ impl Shared {
 /// open admin routes either.
 fn operator_actions(
     config: &GatewayConfig,
-    breaker: Option<Breaker>,
+    breakers: Vec<(String, Option<Breaker>)>,
     pools: Vec<AdminPool>,
     proxy: &Proxy,
     reloads: &ReloadHandle,
 ) -> Router {
-    let router = fallback_check_route(breaker);
+    let router = fallback_check_route(breakers);
     let Some((user, pass)) = config.ui.credentials() else {
         if config.upstream_admin {
             tracing::error!(
@@ -984,36 +1019,60 @@ fn operator_actions(
 /// The path of the on-demand breaker probe.
 pub const FALLBACK_CHECK_PATH: &str = "/balancer/fallback/check";
 
-/// `POST /balancer/fallback/check`: probes the primary pool and the fallback now (with the
-/// configured retries) and answers the breaker's status plus both probe results as JSON;
-/// 404 `not_found` without a `fallback:` section. Behind the same Basic auth as the other
-/// operator routes ([`operator_actions`]), and like every state-changing operator route it
-/// needs `Content-Type: application/json` and refuses cross-site requests
+/// `POST /balancer/fallback/check`: probes a pool and its fallback now (with the
+/// configured retries) and answers the breaker's status plus both probe results as JSON.
+///
+/// `?pool=gpu` names the pool (default `default`, the top-level `upstreams`): a pool the
+/// gateway does not have answers 404 `unknown_pool`, a pool without a `fallback:` section
+/// 404 `not_found`. Behind the same Basic auth as the other operator routes
+/// ([`operator_actions`]), and like every state-changing operator route it needs
+/// `Content-Type: application/json` and refuses cross-site requests
 /// ([`super::admin::same_site_json`]).
-fn fallback_check_route(breaker: Option<Breaker>) -> Router {
+///
+/// `breakers`: every pool by name, with its breaker when it has a `fallback:`.
+fn fallback_check_route(breakers: Vec<(String, Option<Breaker>)>) -> Router {
+    let breakers: Arc<[(String, Option<Breaker>)]> = breakers.into();
     Router::new()
         .route(
             FALLBACK_CHECK_PATH,
-            axum::routing::post(move || {
-                let breaker = breaker.clone();
+            axum::routing::post(move |query: Result<Query<PoolQuery>, QueryRejection>| {
+                let breakers = Arc::clone(&breakers);
                 async move {
-                    match breaker {
-                        Some(b) => {
-                            let report = b.force_health_check().await;
-                            axum::Json(report).into_response()
+                    let name = query.ok().and_then(|Query(q)| q.pool);
+                    let wanted = name.as_deref().unwrap_or(DEFAULT_POOL);
+                    let Some((_, breaker)) = breakers.iter().find(|(n, _)| n == wanted) else {
+                        let known = breakers.iter().map(|(n, _)| n.as_str());
+                        return super::admin::unknown_pool(wanted, known);
+                    };
+                    match (breaker, name) {
+                        (Some(b), _) => axum::Json(b.force_health_check().await).into_response(),
+                        (None, None) => no_fallback("no fallback is configured".to_owned()),
+                        (None, Some(name)) => {
+                            no_fallback(format!("the pool `{name}` has no fallback configured"))
                         }
-                        None => portcullis_core::Rejection::new(
-                            http::StatusCode::NOT_FOUND,
-                            portcullis_core::codes::NOT_FOUND,
-                            "no fallback is configured",
-                        )
-                        .to_json_response::<Body>()
-                        .into_response(),
                     }
                 }
             }),
         )
         .route_layer(axum::middleware::from_fn(super::admin::same_site_json))
+}
+
+/// The query of `POST /balancer/fallback/check`.
+#[derive(Debug, serde::Deserialize)]
+struct PoolQuery {
+    #[serde(default)]
+    pool: Option<String>,
+}
+
+/// The 404 `not_found` of `POST /balancer/fallback/check` for a pool without `fallback:`.
+fn no_fallback(message: String) -> axum::response::Response {
+    portcullis_core::Rejection::new(
+        http::StatusCode::NOT_FOUND,
+        portcullis_core::codes::NOT_FOUND,
+        message,
+    )
+    .to_json_response::<Body>()
+    .into_response()
 }
 
 /// Starts the standalone health server when `health_server.enable` is set.

@@ -583,7 +583,8 @@ impl GatewayConfig {
     /// The state-changing operator routes this config serves.
     fn state_changing_routes(&self) -> Vec<&'static str> {
         let mut routes = Vec::new();
-        if self.fallback.is_some() {
+        // Any pool's breaker can be checked (`?pool=`).
+        if self.fallback.is_some() || self.pools.values().any(|p| p.fallback.is_some()) {
             routes.push("POST /balancer/fallback/check");
         }
         if self.upstream_admin {

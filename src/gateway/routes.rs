@@ -15,18 +15,23 @@
 //! requests no route matched. The admission layers of every branch share one set of
 //! watched endpoints (one limiter per endpoint path), so a watched endpoint is counted
 //! once, whatever pool serves it, and a request holds one slot; each branch's health gate
-//! asks its own pool. [`StripPrefix`] sits under the admission layer, so admission sees
+//! asks its own pool, and a request waits on the readiness of its own branch only (see
+//! [`PoolRouter`]). [`StripPrefix`] sits under the admission layer, so admission sees
 //! the path the client sent and the upstream the stripped one. With no route configured
 //! there is one branch and no router at all: a single-pool gateway serves exactly as
 //! before.
 
 use axum::body::Body;
 use http::{Method, Request, Uri};
+use pin_project_lite::pin_project;
 use portcullis_core::ConfigError;
 use serde::Deserialize;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
-use tower::Service;
+use std::task::{Context, Poll, Waker};
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
 
 /// One entry of `routes:` as written in the config.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -263,8 +268,14 @@ pub fn strip_path(path_and_query: &str, strip: usize) -> String {
 /// The data path over routes: one branch per route, in the table's order, then the
 /// branch of the requests that match none (see the [module docs](self)).
 ///
-/// Ready when every branch is (tower's `Steer` does the same): the branch is chosen in
-/// `call`, from the request. Every branch of the gateway is ready at once.
+/// A request waits on the readiness of its own branch only. Unlike tower's `Steer`, which
+/// is ready when every branch is (the branch is chosen in `call`, from the request, so
+/// `poll_ready` cannot know it), the router is always ready, and `call` asks the chosen
+/// branch: ready at once (every branch of the gateway is), the request is called there
+/// and then; not ready, that branch instance goes into the [`ResponseFuture`], which
+/// drives it to ready and then calls it, and a clone takes its place for the next
+/// requests. So a request for pool A never waits on pool B, and nothing is boxed or
+/// locked. Dropping the future before the branch was ready drops the request unsent.
 #[derive(Debug, Clone)]
 pub struct PoolRouter<S> {
     table: Arc<RouteTable>,
@@ -304,22 +315,87 @@ impl<S> PoolRouter<S> {
 
 impl<S> Service<Request<Body>> for PoolRouter<S>
 where
-    S: Service<Request<Body>>,
+    S: Service<Request<Body>> + Clone,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ResponseFuture<S>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        for branch in self.branches.iter_mut() {
-            ready!(branch.poll_ready(cx))?;
-        }
+    /// Always ready: readiness is the chosen branch's, asked in `call`.
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Body>) -> S::Future {
+    fn call(&mut self, req: Request<Body>) -> ResponseFuture<S> {
         let i = self.branch(&req);
-        self.branches[i].call(req)
+        let branch = &mut self.branches[i];
+        // Asked without a waker: a branch that is not ready is polled again, with the
+        // request's own waker, by the response future.
+        let mut cx = Context::from_waker(Waker::noop());
+        let state = match branch.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => State::Called {
+                fut: branch.call(req),
+            },
+            Poll::Ready(Err(e)) => State::Failed { error: Some(e) },
+            Poll::Pending => {
+                // Whatever this instance's poll_ready took stays with it, in the future;
+                // a fresh clone serves the next requests.
+                let fresh = branch.clone();
+                State::Waiting {
+                    fut: std::mem::replace(branch, fresh).oneshot(req),
+                }
+            }
+        };
+        ResponseFuture { state }
+    }
+}
+
+pin_project! {
+    /// The response future of [`PoolRouter`]: the chosen branch's own, or that branch
+    /// driven to ready and then called (see [`PoolRouter`]).
+    pub struct ResponseFuture<S: Service<Request<Body>>> {
+        #[pin]
+        state: State<S>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S: Service<Request<Body>>> {
+        /// The branch was ready: its response future.
+        Called { #[pin] fut: S::Future },
+        /// The branch was not ready: it is driven to ready, then called.
+        Waiting { #[pin] fut: Oneshot<S, Request<Body>> },
+        /// The branch failed its readiness (taken once).
+        Failed { error: Option<S::Error> },
+    }
+}
+
+impl<S: Service<Request<Body>>> std::fmt::Debug for ResponseFuture<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Called { .. } => "called",
+            State::Waiting { .. } => "waiting for its branch",
+            State::Failed { .. } => "failed",
+        };
+        f.debug_tuple("ResponseFuture").field(&state).finish()
+    }
+}
+
+impl<S: Service<Request<Body>>> Future for ResponseFuture<S> {
+    type Output = Result<S::Response, S::Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Called { fut } => fut.poll(cx),
+            StateProj::Waiting { fut } => fut.poll(cx),
+            StateProj::Failed { error } => match error.take() {
+                Some(e) => Poll::Ready(Err(e)),
+                None => panic!("ResponseFuture polled after it completed"),
+            },
+        }
     }
 }
 
@@ -504,6 +580,90 @@ mod tests {
         );
         let req = Request::get("/api/users?id=1").body(Body::empty()).unwrap();
         assert_eq!(strip.oneshot(req).await.unwrap(), "/users?id=1");
+    }
+
+    /// A branch that is not ready until `open` is set, and wakes the request waiting on it
+    /// then; it answers its name.
+    #[derive(Clone)]
+    struct Gate {
+        name: &'static str,
+        open: Arc<std::sync::atomic::AtomicBool>,
+        waiter: Arc<std::sync::Mutex<Option<Waker>>>,
+        polls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Gate {
+        fn new(name: &'static str, open: bool) -> Self {
+            Self {
+                name,
+                open: Arc::new(open.into()),
+                waiter: Arc::default(),
+                polls: Arc::default(),
+            }
+        }
+
+        fn open(&self) {
+            self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(w) = self.waiter.lock().unwrap().take() {
+                w.wake();
+            }
+        }
+    }
+
+    impl Service<Request<Body>> for Gate {
+        type Response = &'static str;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<&'static str, Self::Error>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.open.load(std::sync::atomic::Ordering::SeqCst) {
+                return Poll::Ready(Ok(()));
+            }
+            *self.waiter.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+
+        fn call(&mut self, _req: Request<Body>) -> Self::Future {
+            std::future::ready(Ok(self.name))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_on_its_own_branch_only() {
+        use futures_util::FutureExt;
+        let t =
+            Arc::new(RouteTable::new(&routes("- {prefix: /gpu/, pool: gpu}\n"), POOLS).unwrap());
+        let (gpu, web) = (Gate::new("gpu", false), Gate::new("web", true));
+        let mut router = PoolRouter::new(t, vec![gpu.clone(), web.clone()]);
+        let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+
+        // The router is ready although the pool gpu's branch is not.
+        assert!(router.ready().now_or_never().is_some());
+        let mut waiting = router.call(get("/gpu/x"));
+        assert!((&mut waiting).now_or_never().is_none(), "gpu is not ready");
+        // Requests to the ready pool are served at once, on the same router, while the
+        // gpu request waits; the web branch is polled once per request, never gpu's.
+        let gpu_polls = gpu.polls.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..3 {
+            assert!(router.ready().now_or_never().is_some());
+            let answer = router.call(get("/other")).now_or_never();
+            assert_eq!(answer.map(Result::unwrap), Some("web"));
+        }
+        assert_eq!(
+            gpu.polls.load(std::sync::atomic::Ordering::SeqCst),
+            gpu_polls
+        );
+        assert_eq!(web.polls.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+        // Once gpu is ready, its waiting request is woken and served.
+        let opener = gpu.clone();
+        tokio::spawn(async move { opener.open() });
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the gpu request is woken");
+        assert_eq!(answer.unwrap(), "gpu");
+        assert_eq!(router.call(get("/gpu/y")).await.unwrap(), "gpu");
     }
 
     #[test]

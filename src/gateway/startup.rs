@@ -1,14 +1,19 @@
 //! `probe_on_startup`: find the capacity of every watched endpoint that has none, through
 //! the gateway's own balanced upstreams, before admitting traffic on it.
 //!
+//! Each endpoint is probed through the pool that serves it: its probe request (method,
+//! `probe_path`, `Host` header) is routed as a client's would be ([`ProbePools`]), and the
+//! route's `strip_prefix` applies.
+//!
 //! While probing, the endpoint's capacity is 0 (its requests wait in the FIFO queue, bounded
 //! by `queue_timeout`), `/readyz` reports `startup_probe` as failing, and every other path
 //! passes through. With Redis storage only one process probes (the capacity store's
 //! `SET NX PX` lock); the others reuse the stored result. A probe that fails leaves the
 //! endpoint at `default_capacity` and says why in the log.
 
-use super::config::GatewayConfig;
+use super::config::{GatewayConfig, DEFAULT_POOL};
 use super::proxy::ProxyTo;
+use super::routes::{strip_path, RouteTable};
 use axum::body::Body;
 use http::{Method, Request};
 use http_body_util::BodyExt;
@@ -85,6 +90,8 @@ impl StartupPlan {
 #[derive(Clone)]
 pub struct BalancedTransport {
     registry: ReplicaRegistry<ProxyTo>,
+    /// The pool's name, for the messages (`None`: the pool `default`).
+    pool: Option<String>,
     method: Method,
     path: String,
     headers: Vec<(String, String)>,
@@ -94,6 +101,46 @@ pub struct BalancedTransport {
 impl std::fmt::Debug for BalancedTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "BalancedTransport({} {})", self.method, self.path)
+    }
+}
+
+/// The pools the startup probe sends through, and the routes that pick one: a watched
+/// endpoint is probed through the pool its probe request is routed to, as a client's
+/// request with the same method, path and `Host` header would be, with the route's
+/// `strip_prefix` applied (see [`super::routes`]).
+#[derive(Debug, Clone)]
+pub struct ProbePools {
+    routes: Arc<RouteTable>,
+    /// Every pool by name, in the order of the table's pool indexes.
+    pools: Vec<(String, ReplicaRegistry<ProxyTo>)>,
+}
+
+impl ProbePools {
+    /// The pools `pools` (named, in the order of `routes`' pool indexes) under `routes`.
+    pub fn new(routes: Arc<RouteTable>, pools: Vec<(String, ReplicaRegistry<ProxyTo>)>) -> Self {
+        Self { routes, pools }
+    }
+
+    /// The transport of the watched endpoint `path` of `config`, through the pool its
+    /// probe request is routed to.
+    ///
+    /// # Panics
+    ///
+    /// When the table routes to a pool index that `pools` does not have.
+    pub fn transport(&self, config: &GatewayConfig, path: &str) -> BalancedTransport {
+        let mut transport = BalancedTransport::new(config, path, self.pools[0].1.clone());
+        let route = match transport.path.parse::<http::Uri>() {
+            Ok(uri) => self.routes.route(&transport.method, &uri, transport.host()),
+            // Not a valid request path: sent nowhere (the request fails to build).
+            Err(_) => self.routes.fallthrough(),
+        };
+        let (name, registry) = &self.pools[route.pool];
+        transport.registry = registry.clone();
+        transport.pool = (name != DEFAULT_POOL).then(|| name.clone());
+        if route.strip > 0 {
+            transport.path = strip_path(&transport.path, route.strip);
+        }
+        transport
     }
 }
 
@@ -123,11 +170,22 @@ impl BalancedTransport {
         let probed = ep.probe_path(path).unwrap_or(path).to_owned();
         Self {
             registry,
+            pool: None,
             method,
             path: probed,
             headers: ep.headers.unwrap_or_default().into_iter().collect(),
             body,
         }
+    }
+}
+
+impl BalancedTransport {
+    /// The `Host` header of the probe request, if its endpoint sets one.
+    fn host(&self) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -169,18 +227,22 @@ impl ProbeTransport for BalancedTransport {
     }
 
     fn describe(&self) -> String {
-        format!("{} {} (through the upstreams)", self.method, self.path)
+        match &self.pool {
+            None => format!("{} {} (through the upstreams)", self.method, self.path),
+            Some(pool) => format!("{} {} (through the pool `{pool}`)", self.method, self.path),
+        }
     }
 }
 
 async fn probe_one(
     config: &GatewayConfig,
-    registry: &ReplicaRegistry<ProxyTo>,
+    pools: &ProbePools,
     path: &str,
 ) -> Result<ProbeReport, portcullis_probe::ProbeError> {
     let prober = Prober::new(config.probe.clone()).with_request_timeout(config.upstream_timeout());
-    let transport = BalancedTransport::new(config, path, registry.clone());
-    tracing::info!(endpoint = %path, "probing capacity");
+    let transport = pools.transport(config, path);
+    let pool = transport.pool.as_deref().unwrap_or(DEFAULT_POOL);
+    tracing::info!(endpoint = %path, pool, "probing capacity");
     let report = prober.probe_transport(&transport, |_| {}).await?;
     if report.latency_bound() {
         tracing::warn!(
@@ -204,16 +266,17 @@ fn apply<C: CapacitySource>(endpoints: &Endpoints<C>, path: &str, capacity: usiz
     endpoints.set_capacity(path, capacity.max(1));
 }
 
-/// Probes `paths` one after the other (in-process storage) and sets their capacities.
+/// Probes `paths` one after the other (in-process storage), each through the pool of
+/// `pools` that serves it, and sets their capacities.
 pub async fn probe_local<C: CapacitySource>(
     config: Arc<GatewayConfig>,
-    registry: ReplicaRegistry<ProxyTo>,
+    pools: ProbePools,
     endpoints: Endpoints<C>,
     paths: Vec<String>,
     ready: Component,
 ) {
     for path in &paths {
-        let capacity = match probe_one(&config, &registry, path).await {
+        let capacity = match probe_one(&config, &pools, path).await {
             Ok(r) => r.max_concurrency,
             Err(e) => {
                 tracing::error!(endpoint = %path, error = %e, fallback = config.default_capacity, "capacity probe failed; using default_capacity");
@@ -225,11 +288,12 @@ pub async fn probe_local<C: CapacitySource>(
     ready.set_ready(true);
 }
 
-/// Probes `paths` through the Redis capacity store: the first process probes and stores,
-/// the others wait for and reuse its result; `force_reprobe` probes again.
+/// Probes `paths` through the Redis capacity store (each through the pool of `pools` that
+/// serves it): the first process probes and stores, the others wait for and reuse its
+/// result; `force_reprobe` probes again.
 pub async fn probe_shared<C: CapacitySource>(
     config: Arc<GatewayConfig>,
-    registry: ReplicaRegistry<ProxyTo>,
+    pools: ProbePools,
     endpoints: Endpoints<C>,
     storage: RedisStorage,
     paths: Vec<String>,
@@ -238,7 +302,7 @@ pub async fn probe_shared<C: CapacitySource>(
     for path in &paths {
         let probed = storage
             .get_or_probe(path, config.probe.force_reprobe, || async {
-                probe_one(&config, &registry, path)
+                probe_one(&config, &pools, path)
                     .await
                     .map(|r| r.max_concurrency.max(1))
             })
