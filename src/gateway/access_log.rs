@@ -145,21 +145,21 @@ pub(crate) fn stamp_response(resp: &mut Response<Body>, id: &HeaderValue) -> Opt
 /// is on.
 #[derive(Debug, Default)]
 pub struct DispatchNote {
-    upstream: OnceLock<Arc<str>>,
+    upstream: OnceLock<&'static str>,
     at: OnceLock<Instant>,
     bytes_in: AtomicU64,
 }
 
 impl DispatchNote {
     /// The proxy sends the request to `upstream` now.
-    pub fn dispatched(&self, upstream: &Arc<str>) {
-        let _ = self.upstream.set(Arc::clone(upstream));
+    pub fn dispatched(&self, upstream: &'static str) {
+        let _ = self.upstream.set(upstream);
         let _ = self.at.set(Instant::now());
     }
 }
 
 /// Notes `upstream` on `req`'s [`DispatchNote`], when it has one (the proxy calls it).
-pub fn note_dispatch<B>(req: &Request<B>, upstream: &Arc<str>) {
+pub fn note_dispatch<B>(req: &Request<B>, upstream: &'static str) {
     if let Some(note) = req.extensions().get::<Arc<DispatchNote>>() {
         note.dispatched(upstream);
     }
@@ -168,7 +168,16 @@ pub fn note_dispatch<B>(req: &Request<B>, upstream: &Arc<str>) {
 /// The access log: the writer thread's channel and the dropped-line count. Clones share both.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    inner: Arc<Writer>,
+    inner: Arc<Handle>,
+}
+
+/// One holder's way to the writer. The clones of an [`AccessLog`] share one; each client
+/// connection gets its own ([`AccessLog::for_connection`]), so the reference count a request
+/// takes and drops is written by that connection's thread only, not by every serving thread
+/// on every request.
+#[derive(Debug)]
+struct Handle {
+    writer: Arc<Writer>,
 }
 
 #[derive(Debug)]
@@ -210,16 +219,28 @@ impl AccessLog {
             .name("portcullis-access-log".into())
             .spawn(move || LineWriter::new(format, out).run(&rx))?;
         Ok(Self {
-            inner: Arc::new(Writer {
-                lines,
-                dropped: AtomicU64::new(0),
+            inner: Arc::new(Handle {
+                writer: Arc::new(Writer {
+                    lines,
+                    dropped: AtomicU64::new(0),
+                }),
             }),
         })
     }
 
+    /// A handle to the same writer for one client connection: its requests' records hold
+    /// it, so their reference counting stays on that connection's thread.
+    pub fn for_connection(&self) -> Self {
+        Self {
+            inner: Arc::new(Handle {
+                writer: Arc::clone(&self.inner.writer),
+            }),
+        }
+    }
+
     /// Lines dropped because the writer fell [`LINE_BUFFER`] lines behind.
     pub fn dropped(&self) -> u64 {
-        self.inner.dropped.load(Ordering::Relaxed)
+        self.inner.writer.dropped.load(Ordering::Relaxed)
     }
 
     /// Waits (up to `timeout`) until every line sent before the call is written and the
@@ -231,7 +252,7 @@ impl AccessLog {
             let mut message = Message::Flush(done);
             // The channel may be full: the writer empties it every `DRAIN_EVERY`.
             loop {
-                match self.inner.lines.try_send(message) {
+                match self.inner.writer.lines.try_send(message) {
                     Ok(()) => break,
                     Err(TrySendError::Full(m)) => {
                         message = m;
@@ -248,10 +269,10 @@ impl AccessLog {
     }
 
     fn send(&self, record: Record) {
-        match self.inner.lines.try_send(Message::Line(record)) {
+        match self.inner.writer.lines.try_send(Message::Line(record)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                self.inner.writer.dropped.fetch_add(1, Ordering::Relaxed);
             }
             Err(TrySendError::Disconnected(_)) => {}
         }
@@ -357,7 +378,7 @@ impl LineWriter {
 
 /// One request's line in raw fields, as the request path hands it to the writer thread:
 /// plain values and reference counts, no text formatted and no allocation (a path longer
-/// than [`LogPath`]'s inline room is the exception).
+/// than [`LogText`]'s inline room is the exception).
 #[derive(Debug)]
 struct Record {
     time: SystemTime,
@@ -366,33 +387,34 @@ struct Record {
     bytes_in: u64,
     bytes_out: u64,
     method: Method,
-    path: LogPath,
+    path: LogText,
     version: http::Version,
     remote: Option<IpAddr>,
     user_agent: Option<HeaderValue>,
     referer: Option<HeaderValue>,
-    request_id: HeaderValue,
-    upstream: Option<Arc<str>>,
+    request_id: LogText,
+    upstream: Option<&'static str>,
     status: StatusCode,
     error: Option<&'static str>,
 }
 
-/// Bytes of a request path kept inline in a [`Record`]; a longer path is copied to the heap.
-const INLINE_PATH: usize = 62;
+/// Bytes of a text kept inline in a [`Record`]; a longer one is copied to the heap.
+const INLINE_TEXT: usize = 62;
 
-/// A request path, copied out of the request (a clone of its `Uri` would keep the
-/// connection's read buffer alive until the writer thread gets to the line).
+/// A text copied out of the request (its path, its id). A clone of its `Uri` or header value
+/// would keep the connection's read buffer alive until the writer thread gets to the line,
+/// and the writer thread would drop a reference count the serving thread writes too.
 #[derive(Debug)]
-enum LogPath {
-    Inline { len: u8, bytes: [u8; INLINE_PATH] },
+enum LogText {
+    Inline { len: u8, bytes: [u8; INLINE_TEXT] },
     Heap(Box<str>),
 }
 
-impl LogPath {
+impl LogText {
     fn new(path: &str) -> Self {
         match u8::try_from(path.len()) {
-            Ok(len) if path.len() <= INLINE_PATH => {
-                let mut bytes = [0; INLINE_PATH];
+            Ok(len) if path.len() <= INLINE_TEXT => {
+                let mut bytes = [0; INLINE_TEXT];
                 bytes[..path.len()].copy_from_slice(path.as_bytes());
                 Self::Inline { len, bytes }
             }
@@ -462,7 +484,7 @@ impl Pending {
             bytes_in: 0,
             bytes_out: 0,
             method: req.method().clone(),
-            path: LogPath::new(req.uri().path()),
+            path: LogText::new(req.uri().path()),
             version: req.version(),
             remote: req
                 .extensions()
@@ -470,7 +492,7 @@ impl Pending {
                 .map(|c| c.0.ip()),
             user_agent: headers.get(http::header::USER_AGENT).cloned(),
             referer: headers.get(http::header::REFERER).cloned(),
-            request_id: request_id.clone(),
+            request_id: LogText::new(request_id.to_str().unwrap_or_default()),
             upstream: None,
             status: StatusCode::OK,
             error: None,
@@ -500,7 +522,7 @@ impl Pending {
         if let Some(span) = &self.span {
             span.record("status", self.record.status.as_u16());
             if let Some(u) = self.note.upstream.get() {
-                span.record("upstream", &**u);
+                span.record("upstream", *u);
             }
             if let Some(e) = error {
                 span.record("error", e);
@@ -539,7 +561,7 @@ impl Pending {
             return;
         };
         self.record.admission_wait = self.admission_wait();
-        self.record.upstream = self.note.upstream.get().cloned();
+        self.record.upstream = self.note.upstream.get().copied();
         self.record.duration = duration;
         self.record.bytes_in = bytes_in;
         self.record.bytes_out = bytes_out;
@@ -665,13 +687,13 @@ fn json_line(r: &Record, clock: &mut TimeText, out: &mut Vec<u8>) {
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"request_id\":");
-    json_str(out, r.request_id.to_str().unwrap_or_default());
+    json_str(out, r.request_id.as_str());
     out.extend_from_slice(b",\"status\":");
     write_u64(out, u64::from(r.status.as_u16()));
     out.extend_from_slice(b",\"time\":\"");
     clock.rfc3339(r.time, out);
     out.extend_from_slice(b"\",\"upstream\":");
-    json_opt_str(out, r.upstream.as_deref());
+    json_opt_str(out, r.upstream);
     out.extend_from_slice(b",\"user_agent\":");
     json_opt_str(out, r.user_agent.as_ref().and_then(|v| v.to_str().ok()));
     out.extend_from_slice(b"}\n");
@@ -696,8 +718,8 @@ fn combined_line(r: &Record, out: &mut Vec<u8>) {
         r.bytes_out,
         quoted(&r.referer),
         quoted(&r.user_agent),
-        r.request_id.to_str().unwrap_or("-"),
-        r.upstream.as_deref().unwrap_or("-"),
+        r.request_id.as_str(),
+        r.upstream.unwrap_or("-"),
         millis(r.duration),
         r.admission_wait
             .map_or_else(|| "-".to_owned(), |w| format!("{:.3}", millis(w))),
@@ -916,12 +938,12 @@ mod tests {
         let round3 = |v: f64| (v * 1000.0).round() / 1000.0;
         let mut line = serde_json::json!({
             "time": rfc3339(r.time),
-            "request_id": r.request_id.to_str().unwrap_or_default(),
+            "request_id": r.request_id.as_str(),
             "remote": r.remote.map(|ip| ip.to_string()),
             "method": r.method.as_str(),
             "path": r.path.as_str(),
             "status": r.status.as_u16(),
-            "upstream": r.upstream.as_deref(),
+            "upstream": r.upstream,
             "duration_ms": round3(millis(r.duration)),
             "admission_wait_ms": r.admission_wait.map(|w| round3(millis(w))),
             "bytes_in": r.bytes_in,
@@ -942,13 +964,13 @@ mod tests {
             bytes_in: 5,
             bytes_out: 2,
             method: Method::GET,
-            path: LogPath::new("/bench"),
+            path: LogText::new("/bench"),
             version: http::Version::HTTP_11,
             remote: Some(IpAddr::from([127, 0, 0, 1])),
             user_agent: None,
             referer: None,
-            request_id: HeaderValue::from_static("3f9a0c21d4e8b705-1c"),
-            upstream: Some("http://127.0.0.1:9000".into()),
+            request_id: LogText::new("3f9a0c21d4e8b705-1c"),
+            upstream: Some("http://127.0.0.1:9000"),
             status: StatusCode::OK,
             error: None,
         }
@@ -990,9 +1012,9 @@ mod tests {
 
     #[test]
     fn paths_long_and_short_are_kept_whole() {
-        for len in [0, 1, INLINE_PATH - 1, INLINE_PATH, INLINE_PATH + 1, 300] {
+        for len in [0, 1, INLINE_TEXT - 1, INLINE_TEXT, INLINE_TEXT + 1, 300] {
             let path = format!("/{}", "é".repeat(len / 2));
-            assert_eq!(LogPath::new(&path).as_str(), path);
+            assert_eq!(LogText::new(&path).as_str(), path);
         }
     }
 
@@ -1067,13 +1089,13 @@ mod tests {
                     bytes_in: bytes.0,
                     bytes_out: bytes.1,
                     method,
-                    path: LogPath::new(&path),
+                    path: LogText::new(&path),
                     version: http::Version::HTTP_11,
                     remote,
                     user_agent: user_agent.and_then(header),
                     referer: None,
-                    request_id: HeaderValue::from_str(&request_id).unwrap(),
-                    upstream: upstream.map(Into::into),
+                    request_id: LogText::new(&request_id),
+                    upstream: upstream.map(|u| &*Box::leak(u.into_boxed_str())),
                     status: StatusCode::from_u16(status).unwrap(),
                     error,
                 }

@@ -164,7 +164,7 @@ impl App {
     /// The state one connection serves its requests with.
     pub(crate) fn connection(&self) -> AppConn {
         AppConn {
-            access_log: self.access_log.clone(),
+            access_log: self.access_log.as_ref().map(AccessLog::for_connection),
             live: Arc::clone(&self.live),
             parts: RefCell::new(ConnParts::current(&self.live)),
         }

@@ -60,7 +60,10 @@ pub struct Upstream {
     authority: Authority,
     /// Path prefix without a trailing slash; empty for none.
     prefix: Arc<str>,
-    url: Arc<str>,
+    /// The canonical URL, stored once per distinct URL for the life of the process (see
+    /// [`interned`]): a request's access log line points at it without touching a shared
+    /// reference count.
+    url: &'static str,
 }
 
 impl fmt::Debug for Upstream {
@@ -71,7 +74,7 @@ impl fmt::Debug for Upstream {
 
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.url)
+        f.write_str(self.url)
     }
 }
 
@@ -86,6 +89,27 @@ impl fmt::Display for InvalidUpstream {
 }
 
 impl std::error::Error for InvalidUpstream {}
+
+/// `url` as a `&'static str`, each distinct URL allocated once and kept for the life of the
+/// process. Upstream URLs come from the config, reloads and the upstream admin, so the set is
+/// as small as the URLs ever configured. Per request, a line of the access log then refers to
+/// its upstream with a plain pointer: the reference count of a shared `Arc<str>` would be
+/// written by every serving thread on every request, and that cache line would move between
+/// the cores each time. Called when an upstream is parsed, never on the request path.
+fn interned(url: &str) -> &'static str {
+    static URLS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let mut urls = URLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = urls.get(url) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(url.into());
+    urls.insert(leaked);
+    leaked
+}
 
 impl Upstream {
     /// Parses `http://host:port[/prefix]` or `https://host:port[/prefix]` (TLS, see
@@ -119,13 +143,13 @@ impl Upstream {
             scheme,
             authority,
             prefix: prefix.into(),
-            url: canonical.into(),
+            url: interned(&canonical),
         })
     }
 
     /// The canonical base URL (`http://host:port[/prefix]`).
     pub fn url(&self) -> &str {
-        &self.url
+        self.url
     }
 
     /// The upstream path and query for a request's: the prefix, then the request's.
@@ -523,7 +547,7 @@ impl Target {
     ) -> Result<Response<ProxyBody>, NotSent<Body>> {
         let grpc = portcullis_core::is_grpc_request(req.headers());
         let started = Instant::now();
-        super::access_log::note_dispatch(&req, &self.upstream.url);
+        super::access_log::note_dispatch(&req, self.upstream.url);
         match self.forward(req, grpc).await {
             // A gRPC failure is in `grpc-status`, possibly in the trailers.
             Ok(resp) if grpc => {
