@@ -352,7 +352,10 @@ async fn ready_http1(pool: &Arc<UpstreamPool>) -> Result<PooledConn, UpstreamErr
     loop {
         let mut conn = match pool.checkout() {
             Some(c) => c,
-            None => pool.connect().await?,
+            // Boxed: opening a connection (TCP, maybe TLS) is the rare path, and its future
+            // (the TLS handshake's state) is over a kilobyte, which inline would be part of
+            // every request's future, allocated and moved with it.
+            None => Box::pin(pool.connect()).await?,
         };
         // A connection just given back may still be reading the end of its previous
         // exchange: wait for it rather than open another.
@@ -395,9 +398,12 @@ enum UpstreamConn {
 }
 
 /// A ready connection of the kind the request needs (see [`ready_http1`], [`h2::ready`]).
+///
+/// The HTTP/2 futures are boxed: they are the rarer path, and inline they would make every
+/// HTTP/1 request's future (boxed and moved per request) as large as theirs.
 async fn ready_conn(pool: &Arc<UpstreamPool>, h2: bool) -> Result<UpstreamConn, UpstreamError> {
     if h2 {
-        Ok(UpstreamConn::Http2(h2::ready(pool).await?))
+        Ok(UpstreamConn::Http2(Box::pin(h2::ready(pool)).await?))
     } else {
         Ok(UpstreamConn::Http1(ready_http1(pool).await?))
     }
@@ -482,13 +488,13 @@ impl Target {
                     let (resp, conn) = send_http1(&self.pool, conn, req).await?;
                     Ok::<_, UpstreamError>((resp, Some(conn)))
                 }
-                UpstreamConn::Http2(send) => Ok((send_http2(&self.pool, send, req).await?, None)),
+                UpstreamConn::Http2(send) => {
+                    let sent = Box::pin(send_http2(&self.pool, send, req));
+                    Ok((sent.await?, None))
+                }
             }
         };
-        let outcome = match &watch {
-            None => tokio::time::timeout(timeout, sent).await.ok(),
-            Some(watch) => wait_headers(sent, timeout, watch).await,
-        };
+        let outcome = wait_headers(sent, timeout, watch.as_deref()).await;
         let upstream_url = &self.upstream.url;
         match outcome {
             Some(Ok((resp, conn))) => {
@@ -606,14 +612,16 @@ pub(super) fn client_rejection(watch: &BodyWatch) -> Option<Rejection> {
     }
 }
 
-/// Waits for the response headers of a request with a body: `timeout` counts from the end
-/// of the request body (a slow upload is the client's time, bounded by
-/// `client_body_timeout`), and a failed request body ends the wait at once. `None` on
-/// timeout.
+/// Waits for the response headers: within `timeout` for a request without a body
+/// (`watch` is `None`). For a request with a body, `timeout` counts from the end of the body
+/// (a slow upload is the client's time, bounded by `client_body_timeout`), and a failed
+/// request body ends the wait at once. `None` on timeout.
+///
+/// One future for both kinds, so that a request's future holds the send future once.
 async fn wait_headers<T>(
     sent: impl Future<Output = T>,
     timeout: Duration,
-    watch: &BodyWatch,
+    watch: Option<&BodyWatch>,
 ) -> Option<T> {
     tokio::pin!(sent);
     let mut deadline = tokio::time::Instant::now() + timeout;
@@ -621,6 +629,9 @@ async fn wait_headers<T>(
         if let Ok(out) = tokio::time::timeout_at(deadline, &mut sent).await {
             return Some(out);
         }
+        let Some(watch) = watch else {
+            return None;
+        };
         match watch.outcome() {
             // Still uploading: the upstream's time has not started.
             BodyOutcome::Streaming => deadline = tokio::time::Instant::now() + timeout,
