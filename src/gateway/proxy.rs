@@ -629,9 +629,8 @@ async fn wait_headers<T>(
         if let Ok(out) = tokio::time::timeout_at(deadline, &mut sent).await {
             return Some(out);
         }
-        let Some(watch) = watch else {
-            return None;
-        };
+        // No body to wait for: the time is up.
+        let watch = watch?;
         match watch.outcome() {
             // Still uploading: the upstream's time has not started.
             BodyOutcome::Streaming => deadline = tokio::time::Instant::now() + timeout,
