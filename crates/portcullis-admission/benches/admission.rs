@@ -342,15 +342,44 @@ fn adaptive_http(c: &mut Criterion) {
         b.iter_custom(|iters| run_http(&rt, layer.layer(inner), &uri, iters))
     });
     let busy = background();
+    let mut paired = Vec::new();
     for (name, task_rt) in [("every_slot", &rt), ("sampled", &busy)] {
         let source = adaptive(task_rt);
         let eps = Endpoints::new().watch("/predict", None, Arc::new(Limiter::new(source)));
-        let layer = HttpAdmissionLayer::new(eps);
+        let adaptive = HttpAdmissionLayer::new(eps);
         g.bench_function(format!("adaptive_gradient_{name}"), |b| {
-            b.iter_custom(|iters| run_http(&rt, layer.layer(inner), &uri, iters))
+            b.iter_custom(|iters| run_http(&rt, adaptive.layer(inner), &uri, iters))
         });
+        // The same two stacks interleaved in chunks of 64 requests, so that the load of a
+        // shared machine hits both alike; the ratio of the totals is printed below.
+        let (mut local_total, mut adaptive_total, mut n) = (Duration::ZERO, Duration::ZERO, 0);
+        g.bench_function(format!("paired_{name}"), |b| {
+            b.iter_custom(|iters| {
+                let (mut l, mut a) = (Duration::ZERO, Duration::ZERO);
+                let mut left = iters;
+                while left > 0 {
+                    let chunk = left.min(64);
+                    l += run_http(&rt, layer.layer(inner), &uri, chunk);
+                    a += run_http(&rt, adaptive.layer(inner), &uri, chunk);
+                    left -= chunk;
+                }
+                (local_total, adaptive_total, n) = (local_total + l, adaptive_total + a, n + iters);
+                (l + a) / 2
+            })
+        });
+        paired.push((name, local_total, adaptive_total, n));
     }
     g.finish();
+    for (name, local, adaptive, n) in paired {
+        let per = |d: Duration| d.as_nanos() as f64 / n.max(1) as f64;
+        println!(
+            "adaptive_http/paired_{name}: LocalCapacity {:.1} ns, adaptive {:.1} ns per request \
+             over {n} interleaved requests: {:.2}x",
+            per(local),
+            per(adaptive),
+            per(adaptive) / per(local)
+        );
+    }
 }
 
 criterion_group!(
