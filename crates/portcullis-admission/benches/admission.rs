@@ -10,7 +10,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Method, Request, Response, Uri};
-use portcullis_admission::adaptive::{AdaptiveCapacity, AdaptiveConfig};
+use portcullis_admission::adaptive::{AdaptiveCapacity, AdaptiveConfig, SampleClock};
 use portcullis_admission::{
     AdmissionLayer, CapacitySource, Endpoints, HttpAdmissionLayer, Limiter, LocalCapacity, Outcome,
 };
@@ -293,17 +293,18 @@ fn background() -> Runtime {
         .unwrap()
 }
 
-/// An adaptive source over 1024 slots; with `every_slot`, its task never runs, so every
-/// slot is sampled (the cost of a quiet endpoint); otherwise its task runs on `rt` and
-/// samples about 100 slots per window (the cost of a busy one).
-fn adaptive(rt: &Runtime) -> AdaptiveCapacity {
+/// An adaptive source over 1024 slots timing its samples with `clock`; when `rt` is idle
+/// its task never runs, so every slot is sampled (the cost of a quiet endpoint); otherwise
+/// its task runs on `rt` and samples about 100 slots per window (the cost of a busy one).
+/// `SampleClock::Tokio` is the clock before the TSC one: two `Instant::now()` per sample.
+fn adaptive(rt: &Runtime, clock: SampleClock) -> AdaptiveCapacity {
     let _enter = rt.enter();
     let config = AdaptiveConfig {
         min_capacity: 1,
         max_capacity: 4096,
         ..Default::default()
     };
-    AdaptiveCapacity::new(LocalCapacity::new(1024), &config, "/bench")
+    AdaptiveCapacity::with_clock(LocalCapacity::new(1024), &config, "/bench", clock)
 }
 
 /// One slot: take, report, release.
@@ -322,9 +323,13 @@ fn adaptive_source(c: &mut Criterion) {
     g.bench_function("local_capacity", |b| b.iter(|| cycle(&local)));
     let fixed = AdaptiveCapacity::fixed(LocalCapacity::new(1024));
     g.bench_function("adaptive_fixed", |b| b.iter(|| cycle(&fixed)));
-    let every = adaptive(&idle);
+    let every = adaptive(&idle, SampleClock::Tsc);
     g.bench_function("adaptive_gradient_every_slot", |b| b.iter(|| cycle(&every)));
-    let sampled = adaptive(&busy);
+    let every = adaptive(&idle, SampleClock::Tokio);
+    g.bench_function("adaptive_gradient_every_slot_tokio_clock", |b| {
+        b.iter(|| cycle(&every))
+    });
+    let sampled = adaptive(&busy, SampleClock::Tsc);
     g.bench_function("adaptive_gradient_sampled", |b| b.iter(|| cycle(&sampled)));
     g.finish();
 }
@@ -343,8 +348,12 @@ fn adaptive_http(c: &mut Criterion) {
     });
     let busy = background();
     let mut paired = Vec::new();
-    for (name, task_rt) in [("every_slot", &rt), ("sampled", &busy)] {
-        let source = adaptive(task_rt);
+    for (name, task_rt, clock) in [
+        ("every_slot", &rt, SampleClock::Tsc),
+        ("every_slot_tokio_clock", &rt, SampleClock::Tokio),
+        ("sampled", &busy, SampleClock::Tsc),
+    ] {
+        let source = adaptive(task_rt, clock);
         let eps = Endpoints::new().watch("/predict", None, Arc::new(Limiter::new(source)));
         let adaptive = HttpAdmissionLayer::new(eps);
         g.bench_function(format!("adaptive_gradient_{name}"), |b| {
