@@ -109,7 +109,7 @@
 
 use crate::config::ProbeConfig;
 use crate::error::ProbeError;
-use crate::measure::{run_level, LevelMeasurement, LevelPlan, Phase};
+use crate::measure::{run_level, LevelMeasurement, LevelPlan, Phase, Ramp};
 use crate::target::{HttpTransport, ProbeClient, ProbeTarget, ProbeTransport, WarmConnector};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -388,6 +388,9 @@ impl Prober {
             early_verdict: adaptive || level == 1,
             fast_cutoff,
             tolerant_latency: gentle,
+            ramp: None,
+            // The gentle baseline only (level 1 is the only level without a fast cutoff).
+            settle: gentle && level == 1,
         };
 
         // Level 1: the baseline; failing here aborts.
@@ -418,7 +421,10 @@ impl Prober {
         levels.push(first);
 
         let (lo, hi) = if gentle {
-            let wave = |level: usize, phase: Phase| LevelPlan {
+            // A wave's part above what the backend has shown it serves is sent within a
+            // quarter of the baseline latency (see `Ramp`).
+            let window = baseline / 4;
+            let wave = |level: usize, phase: Phase, from: usize| LevelPlan {
                 level,
                 phase,
                 planned: level,
@@ -428,6 +434,8 @@ impl Prober {
                 early_verdict: true,
                 fast_cutoff: Some(fast_cutoff),
                 tolerant_latency: true,
+                ramp: Some(Ramp { from, window }),
+                settle: false,
             };
             gentle_search(
                 transport,
@@ -576,7 +584,7 @@ async fn gentle_search<T, F, W>(
 where
     T: ProbeTransport + ?Sized,
     F: FnMut(&ProbeEvent) + Send,
-    W: Fn(usize, Phase) -> LevelPlan,
+    W: Fn(usize, Phase, usize) -> LevelPlan,
 {
     let within = |lo: usize, x: usize| x as f64 <= lo as f64 * (1.0 + tolerance);
     // Growing. Level 1 was served one request at a time: one fast response.
@@ -588,7 +596,8 @@ where
         let by_fast = (growth * lo_fast as f64).floor() as usize;
         let by_level = (lo as f64 * (1.0 + tolerance)).floor() as usize;
         let next = by_fast.max(by_level).max(lo + 1).min(max);
-        let m = measure_wave(transport, wave(next, Phase::Growing), levels, on_event).await;
+        let plan = wave(next, Phase::Growing, lo_fast);
+        let m = measure_wave(transport, plan, levels, on_event).await;
         if m.passed {
             lo = lo.max(credited(next, &m));
             lo_fast = m.first_wave_fast.unwrap_or(0);
@@ -617,7 +626,7 @@ where
         }
         // The estimate says nothing usable (latency rose gradually, or noise): bisect.
         let p = (((lo as f64) * (h as f64)).sqrt().round() as usize).clamp(lo + 1, h - 1);
-        let m = measure_wave(transport, wave(p, Phase::Bisecting), levels, on_event).await;
+        let m = measure_wave(transport, wave(p, Phase::Bisecting, lo), levels, on_event).await;
         if m.passed {
             lo = lo.max(credited(p, &m));
         } else {
