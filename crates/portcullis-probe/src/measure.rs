@@ -1,9 +1,11 @@
 //! Measuring one concurrency level.
 //!
 //! Under the reference schedules a level `L` is *planned* at `max(probe_min_requests, 2 * L)`
-//! requests; under the gentle one at `L` (one wave), except the level-1 baseline at
-//! `probe_min_requests`. `L` requests are kept in flight continuously (a new one starts as
-//! soon as one finishes) until the plan is sent, then the level waits for the last responses. Error rate counts non-2xx responses,
+//! requests; under the gentle one at `L` (one wave, its part above the previous level's fast
+//! answers ramped in: see [`Ramp`]), except the level-1 baseline at up to
+//! `probe_min_requests` (it stops once settled). `L` requests are kept in flight continuously
+//! (a new one starts as soon as one finishes) until the plan is sent, then the level waits
+//! for the last responses. Error rate counts non-2xx responses,
 //! timeouts and transport errors; p50/p99 are nearest-rank percentiles over every request;
 //! requests/s is completed requests over the level's wall time.
 //!
@@ -13,7 +15,9 @@
 //! in-flight requests already older than it), which forces the p99 of the planned sample over
 //! the threshold. The in-flight requests are then drained, not abandoned, so the next level
 //! starts on a quiet backend. The verdict is always recomputed from the requests actually
-//! sent, and equals the one the full plan would have given.
+//! sent, and equals the one the full plan would have given. A ramped gentle wave also stops
+//! once it fails as sent so far (more than `error_threshold * sent` errors): it is then a
+//! wave of the requests it sent, all in flight together.
 //!
 //! # The latency statistic
 //!
@@ -185,9 +189,11 @@ fn settled(latencies: &[Duration]) -> bool {
 
 /// How a gentle wave of `level` requests is sent: `from` of them at once (as many as the
 /// previous level answered fast, a count the backend has shown it serves), the rest in
-/// [`RAMP_STEPS`] equal steps spread over `window` (a quarter of the baseline latency, so
-/// that the first requests are still in flight when the last ones arrive: the wave stays one
-/// concurrency level). While it ramps, the wave stops as soon as it fails *as sent so far*:
+/// [`RAMP_STEPS`] equal steps spread over `window` (half the baseline latency, so that the
+/// first requests are still in flight when the last ones arrive: the wave stays one
+/// concurrency level; and no shorter, so that the 503s of one step are back before the
+/// next steps go out: a quarter, 625 µs per step of 8, sent 118-124 of the failing wave at
+/// K = 100 on the loaded benchmark machine). While it ramps, the wave stops as soon as it fails *as sent so far*:
 /// more than `error_threshold` of the requests sent have already failed. On a 503 knee the
 /// answers past the knee come back at once, so the failing wave stops a few requests past
 /// the knee instead of sending its whole size (about 106 of 141 at K = 100); a latency knee
@@ -199,7 +205,7 @@ pub(crate) struct Ramp {
 }
 
 /// Steps of a [`Ramp`].
-pub(crate) const RAMP_STEPS: u32 = 8;
+pub(crate) const RAMP_STEPS: u32 = 16;
 
 impl Ramp {
     /// Requests of a wave of `level` that may have been sent `elapsed` after its start, and

@@ -323,7 +323,7 @@ async fn gentle_levels_are_one_wave() {
     let r = prober.probe_transport(&sim, |_| {}).await.unwrap();
     // the baseline sends its requests one at a time and stops once 8 agree (a constant
     // backend: after 8), every other level is one wave: the part above the previous level
-    // within a quarter of the baseline (5 ms), all of it in flight with the first part
+    // within half the baseline (10 ms), all of it in flight with the first part
     assert_eq!(r.levels[0].requests, 8);
     assert!(r.levels[0].stopped_early && r.levels[0].passed);
     assert!((r.levels[0].elapsed_secs - 0.160).abs() < 0.002);
@@ -331,7 +331,7 @@ async fn gentle_levels_are_one_wave() {
         assert_eq!(m.requests, m.level, "level {}", m.level);
         assert_eq!(m.phase, Phase::Growing);
         assert!(
-            (0.020..0.0252).contains(&m.elapsed_secs),
+            (0.020..0.0302).contains(&m.elapsed_secs),
             "{}",
             m.elapsed_secs
         );
