@@ -31,17 +31,19 @@ pub enum SampleClock {
 }
 
 /// A [`SampleClock`] ready to read: a stamp is a `u64` whose unit only this value knows
-/// (TSC ticks, or nanoseconds since `base`).
+/// (TSC ticks or nanoseconds), counted from the timer's creation, so that it stays far below
+/// `2^62` (a sample keeps it in 62 bits).
 #[derive(Clone)]
 pub(crate) enum Timer {
-    Tsc(quanta::Clock),
+    /// The clock and its raw count at the timer's creation.
+    Tsc(quanta::Clock, u64),
     Tokio(Instant),
 }
 
 impl fmt::Debug for Timer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Self::Tsc(_) => "Timer::Tsc",
+            Self::Tsc(..) => "Timer::Tsc",
             Self::Tokio(_) => "Timer::Tokio",
         })
     }
@@ -51,7 +53,11 @@ impl Timer {
     /// A timer for `clock` (the first TSC timer of the process calibrates `quanta`, once).
     pub(crate) fn new(clock: SampleClock) -> Self {
         match clock {
-            SampleClock::Tsc => Self::Tsc(quanta::Clock::new()),
+            SampleClock::Tsc => {
+                let clock = quanta::Clock::new();
+                let base = clock.raw();
+                Self::Tsc(clock, base)
+            }
             SampleClock::Tokio => Self::Tokio(Instant::now()),
         }
     }
@@ -61,7 +67,7 @@ impl Timer {
     #[inline]
     pub(crate) fn now(&self) -> u64 {
         match self {
-            Self::Tsc(clock) => clock.raw(),
+            Self::Tsc(clock, base) => clock.raw().saturating_sub(*base),
             Self::Tokio(base) => base.elapsed().as_nanos() as u64,
         }
     }
@@ -70,7 +76,7 @@ impl Timer {
     #[inline]
     pub(crate) fn nanos(&self, start: u64, end: u64) -> u64 {
         match self {
-            Self::Tsc(clock) => clock.delta_as_nanos(start, end),
+            Self::Tsc(clock, _) => clock.delta_as_nanos(start, end),
             Self::Tokio(_) => end.saturating_sub(start),
         }
     }

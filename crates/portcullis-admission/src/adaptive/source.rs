@@ -219,7 +219,7 @@ impl<C> AdaptiveCapacity<C> {
         self.shared.is_some()
     }
 
-    #[inline]
+    #[inline(always)]
     fn wrap<P>(&self, permit: P) -> AdaptivePermit<P> {
         AdaptivePermit {
             sample: self.shared.as_ref().and_then(Sample::start),
@@ -248,7 +248,7 @@ impl<C: CapacitySource> CapacitySource for AdaptiveCapacity<C> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn try_acquire(&self) -> Option<Self::Permit> {
         self.inner.try_acquire().map(|p| self.wrap(p))
     }
@@ -278,7 +278,7 @@ impl<C: CapacitySource> CapacitySource for AdaptiveCapacity<C> {
         self.inner.queue_depth()
     }
 
-    #[inline]
+    #[inline(always)]
     fn record_outcome(permit: &Self::Permit, outcome: Outcome) {
         if let Some(s) = &permit.sample {
             s.record(outcome);
@@ -319,10 +319,10 @@ fn phase_name(p: Phase) -> String {
         .unwrap_or_default()
 }
 
-const PENDING: u8 = 0;
-const SUCCESS: u8 = 1;
-const OVERLOAD: u8 = 2;
-const RECORDED: u8 = 3;
+const PENDING: u64 = 0;
+const SUCCESS: u64 = 1;
+const OVERLOAD: u64 = 2;
+const RECORDED: u64 = 3;
 
 impl Shared {
     /// Takes the sample of a slot granted at stamp `started` that ends now.
@@ -330,7 +330,7 @@ impl Shared {
     fn take(&self, started: u64, overloaded: bool) {
         if started >= self.fresh_after.load(Ordering::Relaxed) {
             let nanos = self.timer.nanos(started, self.timer.now());
-            self.window.record(Duration::from_nanos(nanos), overloaded);
+            self.window.record_micros(nanos / 1000, overloaded);
         }
     }
 
@@ -352,17 +352,21 @@ thread_local! {
     static GRANTS: Cell<u32> = const { Cell::new(0) };
 }
 
-/// The sampling part of a granted slot.
+/// The sampling part of a granted slot: 16 bytes, so that a sampled permit (and the
+/// response futures and bodies that carry it) stays small.
 struct Sample {
     shared: Arc<Shared>,
-    /// The grant, as a stamp of `shared.timer`.
-    started: u64,
-    outcome: AtomicU8,
+    /// The grant, as a stamp of `shared.timer`, shifted left by 2; the low 2 bits are the
+    /// outcome (`PENDING`, `SUCCESS`, `OVERLOAD`, `RECORDED`).
+    state: AtomicU64,
 }
+
+/// The outcome bits of [`Sample::state`].
+const OUTCOME: u64 = 0b11;
 
 impl Sample {
     /// A sample of a slot granted now, or `None` when this slot is not one of the sampled.
-    #[inline]
+    #[inline(always)]
     fn start(shared: &Arc<Shared>) -> Option<Self> {
         let every = shared.sample_every.load(Ordering::Relaxed);
         if every > 1 {
@@ -377,32 +381,32 @@ impl Sample {
         }
         Some(Self {
             shared: Arc::clone(shared),
-            started: shared.timer.now(),
-            outcome: AtomicU8::new(PENDING),
+            state: AtomicU64::new((shared.timer.now() << 2) | PENDING),
         })
     }
 
+    /// The first outcome of the slot counts. A load and a store rather than a
+    /// read-modify-write: the layer reports a slot's outcome once, from the future that holds
+    /// it, and a locked instruction costs about as much as the clock read (two calls racing
+    /// on two threads could at worst both count: one duplicate sample).
+    #[inline(always)]
     fn record(&self, outcome: Outcome) {
+        let state = self.state.load(Ordering::Relaxed);
+        if state & OUTCOME != PENDING {
+            return;
+        }
         let code = match outcome {
             Outcome::Success => SUCCESS,
             Outcome::Overload => OVERLOAD,
         };
         match self.shared.mode {
-            // The sample is complete now: take it (once).
+            // The sample is complete now: take it.
             LatencyMode::Headers => {
-                if self.outcome.swap(RECORDED, Ordering::Relaxed) == PENDING {
-                    self.shared.take(self.started, code == OVERLOAD);
-                }
+                self.state.store(state | RECORDED, Ordering::Relaxed);
+                self.shared.take(state >> 2, code == OVERLOAD);
             }
             // Taken when the slot is released (the end of the body).
-            LatencyMode::Body => {
-                let _ = self.outcome.compare_exchange(
-                    PENDING,
-                    code,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-            }
+            LatencyMode::Body => self.state.store(state | code, Ordering::Relaxed),
         }
     }
 }
@@ -410,9 +414,10 @@ impl Sample {
 impl Drop for Sample {
     fn drop(&mut self) {
         // A slot released without an outcome (the client went away first) is no sample.
-        match *self.outcome.get_mut() {
-            SUCCESS => self.shared.take(self.started, false),
-            OVERLOAD => self.shared.take(self.started, true),
+        let state = *self.state.get_mut();
+        match state & OUTCOME {
+            SUCCESS => self.shared.take(state >> 2, false),
+            OVERLOAD => self.shared.take(state >> 2, true),
             _ => {}
         }
     }
@@ -776,6 +781,7 @@ mod tests {
         AdaptiveCapacity::<LocalCapacity>::record_outcome(&p, Outcome::Overload);
         drop(p);
         assert_eq!(shared.window.count(), 1, "one sample per slot");
+        assert_eq!(std::mem::size_of::<Option<Sample>>(), 16, "a small permit");
         let fixed = AdaptiveCapacity::fixed(LocalCapacity::new(2));
         assert!(fixed.adaptive_stats().is_none() && !fixed.is_adaptive());
         assert!(fixed.try_acquire().unwrap().sample.is_none());
