@@ -189,15 +189,19 @@ fn settled(latencies: &[Duration]) -> bool {
 
 /// How a gentle wave of `level` requests is sent: `from` of them at once (as many as the
 /// previous level answered fast, a count the backend has shown it serves), the rest in
-/// [`RAMP_STEPS`] equal steps spread over `window` (half the baseline latency, so that the
-/// first requests are still in flight when the last ones arrive: the wave stays one
-/// concurrency level; and no shorter, so that the 503s of one step are back before the
-/// next steps go out: a quarter, 625 µs per step of 8, sent 118-124 of the failing wave at
-/// K = 100 on the loaded benchmark machine). While it ramps, the wave stops as soon as it fails *as sent so far*:
-/// more than `error_threshold` of the requests sent have already failed. On a 503 knee the
-/// answers past the knee come back at once, so the failing wave stops a few requests past
-/// the knee instead of sending its whole size (about 106 of 141 at K = 100); a latency knee
-/// shows nothing within the window, so there the wave is sent whole, as before.
+/// [`RAMP_STEPS`] equal steps spread over `window`.
+///
+/// The window is half the baseline latency: short enough that the first requests are still
+/// in flight when the last ones arrive (the wave stays one concurrency level), and no
+/// shorter, so that the 503s of one step are back before many more steps go out (a quarter
+/// of the baseline in 8 steps, 625 µs apart, sent 118-124 of the failing wave at K = 100 on
+/// the loaded benchmark machine).
+///
+/// While it ramps, the wave stops as soon as it fails *as sent so far*: more than
+/// `error_threshold` of the requests sent have already failed. On a 503 knee the answers
+/// past the knee come back at once, so the failing wave stops a few requests past the knee
+/// instead of sending its whole size (106-109 of 141 at K = 100); a latency knee shows
+/// nothing within the window, so there the wave is sent whole, as before.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ramp {
     pub(crate) from: usize,

@@ -11,18 +11,26 @@
 //!
 //! The TSC does not follow tokio's paused test clock, so a test that drives the latency of
 //! its requests with `tokio::time::sleep` on a paused runtime times the samples with
-//! [`SampleClock::Tokio`] (see [`AdaptiveCapacity::with_clock`](super::AdaptiveCapacity::with_clock)).
+//! [`SampleClock::Tokio`] (see
+//! [`AdaptiveCapacity::with_clock`](super::AdaptiveCapacity::with_clock)).
 //! The controller's own schedule (windows, the `min_rtt` interval) always runs on tokio's
 //! clock: it reads it once per window, off the request path.
 
 use std::fmt;
 use tokio::time::Instant;
 
-/// Which clock times the adaptive source's samples (see the [module docs](self)).
+/// Which clock times the adaptive source's samples, from a slot's grant to its outcome.
+///
+/// A sampled slot reads it twice, and on a quiet endpoint every slot is sampled, so the
+/// clock is most of the adaptive source's cost per request. The controller's own schedule
+/// (windows, the `min_rtt` interval) always runs on tokio's clock, off the request path.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SampleClock {
-    /// The CPU's time-stamp counter, through `quanta` (the OS monotonic clock where the
-    /// counter is not usable). The default: about a third of the cost of `Instant::now()`.
+    /// The CPU's time-stamp counter, through the `quanta` crate (the OS monotonic clock
+    /// where the counter is not invariant, or on other architectures), converted to
+    /// nanoseconds with the ratio `quanta` calibrates once against the OS clock. The
+    /// default: about 9 ns a read where `Instant::now()` costs 22–58 ns on the project's VM.
+    /// It does not follow tokio's paused clock.
     #[default]
     Tsc,
     /// tokio's [`Instant`]: follows a paused test clock (`tokio::time::pause`,
