@@ -10,7 +10,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Method, Request, Response, Uri};
-use portcullis_admission::adaptive::{AdaptiveCapacity, AdaptiveConfig};
+use portcullis_admission::adaptive::{AdaptiveCapacity, AdaptiveConfig, SampleClock};
 use portcullis_admission::{
     AdmissionLayer, CapacitySource, Endpoints, HttpAdmissionLayer, Limiter, LocalCapacity, Outcome,
 };
@@ -293,17 +293,18 @@ fn background() -> Runtime {
         .unwrap()
 }
 
-/// An adaptive source over 1024 slots; with `every_slot`, its task never runs, so every
-/// slot is sampled (the cost of a quiet endpoint); otherwise its task runs on `rt` and
-/// samples about 100 slots per window (the cost of a busy one).
-fn adaptive(rt: &Runtime) -> AdaptiveCapacity {
+/// An adaptive source over 1024 slots timing its samples with `clock`; when `rt` is idle
+/// its task never runs, so every slot is sampled (the cost of a quiet endpoint); otherwise
+/// its task runs on `rt` and samples about 100 slots per window (the cost of a busy one).
+/// `SampleClock::Tokio` is the clock before the TSC one: two `Instant::now()` per sample.
+fn adaptive(rt: &Runtime, clock: SampleClock) -> AdaptiveCapacity {
     let _enter = rt.enter();
     let config = AdaptiveConfig {
         min_capacity: 1,
         max_capacity: 4096,
         ..Default::default()
     };
-    AdaptiveCapacity::new(LocalCapacity::new(1024), &config, "/bench")
+    AdaptiveCapacity::with_clock(LocalCapacity::new(1024), &config, "/bench", clock)
 }
 
 /// One slot: take, report, release.
@@ -322,9 +323,13 @@ fn adaptive_source(c: &mut Criterion) {
     g.bench_function("local_capacity", |b| b.iter(|| cycle(&local)));
     let fixed = AdaptiveCapacity::fixed(LocalCapacity::new(1024));
     g.bench_function("adaptive_fixed", |b| b.iter(|| cycle(&fixed)));
-    let every = adaptive(&idle);
+    let every = adaptive(&idle, SampleClock::Tsc);
     g.bench_function("adaptive_gradient_every_slot", |b| b.iter(|| cycle(&every)));
-    let sampled = adaptive(&busy);
+    let every = adaptive(&idle, SampleClock::Tokio);
+    g.bench_function("adaptive_gradient_every_slot_tokio_clock", |b| {
+        b.iter(|| cycle(&every))
+    });
+    let sampled = adaptive(&busy, SampleClock::Tsc);
     g.bench_function("adaptive_gradient_sampled", |b| b.iter(|| cycle(&sampled)));
     g.finish();
 }
@@ -342,15 +347,48 @@ fn adaptive_http(c: &mut Criterion) {
         b.iter_custom(|iters| run_http(&rt, layer.layer(inner), &uri, iters))
     });
     let busy = background();
-    for (name, task_rt) in [("every_slot", &rt), ("sampled", &busy)] {
-        let source = adaptive(task_rt);
+    let mut paired = Vec::new();
+    for (name, task_rt, clock) in [
+        ("every_slot", &rt, SampleClock::Tsc),
+        ("every_slot_tokio_clock", &rt, SampleClock::Tokio),
+        ("sampled", &busy, SampleClock::Tsc),
+    ] {
+        let source = adaptive(task_rt, clock);
         let eps = Endpoints::new().watch("/predict", None, Arc::new(Limiter::new(source)));
-        let layer = HttpAdmissionLayer::new(eps);
+        let adaptive = HttpAdmissionLayer::new(eps);
         g.bench_function(format!("adaptive_gradient_{name}"), |b| {
-            b.iter_custom(|iters| run_http(&rt, layer.layer(inner), &uri, iters))
+            b.iter_custom(|iters| run_http(&rt, adaptive.layer(inner), &uri, iters))
         });
+        // The same two stacks interleaved in chunks of 64 requests, so that the load of a
+        // shared machine hits both alike; the ratio of the totals is printed below.
+        let (mut local_total, mut adaptive_total, mut n) = (Duration::ZERO, Duration::ZERO, 0);
+        g.bench_function(format!("paired_{name}"), |b| {
+            b.iter_custom(|iters| {
+                let (mut l, mut a) = (Duration::ZERO, Duration::ZERO);
+                let mut left = iters;
+                while left > 0 {
+                    let chunk = left.min(64);
+                    l += run_http(&rt, layer.layer(inner), &uri, chunk);
+                    a += run_http(&rt, adaptive.layer(inner), &uri, chunk);
+                    left -= chunk;
+                }
+                (local_total, adaptive_total, n) = (local_total + l, adaptive_total + a, n + iters);
+                (l + a) / 2
+            })
+        });
+        paired.push((name, local_total, adaptive_total, n));
     }
     g.finish();
+    for (name, local, adaptive, n) in paired {
+        let per = |d: Duration| d.as_nanos() as f64 / n.max(1) as f64;
+        println!(
+            "adaptive_http/paired_{name}: LocalCapacity {:.1} ns, adaptive {:.1} ns per request \
+             over {n} interleaved requests: {:.2}x",
+            per(local),
+            per(adaptive),
+            per(adaptive) / per(local)
+        );
+    }
 }
 
 criterion_group!(

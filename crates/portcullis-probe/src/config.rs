@@ -34,8 +34,9 @@ pub struct ProbeConfig {
     /// Upper bound of the probed concurrency; never exceeded. Default `1024`.
     pub max_probe_concurrency: usize,
     /// Minimum requests per level (a level also sends at least two rounds of itself).
-    /// Default `32`. Under the gentle schedule (the default) this is the size of the
-    /// level-1 baseline; the other levels send one wave of `level` requests (see
+    /// Default `32`. Under the gentle schedule (the default) this is the largest size of the
+    /// level-1 baseline, which stops early once its last 8 requests agree within 25%; the
+    /// other levels send one wave of `level` requests (see
     /// [`Schedule::Gentle`](crate::Schedule::Gentle)).
     pub probe_min_requests: usize,
     /// The gentle schedule's largest factor from one level to the next: a level is at most

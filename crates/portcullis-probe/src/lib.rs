@@ -4,7 +4,8 @@
 //! requests/s, stops at the first level exceeding `error_threshold` or
 //! `latency_threshold_ms`, and settles between the last passing and the first failing level.
 //! The result is the endpoint's `max_concurrency`, used as its admission `capacity`. Level 1
-//! is the baseline (`probe_min_requests` requests, one at a time): when it already fails, the
+//! is the baseline (up to `probe_min_requests` requests, one at a time; the gentle schedule
+//! stops it once 8 agree): when it already fails, the
 //! endpoint is down or misconfigured and the probe aborts with
 //! [`ProbeError::FirstLevelFailed`], listing the status codes and errors seen.
 //!

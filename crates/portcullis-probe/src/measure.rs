@@ -1,9 +1,11 @@
 //! Measuring one concurrency level.
 //!
 //! Under the reference schedules a level `L` is *planned* at `max(probe_min_requests, 2 * L)`
-//! requests; under the gentle one at `L` (one wave), except the level-1 baseline at
-//! `probe_min_requests`. `L` requests are kept in flight continuously (a new one starts as
-//! soon as one finishes) until the plan is sent, then the level waits for the last responses. Error rate counts non-2xx responses,
+//! requests; under the gentle one at `L` (one wave, its part above the previous level's fast
+//! answers ramped in: see [`Ramp`]), except the level-1 baseline at up to
+//! `probe_min_requests` (it stops once settled). `L` requests are kept in flight continuously
+//! (a new one starts as soon as one finishes) until the plan is sent, then the level waits
+//! for the last responses. Error rate counts non-2xx responses,
 //! timeouts and transport errors; p50/p99 are nearest-rank percentiles over every request;
 //! requests/s is completed requests over the level's wall time.
 //!
@@ -13,7 +15,9 @@
 //! in-flight requests already older than it), which forces the p99 of the planned sample over
 //! the threshold. The in-flight requests are then drained, not abandoned, so the next level
 //! starts on a quiet backend. The verdict is always recomputed from the requests actually
-//! sent, and equals the one the full plan would have given.
+//! sent, and equals the one the full plan would have given. A ramped gentle wave also stops
+//! once it fails as sent so far (more than `error_threshold * sent` errors): it is then a
+//! wave of the requests it sent, all in flight together.
 //!
 //! # The latency statistic
 //!
@@ -84,7 +88,8 @@ pub struct LevelMeasurement {
     pub latency_exceeded: bool,
     /// Neither threshold was exceeded.
     pub passed: bool,
-    /// The level stopped issuing before its plan because its failure was already certain.
+    /// The level stopped issuing before its plan: its failure was already certain (for a
+    /// gentle wave: as sent so far), or a gentle baseline had settled.
     pub stopped_early: bool,
     /// How many requests ended each way (`"200"`, `"503"`, `"timeout"`, `"connect error"`...).
     pub outcomes: BTreeMap<String, usize>,
@@ -155,6 +160,77 @@ pub(crate) struct LevelPlan {
     /// Use the outlier-tolerant latency statistic (see the module docs) instead of the
     /// nearest-rank p99.
     pub(crate) tolerant_latency: bool,
+    /// A gentle wave sends its part above a proven count in steps (see [`Ramp`]).
+    pub(crate) ramp: Option<Ramp>,
+    /// The gentle baseline: stop issuing once the last [`SETTLE_SAMPLES`] requests all
+    /// succeeded within 25% of each other (see the `prober` module docs).
+    pub(crate) settle: bool,
+}
+
+/// Requests after which a settled baseline stops (see [`LevelPlan::settle`]).
+pub(crate) const SETTLE_SAMPLES: usize = 8;
+
+/// The last [`SETTLE_SAMPLES`] of `latencies` (in completion order) agree within 25%.
+fn settled(latencies: &[Duration]) -> bool {
+    let Some(last) = latencies
+        .len()
+        .checked_sub(SETTLE_SAMPLES)
+        .map(|i| &latencies[i..])
+    else {
+        return false;
+    };
+    let (lo, hi) = last
+        .iter()
+        .fold((Duration::MAX, Duration::ZERO), |(lo, hi), &d| {
+            (lo.min(d), hi.max(d))
+        });
+    hi <= lo.mul_f64(1.25)
+}
+
+/// How a gentle wave of `level` requests is sent: `from` of them at once (as many as the
+/// previous level answered fast, a count the backend has shown it serves), the rest in
+/// [`RAMP_STEPS`] equal steps spread over `window`.
+///
+/// The window is half the baseline latency: short enough that the first requests are still
+/// in flight when the last ones arrive (the wave stays one concurrency level), and no
+/// shorter, so that the 503s of one step are back before many more steps go out (a quarter
+/// of the baseline in 8 steps, 625 µs apart, sent 118-124 of the failing wave at K = 100 on
+/// the loaded benchmark machine).
+///
+/// While it ramps, the wave stops as soon as it fails *as sent so far*: more than
+/// `error_threshold` of the requests sent have already failed. On a 503 knee the answers
+/// past the knee come back at once, so the failing wave stops a few requests past the knee
+/// instead of sending its whole size (106-109 of 141 at K = 100); a latency knee shows
+/// nothing within the window, so there the wave is sent whole, as before.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ramp {
+    pub(crate) from: usize,
+    pub(crate) window: Duration,
+}
+
+/// Steps of a [`Ramp`].
+pub(crate) const RAMP_STEPS: u32 = 16;
+
+impl Ramp {
+    /// Requests of a wave of `level` that may have been sent `elapsed` after its start, and
+    /// when that number next grows (`None`: the whole wave may be sent).
+    fn allowed(&self, level: usize, elapsed: Duration) -> (usize, Option<Duration>) {
+        let from = self.from.min(level);
+        let step = self.window / RAMP_STEPS;
+        let done = if step.is_zero() {
+            RAMP_STEPS
+        } else {
+            (elapsed.as_nanos() / step.as_nanos()).min(u128::from(RAMP_STEPS)) as u32 + 1
+        };
+        if done >= RAMP_STEPS {
+            return (level, None);
+        }
+        let extra = (level - from) * done as usize;
+        (
+            from + extra.div_ceil(RAMP_STEPS as usize),
+            Some(step * done),
+        )
+    }
 }
 
 /// Requests of `n` that must exceed the threshold for the nearest-rank p99 to exceed it.
@@ -211,9 +287,17 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
     let mut first_wave_fast = 0usize;
     let mut first_wave_ok = 0usize;
     let mut stop_issuing = false;
+    // A settled baseline's successes in a row (an error restarts the count).
+    let mut ok_run: Vec<Duration> = Vec::new();
 
     loop {
-        while !stop_issuing && inflight.len() < level && sent < planned {
+        // A ramped wave: how many may be sent by now, and when more may.
+        let (allowed, next_step) = match plan.ramp {
+            Some(ramp) => ramp.allowed(level, started.elapsed()),
+            None => (planned, None),
+        };
+        let next_step = next_step.map(|d| started + d);
+        while !stop_issuing && inflight.len() < level && sent < planned.min(allowed) {
             let id = sent as u64;
             let now = Instant::now();
             issued_at.insert(id, now);
@@ -228,19 +312,32 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
             }));
             sent += 1;
         }
+        let ramp_at = next_step.filter(|_| !stop_issuing && sent < planned);
         if inflight.is_empty() {
-            break;
+            match ramp_at {
+                // Everything sent so far has answered before the ramp's next step.
+                Some(at) => {
+                    tokio::time::sleep_until(at).await;
+                    continue;
+                }
+                None => break,
+            }
         }
 
         // While a failure is still undecided, wake up when the oldest in-flight request
         // that is not yet slow becomes slow.
-        let wake = if plan.early_verdict && !stop_issuing {
+        let slow_at = if plan.early_verdict && !stop_issuing {
             issued_at
                 .values()
                 .map(|t| *t + thr + Duration::from_millis(1))
                 .find(|deadline| *deadline > Instant::now())
         } else {
             None
+        };
+        // ... and when a ramped wave may send its next step.
+        let wake = match (slow_at, ramp_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
 
         tokio::select! {
@@ -265,6 +362,16 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
                     }
                     *outcomes.entry(outcome.label()).or_default() += 1;
                     latencies.push(latency);
+                    if plan.settle {
+                        if ok {
+                            ok_run.push(latency);
+                        } else {
+                            ok_run.clear();
+                        }
+                        if settled(&ok_run) {
+                            stop_issuing = true;
+                        }
+                    }
                 }
             }
             _ = sleep_until_opt(wake), if wake.is_some() => {}
@@ -276,7 +383,9 @@ pub(crate) async fn run_level<T: ProbeTransport + ?Sized>(
                 .values()
                 .take_while(|t| now.saturating_duration_since(**t) > thr)
                 .count();
-            let errors_certain = errors as f64 > plan.error_threshold * planned as f64;
+            // A ramped wave that stops now is a wave of the requests sent so far.
+            let of = if plan.ramp.is_some() { sent } else { planned };
+            let errors_certain = errors as f64 > plan.error_threshold * of as f64;
             let latency_certain = slow_done + slow_inflight >= plan.slow_needed(planned);
             if errors_certain || latency_certain {
                 stop_issuing = true;

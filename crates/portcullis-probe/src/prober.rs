@@ -9,13 +9,25 @@
 //! server that runs out of memory at 2.5 times its safe concurrency), and to send few
 //! requests:
 //!
-//! 1. **Baseline.** Level 1 sends `probe_min_requests` requests one after the other. Its
-//!    median latency is the baseline; a response counts as *fast* when it succeeded within
-//!    `max(2 x baseline, baseline + 5 ms)` (capped at the latency threshold). Failing here
-//!    aborts with [`ProbeError::FirstLevelFailed`].
-//! 2. **Growing.** Every further level is **one wave**: `level` requests sent together, so
-//!    the backend has exactly `level` in flight, and the level ends when they have all
-//!    answered (nothing of one level is still running when the next starts). After a
+//! 1. **Baseline.** Level 1 sends up to `probe_min_requests` requests one after the other,
+//!    and stops early once its last 8 requests all succeeded within 25% of each other (a
+//!    settled no-load latency: after 8 on a steady backend; a slow first request on a new
+//!    connection, or an outlier, only pushes the window on). Its median latency is the
+//!    baseline; a response counts as *fast* when it succeeded within
+//!    `max(2 x baseline, baseline + 5 ms)` (capped at the latency threshold), a cutoff that a
+//!    median of 8 estimates well enough. Failing here aborts with
+//!    [`ProbeError::FirstLevelFailed`].
+//! 2. **Growing.** Every further level is **one wave**: `level` requests in flight together,
+//!    so the backend has exactly `level` in flight, and the level ends when they have all
+//!    answered (nothing of one level is still running when the next starts). The wave sends
+//!    at once as many requests as the previous level answered fast (a count the backend has
+//!    shown it serves), and the rest in 16 steps within half the baseline latency, so the
+//!    first requests are still in flight when the last ones arrive. While it ramps, the
+//!    wave stops as soon as it fails *as sent so far* (more than `error_threshold` of the
+//!    requests sent have failed): on a 503 knee the answers past the knee come back at once,
+//!    and the failing wave of 141 at K = 100 stops after about 106 requests instead of
+//!    sending 141. A latency knee shows nothing within the ramp, so there the wave is sent
+//!    whole, and the peak below is unchanged. After a
 //!    passing level `L` with `f` fast responses the next level is
 //!    `max(L + 1, floor(probe_growth x f), floor(L x (1 + tolerance)))`: while latency is flat
 //!    (`f` close to `L`) that is 1.5 x `f` (1, 2, 3, 4, 6, 9, 13, 19, 28, 42, 63, 94, 141, ...
@@ -63,11 +75,16 @@
 //! `K + 1` may pass the error threshold. The reference doubling puts up to `2 x` the last passing level in flight:
 //! 2.56 x K for K = 100 (it steps from 128 to 256).
 //!
-//! **Requests.** One wave per level instead of two rounds, no `probe_min_requests` floor past
-//! the baseline, and the knee estimate ends the search at the first failing level on a step
-//! knee: for K = 100 that is 32 + (2 + 3 + ... + 94) + 141 = 456 requests, for K = 24
-//! 32 + (2 + ... + 19) + 28 = 116, for K = 4 32 + 2 + 3 + 4 + 6 = 47, against 813-1028,
-//! 271-324 and 111-123 for the adaptive doubling schedule (see `BENCHMARKS.md`).
+//! **Requests.** One wave per level instead of two rounds, a baseline that stops once it has
+//! settled, no `probe_min_requests` floor past the baseline, a failing wave on a 503 knee
+//! that stops a few requests past the knee, and the knee estimate ends the search at the
+//! first failing level on a step knee: for K = 100 that is 8 + (2 + 3 + ... + 94) + 141 = 432
+//! requests on a latency knee and 8 + 283 + about 106 = 397 on a 503 knee, for K = 24
+//! 8 + (2 + ... + 19) + 28 = 92 (503: about 91), for K = 4 8 + 2 + 3 + 4 + 6 = 23, against
+//! 1028 / 813, 324 / 271 and 123 / 111 for the adaptive doubling schedule (see
+//! `BENCHMARKS.md`). Sending a wave whole and at once (the schedule before the ramp) and
+//! waiting for 32 baseline requests cost 456 at K = 100 on both kinds of knee: on a 503
+//! knee that was 0.56 x the doubling, which stops its failing levels early.
 //!
 //! **One outlier.** Levels are judged with the statistic of the `measure` module: the p99
 //! from 100 samples up, the second-worst sample below, so one slow response never fails a
@@ -109,7 +126,7 @@
 
 use crate::config::ProbeConfig;
 use crate::error::ProbeError;
-use crate::measure::{run_level, LevelMeasurement, LevelPlan, Phase};
+use crate::measure::{run_level, LevelMeasurement, LevelPlan, Phase, Ramp};
 use crate::target::{HttpTransport, ProbeClient, ProbeTarget, ProbeTransport, WarmConnector};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -130,10 +147,12 @@ pub enum Schedule {
         /// Relative width at which the search stops.
         tolerance: f64,
     },
-    /// The default: one wave per level, growing by at most `probe_growth` (1.5) times the
-    /// previous level's fast responses, an outlier-tolerant latency statistic and a refinement
-    /// that usually ends at the first failing level. Keeps the backend's in-flight requests
-    /// within 1.5 x its knee and sends about half the requests of [`Schedule::Adaptive`].
+    /// The default: a baseline that stops once settled, one wave per level growing by at
+    /// most `probe_growth` (1.5) times the previous level's fast responses (the part above
+    /// them ramped in, stopping once the wave fails), an outlier-tolerant latency statistic
+    /// and a refinement that usually ends at the first failing level. Keeps the backend's
+    /// in-flight requests within 1.5 x its knee and sends less than half the requests of
+    /// [`Schedule::Adaptive`].
     Gentle {
         /// Relative width at which the search stops.
         tolerance: f64,
@@ -388,6 +407,9 @@ impl Prober {
             early_verdict: adaptive || level == 1,
             fast_cutoff,
             tolerant_latency: gentle,
+            ramp: None,
+            // The gentle baseline only (level 1 is the only level without a fast cutoff).
+            settle: gentle && level == 1,
         };
 
         // Level 1: the baseline; failing here aborts.
@@ -418,7 +440,10 @@ impl Prober {
         levels.push(first);
 
         let (lo, hi) = if gentle {
-            let wave = |level: usize, phase: Phase| LevelPlan {
+            // A wave's part above what the backend has shown it serves is sent within half
+            // the baseline latency (see `Ramp`).
+            let window = baseline / 2;
+            let wave = |level: usize, phase: Phase, from: usize| LevelPlan {
                 level,
                 phase,
                 planned: level,
@@ -428,6 +453,8 @@ impl Prober {
                 early_verdict: true,
                 fast_cutoff: Some(fast_cutoff),
                 tolerant_latency: true,
+                ramp: Some(Ramp { from, window }),
+                settle: false,
             };
             gentle_search(
                 transport,
@@ -576,7 +603,7 @@ async fn gentle_search<T, F, W>(
 where
     T: ProbeTransport + ?Sized,
     F: FnMut(&ProbeEvent) + Send,
-    W: Fn(usize, Phase) -> LevelPlan,
+    W: Fn(usize, Phase, usize) -> LevelPlan,
 {
     let within = |lo: usize, x: usize| x as f64 <= lo as f64 * (1.0 + tolerance);
     // Growing. Level 1 was served one request at a time: one fast response.
@@ -588,7 +615,8 @@ where
         let by_fast = (growth * lo_fast as f64).floor() as usize;
         let by_level = (lo as f64 * (1.0 + tolerance)).floor() as usize;
         let next = by_fast.max(by_level).max(lo + 1).min(max);
-        let m = measure_wave(transport, wave(next, Phase::Growing), levels, on_event).await;
+        let plan = wave(next, Phase::Growing, lo_fast);
+        let m = measure_wave(transport, plan, levels, on_event).await;
         if m.passed {
             lo = lo.max(credited(next, &m));
             lo_fast = m.first_wave_fast.unwrap_or(0);
@@ -617,7 +645,7 @@ where
         }
         // The estimate says nothing usable (latency rose gradually, or noise): bisect.
         let p = (((lo as f64) * (h as f64)).sqrt().round() as usize).clamp(lo + 1, h - 1);
-        let m = measure_wave(transport, wave(p, Phase::Bisecting), levels, on_event).await;
+        let m = measure_wave(transport, wave(p, Phase::Bisecting, lo), levels, on_event).await;
         if m.passed {
             lo = lo.max(credited(p, &m));
         } else {

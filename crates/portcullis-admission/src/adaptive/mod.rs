@@ -50,12 +50,16 @@
 //!
 //! # Cost
 //!
-//! A granted slot takes the time (one clock read) and one reference count; its outcome is
+//! A sampled slot takes the time (one clock read) and one reference count; its outcome is
 //! one more clock read and one atomic add into the window's histogram
-//! (16 buckets per power of two). The controller runs in the source's own task, off
-//! the request path.
+//! (16 buckets per power of two). The clock is the CPU's time-stamp counter
+//! ([`SampleClock`]): about 9 ns a read where `Instant::now()` costs 22–58 ns. On a busy
+//! endpoint only about 100 slots per window are sampled; the others pay one relaxed load
+//! and a thread-local counter. The controller runs in the source's own task, off the
+//! request path.
 
 pub mod aimd;
+mod clock;
 mod config;
 mod controller;
 pub mod gradient;
@@ -64,6 +68,7 @@ mod source;
 mod window;
 
 pub use aimd::Aimd;
+pub use clock::SampleClock;
 pub use config::{AdaptiveConfig, Algorithm, LatencyMode};
 pub use controller::{Controller, ControllerState, Phase};
 pub use gradient::Gradient;

@@ -1,8 +1,9 @@
 //! [`AdaptiveCapacity`]: a [`CapacitySource`] wrapper whose limit follows what the
 //! admitted requests show.
 
+use super::clock::Timer;
 use super::window::LatencyWindow;
-use super::{AdaptiveConfig, Controller, LatencyMode, Observation, Phase};
+use super::{AdaptiveConfig, Controller, LatencyMode, Observation, Phase, SampleClock};
 use crate::local::LocalCapacity;
 use crate::source::{AcquireError, CapacitySource, Outcome};
 use crate::stats::AdaptiveStats;
@@ -95,11 +96,12 @@ struct Shared {
     changes: AtomicU64,
     /// 0: no lease (one process), 1: holds it, 2: follows.
     lease: AtomicU8,
-    /// Samples of slots granted before `base + fresh_after` are not taken: set when a
+    /// Times the samples (see [`SampleClock`]).
+    timer: Timer,
+    /// Samples of slots granted before this stamp of `timer` are not taken: set when a
     /// `min_rtt` measurement starts, so that the requests still in flight at the old limit
     /// do not count as measured at `min_capacity`.
-    base: Instant,
-    fresh_after_nanos: AtomicU64,
+    fresh_after: AtomicU64,
     /// One slot in `sample_every` is sampled (counted per thread); set by the task so that
     /// a window holds about [`SAMPLES_PER_WINDOW`] samples however busy the endpoint is.
     sample_every: AtomicU32,
@@ -121,8 +123,23 @@ impl<C: CapacitySource + Clone> AdaptiveCapacity<C> {
     /// An adaptive limit over `inner`, starting from its capacity (clamped to the bounds
     /// of `config`; 0 stays 0 and pauses until a capacity is set). `name` labels the log
     /// lines of limit changes (the endpoint key).
+    ///
+    /// Samples are timed with the CPU's time-stamp counter ([`SampleClock::Tsc`]); see
+    /// [`with_clock`](Self::with_clock) for tests on tokio's paused clock.
     pub fn new(inner: C, config: &AdaptiveConfig, name: impl Into<String>) -> Self {
-        Self::build(inner, config, name.into(), None)
+        Self::build(inner, config, name.into(), None, SampleClock::Tsc)
+    }
+
+    /// The same as [`new`](Self::new), timing the samples with `clock`:
+    /// [`SampleClock::Tokio`] where a test drives its requests' latency with tokio's paused
+    /// clock, which the time-stamp counter does not follow.
+    pub fn with_clock(
+        inner: C,
+        config: &AdaptiveConfig,
+        name: impl Into<String>,
+        clock: SampleClock,
+    ) -> Self {
+        Self::build(inner, config, name.into(), None, clock)
     }
 
     /// The same, for a limit shared by several processes through `inner`'s storage: only
@@ -133,7 +150,7 @@ impl<C: CapacitySource + Clone> AdaptiveCapacity<C> {
         name: impl Into<String>,
         lease: Arc<dyn LimitLease>,
     ) -> Self {
-        Self::build(inner, config, name.into(), Some(lease))
+        Self::build(inner, config, name.into(), Some(lease), SampleClock::Tsc)
     }
 
     fn build(
@@ -141,6 +158,7 @@ impl<C: CapacitySource + Clone> AdaptiveCapacity<C> {
         config: &AdaptiveConfig,
         name: String,
         lease: Option<Arc<dyn LimitLease>>,
+        clock: SampleClock,
     ) -> Self {
         let initial = inner.capacity();
         // Only when outside the bounds: for a shared source a set is a write for everyone.
@@ -158,8 +176,8 @@ impl<C: CapacitySource + Clone> AdaptiveCapacity<C> {
             sample_rtt_micros: AtomicU64::new(NONE),
             changes: AtomicU64::new(0),
             lease: AtomicU8::new(if lease.is_some() { 2 } else { 0 }),
-            base: Instant::now(),
-            fresh_after_nanos: AtomicU64::new(0),
+            timer: Timer::new(clock),
+            fresh_after: AtomicU64::new(0),
             sample_every: AtomicU32::new(1),
             task: OnceLock::new(),
         });
@@ -201,7 +219,7 @@ impl<C> AdaptiveCapacity<C> {
         self.shared.is_some()
     }
 
-    #[inline]
+    #[inline(always)]
     fn wrap<P>(&self, permit: P) -> AdaptivePermit<P> {
         AdaptivePermit {
             sample: self.shared.as_ref().and_then(Sample::start),
@@ -230,7 +248,7 @@ impl<C: CapacitySource> CapacitySource for AdaptiveCapacity<C> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn try_acquire(&self) -> Option<Self::Permit> {
         self.inner.try_acquire().map(|p| self.wrap(p))
     }
@@ -260,7 +278,7 @@ impl<C: CapacitySource> CapacitySource for AdaptiveCapacity<C> {
         self.inner.queue_depth()
     }
 
-    #[inline]
+    #[inline(always)]
     fn record_outcome(permit: &Self::Permit, outcome: Outcome) {
         if let Some(s) = &permit.sample {
             s.record(outcome);
@@ -301,26 +319,25 @@ fn phase_name(p: Phase) -> String {
         .unwrap_or_default()
 }
 
-const PENDING: u8 = 0;
-const SUCCESS: u8 = 1;
-const OVERLOAD: u8 = 2;
-const RECORDED: u8 = 3;
+const PENDING: u64 = 0;
+const SUCCESS: u64 = 1;
+const OVERLOAD: u64 = 2;
+const RECORDED: u64 = 3;
 
 impl Shared {
-    /// Takes the sample of a slot granted at `started` that ends now.
+    /// Takes the sample of a slot granted at stamp `started` that ends now.
     #[inline]
-    fn take(&self, started: Instant, overloaded: bool) {
-        let granted = started.saturating_duration_since(self.base).as_nanos() as u64;
-        if granted >= self.fresh_after_nanos.load(Ordering::Relaxed) {
-            self.window.record(started.elapsed(), overloaded);
+    fn take(&self, started: u64, overloaded: bool) {
+        if started >= self.fresh_after.load(Ordering::Relaxed) {
+            let nanos = self.timer.nanos(started, self.timer.now());
+            self.window.record_micros(nanos / 1000, overloaded);
         }
     }
 
     /// Only slots granted from now on are sampled, every one of them (the measurement
     /// window runs at `min_capacity`, at a low rate).
     fn sample_from_now(&self) {
-        let now = self.base.elapsed().as_nanos() as u64;
-        self.fresh_after_nanos.store(now, Ordering::Relaxed);
+        self.fresh_after.store(self.timer.now(), Ordering::Relaxed);
         self.sample_every.store(1, Ordering::Relaxed);
     }
 }
@@ -335,16 +352,21 @@ thread_local! {
     static GRANTS: Cell<u32> = const { Cell::new(0) };
 }
 
-/// The sampling part of a granted slot.
+/// The sampling part of a granted slot: 16 bytes, so that a sampled permit (and the
+/// response futures and bodies that carry it) stays small.
 struct Sample {
     shared: Arc<Shared>,
-    started: Instant,
-    outcome: AtomicU8,
+    /// The grant, as a stamp of `shared.timer`, shifted left by 2; the low 2 bits are the
+    /// outcome (`PENDING`, `SUCCESS`, `OVERLOAD`, `RECORDED`).
+    state: AtomicU64,
 }
+
+/// The outcome bits of [`Sample::state`].
+const OUTCOME: u64 = 0b11;
 
 impl Sample {
     /// A sample of a slot granted now, or `None` when this slot is not one of the sampled.
-    #[inline]
+    #[inline(always)]
     fn start(shared: &Arc<Shared>) -> Option<Self> {
         let every = shared.sample_every.load(Ordering::Relaxed);
         if every > 1 {
@@ -359,32 +381,32 @@ impl Sample {
         }
         Some(Self {
             shared: Arc::clone(shared),
-            started: Instant::now(),
-            outcome: AtomicU8::new(PENDING),
+            state: AtomicU64::new((shared.timer.now() << 2) | PENDING),
         })
     }
 
+    /// The first outcome of the slot counts. A load and a store rather than a
+    /// read-modify-write: the layer reports a slot's outcome once, from the future that holds
+    /// it, and a locked instruction costs about as much as the clock read (two calls racing
+    /// on two threads could at worst both count: one duplicate sample).
+    #[inline(always)]
     fn record(&self, outcome: Outcome) {
+        let state = self.state.load(Ordering::Relaxed);
+        if state & OUTCOME != PENDING {
+            return;
+        }
         let code = match outcome {
             Outcome::Success => SUCCESS,
             Outcome::Overload => OVERLOAD,
         };
         match self.shared.mode {
-            // The sample is complete now: take it (once).
+            // The sample is complete now: take it.
             LatencyMode::Headers => {
-                if self.outcome.swap(RECORDED, Ordering::Relaxed) == PENDING {
-                    self.shared.take(self.started, code == OVERLOAD);
-                }
+                self.state.store(state | RECORDED, Ordering::Relaxed);
+                self.shared.take(state >> 2, code == OVERLOAD);
             }
             // Taken when the slot is released (the end of the body).
-            LatencyMode::Body => {
-                let _ = self.outcome.compare_exchange(
-                    PENDING,
-                    code,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-            }
+            LatencyMode::Body => self.state.store(state | code, Ordering::Relaxed),
         }
     }
 }
@@ -392,9 +414,10 @@ impl Sample {
 impl Drop for Sample {
     fn drop(&mut self) {
         // A slot released without an outcome (the client went away first) is no sample.
-        match *self.outcome.get_mut() {
-            SUCCESS => self.shared.take(self.started, false),
-            OVERLOAD => self.shared.take(self.started, true),
+        let state = *self.state.get_mut();
+        match state & OUTCOME {
+            SUCCESS => self.shared.take(state >> 2, false),
+            OVERLOAD => self.shared.take(state >> 2, true),
             _ => {}
         }
     }
@@ -649,7 +672,8 @@ mod tests {
             min_rtt_interval: Duration::from_secs(120),
             ..Default::default()
         };
-        let source = AdaptiveCapacity::new(LocalCapacity::new(8), &config, "/t");
+        let source =
+            AdaptiveCapacity::with_clock(LocalCapacity::new(8), &config, "/t", SampleClock::Tokio);
         let knee = Arc::new(AtomicUsize::new(16));
         let _clients = clients(&source, &knee, 48);
         settled(&source, Duration::from_secs(10), 12..=24).await;
@@ -670,7 +694,8 @@ mod tests {
             max_capacity: 10,
             ..Default::default()
         };
-        let source = AdaptiveCapacity::new(LocalCapacity::new(0), &config, "/t");
+        let source =
+            AdaptiveCapacity::with_clock(LocalCapacity::new(0), &config, "/t", SampleClock::Tokio);
         assert_eq!(source.capacity(), 0, "being probed");
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(source.capacity(), 0, "paused");
@@ -756,6 +781,7 @@ mod tests {
         AdaptiveCapacity::<LocalCapacity>::record_outcome(&p, Outcome::Overload);
         drop(p);
         assert_eq!(shared.window.count(), 1, "one sample per slot");
+        assert_eq!(std::mem::size_of::<Option<Sample>>(), 16, "a small permit");
         let fixed = AdaptiveCapacity::fixed(LocalCapacity::new(2));
         assert!(fixed.adaptive_stats().is_none() && !fixed.is_adaptive());
         assert!(fixed.try_acquire().unwrap().sample.is_none());

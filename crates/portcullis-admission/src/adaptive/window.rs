@@ -101,9 +101,15 @@ impl LatencyWindow {
     }
 
     /// Records one request: one atomic add (two for an overloaded one).
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn record(&self, latency: Duration, overloaded: bool) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.record_micros(micros, overloaded);
+    }
+
+    /// Records one request that took `micros` µs.
+    #[inline]
+    pub(crate) fn record_micros(&self, micros: u64, overloaded: bool) {
         self.buckets[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
         if overloaded {
             self.overloaded.fetch_add(1, Ordering::Relaxed);
