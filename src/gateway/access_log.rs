@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 /// The request id header.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -146,7 +146,7 @@ pub(crate) fn stamp_response(resp: &mut Response<Body>, id: &HeaderValue) -> Opt
 #[derive(Debug, Default)]
 pub struct DispatchNote {
     upstream: OnceLock<&'static str>,
-    at: OnceLock<Instant>,
+    at: OnceLock<quanta::Instant>,
     bytes_in: AtomicU64,
 }
 
@@ -154,7 +154,7 @@ impl DispatchNote {
     /// The proxy sends the request to `upstream` now.
     pub fn dispatched(&self, upstream: &'static str) {
         let _ = self.upstream.set(upstream);
-        let _ = self.at.set(Instant::now());
+        let _ = self.at.set(quanta::Instant::now());
     }
 }
 
@@ -293,6 +293,47 @@ struct LineWriter {
     out: Box<dyn Write + Send>,
     buf: Vec<u8>,
     clock: TimeText,
+    wall: WallClock,
+}
+
+/// Turns the request path's counter readings into wall-clock times: one reading of both
+/// clocks, taken again every [`WallClock::REFRESH`], and each line's time by the counter's
+/// distance from it.
+struct WallClock {
+    wall: SystemTime,
+    counter: quanta::Instant,
+}
+
+impl WallClock {
+    const REFRESH: Duration = Duration::from_millis(100);
+
+    fn now() -> Self {
+        Self {
+            wall: SystemTime::now(),
+            counter: quanta::Instant::now(),
+        }
+    }
+
+    /// The wall-clock time at which the counter read `t`.
+    fn of(&mut self, t: quanta::Instant) -> SystemTime {
+        if quanta::Instant::now().saturating_duration_since(self.counter) >= Self::REFRESH {
+            *self = Self::now();
+        }
+        match t.checked_duration_since(self.counter) {
+            Some(after) => self.wall + after,
+            None => self
+                .wall
+                .checked_sub(self.counter.saturating_duration_since(t))
+                .unwrap_or(self.wall),
+        }
+    }
+}
+
+/// Calibrates the counter the access log and the request span time requests with (up to
+/// 200 ms, once per process), so that no request pays for it. The gateway calls it when it
+/// is built.
+pub fn prepare_clock() {
+    let _ = quanta::Instant::now();
 }
 
 impl LineWriter {
@@ -302,6 +343,7 @@ impl LineWriter {
             out,
             buf: Vec::with_capacity(WRITE_BUFFER + 1024),
             clock: TimeText::default(),
+            wall: WallClock::now(),
         }
     }
 
@@ -349,7 +391,8 @@ impl LineWriter {
 
     fn take(&mut self, message: Message) -> io::Result<()> {
         match message {
-            Message::Line(record) => {
+            Message::Line(mut record) => {
+                record.time = self.wall.of(record.started);
                 match self.format {
                     AccessLogFormat::Json => json_line(&record, &mut self.clock, &mut self.buf),
                     AccessLogFormat::Combined => combined_line(&record, &mut self.buf),
@@ -381,7 +424,10 @@ impl LineWriter {
 /// than [`LogText`]'s inline room is the exception).
 #[derive(Debug)]
 struct Record {
+    /// The wall-clock time of `started`, filled in by the writer thread (the request path
+    /// reads no system clock).
     time: SystemTime,
+    started: quanta::Instant,
     duration: Duration,
     admission_wait: Option<Duration>,
     bytes_in: u64,
@@ -439,7 +485,10 @@ impl LogText {
 pub(crate) struct Pending {
     log: Option<AccessLog>,
     span: Option<tracing::Span>,
-    started: Instant,
+    /// When the request came: the line's time, its duration and admission wait are measured
+    /// from it (the CPU's time-stamp counter through `quanta`, a few ns a read where the
+    /// system clock costs tens; see [`prepare_clock`]).
+    started: quanta::Instant,
     note: Arc<DispatchNote>,
     record: Record,
 }
@@ -476,9 +525,11 @@ impl Pending {
             let body = std::mem::take(req.body_mut());
             *req.body_mut() = Body::new(Counted::request(body, Arc::clone(&note)));
         }
+        let started = quanta::Instant::now();
         let headers = req.headers();
         let record = Record {
-            time: SystemTime::now(),
+            time: SystemTime::UNIX_EPOCH,
+            started,
             duration: Duration::ZERO,
             admission_wait: None,
             bytes_in: 0,
@@ -500,7 +551,7 @@ impl Pending {
         Some(Self {
             log: log.cloned(),
             span,
-            started: Instant::now(),
+            started,
             note,
             record,
         })
@@ -550,7 +601,7 @@ impl Pending {
 
     /// Sends the line (and closes the span's fields) with `bytes_out` sent.
     fn finish(mut self, bytes_out: u64) {
-        let duration = self.started.elapsed();
+        let duration = quanta::Instant::now().saturating_duration_since(self.started);
         let bytes_in = self.note.bytes_in.load(Ordering::Relaxed);
         if let Some(span) = &self.span {
             span.record("duration_ms", millis(duration));
@@ -890,6 +941,23 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn the_writer_turns_counter_readings_into_wall_clock_times() {
+        let mut wall = WallClock::now();
+        let off = |t: SystemTime, want: SystemTime| match t.duration_since(want) {
+            Ok(d) => d,
+            Err(e) => e.duration(),
+        };
+        let now = quanta::Instant::now();
+        assert!(off(wall.of(now), SystemTime::now()) < Duration::from_millis(50));
+        let earlier = now.checked_sub(Duration::from_secs(3)).unwrap();
+        let want = SystemTime::now() - Duration::from_secs(3);
+        assert!(off(wall.of(earlier), want) < Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
+        let later = quanta::Instant::now();
+        assert!(off(wall.of(later), SystemTime::now()) < Duration::from_millis(50));
+    }
+
+    #[test]
     fn request_ids_are_checked_and_generated_unique() {
         assert!(is_valid_request_id(b"abc-123"));
         assert!(is_valid_request_id(&[b'x'; 128]));
@@ -959,6 +1027,7 @@ mod tests {
     fn record() -> Record {
         Record {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_698_633_123),
+            started: quanta::Instant::now(),
             duration: Duration::from_micros(1_500),
             admission_wait: Some(Duration::from_micros(20)),
             bytes_in: 5,
@@ -1084,6 +1153,7 @@ mod tests {
             ) -> Record {
                 Record {
                     time: SystemTime::UNIX_EPOCH + Duration::from_millis(time_ms),
+                    started: quanta::Instant::now(),
                     duration: Duration::from_nanos(duration_ns),
                     admission_wait: wait_ns.map(Duration::from_nanos),
                     bytes_in: bytes.0,

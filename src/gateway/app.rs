@@ -249,6 +249,8 @@ impl Gateway {
     pub async fn build(config: GatewayConfig) -> Result<Self, BuildError> {
         let config = Arc::new(config);
         let started = Instant::now();
+        // Off the request path: the request records' clock calibrates once per process.
+        super::access_log::prepare_clock();
         let proxy = Proxy::new(ProxySettings {
             upstream_timeout: config.upstream_timeout(),
             connect_timeout: config.connect_timeout,
