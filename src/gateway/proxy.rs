@@ -423,7 +423,7 @@ async fn send_http2(
         Err(mut e) => match e.take_message() {
             Some(unsent) => {
                 let mut send = h2::ready(pool).await?;
-                Ok(send.send_request(unsent).await.map_err(exchange_error)?)
+                send.send_request(unsent).await.map_err(exchange_error)
             }
             None => Err(exchange_error(e.into_error())),
         },

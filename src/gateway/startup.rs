@@ -177,9 +177,7 @@ impl BalancedTransport {
             body,
         }
     }
-}
 
-impl BalancedTransport {
     /// The `Host` header of the probe request, if its endpoint sets one.
     fn host(&self) -> Option<&str> {
         self.headers

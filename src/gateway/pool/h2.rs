@@ -180,62 +180,58 @@ impl ConnectTurn {
         mut self,
         opened: Result<(H2Sender, Arc<Shared>), ConnectError>,
     ) -> Result<H2Sender, ConnectError> {
-        let key = self.pool.key();
-        let id = self.id;
-        let tx = self.tx.take();
-        let _ = H2.try_with(|cell| {
-            let mut map = cell.borrow_mut();
-            let ours = matches!(map.get(&key), Some(Entry { slot: Slot::Connecting { id: i, .. }, .. }) if *i == id);
-            if !ours {
-                return;
-            }
-            match &opened {
-                Ok((send, shared)) => {
-                    if let Some(e) = map.get_mut(&key) {
-                        e.slot = Slot::Ready {
-                            send: send.clone(),
-                            shared: Arc::clone(shared),
-                        };
-                    }
-                }
-                Err(_) => {
-                    map.remove(&key);
-                }
-            }
+        let ready = opened.as_ref().ok().map(|(send, shared)| Slot::Ready {
+            send: send.clone(),
+            shared: Arc::clone(shared),
         });
-        match opened {
-            Ok((send, shared)) => {
-                if let Some(tx) = tx {
-                    tx.send_replace(Some(Ok((send.clone(), shared))));
-                }
-                Ok(send)
-            }
-            Err(e) => {
-                if let Some(tx) = tx {
-                    tx.send_replace(Some(Err(e.to_string().into())));
-                }
-                Err(e)
-            }
+        replace_own(self.pool.key(), self.id, ready);
+        let tx = self.tx.take();
+        let (published, outcome) = match opened {
+            Ok((send, shared)) => (Ok((send.clone(), shared)), Ok(send)),
+            Err(e) => (Err(e.to_string().into()), Err(e)),
+        };
+        if let Some(tx) = tx {
+            tx.send_replace(Some(published));
         }
+        outcome
     }
 }
 
 impl Drop for ConnectTurn {
     fn drop(&mut self) {
-        if self.tx.is_none() {
-            return;
+        if self.tx.is_some() {
+            // Unfinished: dropping `tx` wakes the waiting requests, and one takes the turn.
+            replace_own(self.pool.key(), self.id, None);
         }
-        let key = self.pool.key();
-        let id = self.id;
-        let _ = H2.try_with(|cell| {
-            let mut map = cell.borrow_mut();
-            if matches!(map.get(&key), Some(Entry { slot: Slot::Connecting { id: i, .. }, .. }) if *i == id)
-            {
+    }
+}
+
+impl Slot {
+    /// The id of the connect or the connection (unique across both: one counter).
+    fn id(&self) -> u64 {
+        match self {
+            Self::Ready { shared, .. } => shared.id,
+            Self::Connecting { id, .. } => *id,
+        }
+    }
+}
+
+/// Replaces this thread's slot for `key` by `with` (or removes it) if it is still the one
+/// of id `id`: a slot is only ever changed by its own connect or connection, and a thread
+/// that does not hold it (the future moved) leaves it alone.
+fn replace_own(key: usize, id: u64, with: Option<Slot>) {
+    let _ = H2.try_with(|cell| {
+        let mut map = cell.borrow_mut();
+        let Some(entry) = map.get_mut(&key).filter(|e| e.slot.id() == id) else {
+            return;
+        };
+        match with {
+            Some(slot) => entry.slot = slot,
+            None => {
                 map.remove(&key);
             }
-        });
-        // Dropping `tx` wakes the waiting requests: one of them takes the turn.
-    }
+        }
+    });
 }
 
 /// Opens a connection (TCP, then the HTTP/2 preface) and spawns its task.
@@ -292,34 +288,23 @@ async fn drive(
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
                 }
-                let_go(key, shared.id);
+                replace_own(key, shared.id, None);
                 return;
             }
             () = tokio::time::sleep_until(wake), if kept => {
                 let last_used = Duration::from_millis(shared.last_used.load(Ordering::Relaxed));
                 if epoch.elapsed().saturating_sub(last_used) >= idle_timeout {
                     tracing::trace!("idle upstream HTTP/2 connection let go after upstream_idle_timeout");
-                    let_go(key, shared.id);
+                    replace_own(key, shared.id, None);
                     kept = false;
                 }
             }
             changed = closing.changed(), if kept => {
                 if changed.is_err() || *closing.borrow_and_update() {
-                    let_go(key, shared.id);
+                    replace_own(key, shared.id, None);
                     kept = false;
                 }
             }
         }
     }
-}
-
-/// Removes the connection `id` from this thread's map (if this thread holds it).
-fn let_go(key: usize, id: u64) {
-    let _ = H2.try_with(|cell| {
-        let mut map = cell.borrow_mut();
-        if matches!(map.get(&key), Some(Entry { slot: Slot::Ready { shared, .. }, .. }) if shared.id == id)
-        {
-            map.remove(&key);
-        }
-    });
 }
